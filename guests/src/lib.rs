@@ -1,0 +1,1 @@
+//! Guest payloads: the Linux image recipe and small built-in test guests.

@@ -1,0 +1,17 @@
+//! The project's secondary MMU, named as KVM names it.
+//!
+//! - [`stats`]: counters with KVM's binary-stats names.
+//! - [`lock`]: `mmu_lock`, an rwlock that knows whether anyone waits for it.
+//! - [`yielder`]: the one yield mechanism every zap uses (TDP leaves, rmap
+//!   entries), with the longest non-yield stretch measured.
+//! - [`tlb`]: the remote TLB flush hook and its counters.
+
+pub mod lock;
+pub mod stats;
+pub mod tlb;
+pub mod yielder;
+
+pub use lock::MmuLock;
+pub use stats::{MmuStats, MmuStatsSnapshot};
+pub use tlb::RemoteTlb;
+pub use yielder::{Stretch, YieldMode, YieldPolicy, Yielder};

@@ -1,0 +1,2 @@
+//! The VMM: KVM VM and vCPUs, hugetlb guest RAM, Linux boot, devices, the
+//! event loop and the `vmm` subcommands.
