@@ -1,4 +1,8 @@
+//! `vmm`: one subcommand per job. Each subcommand's logic lives in its own
+//! module of the `vmm` library; this file only parses and dispatches.
+
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 /// A small KVM VMM on hugetlb guest RAM with its own secondary MMU.
 #[derive(Parser)]
@@ -9,8 +13,13 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Cmd {}
+enum Cmd {
+    // One variant per subcommand, e.g.
+    // /// Boot a Linux guest.
+    // Boot(vmm::boot::BootArgs),
+}
 
-fn main() {
-    let _ = Cli::parse();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {}
 }
