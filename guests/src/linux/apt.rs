@@ -179,3 +179,38 @@ pub fn fetch(
     result?;
     Ok(target)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linux::recipe::BUSYBOX;
+
+    #[test]
+    fn checksum_mismatch_names_expected_and_actual() {
+        let path = std::env::temp_dir().join(format!("guests-apt-test-{}.deb", std::process::id()));
+        fs::write(&path, b"not the package").unwrap();
+        let err = verify(&BUSYBOX, &path).unwrap_err();
+        let _ = fs::remove_file(&path);
+        match &err {
+            RecipeError::ChecksumMismatch {
+                expected, actual, ..
+            } => {
+                assert_eq!(expected, BUSYBOX.sha256);
+                // sha256("not the package")
+                assert_eq!(actual.len(), 64);
+                assert_ne!(actual, expected);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(BUSYBOX.sha256) && msg.contains("expected"));
+    }
+
+    #[test]
+    fn missing_tool_is_a_typed_error() {
+        let err = run(&mut Command::new("hvmm-no-such-tool-xyz"), true).unwrap_err();
+        assert!(
+            matches!(err, RecipeError::ToolMissing { ref tool } if tool == "hvmm-no-such-tool-xyz")
+        );
+    }
+}
