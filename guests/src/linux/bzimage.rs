@@ -5,6 +5,7 @@
 
 use thiserror::Error;
 
+use super::bytes;
 use super::elf::{self, ElfError, ElfInfo};
 use super::lz4_legacy::{self, Lz4LegacyError};
 
@@ -140,20 +141,17 @@ fn get<'a>(
     start: u64,
     len: u64,
 ) -> Result<&'a [u8], BzImageError> {
-    let end = start.saturating_add(len);
-    let truncated = || BzImageError::Truncated {
+    bytes::range(data, start, len).ok_or(BzImageError::Truncated {
         what,
         start,
-        end,
+        end: start.saturating_add(len),
         len: data.len(),
-    };
-    let s = usize::try_from(start).map_err(|_| truncated())?;
-    let e = usize::try_from(end).map_err(|_| truncated())?;
-    data.get(s..e).ok_or_else(truncated)
+    })
 }
 
+// A fixed-offset read inside the header already sliced to HEADER_END.
 fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    bytes::le32(b, off).unwrap_or(0)
 }
 
 /// True when `data` carries the "HdrS" setup-header magic.
@@ -170,7 +168,7 @@ pub fn parse_header(data: &[u8]) -> Result<SetupHeader, BzImageError> {
         found.copy_from_slice(&h[OFF_HEADER..OFF_HEADER + 4]);
         return Err(BzImageError::BadMagic { found });
     }
-    let version = u16::from_le_bytes([h[OFF_VERSION], h[OFF_VERSION + 1]]);
+    let version = bytes::le16(h, OFF_VERSION).unwrap_or(0);
     if version < MIN_VERSION {
         return Err(BzImageError::OldProtocol {
             major: (version >> 8) as u8,

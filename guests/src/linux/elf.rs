@@ -4,6 +4,8 @@
 
 use thiserror::Error;
 
+use super::bytes;
+
 /// `e_machine` of x86-64.
 pub const EM_X86_64: u16 = 62;
 /// `p_type` of a loadable segment.
@@ -71,32 +73,25 @@ fn slice<'a>(
     start: u64,
     len: u64,
 ) -> Result<&'a [u8], ElfError> {
-    let end = start.checked_add(len).unwrap_or(u64::MAX);
-    let truncated = || ElfError::Truncated {
+    bytes::range(data, start, len).ok_or(ElfError::Truncated {
         what,
         start,
-        end,
+        end: start.saturating_add(len),
         len: data.len(),
-    };
-    let s = usize::try_from(start).map_err(|_| truncated())?;
-    let e = usize::try_from(end).map_err(|_| truncated())?;
-    data.get(s..e).ok_or_else(truncated)
+    })
 }
 
+// Fixed-offset reads inside a header already sliced to its full length.
 fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
+    bytes::le16(b, off).unwrap_or(0)
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
+    bytes::le32(b, off).unwrap_or(0)
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
+    bytes::le64(b, off).unwrap_or(0)
 }
 
 /// True when `data` starts with the ELF magic.

@@ -17,6 +17,8 @@
 
 use thiserror::Error;
 
+use super::bytes;
+
 /// The legacy frame magic (LE on disk: `02 21 4c 18`).
 pub const MAGIC: u32 = 0x184C_2102;
 /// The most one block may decode to (`LZ4_DEFAULT_UNCOMPRESSED_CHUNK_SIZE`).
@@ -55,10 +57,7 @@ pub enum Lz4LegacyError {
 }
 
 fn le32(data: &[u8], offset: usize, what: &'static str) -> Result<u32, Lz4LegacyError> {
-    data.get(offset..offset.saturating_add(4))
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes)
-        .ok_or(Lz4LegacyError::Truncated { offset, what })
+    bytes::le32(data, offset).ok_or(Lz4LegacyError::Truncated { offset, what })
 }
 
 /// True when `data` starts with the legacy frame magic.
