@@ -1,5 +1,32 @@
 //! Bounds-checked reads from untrusted images (kernel files, archives).
 
+use thiserror::Error;
+
+/// A read that falls outside the image.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("truncated: {what} needs bytes {start}..{end}, the image has {len}")]
+pub struct Truncated {
+    pub what: &'static str,
+    pub start: u64,
+    pub end: u64,
+    pub len: usize,
+}
+
+/// `data[start..start + len]`, or [`Truncated`] naming `what` was read.
+pub fn slice<'a>(
+    data: &'a [u8],
+    what: &'static str,
+    start: u64,
+    len: u64,
+) -> Result<&'a [u8], Truncated> {
+    range(data, start, len).ok_or(Truncated {
+        what,
+        start,
+        end: start.saturating_add(len),
+        len: data.len(),
+    })
+}
+
 /// `data[start..start + len]`, or `None` when any of it is out of bounds
 /// (including offsets that overflow).
 pub(crate) fn range(data: &[u8], start: u64, len: u64) -> Option<&[u8]> {

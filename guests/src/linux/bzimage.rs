@@ -28,13 +28,8 @@ pub const MIN_VERSION: u16 = 0x0208;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BzImageError {
-    #[error("bzImage truncated: {what} needs bytes {start}..{end}, file has {len}")]
-    Truncated {
-        what: &'static str,
-        start: u64,
-        end: u64,
-        len: usize,
-    },
+    #[error("bzImage {0}")]
+    Truncated(#[from] bytes::Truncated),
     #[error("not a bzImage: no \"HdrS\" magic at {OFF_HEADER:#x} (found {found:02x?})")]
     BadMagic { found: [u8; 4] },
     #[error("bzImage boot protocol {major}.{minor:02} is older than 2.08 (no payload fields)")]
@@ -135,20 +130,6 @@ impl SetupHeader {
     }
 }
 
-fn get<'a>(
-    data: &'a [u8],
-    what: &'static str,
-    start: u64,
-    len: u64,
-) -> Result<&'a [u8], BzImageError> {
-    bytes::range(data, start, len).ok_or(BzImageError::Truncated {
-        what,
-        start,
-        end: start.saturating_add(len),
-        len: data.len(),
-    })
-}
-
 // A fixed-offset read inside the header already sliced to HEADER_END.
 fn le32(b: &[u8], off: usize) -> u32 {
     bytes::le32(b, off).unwrap_or(0)
@@ -162,7 +143,7 @@ pub fn is_bzimage(data: &[u8]) -> bool {
 /// Parses and checks the setup header (magic, protocol >= 2.08).
 pub fn parse_header(data: &[u8]) -> Result<SetupHeader, BzImageError> {
     // Checked once: every fixed offset read below is < HEADER_END.
-    let h = get(data, "setup header", 0, HEADER_END as u64)?;
+    let h = bytes::slice(data, "setup header", 0, HEADER_END as u64)?;
     if !is_bzimage(h) {
         let mut found = [0u8; 4];
         found.copy_from_slice(&h[OFF_HEADER..OFF_HEADER + 4]);
@@ -186,7 +167,7 @@ pub fn parse_header(data: &[u8]) -> Result<SetupHeader, BzImageError> {
 /// The bounds-checked compressed payload of a bzImage.
 pub fn payload(data: &[u8]) -> Result<(SetupHeader, &[u8]), BzImageError> {
     let hdr = parse_header(data)?;
-    let p = get(
+    let p = bytes::slice(
         data,
         "payload",
         hdr.payload_start(),
@@ -273,18 +254,12 @@ mod tests {
         let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&[0; 64])));
         assert!(matches!(
             extract_vmlinux(&img[..0x100]),
-            Err(BzImageError::Truncated {
-                what: "setup header",
-                ..
-            })
+            Err(BzImageError::Truncated(t)) if t.what == "setup header"
         ));
         let pm_end = img.len() - 100 - 10;
         assert!(matches!(
             extract_vmlinux(&img[..pm_end]),
-            Err(BzImageError::Truncated {
-                what: "payload",
-                ..
-            })
+            Err(BzImageError::Truncated(t)) if t.what == "payload"
         ));
     }
 
@@ -311,7 +286,7 @@ mod tests {
         img[OFF_PAYLOAD_LENGTH..OFF_PAYLOAD_LENGTH + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             extract_vmlinux(&img),
-            Err(BzImageError::Truncated { .. })
+            Err(BzImageError::Truncated(_))
         ));
     }
 

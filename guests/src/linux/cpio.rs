@@ -282,6 +282,17 @@ pub fn parse(data: &[u8]) -> Result<Vec<Entry<'_>>, CpioError> {
 mod tests {
     use super::*;
 
+    const SAMPLE_NAMES: [&str; 8] = [
+        "dev",
+        "dev/console",
+        "dev/null",
+        "bin",
+        "bin/busybox",
+        "bin/sh",
+        "init",
+        "empty",
+    ];
+
     fn sample() -> Vec<u8> {
         let mut w = CpioWriter::new(Vec::new());
         w.dir("/dev", 0o755).unwrap();
@@ -319,19 +330,7 @@ mod tests {
         let a = sample();
         let e = parse(&a).unwrap();
         let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "dev",
-                "dev/console",
-                "dev/null",
-                "bin",
-                "bin/busybox",
-                "bin/sh",
-                "init",
-                "empty"
-            ]
-        );
+        assert_eq!(names, SAMPLE_NAMES);
         assert!(e[0].is_dir() && e[0].mode & 0o7777 == 0o755);
         assert!(e[1].is_char_dev() && (e[1].rdev_major, e[1].rdev_minor) == (5, 1));
         assert_eq!(e[1].mode & 0o7777, 0o600);
@@ -396,18 +395,6 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
         let listed = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            listed.lines().collect::<Vec<_>>(),
-            [
-                "dev",
-                "dev/console",
-                "dev/null",
-                "bin",
-                "bin/busybox",
-                "bin/sh",
-                "init",
-                "empty"
-            ]
-        );
+        assert_eq!(listed.lines().collect::<Vec<_>>(), SAMPLE_NAMES);
     }
 }

@@ -20,13 +20,8 @@ const MAX_PHNUM: u16 = 256;
 pub enum ElfError {
     #[error("not an ELF file (magic {found:02x?}, expected 7f 45 4c 46)")]
     NotElf { found: Vec<u8> },
-    #[error("ELF file truncated: {what} needs bytes {start}..{end}, file has {len}")]
-    Truncated {
-        what: &'static str,
-        start: u64,
-        end: u64,
-        len: usize,
-    },
+    #[error("ELF file {0}")]
+    Truncated(#[from] bytes::Truncated),
     #[error("not an ELF64 little-endian file (EI_CLASS {class}, EI_DATA {data})")]
     NotElf64Le { class: u8, data: u8 },
     #[error("ELF e_machine is {0}, expected {EM_X86_64} (x86-64)")]
@@ -67,20 +62,6 @@ impl ElfInfo {
     }
 }
 
-fn slice<'a>(
-    data: &'a [u8],
-    what: &'static str,
-    start: u64,
-    len: u64,
-) -> Result<&'a [u8], ElfError> {
-    bytes::range(data, start, len).ok_or(ElfError::Truncated {
-        what,
-        start,
-        end: start.saturating_add(len),
-        len: data.len(),
-    })
-}
-
 // Fixed-offset reads inside a header already sliced to its full length.
 fn u16_at(b: &[u8], off: usize) -> u16 {
     bytes::le16(b, off).unwrap_or(0)
@@ -108,7 +89,7 @@ pub fn check_x86_64_exec(data: &[u8]) -> Result<ElfInfo, ElfError> {
         });
     }
     // The fixed-size reads below index into `ehdr`, which is EHDR_LEN long.
-    let ehdr = slice(data, "ELF header", 0, EHDR_LEN as u64)?;
+    let ehdr = bytes::slice(data, "ELF header", 0, EHDR_LEN as u64)?;
     let (class, endian) = (ehdr[4], ehdr[5]);
     if class != 2 || endian != 1 {
         return Err(ElfError::NotElf64Le {
@@ -134,7 +115,7 @@ pub fn check_x86_64_exec(data: &[u8]) -> Result<ElfInfo, ElfError> {
     if phnum == 0 || phnum > MAX_PHNUM {
         return Err(ElfError::BadPhnum(phnum));
     }
-    let phdrs = slice(
+    let phdrs = bytes::slice(
         data,
         "program headers",
         phoff,
@@ -152,7 +133,7 @@ pub fn check_x86_64_exec(data: &[u8]) -> Result<ElfInfo, ElfError> {
             filesz: u64_at(ph, 32),
             memsz: u64_at(ph, 40),
         };
-        slice(data, "PT_LOAD segment data", seg.offset, seg.filesz)?;
+        bytes::slice(data, "PT_LOAD segment data", seg.offset, seg.filesz)?;
         load_segments.push(seg);
     }
     Ok(ElfInfo {
@@ -210,10 +191,7 @@ pub(crate) mod tests {
         let elf = tiny_elf(&[0x90; 32]);
         for cut in [4, 40, EHDR_LEN + 10, elf.len() - 1] {
             assert!(
-                matches!(
-                    check_x86_64_exec(&elf[..cut]),
-                    Err(ElfError::Truncated { .. })
-                ),
+                matches!(check_x86_64_exec(&elf[..cut]), Err(ElfError::Truncated(_))),
                 "cut at {cut}"
             );
         }
@@ -238,7 +216,7 @@ pub(crate) mod tests {
         elf[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             check_x86_64_exec(&elf),
-            Err(ElfError::Truncated { .. })
+            Err(ElfError::Truncated(_))
         ));
     }
 }

@@ -16,7 +16,7 @@
 //!   `provision` that finds them matching returns at once.
 
 pub mod apt;
-mod bytes;
+pub mod bytes;
 pub mod bzimage;
 pub mod cpio;
 pub mod deb;
