@@ -84,29 +84,35 @@ pub fn verify(pkg: &DebPackage, path: &Path) -> Result<(), RecipeError> {
     Ok(())
 }
 
-/// True when apt's package lists know this exact version.
-fn apt_knows(pkg: &DebPackage) -> Result<bool, RecipeError> {
-    let out = run(
-        Command::new("apt-cache").args(["show", "--no-all-versions", &pkg.spec()]),
-        false,
-    )?;
-    Ok(out.status.success() && !out.stdout.is_empty())
+/// The pins among `pkgs` that apt's package lists do not offer, from one
+/// `apt-cache show` (which prints a stanza per version it knows and stays
+/// silent, exit 0, about the ones it does not).
+fn unknown_to_apt(pkgs: &[DebPackage]) -> Result<Vec<DebPackage>, RecipeError> {
+    let mut cmd = Command::new("apt-cache");
+    cmd.args(["show", "--no-all-versions"]);
+    cmd.args(pkgs.iter().map(DebPackage::spec));
+    let out = run(&mut cmd, false)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut known = Vec::new();
+    let mut name = None;
+    for line in text.lines() {
+        if let Some(n) = line.strip_prefix("Package: ") {
+            name = Some(n.trim());
+        } else if let (Some(v), Some(n)) = (line.strip_prefix("Version: "), name) {
+            known.push((n, v.trim()));
+        }
+    }
+    Ok(pkgs
+        .iter()
+        .filter(|p| !known.contains(&(p.name, p.version)))
+        .copied()
+        .collect())
 }
 
 /// Makes sure apt can download every pinned package: when its lists are
 /// missing or predate a pin, runs `apt-get update` (as root) or says to.
 pub fn ensure_lists(pkgs: &[DebPackage], progress: Progress<'_>) -> Result<(), RecipeError> {
-    let missing = |pkgs: &[DebPackage]| -> Result<Vec<DebPackage>, RecipeError> {
-        let mut m = Vec::new();
-        for p in pkgs {
-            if !apt_knows(p)? {
-                m.push(*p);
-            }
-        }
-        Ok(m)
-    };
-    let lacking = missing(pkgs)?;
-    let Some(first) = lacking.first() else {
+    let Some(first) = unknown_to_apt(pkgs)?.first().copied() else {
         return Ok(());
     };
     if !is_root() {
@@ -122,62 +128,90 @@ pub fn ensure_lists(pkgs: &[DebPackage], progress: Progress<'_>) -> Result<(), R
         Command::new("apt-get").args(["update", "-qq", "-o", "DPkg::Lock::Timeout=120"]),
         true,
     )?;
-    if let Some(p) = missing(pkgs)?.first() {
+    if let Some(p) = unknown_to_apt(pkgs)?.first() {
         return Err(RecipeError::PackageUnavailable { package: p.spec() });
     }
     Ok(())
 }
 
-/// Returns the verified `.deb` of `pkg` in `debs_dir`, downloading it with
-/// `apt-get download` when it is missing or does not match its pin.
-pub fn fetch(
-    pkg: &DebPackage,
+/// Returns the verified `.deb`s of `pkgs` in `debs_dir` (same order),
+/// downloading with one `apt-get download` those that are missing or do not
+/// match their pin.
+pub fn fetch<const N: usize>(
+    pkgs: &[DebPackage; N],
     debs_dir: &Path,
     progress: Progress<'_>,
-) -> Result<PathBuf, RecipeError> {
-    let target = debs_dir.join(pkg.file_name());
-    if target.is_file() {
-        match verify(pkg, &target) {
-            Ok(()) => return Ok(target),
+) -> Result<[PathBuf; N], RecipeError> {
+    let targets = pkgs.map(|p| debs_dir.join(p.file_name()));
+    let mut wanted = Vec::new();
+    for (pkg, target) in pkgs.iter().zip(&targets) {
+        if !target.is_file() {
+            wanted.push(*pkg);
+            continue;
+        }
+        match verify(pkg, target) {
+            Ok(()) => {}
             Err(RecipeError::ChecksumMismatch { actual, .. }) => {
                 progress(&format!(
                     "cached {} has sha256 {actual}, not the pinned {}: downloading again",
                     target.display(),
                     pkg.sha256
                 ));
+                wanted.push(*pkg);
             }
             Err(e) => return Err(e),
         }
     }
-    ensure_lists(&[*pkg], progress)?;
+    if wanted.is_empty() {
+        return Ok(targets);
+    }
+    ensure_lists(&wanted, progress)?;
     // Download into a private, empty directory, then move into place: a
     // partial or foreign file never sits under the final name.
-    let tmp = debs_dir.join(format!(".download-{}-{}", pkg.name, std::process::id()));
+    let tmp = debs_dir.join(format!(".download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-    progress(&format!("downloading {} with apt-get download", pkg.spec()));
+    let specs: Vec<String> = wanted.iter().map(DebPackage::spec).collect();
+    progress(&format!(
+        "downloading {} with apt-get download",
+        specs.join(" ")
+    ));
     let result = (|| {
         run(
             Command::new("apt-get")
-                .args(["download", "-q", &pkg.spec()])
+                .args(["download", "-q"])
+                .args(&specs)
                 .current_dir(&tmp),
             true,
         )?;
-        let deb = fs::read_dir(&tmp)
+        let debs: Vec<PathBuf> = fs::read_dir(&tmp)
             .map_err(io_err("list", &tmp))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| RecipeError::CommandFailed {
-                command: format!("apt-get download {}", pkg.spec()),
-                status: "exit status: 0".into(),
-                stderr: format!("no .deb appeared in {}", tmp.display()),
-            })?;
-        verify(pkg, &deb)?;
-        fs::rename(&deb, &target).map_err(io_err("rename", &target))
+            .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+            .collect();
+        for pkg in &wanted {
+            // apt names the file `<name>_<version with %3a for ':'>_<arch>.deb`.
+            let prefix = format!("{}_", pkg.name);
+            let deb = debs
+                .iter()
+                .find(|d| {
+                    d.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix))
+                })
+                .ok_or_else(|| RecipeError::CommandFailed {
+                    command: format!("apt-get download {}", specs.join(" ")),
+                    status: "exit status: 0".into(),
+                    stderr: format!("no {prefix}*.deb appeared in {}", tmp.display()),
+                })?;
+            verify(pkg, deb)?;
+            let target = debs_dir.join(pkg.file_name());
+            fs::rename(deb, &target).map_err(io_err("rename", &target))?;
+        }
+        Ok(())
     })();
     let _ = fs::remove_dir_all(&tmp);
-    result?;
-    Ok(target)
+    result.map(|()| targets)
 }
 
 #[cfg(test)]

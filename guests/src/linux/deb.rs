@@ -2,9 +2,10 @@
 //!
 //! `dpkg-deb --fsys-tarfile` streams the package's data.tar, already
 //! decompressed whatever its compression (xz for the kernel); the `tar`
-//! crate picks the few members we need from that stream in memory. Unlike
-//! `dpkg-deb -x` this writes nothing else: the kernel package holds
-//! ~100 MiB of modules the guest never uses.
+//! crate picks the few members we need from that stream in memory and stops
+//! reading once it has them. Unlike `dpkg-deb -x` this writes nothing else
+//! and decompresses little: the kernel package's `boot/` files come first,
+//! before ~100 MiB of modules the guest never uses.
 
 use std::io::Read;
 use std::path::Path;
@@ -39,7 +40,8 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
         return Err(bad("dpkg-deb has no stdout pipe".into()));
     };
     let mut found: Vec<Option<Vec<u8>>> = vec![None; members.len()];
-    let scan = (|| -> Result<(), RecipeError> {
+    // Ok(true) when every member was found before the end of the stream.
+    let scan = (|| -> Result<bool, RecipeError> {
         let mut archive = tar::Archive::new(stdout);
         let entries = archive.entries().map_err(|e| bad(e.to_string()))?;
         for entry in entries {
@@ -65,17 +67,23 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
                 .read_to_end(&mut data)
                 .map_err(|e| bad(format!("reading {path}: {e}")))?;
             found[i] = Some(data);
+            if found.iter().all(Option::is_some) {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     })();
-    // Reap dpkg-deb whatever happened; its stderr explains a failed stream.
+    // The stream's reader is gone: when we stopped early, dpkg-deb ends on
+    // a broken pipe (its exit status then says nothing; the .deb's sha256
+    // was checked before). Reap it whatever happened; its stderr explains a
+    // failed stream.
     let mut stderr = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
     let status = child.wait().map_err(|e| tool_error("dpkg-deb", e))?;
-    scan?;
-    if !status.success() {
+    let stopped_early = scan?;
+    if !stopped_early && !status.success() {
         return Err(RecipeError::CommandFailed {
             command,
             status: status.to_string(),

@@ -261,8 +261,8 @@ pub fn provision(opts: &ProvisionOptions<'_>) -> Result<LinuxImage, RecipeError>
     fs::create_dir_all(&out).map_err(io_err("create", &out))?;
     let _ = fs::remove_file(out.join(STAMP));
 
-    let kernel_deb = apt::fetch(&recipe::KERNEL, &debs, progress)?;
-    let busybox_deb = apt::fetch(&recipe::BUSYBOX, &debs, progress)?;
+    let [kernel_deb, busybox_deb] =
+        apt::fetch(&[recipe::KERNEL, recipe::BUSYBOX], &debs, progress)?;
     let fetched = started.elapsed();
 
     progress(&format!(
