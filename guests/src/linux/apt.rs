@@ -84,6 +84,25 @@ pub fn verify(pkg: &DebPackage, path: &Path) -> Result<(), RecipeError> {
     Ok(())
 }
 
+/// `(Package, <field>)` of every stanza of `apt-cache show` output that has
+/// both fields.
+pub fn stanza_fields<'t>(text: &'t str, field: &str) -> Vec<(&'t str, &'t str)> {
+    let mut found = Vec::new();
+    for stanza in text.split("\n\n") {
+        let get = |key: &str| {
+            stanza.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|r| r.strip_prefix(": "))
+                    .map(str::trim)
+            })
+        };
+        if let (Some(p), Some(v)) = (get("Package"), get(field)) {
+            found.push((p, v));
+        }
+    }
+    found
+}
+
 /// The pins among `pkgs` that apt's package lists do not offer, from one
 /// `apt-cache show` (which prints a stanza per version it knows and stays
 /// silent, exit 0, about the ones it does not).
@@ -93,18 +112,10 @@ fn unknown_to_apt(pkgs: &[DebPackage]) -> Result<Vec<DebPackage>, RecipeError> {
     cmd.args(pkgs.iter().map(DebPackage::spec));
     let out = run(&mut cmd, false)?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut known = Vec::new();
-    let mut name = None;
-    for line in text.lines() {
-        if let Some(n) = line.strip_prefix("Package: ") {
-            name = Some(n.trim());
-        } else if let (Some(v), Some(n)) = (line.strip_prefix("Version: "), name) {
-            known.push((n, v.trim()));
-        }
-    }
+    let known = stanza_fields(&text, "Version");
     Ok(pkgs
         .iter()
-        .filter(|p| !known.contains(&(p.name, p.version)))
+        .filter(|p| !known.iter().any(|(n, v)| *n == p.name && *v == p.version))
         .copied()
         .collect())
 }
@@ -238,6 +249,21 @@ mod tests {
         }
         let msg = err.to_string();
         assert!(msg.contains(BUSYBOX.sha256) && msg.contains("expected"));
+    }
+
+    #[test]
+    fn apt_cache_show_stanzas() {
+        let text = "Package: busybox-static\nVersion: 1:1.35.0-4+deb12u1+b1\nSHA256: abc\n\n\
+                    Package: linux-image-6.1.0-50-cloud-amd64\nSource: linux-signed-amd64 (6.1.176-1)\n\
+                    Version: 6.1.176-1\nSHA256: def\n\nPackage: no-version\n";
+        assert_eq!(
+            stanza_fields(text, "Version"),
+            [
+                ("busybox-static", "1:1.35.0-4+deb12u1+b1"),
+                ("linux-image-6.1.0-50-cloud-amd64", "6.1.176-1")
+            ]
+        );
+        assert_eq!(stanza_fields(text, "SHA256")[1].1, "def");
     }
 
     #[test]
