@@ -319,6 +319,31 @@ mod tests {
     }
 
     #[test]
+    fn random_damage_never_panics() {
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i % 13) as u8).collect();
+        let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&body)));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let mut bad = img.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % bad.len() as u64) as usize;
+                bad[at] = next() as u8;
+            }
+            let cut = bad.len() - (next() % 64) as usize;
+            // Any outcome but a panic is fine; a success must still be an ELF.
+            if let Ok(v) = extract_vmlinux(&bad[..cut]) {
+                assert!(elf::is_elf(&v.bytes));
+            }
+        }
+    }
+
+    #[test]
     fn payload_that_is_not_elf() {
         let img = fake_bzimage(&lz4_legacy::compress(b"definitely not an ELF file"));
         assert!(matches!(
