@@ -179,8 +179,15 @@ pub fn fetch<const N: usize>(
     ensure_lists(&wanted, progress)?;
     // Download into a private, empty directory, then move into place: a
     // partial or foreign file never sits under the final name.
+    // Callers hold the cache lock: leftovers of an interrupted run are stale.
+    if let Ok(dir) = fs::read_dir(debs_dir) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".download-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let tmp = debs_dir.join(format!(".download-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
     let specs: Vec<String> = wanted.iter().map(DebPackage::spec).collect();
     progress(&format!(
