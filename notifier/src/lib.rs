@@ -16,10 +16,14 @@
 //! * [`check`]: the differential check (predicted vs tracepoint).
 
 pub mod error;
+pub mod hostmm;
+pub mod ops;
 pub mod pagemap;
 pub mod predict;
 pub mod seq;
 pub mod subscriber;
+pub mod trace;
+pub mod uffd;
 
 pub use error::{Error, Result};
 pub use seq::InvalidationSeq;
