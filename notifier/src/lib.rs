@@ -15,7 +15,9 @@
 //! * [`uffd`]: the userfaultfd source (REMOVE/UNMAP/REMAP/FORK).
 //! * [`check`]: the differential check (predicted vs tracepoint).
 
+pub mod check;
 pub mod error;
+pub mod hostconf;
 pub mod hostmm;
 pub mod ops;
 pub mod pagemap;

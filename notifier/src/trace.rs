@@ -133,7 +133,7 @@ pub struct TraceSource {
     instance: PathBuf,
     mounted_by_us: bool,
     pipe: Option<File>,
-    marker: File,
+    marker: Option<File>,
     next_sentinel: u64,
     pending: String,
     _vm: kvm_ioctls::VmFd,
@@ -236,7 +236,7 @@ impl TraceSource {
             instance: instance.clone(),
             mounted_by_us,
             pipe: None,
-            marker: File::open("/dev/null").map_err(|e| tracefs_err(Path::new("/dev/null"), e))?,
+            marker: None,
             next_sentinel: 1,
             pending: String::new(),
             _vm: vm,
@@ -244,10 +244,12 @@ impl TraceSource {
         };
         // From here on, Drop undoes everything.
         write_file(&instance.join(EVENT).join("enable"), "1")?;
-        me.marker = OpenOptions::new()
-            .write(true)
-            .open(instance.join("trace_marker"))
-            .map_err(|e| tracefs_err(&instance, e))?;
+        me.marker = Some(
+            OpenOptions::new()
+                .write(true)
+                .open(instance.join("trace_marker"))
+                .map_err(|e| tracefs_err(&instance, e))?,
+        );
         let pipe_path = instance.join("trace_pipe");
         me.pipe = Some(
             OpenOptions::new()
@@ -268,7 +270,13 @@ impl TraceSource {
     pub fn sentinel(&mut self) -> Result<u64> {
         let n = self.next_sentinel;
         self.next_sentinel += 1;
-        self.marker
+        let Some(marker) = self.marker.as_mut() else {
+            return Err(tracefs_err(
+                &self.instance,
+                std::io::Error::from(std::io::ErrorKind::NotConnected),
+            ));
+        };
+        marker
             .write_all(format!("{MARK}{n}\n").as_bytes())
             .map_err(|e| tracefs_err(&self.instance, e))?;
         Ok(n)
@@ -344,7 +352,9 @@ impl TraceSource {
 
 impl Drop for TraceSource {
     fn drop(&mut self) {
+        // Every open file of the instance must be closed or rmdir says EBUSY.
         self.pipe = None;
+        self.marker = None;
         let _ = std::fs::write(self.instance.join(EVENT).join("enable"), "0");
         let _ = std::fs::remove_dir(&self.instance);
         if self.mounted_by_us {
