@@ -12,17 +12,20 @@
 //! What the events mean for a secondary MMU (research §4, measured here):
 //! * `REMOVE` (madvise DONTNEED/REMOVE) is queued *before* the zap and the
 //!   caller sleeps until the message is read - but it resumes as soon as
-//!   `read()` returns. The handler therefore delivers `start` and `end`
-//!   immediately after `read()`, before reading anything else; whether that
-//!   beats the zap is a race unless the handler runs `SCHED_FIFO` on the CPU
-//!   the caller is pinned to ([`UffdOptions::realtime_cpu`]): then the woken
-//!   caller cannot run until the handler blocks again.
+//!   `read()` returns. The handler therefore delivers `start` immediately
+//!   after `read()`, then waits (sleeping, bounded by [`REMOVE_ZAP_WAIT`])
+//!   until PAGEMAP_SCAN shows the range empty, then delivers `end`, before
+//!   reading the next message. `start` beating the zap is a race unless the
+//!   handler runs `SCHED_FIFO` on the CPU the caller is pinned to
+//!   ([`UffdOptions::realtime_cpu`]): then the woken caller cannot run until
+//!   the handler sleeps.
 //! * `UNMAP` and `REMAP` arrive after the page tables are gone:
 //!   `Delivery::AfterTheFact`.
 //! * `FORK`: the parent's private mappings were write-protected for COW
 //!   (`MMU_NOTIFY_PROTECTION_PAGE`), after the fact; the child's uffd is closed.
 
 use crate::error::{Error, Result};
+use crate::pagemap::Pagemap;
 use crate::predict::{adjust_range_if_pmd_sharing_possible, VmaShape};
 use crate::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -475,12 +478,30 @@ pub fn event_invalidations(ev: &UffdEvent, registered: &[VmaShape]) -> Vec<Inval
     }
 }
 
+/// How long the handler waits for the kernel to finish a REMOVE's zap
+/// before delivering `end` anyway (e.g. when another thread re-faults).
+pub const REMOVE_ZAP_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// After a REMOVE's `start`, the kernel resumes the madvise caller; wait
+/// (sleeping, so a caller pinned to this CPU can run) until no page of the
+/// range is present any more, so `end` comes after the zap.
+fn wait_for_zap(pm: &mut Pagemap, r: HvaRange) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < REMOVE_ZAP_WAIT {
+        match pm.any_present(r) {
+            Ok(true) => std::thread::sleep(std::time::Duration::from_micros(20)),
+            _ => return,
+        }
+    }
+}
+
 fn handler_loop(
     uffd: &Uffd,
     registered: &Mutex<Vec<VmaShape>>,
     stop: &AtomicBool,
     subs: &Subscribers,
 ) {
+    let mut pagemap = Pagemap::open().ok();
     while !stop.load(Ordering::Acquire) {
         let ev = match uffd.read_event(20) {
             Ok(Some(ev)) => ev,
@@ -496,6 +517,9 @@ fn handler_loop(
         };
         for inv in &invs {
             subs.start(inv);
+            if let (UffdEvent::Remove { start, end }, Some(pm)) = (ev, pagemap.as_mut()) {
+                wait_for_zap(pm, HvaRange::new(start, end));
+            }
             subs.end(inv);
         }
         if let UffdEvent::Fork { ufd } = ev {
