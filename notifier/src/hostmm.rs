@@ -240,7 +240,7 @@ impl HostMm {
     /// pages are taken when touched ([`Self::populate`]).
     pub fn map(&mut self, backing: Backing, len: u64, place: Placement) -> Result<RegionId> {
         let ps = backing.page_size().bytes();
-        if len == 0 || len % ps != 0 || place.offset % ps != 0 {
+        if len == 0 || !len.is_multiple_of(ps) || !place.offset.is_multiple_of(ps) {
             return Err(Error::Unaligned {
                 op: "map",
                 start: place.offset,

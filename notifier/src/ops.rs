@@ -234,7 +234,7 @@ impl HostMm {
             });
         }
         if let Some(hps) = v.hugetlb {
-            if dst % hps != 0 {
+            if !dst.is_multiple_of(hps) {
                 return Err(Error::Unaligned {
                     op: "remap",
                     start: dst,
@@ -296,5 +296,53 @@ impl HostMm {
             out.extend(predict::numa_hint(&v, v.range, &self.pud_fn()));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostmm::{Backing, PageSize, Placement};
+    use crate::subscriber::Subscribers;
+
+    /// Unaligned hugetlb ranges are refused with a typed error before any
+    /// syscall or announcement (MAP_NORESERVE: no huge page is needed).
+    #[test]
+    fn unaligned_hugetlb_ranges_are_typed_errors() {
+        let Ok(mut mm) = HostMm::new(Subscribers::new()) else {
+            return;
+        };
+        let Ok(id) = mm.map(
+            Backing::PrivateHugetlb(PageSize::Huge2M),
+            8 << 20,
+            Placement::pud_offset(2 << 20),
+        ) else {
+            eprintln!("SKIP: hugetlb mmap refused here");
+            return;
+        };
+        let b = mm.region(id).map(|r| r.base).unwrap_or(0);
+        let r = HvaRange::new(b + 4096, b + (2 << 20));
+        assert!(
+            matches!(mm.protect(r, libc::PROT_READ), Err(Error::Unaligned { align, .. }) if align == 2 << 20)
+        );
+        assert!(matches!(mm.unmap(r), Err(Error::Unaligned { .. })));
+        assert!(matches!(
+            mm.discard(r, Discard::DontNeed),
+            Err(Error::Unaligned { .. })
+        ));
+        assert!(matches!(
+            mm.discard(HvaRange::new(b, b + (2 << 20)), Discard::Remove),
+            Err(Error::Unsupported { .. })
+        ));
+        let msg = mm
+            .protect(r, libc::PROT_READ)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("round it to whole huge pages"), "{msg}");
+        assert!(matches!(
+            mm.protect(HvaRange::new(1, 2), libc::PROT_READ),
+            Err(Error::OutOfRegion { .. })
+        ));
     }
 }

@@ -113,7 +113,7 @@ pub fn split_vma(vma: &VmaShape, addr: u64, pud_present: &dyn Fn(u64) -> bool) -
     match vma.hugetlb {
         Some(_) => {
             // hugetlb_split(): unshare the PUD around addr if the VMA covers it.
-            if vma.may_share && addr % PUD_SIZE != 0 {
+            if vma.may_share && !addr.is_multiple_of(PUD_SIZE) {
                 let floor = align_down(addr, PUD_SIZE);
                 let ceil = floor + PUD_SIZE;
                 if floor >= vma.range.start && ceil <= vma.range.end {
@@ -126,7 +126,7 @@ pub fn split_vma(vma: &VmaShape, addr: u64, pud_present: &dyn Fn(u64) -> bool) -
             // whole 2 MiB block around addr is in the VMA and the PMD table
             // exists (mm_find_pmd()); __split_huge_pmd() notifies first.
             let down = align_down(addr, PMD_SIZE);
-            if addr % PMD_SIZE != 0
+            if !addr.is_multiple_of(PMD_SIZE)
                 && down >= vma.range.start
                 && down + PMD_SIZE <= vma.range.end
                 && pud_present(addr)
@@ -345,7 +345,7 @@ pub fn uffd_writeprotect(
     for v in pieces(vmas, r) {
         let piece = HvaRange::new(r.start.max(v.range.start), r.end.min(v.range.end));
         if let Some(hps) = v.hugetlb {
-            if piece.start % hps != 0 || piece.end % hps != 0 {
+            if !piece.start.is_multiple_of(hps) || !piece.end.is_multiple_of(hps) {
                 return Err(PredictError::Unaligned {
                     start: piece.start,
                     align: hps,
