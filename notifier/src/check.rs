@@ -11,7 +11,7 @@
 
 use crate::error::{is_root, Error, Result};
 use crate::hostconf::{HugepageReservation, SysctlGuard};
-use crate::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
+use crate::hostmm::{Backing, HostMm, PageSize, Placement};
 use crate::ops::Discard;
 use crate::predict::{Notified, PMD_SIZE as M2, PUD_SIZE as G};
 use crate::subscriber::{HvaRange, MmuNotifyEvent, Subscribers};
@@ -156,12 +156,6 @@ fn our_tids() -> BTreeSet<i32> {
         .unwrap_or_default()
 }
 
-/// What a case needs from the host.
-#[derive(Debug, Clone, Copy, Default)]
-struct Needs {
-    gib_pages: u64,
-}
-
 struct Ctx<'a> {
     trace: &'a mut TraceSource,
 }
@@ -221,361 +215,359 @@ fn rr(base: u64, off: u64, len: u64) -> HvaRange {
     HvaRange::new(base + off, base + off + len)
 }
 
-/// A fresh HostMm with one region; returns (mm, id, base).
-fn one(backing: Backing, len: u64, place: Placement) -> Result<(HostMm, RegionId, u64)> {
-    let mut mm = HostMm::new(Subscribers::new())?;
-    let id = mm.map(backing, len, place)?;
-    let base = mm.region(id).map(|r| r.base).unwrap_or(0);
-    Ok((mm, id, base))
+/// The operation of a case, offsets relative to the region base (file
+/// offsets for `Punch`).
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    DontNeed(u64, u64),
+    Remove(u64, u64),
+    Punch(u64, u64),
+    Protect(u64, u64),
+    Unmap(u64, u64),
+    /// mremap of the whole region onto a fresh PROT_NONE reservation.
+    RemapWhole,
+    /// UFFDIO_WRITEPROTECT after registering the whole region in WP mode.
+    WriteProtect(u64, u64),
 }
 
-type CaseFn = Box<dyn Fn(&mut Ctx) -> Result<Measured>>;
+/// One case of the battery.
+struct Spec {
+    name: &'static str,
+    backing: Backing,
+    len: u64,
+    place: Placement,
+    /// Ranges touched before the operation.
+    populate: &'static [(u64, u64)],
+    op: Op,
+}
 
-fn cases() -> Vec<(String, Needs, CaseFn)> {
+impl Spec {
+    fn gib_pages(&self) -> u64 {
+        match self.backing.page_size() {
+            PageSize::Huge1G => self.len / G,
+            _ => 0,
+        }
+    }
+
+    fn run(&self, c: &mut Ctx) -> Result<Measured> {
+        let mut mm = HostMm::new(Subscribers::new())?;
+        let id = mm.map(self.backing, self.len, self.place)?;
+        let b = mm.region(id).map(|r| r.base).unwrap_or(0);
+        for &(off, len) in self.populate {
+            mm.populate(rr(b, off, len))?;
+        }
+        match self.op {
+            Op::DontNeed(o, l) => {
+                c.measure(&mut mm, |mm| mm.discard(rr(b, o, l), Discard::DontNeed))
+            }
+            Op::Remove(o, l) => c.measure(&mut mm, |mm| mm.discard(rr(b, o, l), Discard::Remove)),
+            Op::Punch(o, l) => c.measure(&mut mm, |mm| mm.punch_hole(id, o, l)),
+            Op::Protect(o, l) => c.measure(&mut mm, |mm| mm.protect(rr(b, o, l), RO)),
+            Op::Unmap(o, l) => c.measure(&mut mm, |mm| mm.unmap(rr(b, o, l))),
+            Op::RemapWhole => {
+                let dst = mm.reserve(
+                    self.len,
+                    Placement {
+                        align: M2,
+                        offset: 0,
+                    },
+                )?;
+                c.measure(&mut mm, |mm| mm.remap(rr(b, 0, self.len), dst.start))
+            }
+            Op::WriteProtect(o, l) => {
+                let uffd = Uffd::open(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)?;
+                uffd.register(rr(b, 0, self.len), UFFDIO_REGISTER_MODE_WP)?;
+                c.measure(&mut mm, |mm| mm.write_protect(&uffd, rr(b, o, l), true))
+            }
+        }
+    }
+}
+
+fn cases() -> Vec<Spec> {
     use Backing::*;
     use PageSize::*;
     let span = Placement::pud_aligned();
     let small = Placement::pud_offset(M2);
-    let mut v: Vec<(String, Needs, CaseFn)> = Vec::new();
-    let mut add = |name: &str, needs: Needs, f: CaseFn| v.push((name.to_string(), needs, f));
-    let n0 = Needs::default();
-    let g1 = Needs { gib_pages: 1 };
-    let g2 = Needs { gib_pages: 2 };
-
-    // --- shared 2M memfd, 2 GiB at a 1 GiB-aligned address (PMD sharing possible)
-    add(
-        "shared 2M 2G-span: DONTNEED 2M @+512M populated",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G / 2, 2 * M2))?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, G / 2, M2), Discard::DontNeed)
-            })
-        }),
-    );
-    add(
-        "shared 2M 2G-span: DONTNEED 2M @+512M unpopulated",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, G / 2, M2), Discard::DontNeed)
-            })
-        }),
-    );
-    add(
-        "shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G + M2, M2))?;
-            c.measure(&mut mm, |mm| mm.discard(rr(b, G + M2, M2), Discard::Remove))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: punch-hole file 1G+2M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, id, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G, M2))?;
-            c.measure(&mut mm, |mm| mm.punch_hole(id, G, M2))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, id, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G, 2 * M2))?;
-            c.measure(&mut mm, |mm| mm.punch_hole(id, G + K4, M2))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G / 2, M2))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G / 2, M2), RO))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G, M2))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G, G), RO))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: mprotect whole, unpopulated",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, 0, 2 * G), RO))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: munmap 2M @+512M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G / 2, M2))?;
-            c.measure(&mut mm, |mm| mm.unmap(rr(b, G / 2, M2)))
-        }),
-    );
-    add(
-        "shared 2M 2G-span: uffd write-protect 2M @+512M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, id, b) = one(SharedMemfd(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G / 2, M2))?;
-            let uffd = Uffd::open(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)?;
-            let whole = mm.region(id).map(|r| r.range()).unwrap_or(rr(b, 0, 2 * G));
-            uffd.register(whole, UFFDIO_REGISTER_MODE_WP)?;
-            c.measure(&mut mm, |mm| {
-                mm.write_protect(&uffd, rr(b, G / 2, M2), true)
-            })
-        }),
-    );
-
-    // --- shared 2M memfd, 32 MiB not spanning a PUD
-    add(
-        "shared 2M 32M: DONTNEED 2M @+4M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 32 * M, small)?;
-            mm.populate(rr(b, 0, 8 * M))?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, 4 * M, M2), Discard::DontNeed)
-            })
-        }),
-    );
-    add(
-        "shared 2M 32M: mprotect 4M @+8M (split, no unshare)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 32 * M, small)?;
-            mm.populate(rr(b, 8 * M, 4 * M))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, 8 * M, 4 * M), RO))
-        }),
-    );
-    add(
-        "shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, id, b) = one(SharedMemfd(Huge2M), 32 * M, small)?;
-            mm.populate(rr(b, 0, 8 * M))?;
-            c.measure(&mut mm, |mm| mm.punch_hole(id, M, 5 * M))
-        }),
-    );
-    add(
-        "shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 32 * M, small)?;
-            mm.populate(rr(b, 0, 8 * M))?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, 2 * M, 3 * M), Discard::Remove)
-            })
-        }),
-    );
-    add(
-        "shared 2M 32M: mremap whole to a reservation",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge2M), 32 * M, small)?;
-            mm.populate(rr(b, 0, 4 * M))?;
-            let dst = mm.reserve(
-                32 * M,
-                Placement {
-                    align: M2,
-                    offset: 0,
-                },
-            )?;
-            c.measure(&mut mm, |mm| mm.remap(rr(b, 0, 32 * M), dst.start))
-        }),
-    );
-
-    // --- private hugetlb 2M
-    add(
-        "private 2M 1G-span: DONTNEED 2M @+0 populated",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, 0, M2))?;
-            c.measure(&mut mm, |mm| mm.discard(rr(b, 0, M2), Discard::DontNeed))
-        }),
-    );
-    add(
-        "private 2M: DONTNEED 2M+4K (length rounds down)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 16 * M, small)?;
-            mm.populate(rr(b, 0, 4 * M))?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, 0, M2 + K4), Discard::DontNeed)
-            })
-        }),
-    );
-    add(
-        "private 2M: DONTNEED 4K (sub-page: no-op)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 16 * M, small)?;
-            mm.populate(rr(b, 0, M2))?;
-            c.measure(&mut mm, |mm| mm.discard(rr(b, 0, K4), Discard::DontNeed))
-        }),
-    );
-    add(
-        "private 2M: mprotect 16M unpopulated",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 16 * M, small)?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, 0, 16 * M), RO))
-        }),
-    );
-    add(
-        "private 2M 2G-span: mprotect 2M @+512M (no unshare)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 2 * G, span)?;
-            mm.populate(rr(b, G / 2, M2))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G / 2, M2), RO))
-        }),
-    );
-    add(
-        "private 2M: munmap 2M @+2M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 16 * M, small)?;
-            mm.populate(rr(b, 0, 8 * M))?;
-            c.measure(&mut mm, |mm| mm.unmap(rr(b, M2, M2)))
-        }),
-    );
-    add(
-        "private 2M: mremap whole to a reservation",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge2M), 16 * M, small)?;
-            mm.populate(rr(b, 0, 4 * M))?;
-            let dst = mm.reserve(
-                16 * M,
-                Placement {
-                    align: M2,
-                    offset: 0,
-                },
-            )?;
-            c.measure(&mut mm, |mm| mm.remap(rr(b, 0, 16 * M), dst.start))
-        }),
-    );
-
-    // --- 1 GiB pages
-    add(
-        "shared 1G x1: mprotect 1G",
-        g1,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge1G), G, span)?;
-            mm.populate(rr(b, 0, G))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, 0, G), RO))
-        }),
-    );
-    add(
-        "shared 1G x1: DONTNEED 1G",
-        g1,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge1G), G, span)?;
-            mm.populate(rr(b, 0, G))?;
-            c.measure(&mut mm, |mm| mm.discard(rr(b, 0, G), Discard::DontNeed))
-        }),
-    );
-    add(
-        "private 1G x1: DONTNEED 1G",
-        g1,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(PrivateHugetlb(Huge1G), G, span)?;
-            mm.populate(rr(b, 0, G))?;
-            c.measure(&mut mm, |mm| mm.discard(rr(b, 0, G), Discard::DontNeed))
-        }),
-    );
-    add(
-        "shared 1G x2: punch-hole second 1G",
-        g2,
-        Box::new(move |c| {
-            let (mut mm, id, b) = one(SharedMemfd(Huge1G), 2 * G, span)?;
-            mm.populate(rr(b, 0, 2 * G))?;
-            c.measure(&mut mm, |mm| mm.punch_hole(id, G, G))
-        }),
-    );
-    add(
-        "shared 1G x2: munmap second 1G",
-        g2,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(SharedMemfd(Huge1G), 2 * G, span)?;
-            mm.populate(rr(b, 0, 2 * G))?;
-            c.measure(&mut mm, |mm| mm.unmap(rr(b, G, G)))
-        }),
-    );
-
-    // --- plain anonymous memory: the PUD-level mprotect rule
-    add(
-        "anon 4G: mprotect [+1G,+2G) nothing touched",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 4 * G, span)?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G, G), RO))
-        }),
-    );
-    add(
-        "anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 4 * G, span)?;
-            mm.populate(rr(b, G + G / 2, K4))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G, G), RO))
-        }),
-    );
-    add(
-        "anon 4G: one 4K touched @+1.5G, mprotect 4K @+1.75G",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 4 * G, span)?;
-            mm.populate(rr(b, G + G / 2, K4))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, G + 3 * G / 4, K4), RO))
-        }),
-    );
-    add(
-        "anon 4G: one 4K touched @+1.5G, mprotect whole",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 4 * G, span)?;
-            mm.populate(rr(b, G + G / 2, K4))?;
-            c.measure(&mut mm, |mm| mm.protect(rr(b, 0, 4 * G), RO))
-        }),
-    );
-    add(
-        "anon 64M: DONTNEED 64K @+1M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 64 * M, span)?;
-            mm.populate(rr(b, 0, 4 * M))?;
-            c.measure(&mut mm, |mm| {
-                mm.discard(rr(b, M, 64 * 1024), Discard::DontNeed)
-            })
-        }),
-    );
-    add(
-        "anon 64M: munmap 1M @+2M",
-        n0,
-        Box::new(move |c| {
-            let (mut mm, _, b) = one(Anon { thp: false }, 64 * M, span)?;
-            mm.populate(rr(b, 0, 4 * M))?;
-            c.measure(&mut mm, |mm| mm.unmap(rr(b, 2 * M, M)))
-        }),
-    );
-    v
+    let anon = Anon { thp: false };
+    let spec = |name, backing, len, place, populate, op| Spec {
+        name,
+        backing,
+        len,
+        place,
+        populate,
+        op,
+    };
+    vec![
+        // shared 2M memfd, 2 GiB at a 1 GiB-aligned address (PMD sharing possible)
+        spec(
+            "shared 2M 2G-span: DONTNEED 2M @+512M populated",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G / 2, 2 * M2)],
+            Op::DontNeed(G / 2, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: DONTNEED 2M @+512M unpopulated",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[],
+            Op::DontNeed(G / 2, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G + M2, M2)],
+            Op::Remove(G + M2, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: punch-hole file 1G+2M",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G, M2)],
+            Op::Punch(G, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G, 2 * M2)],
+            Op::Punch(G + K4, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G / 2, M2)],
+            Op::Protect(G / 2, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G, M2)],
+            Op::Protect(G, G),
+        ),
+        spec(
+            "shared 2M 2G-span: mprotect whole, unpopulated",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[],
+            Op::Protect(0, 2 * G),
+        ),
+        spec(
+            "shared 2M 2G-span: munmap 2M @+512M",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G / 2, M2)],
+            Op::Unmap(G / 2, M2),
+        ),
+        spec(
+            "shared 2M 2G-span: uffd write-protect 2M @+512M",
+            SharedMemfd(Huge2M),
+            2 * G,
+            span,
+            &[(G / 2, M2)],
+            Op::WriteProtect(G / 2, M2),
+        ),
+        // shared 2M memfd, 32 MiB not spanning a PUD
+        spec(
+            "shared 2M 32M: DONTNEED 2M @+4M",
+            SharedMemfd(Huge2M),
+            32 * M,
+            small,
+            &[(0, 8 * M)],
+            Op::DontNeed(4 * M, M2),
+        ),
+        spec(
+            "shared 2M 32M: mprotect 4M @+8M (split, no unshare)",
+            SharedMemfd(Huge2M),
+            32 * M,
+            small,
+            &[(8 * M, 4 * M)],
+            Op::Protect(8 * M, 4 * M),
+        ),
+        spec(
+            "shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))",
+            SharedMemfd(Huge2M),
+            32 * M,
+            small,
+            &[(0, 8 * M)],
+            Op::Punch(M, 5 * M),
+        ),
+        spec(
+            "shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)",
+            SharedMemfd(Huge2M),
+            32 * M,
+            small,
+            &[(0, 8 * M)],
+            Op::Remove(2 * M, 3 * M),
+        ),
+        spec(
+            "shared 2M 32M: mremap whole to a reservation",
+            SharedMemfd(Huge2M),
+            32 * M,
+            small,
+            &[(0, 4 * M)],
+            Op::RemapWhole,
+        ),
+        // private hugetlb 2M
+        spec(
+            "private 2M 2G-span: DONTNEED 2M @+0 populated",
+            PrivateHugetlb(Huge2M),
+            2 * G,
+            span,
+            &[(0, M2)],
+            Op::DontNeed(0, M2),
+        ),
+        spec(
+            "private 2M: DONTNEED 2M+4K (length rounds down)",
+            PrivateHugetlb(Huge2M),
+            16 * M,
+            small,
+            &[(0, 4 * M)],
+            Op::DontNeed(0, M2 + K4),
+        ),
+        spec(
+            "private 2M: DONTNEED 4K (sub-page: no-op)",
+            PrivateHugetlb(Huge2M),
+            16 * M,
+            small,
+            &[(0, M2)],
+            Op::DontNeed(0, K4),
+        ),
+        spec(
+            "private 2M: mprotect 16M unpopulated",
+            PrivateHugetlb(Huge2M),
+            16 * M,
+            small,
+            &[],
+            Op::Protect(0, 16 * M),
+        ),
+        spec(
+            "private 2M 2G-span: mprotect 2M @+512M (no unshare)",
+            PrivateHugetlb(Huge2M),
+            2 * G,
+            span,
+            &[(G / 2, M2)],
+            Op::Protect(G / 2, M2),
+        ),
+        spec(
+            "private 2M: munmap 2M @+2M",
+            PrivateHugetlb(Huge2M),
+            16 * M,
+            small,
+            &[(0, 8 * M)],
+            Op::Unmap(M2, M2),
+        ),
+        spec(
+            "private 2M: mremap whole to a reservation",
+            PrivateHugetlb(Huge2M),
+            16 * M,
+            small,
+            &[(0, 4 * M)],
+            Op::RemapWhole,
+        ),
+        // 1 GiB pages
+        spec(
+            "shared 1G x1: mprotect 1G",
+            SharedMemfd(Huge1G),
+            G,
+            span,
+            &[(0, G)],
+            Op::Protect(0, G),
+        ),
+        spec(
+            "shared 1G x1: DONTNEED 1G",
+            SharedMemfd(Huge1G),
+            G,
+            span,
+            &[(0, G)],
+            Op::DontNeed(0, G),
+        ),
+        spec(
+            "private 1G x1: DONTNEED 1G",
+            PrivateHugetlb(Huge1G),
+            G,
+            span,
+            &[(0, G)],
+            Op::DontNeed(0, G),
+        ),
+        spec(
+            "shared 1G x2: punch-hole second 1G",
+            SharedMemfd(Huge1G),
+            2 * G,
+            span,
+            &[(0, 2 * G)],
+            Op::Punch(G, G),
+        ),
+        spec(
+            "shared 1G x2: munmap second 1G",
+            SharedMemfd(Huge1G),
+            2 * G,
+            span,
+            &[(0, 2 * G)],
+            Op::Unmap(G, G),
+        ),
+        // plain anonymous memory: the PUD-level mprotect rule
+        spec(
+            "anon 4G: mprotect [+1G,+2G) nothing touched",
+            anon,
+            4 * G,
+            span,
+            &[],
+            Op::Protect(G, G),
+        ),
+        spec(
+            "anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)",
+            anon,
+            4 * G,
+            span,
+            &[(G + G / 2, K4)],
+            Op::Protect(G, G),
+        ),
+        spec(
+            "anon 4G: one 4K touched @+1.5G, mprotect 4K @+1.75G",
+            anon,
+            4 * G,
+            span,
+            &[(G + G / 2, K4)],
+            Op::Protect(G + 3 * G / 4, K4),
+        ),
+        spec(
+            "anon 4G: one 4K touched @+1.5G, mprotect whole",
+            anon,
+            4 * G,
+            span,
+            &[(G + G / 2, K4)],
+            Op::Protect(0, 4 * G),
+        ),
+        spec(
+            "anon 64M: DONTNEED 64K @+1M",
+            anon,
+            64 * M,
+            span,
+            &[(0, 4 * M)],
+            Op::DontNeed(M, 64 * 1024),
+        ),
+        spec(
+            "anon 64M: munmap 1M @+2M",
+            anon,
+            64 * M,
+            span,
+            &[(0, 4 * M)],
+            Op::Unmap(2 * M, M),
+        ),
+    ]
 }
 
 /// How the check runs.
@@ -734,19 +726,19 @@ pub fn run(opts: CheckOptions) -> Result<Report> {
         skipped: Vec::new(),
         elapsed_ms: 0,
     };
-    for (name, needs, f) in cases() {
-        if needs.gib_pages > gib {
+    for spec in cases() {
+        if spec.gib_pages() > gib {
             report.skipped.push(Skipped {
-                name,
+                name: spec.name.to_string(),
                 reason: format!(
                     "needs {} free 1 GiB hugepage(s), only {gib} could be reserved",
-                    needs.gib_pages
+                    spec.gib_pages()
                 ),
             });
             continue;
         }
-        let m = f(&mut ctx)?;
-        report.cases.push(compare(&name, m));
+        let m = spec.run(&mut ctx)?;
+        report.cases.push(compare(spec.name, m));
     }
     if opts.numa {
         report
