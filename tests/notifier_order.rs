@@ -94,6 +94,30 @@ impl Recorder {
     }
 }
 
+/// A recorder registered in a fresh subscriber list.
+fn recording() -> (Arc<Recorder>, Subscribers) {
+    let rec = Recorder::new();
+    let subs = Subscribers::new();
+    subs.register(rec.clone());
+    (rec, subs)
+}
+
+/// A HostMm whose own announcements go to an empty list, holding one
+/// populated private 2M hugetlb region of `len` bytes; returns its base.
+fn quiet_private_region(len: u64, populated: u64) -> (HostMm, u64) {
+    let mut mm = HostMm::new(Subscribers::new()).unwrap();
+    let id = mm
+        .map(
+            Backing::PrivateHugetlb(PageSize::Huge2M),
+            len,
+            Placement::pud_offset(M2),
+        )
+        .unwrap();
+    let b = mm.region(id).unwrap().base;
+    mm.populate(HvaRange::new(b, b + populated)).unwrap();
+    (mm, b)
+}
+
 impl InvalidationSubscriber for Recorder {
     fn invalidate_range_start(&self, inv: &Invalidation) {
         self.record(Phase::Start, inv);
@@ -133,9 +157,7 @@ fn operations_start_before_pages_go_and_end_after() {
         return;
     }
     let Some(_hp) = hugepages(32) else { return };
-    let rec = Recorder::new();
-    let subs = Subscribers::new();
-    subs.register(rec.clone());
+    let (rec, subs) = recording();
     let mut mm = HostMm::new(subs).unwrap();
     let id = mm
         .map(
@@ -238,9 +260,7 @@ fn uffd_remove_starts_before_the_zap_and_unmap_is_after_the_fact() {
         return;
     }
     let Some(_hp) = hugepages(32) else { return };
-    let rec = Recorder::new();
-    let subs = Subscribers::new();
-    subs.register(rec.clone());
+    let (rec, subs) = recording();
     let _pin = Pin::to(0);
     let src = match UffdSource::start(
         subs,
@@ -253,16 +273,7 @@ fn uffd_remove_starts_before_the_zap_and_unmap_is_after_the_fact() {
     };
     // The operations' own announcements go to an empty list: only the
     // userfaultfd source reports to the recorder here.
-    let mut mm = HostMm::new(Subscribers::new()).unwrap();
-    let id = mm
-        .map(
-            Backing::PrivateHugetlb(PageSize::Huge2M),
-            16 << 20,
-            Placement::pud_offset(M2),
-        )
-        .unwrap();
-    let b = mm.region(id).unwrap().base;
-    mm.populate(HvaRange::new(b, b + 8 * M2)).unwrap();
+    let (mut mm, b) = quiet_private_region(16 << 20, 8 * M2);
     src.register(mm.shapes(HvaRange::new(b, b + 1))[0]).unwrap();
 
     for round in 0..5u64 {
@@ -319,19 +330,8 @@ fn tracepoint_events_are_after_the_fact() {
             return;
         }
     };
-    let rec = Recorder::new();
-    let subs = Subscribers::new();
-    subs.register(rec.clone());
-    let mut mm = HostMm::new(Subscribers::new()).unwrap();
-    let id = mm
-        .map(
-            Backing::PrivateHugetlb(PageSize::Huge2M),
-            8 << 20,
-            Placement::pud_offset(M2),
-        )
-        .unwrap();
-    let b = mm.region(id).unwrap().base;
-    mm.populate(HvaRange::new(b, b + 4 * M2)).unwrap();
+    let (rec, subs) = recording();
+    let (mut mm, b) = quiet_private_region(8 << 20, 4 * M2);
     trace.collect().unwrap();
     let predicted = mm
         .discard(HvaRange::new(b, b + M2), Discard::DontNeed)

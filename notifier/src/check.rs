@@ -283,6 +283,7 @@ impl Spec {
     }
 }
 
+#[rustfmt::skip]
 fn cases() -> Vec<Spec> {
     use Backing::*;
     use PageSize::*;
@@ -299,274 +300,43 @@ fn cases() -> Vec<Spec> {
     };
     vec![
         // shared 2M memfd, 2 GiB at a 1 GiB-aligned address (PMD sharing possible)
-        spec(
-            "shared 2M 2G-span: DONTNEED 2M @+512M populated",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G / 2, 2 * M2)],
-            Op::DontNeed(G / 2, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: DONTNEED 2M @+512M unpopulated",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[],
-            Op::DontNeed(G / 2, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G + M2, M2)],
-            Op::Remove(G + M2, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: punch-hole file 1G+2M",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G, M2)],
-            Op::Punch(G, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G, 2 * M2)],
-            Op::Punch(G + K4, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G / 2, M2)],
-            Op::Protect(G / 2, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G, M2)],
-            Op::Protect(G, G),
-        ),
-        spec(
-            "shared 2M 2G-span: mprotect whole, unpopulated",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[],
-            Op::Protect(0, 2 * G),
-        ),
-        spec(
-            "shared 2M 2G-span: munmap 2M @+512M",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G / 2, M2)],
-            Op::Unmap(G / 2, M2),
-        ),
-        spec(
-            "shared 2M 2G-span: uffd write-protect 2M @+512M",
-            SharedMemfd(Huge2M),
-            2 * G,
-            span,
-            &[(G / 2, M2)],
-            Op::WriteProtect(G / 2, M2),
-        ),
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M populated", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, 2 * M2)], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G + M2, M2)], Op::Remove(G + M2, M2)),
+        spec("shared 2M 2G-span: punch-hole file 1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Punch(G, M2)),
+        spec("shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)", SharedMemfd(Huge2M), 2 * G, span, &[(G, 2 * M2)], Op::Punch(G + K4, M2)),
+        spec("shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Protect(G, G)),
+        spec("shared 2M 2G-span: mprotect whole, unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::Protect(0, 2 * G)),
+        spec("shared 2M 2G-span: munmap 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Unmap(G / 2, M2)),
+        spec("shared 2M 2G-span: uffd write-protect 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::WriteProtect(G / 2, M2)),
         // shared 2M memfd, 32 MiB not spanning a PUD
-        spec(
-            "shared 2M 32M: DONTNEED 2M @+4M",
-            SharedMemfd(Huge2M),
-            32 * M,
-            small,
-            &[(0, 8 * M)],
-            Op::DontNeed(4 * M, M2),
-        ),
-        spec(
-            "shared 2M 32M: mprotect 4M @+8M (split, no unshare)",
-            SharedMemfd(Huge2M),
-            32 * M,
-            small,
-            &[(8 * M, 4 * M)],
-            Op::Protect(8 * M, 4 * M),
-        ),
-        spec(
-            "shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))",
-            SharedMemfd(Huge2M),
-            32 * M,
-            small,
-            &[(0, 8 * M)],
-            Op::Punch(M, 5 * M),
-        ),
-        spec(
-            "shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)",
-            SharedMemfd(Huge2M),
-            32 * M,
-            small,
-            &[(0, 8 * M)],
-            Op::Remove(2 * M, 3 * M),
-        ),
-        spec(
-            "shared 2M 32M: mremap whole to a reservation",
-            SharedMemfd(Huge2M),
-            32 * M,
-            small,
-            &[(0, 4 * M)],
-            Op::RemapWhole,
-        ),
+        spec("shared 2M 32M: DONTNEED 2M @+4M", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::DontNeed(4 * M, M2)),
+        spec("shared 2M 32M: mprotect 4M @+8M (split, no unshare)", SharedMemfd(Huge2M), 32 * M, small, &[(8 * M, 4 * M)], Op::Protect(8 * M, 4 * M)),
+        spec("shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Punch(M, 5 * M)),
+        spec("shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Remove(2 * M, 3 * M)),
+        spec("shared 2M 32M: mremap whole to a reservation", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::RemapWhole),
         // private hugetlb 2M
-        spec(
-            "private 2M 2G-span: DONTNEED 2M @+0 populated",
-            PrivateHugetlb(Huge2M),
-            2 * G,
-            span,
-            &[(0, M2)],
-            Op::DontNeed(0, M2),
-        ),
-        spec(
-            "private 2M: DONTNEED 2M+4K (length rounds down)",
-            PrivateHugetlb(Huge2M),
-            16 * M,
-            small,
-            &[(0, 4 * M)],
-            Op::DontNeed(0, M2 + K4),
-        ),
-        spec(
-            "private 2M: DONTNEED 4K (sub-page: no-op)",
-            PrivateHugetlb(Huge2M),
-            16 * M,
-            small,
-            &[(0, M2)],
-            Op::DontNeed(0, K4),
-        ),
-        spec(
-            "private 2M: mprotect 16M unpopulated",
-            PrivateHugetlb(Huge2M),
-            16 * M,
-            small,
-            &[],
-            Op::Protect(0, 16 * M),
-        ),
-        spec(
-            "private 2M 2G-span: mprotect 2M @+512M (no unshare)",
-            PrivateHugetlb(Huge2M),
-            2 * G,
-            span,
-            &[(G / 2, M2)],
-            Op::Protect(G / 2, M2),
-        ),
-        spec(
-            "private 2M: munmap 2M @+2M",
-            PrivateHugetlb(Huge2M),
-            16 * M,
-            small,
-            &[(0, 8 * M)],
-            Op::Unmap(M2, M2),
-        ),
-        spec(
-            "private 2M: mremap whole to a reservation",
-            PrivateHugetlb(Huge2M),
-            16 * M,
-            small,
-            &[(0, 4 * M)],
-            Op::RemapWhole,
-        ),
+        spec("private 2M 2G-span: DONTNEED 2M @+0 populated", PrivateHugetlb(Huge2M), 2 * G, span, &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("private 2M: DONTNEED 2M+4K (length rounds down)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::DontNeed(0, M2 + K4)),
+        spec("private 2M: DONTNEED 4K (sub-page: no-op)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, M2)], Op::DontNeed(0, K4)),
+        spec("private 2M: mprotect 16M unpopulated", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Protect(0, 16 * M)),
+        spec("private 2M 2G-span: mprotect 2M @+512M (no unshare)", PrivateHugetlb(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("private 2M: munmap 2M @+2M", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 8 * M)], Op::Unmap(M2, M2)),
+        spec("private 2M: mremap whole to a reservation", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::RemapWhole),
         // 1 GiB pages
-        spec(
-            "shared 1G x1: mprotect 1G",
-            SharedMemfd(Huge1G),
-            G,
-            span,
-            &[(0, G)],
-            Op::Protect(0, G),
-        ),
-        spec(
-            "shared 1G x1: DONTNEED 1G",
-            SharedMemfd(Huge1G),
-            G,
-            span,
-            &[(0, G)],
-            Op::DontNeed(0, G),
-        ),
-        spec(
-            "private 1G x1: DONTNEED 1G",
-            PrivateHugetlb(Huge1G),
-            G,
-            span,
-            &[(0, G)],
-            Op::DontNeed(0, G),
-        ),
-        spec(
-            "shared 1G x2: punch-hole second 1G",
-            SharedMemfd(Huge1G),
-            2 * G,
-            span,
-            &[(0, 2 * G)],
-            Op::Punch(G, G),
-        ),
-        spec(
-            "shared 1G x2: munmap second 1G",
-            SharedMemfd(Huge1G),
-            2 * G,
-            span,
-            &[(0, 2 * G)],
-            Op::Unmap(G, G),
-        ),
+        spec("shared 1G x1: mprotect 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::Protect(0, G)),
+        spec("shared 1G x1: DONTNEED 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("private 1G x1: DONTNEED 1G", PrivateHugetlb(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("shared 1G x2: punch-hole second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Punch(G, G)),
+        spec("shared 1G x2: munmap second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Unmap(G, G)),
         // plain anonymous memory: the PUD-level mprotect rule
-        spec(
-            "anon 4G: mprotect [+1G,+2G) nothing touched",
-            anon,
-            4 * G,
-            span,
-            &[],
-            Op::Protect(G, G),
-        ),
-        spec(
-            "anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)",
-            anon,
-            4 * G,
-            span,
-            &[(G + G / 2, K4)],
-            Op::Protect(G, G),
-        ),
-        spec(
-            "anon 4G: one 4K touched @+1.5G, mprotect 4K @+1.75G",
-            anon,
-            4 * G,
-            span,
-            &[(G + G / 2, K4)],
-            Op::Protect(G + 3 * G / 4, K4),
-        ),
-        spec(
-            "anon 4G: one 4K touched @+1.5G, mprotect whole",
-            anon,
-            4 * G,
-            span,
-            &[(G + G / 2, K4)],
-            Op::Protect(0, 4 * G),
-        ),
-        spec(
-            "anon 64M: DONTNEED 64K @+1M",
-            anon,
-            64 * M,
-            span,
-            &[(0, 4 * M)],
-            Op::DontNeed(M, 64 * 1024),
-        ),
-        spec(
-            "anon 64M: munmap 1M @+2M",
-            anon,
-            64 * M,
-            span,
-            &[(0, 4 * M)],
-            Op::Unmap(2 * M, M),
-        ),
+        spec("anon 4G: mprotect [+1G,+2G) nothing touched", anon, 4 * G, span, &[], Op::Protect(G, G)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(G, G)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect 4K @+1.75G", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(G + 3 * G / 4, K4)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect whole", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(0, 4 * G)),
+        spec("anon 64M: DONTNEED 64K @+1M", anon, 64 * M, span, &[(0, 4 * M)], Op::DontNeed(M, 64 * 1024)),
+        spec("anon 64M: munmap 1M @+2M", anon, 64 * M, span, &[(0, 4 * M)], Op::Unmap(2 * M, M)),
     ]
 }
 
@@ -603,22 +373,8 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
         16 * M,
         Placement::pud_aligned(),
     )?;
-    let ar = mm
-        .region(anon)
-        .map(|r| r.range())
-        .ok_or(Error::OutOfRegion {
-            op: "numa",
-            start: 0,
-            end: 0,
-        })?;
-    let hr = mm
-        .region(huge)
-        .map(|r| r.range())
-        .ok_or(Error::OutOfRegion {
-            op: "numa",
-            start: 0,
-            end: 0,
-        })?;
+    let ar = mm.region_range(anon, "numa")?;
+    let hr = mm.region_range(huge, "numa")?;
     mm.populate(ar)?;
     mm.populate(hr)?;
     let pa = mm.predict_numa_hint(anon)?;

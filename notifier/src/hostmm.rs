@@ -169,6 +169,17 @@ impl HostMm {
         self.regions.iter().find(|r| r.id == id)
     }
 
+    /// The original range of region `id` (an error naming `op` if unknown).
+    pub fn region_range(&self, id: RegionId, op: &'static str) -> Result<HvaRange> {
+        self.region(id)
+            .map(|r| r.range())
+            .ok_or(Error::OutOfRegion {
+                op,
+                start: 0,
+                end: 0,
+            })
+    }
+
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }

@@ -282,14 +282,7 @@ impl HostMm {
     /// window covering each VMA (its 256 MiB budget covers smaller VMAs):
     /// the PUD rule of change_protection; nothing for hugetlb.
     pub fn predict_numa_hint(&mut self, id: RegionId) -> Result<Vec<Notified>> {
-        let r = self
-            .region(id)
-            .map(|r| r.range())
-            .ok_or(Error::OutOfRegion {
-                op: "numa_hint",
-                start: 0,
-                end: 0,
-            })?;
+        let r = self.region_range(id, "numa_hint")?;
         self.refresh_puds(r)?;
         let mut out = Vec::new();
         for v in self.shapes(r) {
