@@ -43,6 +43,9 @@ pub struct CaseResult {
     pub name: String,
     pub predicted: Vec<RangeOut>,
     pub observed: Vec<RangeOut>,
+    /// The HostMm VMA model agreed with /proc/self/maps after the operation.
+    pub vmas_match: bool,
+    /// Ranges equal (as multisets) and the VMA model agreed.
     #[serde(rename = "match")]
     pub matched: bool,
 }
@@ -90,7 +93,11 @@ impl Report {
                 c.name,
                 p,
                 o,
-                if c.matched { "yes" } else { "**NO**" }
+                match (c.matched, c.vmas_match) {
+                    (true, _) => "yes",
+                    (false, true) => "**NO**",
+                    (false, false) => "**NO** (VMA model)",
+                }
             );
         }
         for k in &self.skipped {
@@ -165,6 +172,8 @@ struct Measured {
     base: u64,
     predicted: Vec<Notified>,
     observed: Vec<HvaRange>,
+    /// `HostMm`'s VMA model equals /proc/self/maps after the operation.
+    vmas_match: bool,
 }
 
 impl Ctx<'_> {
@@ -186,10 +195,12 @@ impl Ctx<'_> {
             .filter(|e| tids.contains(&e.tid) && span.iter().any(|s| s.overlaps(&e.range)))
             .map(|e| e.range)
             .collect();
+        let vmas_match = mm.model_matches_kernel()?;
         Ok(Measured {
             base,
             predicted,
             observed,
+            vmas_match,
         })
     }
 }
@@ -207,7 +218,8 @@ fn compare(name: &str, m: Measured) -> CaseResult {
             .map(|n| out(n.range, m.base, Some(n.event)))
             .collect(),
         observed: m.observed.iter().map(|r| out(*r, m.base, None)).collect(),
-        matched: p == o,
+        vmas_match: m.vmas_match,
+        matched: p == o && m.vmas_match,
     }
 }
 
@@ -441,15 +453,18 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
             .collect();
         s.into_iter().collect()
     };
+    let vmas_match = mm.model_matches_kernel()?;
     let a = Measured {
         base: ar.start,
         predicted: pa,
         observed: distinct(ar),
+        vmas_match,
     };
     let h = Measured {
         base: hr.start,
         predicted: ph,
         observed: distinct(hr),
+        vmas_match,
     };
     let mut ra = compare(
         "NUMA hint (numa_balancing=1): anon 32M, populated (distinct ranges)",

@@ -543,6 +543,87 @@ impl HostMm {
     }
 }
 
+/// One line of `/proc/self/maps`: range and `PROT_*` bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelVma {
+    pub range: HvaRange,
+    pub prot: i32,
+}
+
+/// The kernel's VMAs (`/proc/self/maps`) overlapping `r`.
+pub fn kernel_vmas(r: HvaRange) -> Result<Vec<KernelVma>> {
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|source| Error::Syscall {
+        op: "read /proc/self/maps",
+        source,
+    })?;
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(span), Some(perms)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some((a, b)) = span.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let range = HvaRange::new(start, end);
+        if !range.overlaps(&r) {
+            continue;
+        }
+        let p = perms.as_bytes();
+        let mut prot = 0;
+        for (i, bit) in [
+            (0, libc::PROT_READ),
+            (1, libc::PROT_WRITE),
+            (2, libc::PROT_EXEC),
+        ] {
+            if p.get(i).is_some_and(|c| *c != b'-') {
+                prot |= bit;
+            }
+        }
+        out.push(KernelVma { range, prot });
+    }
+    Ok(out)
+}
+
+impl HostMm {
+    /// Does the model agree with the kernel? Kernel VMAs are clipped to the
+    /// hull of the model's VMAs, and pieces outside every model VMA (other
+    /// mappings in holes) are ignored.
+    pub fn model_matches_kernel(&self) -> Result<bool> {
+        let (Some(first), Some(last)) = (self.vmas.first(), self.vmas.last()) else {
+            return Ok(true);
+        };
+        let hull = HvaRange::new(
+            first.shape.range.start,
+            self.vmas
+                .iter()
+                .map(|v| v.shape.range.end)
+                .max()
+                .unwrap_or(last.shape.range.end),
+        );
+        let kernel: Vec<KernelVma> = kernel_vmas(hull)?
+            .into_iter()
+            .map(|k| KernelVma {
+                range: HvaRange::new(k.range.start.max(hull.start), k.range.end.min(hull.end)),
+                prot: k.prot,
+            })
+            .filter(|k| self.vmas.iter().any(|v| v.shape.range.overlaps(&k.range)))
+            .collect();
+        let model: Vec<KernelVma> = self
+            .vmas
+            .iter()
+            .map(|v| KernelVma {
+                range: v.shape.range,
+                prot: v.shape.prot,
+            })
+            .collect();
+        Ok(kernel == model)
+    }
+}
+
 impl Drop for HostMm {
     fn drop(&mut self) {
         for v in &self.vmas {
@@ -556,5 +637,40 @@ impl Drop for HostMm {
             };
         }
         // memfds close with their OwnedFd.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model follows the kernel through a partial mprotect (split into
+    /// three VMAs), the mprotect back (merge) and a munmap in the middle.
+    #[test]
+    fn vma_model_follows_splits_merges_and_holes() {
+        let mut mm = HostMm::new(Subscribers::new()).unwrap();
+        let id = mm
+            .map(
+                Backing::Anon { thp: false },
+                64 << 20,
+                Placement {
+                    align: 2 << 20,
+                    offset: 0,
+                },
+            )
+            .unwrap();
+        let b = mm.region_range(id, "test").unwrap().start;
+        assert!(mm.model_matches_kernel().unwrap());
+        let mid = HvaRange::new(b + (8 << 20), b + (12 << 20));
+        mm.protect(mid, libc::PROT_READ).unwrap();
+        assert_eq!(mm.vmas().len(), 3);
+        assert!(mm.model_matches_kernel().unwrap());
+        mm.protect(mid, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        assert!(mm.model_matches_kernel().unwrap());
+        mm.unmap(HvaRange::new(b + (16 << 20), b + (18 << 20)))
+            .unwrap();
+        assert_eq!(mm.vmas().len(), 2);
+        assert!(mm.model_matches_kernel().unwrap());
     }
 }
