@@ -255,7 +255,7 @@ impl Drop for Pin {
 }
 
 #[test]
-fn uffd_remove_starts_before_the_zap_and_unmap_is_after_the_fact() {
+fn uffd_remove_before_the_zap_unmap_remap_fork_after_the_fact() {
     if !require("root (SCHED_FIFO, hugepages)", notifier::error::is_root()) {
         return;
     }
@@ -310,6 +310,43 @@ fn uffd_remove_starts_before_the_zap_and_unmap_is_after_the_fact() {
         Some(false),
         "UNMAP arrives after the pages are gone"
     );
+
+    // mremap: REMAP (and UNMAP of the old range) after the fact.
+    let old = HvaRange::new(b + 7 * M2, b + 8 * M2);
+    let dst = mm
+        .reserve(
+            M2,
+            Placement {
+                align: M2,
+                offset: 0,
+            },
+        )
+        .unwrap();
+    rec.set_probe(old);
+    mm.remap(old, dst.start).unwrap();
+    let log = rec.wait_end(MmuNotifyEvent::Unmap, Duration::from_secs(2));
+    let (s, _) = pair(&log, old);
+    assert_eq!(s.inv.delivery, Delivery::AfterTheFact);
+    assert_eq!(s.inv.range, old);
+
+    // fork: the parent's private mappings were write-protected for COW.
+    // SAFETY: the child only calls _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: leaving the child at once, without running destructors.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: waiting for the child just created.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let log = rec.wait_end(MmuNotifyEvent::ProtectionPage, Duration::from_secs(2));
+    let fork_inv = log
+        .iter()
+        .find(|r| r.inv.event == MmuNotifyEvent::ProtectionPage)
+        .expect("FORK delivered as PROTECTION_PAGE");
+    assert_eq!(fork_inv.inv.delivery, Delivery::AfterTheFact);
+    assert_eq!(fork_inv.inv.range, HvaRange::new(b, b + (16 << 20)));
 }
 
 #[test]
@@ -343,4 +380,47 @@ fn tracepoint_events_are_after_the_fact() {
     assert_eq!(s.inv.delivery, Delivery::AfterTheFact);
     assert_eq!(s.inv.event, MmuNotifyEvent::Unknown);
     assert_eq!(e.inv, s.inv);
+}
+
+/// Measurement, not a pass/fail rule: how often a REMOVE `start` beats the
+/// zap, with an ordinary handler thread and with a SCHED_FIFO handler on the
+/// CPU the caller is pinned to.
+/// `cargo test --release -p integration-tests --test notifier_order -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_remove_race() {
+    if !require("root (hugepages)", notifier::error::is_root()) {
+        return;
+    }
+    let Some(_hp) = hugepages(8) else { return };
+    for realtime in [false, true] {
+        let (rec, subs) = recording();
+        let _pin = realtime.then(|| Pin::to(0));
+        let opts = UffdOptions {
+            realtime_cpu: realtime.then_some(0),
+        };
+        let src = UffdSource::start(subs, opts).unwrap();
+        let (mut mm, b) = quiet_private_region(2 * M2, 2 * M2);
+        src.register(mm.shapes(HvaRange::new(b, b + 1))[0]).unwrap();
+        let probe = HvaRange::new(b, b + 4096);
+        rec.set_probe(probe);
+        let rounds = 200;
+        let mut before = 0;
+        for _ in 0..rounds {
+            mm.populate(HvaRange::new(b, b + M2)).unwrap();
+            mm.discard(HvaRange::new(b, b + M2), Discard::DontNeed)
+                .unwrap();
+            let log = rec.wait_end(MmuNotifyEvent::Clear, Duration::from_secs(2));
+            let (s, _) = pair(&log, probe);
+            if s.probe_present == Some(true) {
+                before += 1;
+            }
+        }
+        let mode = if realtime {
+            "SCHED_FIFO handler, caller pinned to its CPU"
+        } else {
+            "ordinary handler thread"
+        };
+        println!("REMOVE start saw the page still present in {before}/{rounds} rounds ({mode})");
+    }
 }
