@@ -370,6 +370,23 @@ impl Default for CheckOptions {
     }
 }
 
+/// The NUMA cases' busy threads: stopped and joined on drop, which happens
+/// before the `HostMm` whose memory they touch (declared earlier) is dropped,
+/// on every path including unwinding.
+struct Workers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
 /// NUMA hinting: a 2-thread busy task with `kernel.numa_balancing=1`; the
 /// scanner (`task_numa_work`) protects the anonymous region and skips the
 /// hugetlb one. Returns two case results.
@@ -394,7 +411,11 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
     c.trace.collect()?;
     let guard = SysctlGuard::set("kernel.numa_balancing", "1")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
+    let mut workers = Workers {
+        stop: stop.clone(),
+        handles: Vec::new(),
+    };
+    let mut spawn_err = None;
     for (i, r) in [ar, ar].into_iter().enumerate() {
         let st = stop.clone();
         let t = std::thread::Builder::new()
@@ -404,7 +425,8 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
                     let mut a = r.start;
                     while a < r.end {
                         // SAFETY: `r` is a writable anonymous region owned by
-                        // `mm`, which outlives these threads (joined below).
+                        // `mm`, which outlives these threads: `Workers` joins
+                        // them on drop, before `mm` is dropped.
                         unsafe {
                             std::ptr::write_volatile(
                                 a as *mut u8,
@@ -418,13 +440,21 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
             .map_err(|source| Error::Syscall {
                 op: "spawn numa worker",
                 source,
-            })?;
-        workers.push(t);
+            });
+        match t {
+            Ok(t) => workers.handles.push(t),
+            Err(e) => {
+                spawn_err = Some(e);
+                break;
+            }
+        }
     }
     let t0 = Instant::now();
     let mut events = Vec::new();
-    let mut result = Ok(());
-    while t0.elapsed() < timeout {
+    // A failed spawn still stops and joins the workers already running
+    // before `mm` (their memory) is dropped.
+    let mut result = spawn_err.map_or(Ok(()), Err);
+    while result.is_ok() && t0.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(500));
         match c.trace.collect() {
             Ok(ev) => events.extend(ev),
@@ -439,10 +469,7 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.join();
-    }
+    drop(workers);
     drop(guard);
     result?;
     let distinct = |r: HvaRange| -> Vec<HvaRange> {
