@@ -240,6 +240,10 @@ enum Op {
     RemapWhole,
     /// UFFDIO_WRITEPROTECT after registering the whole region in WP mode.
     WriteProtect(u64, u64),
+    /// fork() a child that exits at once.
+    Fork,
+    /// MADV_DONTFORK on the region, then fork().
+    ForkDontFork,
 }
 
 /// One case of the battery.
@@ -285,6 +289,11 @@ impl Spec {
                     },
                 )?;
                 c.measure(&mut mm, |mm| mm.remap(rr(b, 0, self.len), dst.start))
+            }
+            Op::Fork => c.measure(&mut mm, |mm| mm.fork_exit()),
+            Op::ForkDontFork => {
+                mm.set_dontfork(id)?;
+                c.measure(&mut mm, |mm| mm.fork_exit())
             }
             Op::WriteProtect(o, l) => {
                 let uffd = Uffd::open(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)?;
@@ -349,6 +358,12 @@ fn cases() -> Vec<Spec> {
         spec("anon 4G: one 4K touched @+1.5G, mprotect whole", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(0, 4 * G)),
         spec("anon 64M: DONTNEED 64K @+1M", anon, 64 * M, span, &[(0, 4 * M)], Op::DontNeed(M, 64 * 1024)),
         spec("anon 64M: munmap 1M @+2M", anon, 64 * M, span, &[(0, 4 * M)], Op::Unmap(2 * M, M)),
+        // fork of the VMM (COW write-protection of private memory)
+        spec("fork: private 2M 16M populated", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: private 2M 16M unpopulated (no anon_vma)", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Fork),
+        spec("fork: private 2M 16M populated, MADV_DONTFORK", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::ForkDontFork),
+        spec("fork: shared 2M 32M populated (not COW)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: anon 64M one 4K touched", anon, 64 * M, span, &[(M, K4)], Op::Fork),
     ]
 }
 

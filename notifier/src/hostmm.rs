@@ -132,6 +132,10 @@ pub struct Vma {
     pub region: Option<RegionId>,
     /// File offset mapped at `shape.range.start` (shared memfd regions).
     pub file_offset: Option<u64>,
+    /// A private VMA that has faulted has an `anon_vma` (fork must copy it).
+    pub anon_vma: bool,
+    /// `MADV_DONTFORK` (`VM_DONTCOPY`): fork skips it.
+    pub dontfork: bool,
 }
 
 /// The guest RAM of this process and its notifier subscribers (the kernel's
@@ -350,6 +354,8 @@ impl HostMm {
             shape,
             region: Some(id),
             file_offset,
+            anon_vma: false,
+            dontfork: false,
         });
         Ok(id)
     }
@@ -369,6 +375,8 @@ impl HostMm {
             shape,
             region: None,
             file_offset: None,
+            anon_vma: false,
+            dontfork: false,
         });
         Ok(shape.range)
     }
@@ -398,6 +406,13 @@ impl HostMm {
                 unsafe { std::ptr::write_volatile(a as *mut u8, 1) };
                 a += step;
             }
+        }
+        for v in self
+            .vmas
+            .iter_mut()
+            .filter(|v| v.shape.range.overlaps(&r) && !v.shape.may_share)
+        {
+            v.anon_vma = true;
         }
         self.refresh_puds(r)
     }
@@ -461,13 +476,21 @@ impl HostMm {
                 && b.file_offset.is_none()
                 && a.region == b.region
                 && a.shape.prot == b.shape.prot
+                && a.dontfork == b.dontfork
                 && a.shape.range.end == b.shape.range.start
             {
                 self.vmas[i].shape.range.end = b.shape.range.end;
+                self.vmas[i].anon_vma |= b.anon_vma;
                 self.vmas.remove(i + 1);
             } else {
                 i += 1;
             }
+        }
+    }
+
+    pub(crate) fn apply_dontfork(&mut self, id: RegionId) {
+        for v in self.vmas.iter_mut().filter(|v| v.region == Some(id)) {
+            v.dontfork = true;
         }
     }
 

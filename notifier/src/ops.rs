@@ -278,6 +278,61 @@ impl HostMm {
         Ok(notes)
     }
 
+    /// `madvise(MADV_DONTFORK)` over a whole region (no VMA split, so no
+    /// notifier): fork will skip it.
+    pub fn set_dontfork(&mut self, id: RegionId) -> Result<()> {
+        for v in self.vmas().iter().filter(|v| v.region == Some(id)) {
+            let r = v.shape.range;
+            // SAFETY: advisory flag change on a VMA owned by this HostMm.
+            if unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    r.len() as usize,
+                    libc::MADV_DONTFORK,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("madvise(MADV_DONTFORK)"));
+            }
+        }
+        self.apply_dontfork(id);
+        Ok(())
+    }
+
+    /// `fork()` a child that exits at once: what a VMM spawning a helper
+    /// does to its guest RAM (COW write-protection of private memory). The
+    /// child only calls `_exit`.
+    pub fn fork_exit(&mut self) -> Result<Vec<Notified>> {
+        let vmas = self.vmas().to_vec();
+        let mut fv = Vec::new();
+        for v in vmas {
+            let present = !v.shape.may_share && self.pagemap.any_present(v.shape.range)?;
+            fv.push(predict::ForkVma {
+                shape: v.shape,
+                anon_vma: v.anon_vma || present,
+                dontfork: v.dontfork,
+            });
+        }
+        let notes = predict::fork(&fv);
+        self.announce(&notes, || {
+            // SAFETY: the child runs only `_exit` (async-signal-safe), so
+            // forking a multi-threaded process is sound here.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: leave the child at once without running any Rust code.
+                unsafe { libc::_exit(0) };
+            }
+            if pid < 0 {
+                return Err(Error::last_os("fork"));
+            }
+            let mut status = 0;
+            // SAFETY: reaping the child just created.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
     /// What `task_numa_work()` notifies when it scans region `id` in one
     /// window covering each VMA (its 256 MiB budget covers smaller VMAs):
     /// the PUD rule of change_protection; nothing for hugetlb.

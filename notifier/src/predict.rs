@@ -357,6 +357,38 @@ pub fn uffd_writeprotect(
     Ok(out)
 }
 
+/// A VMA as `fork()` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkVma {
+    pub shape: VmaShape,
+    /// Private VMA that has faulted (`vma->anon_vma`).
+    pub anon_vma: bool,
+    /// `VM_DONTCOPY` (`MADV_DONTFORK`).
+    pub dontfork: bool,
+}
+
+/// `fork()`: `dup_mmap()` skips `VM_DONTCOPY` VMAs; `copy_page_range()`
+/// skips VMAs `vma_needs_copy()` rejects (no `anon_vma`, not PFNMAP, not
+/// uffd-wp); a private hugetlb VMA gets `CLEAR` over the whole VMA
+/// (`copy_hugetlb_page_range()`), another COW VMA `PROTECTION_PAGE` over the
+/// whole VMA; shared VMAs are not COW: nothing.
+pub fn fork(vmas: &[ForkVma]) -> Vec<Notified> {
+    vmas.iter()
+        .filter(|v| !v.dontfork && v.anon_vma && !v.shape.may_share)
+        .map(|v| {
+            let ev = if v.shape.hugetlb.is_some() {
+                MmuNotifyEvent::Clear
+            } else {
+                MmuNotifyEvent::ProtectionPage
+            };
+            Notified {
+                range: v.shape.range,
+                event: ev,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +585,26 @@ mod tests {
             vec![n(BASE, BASE + G, ProtectionVma)]
         );
         assert!(uffd_writeprotect(&[v], HvaRange::new(BASE, BASE + 4096), &none).is_err());
+    }
+
+    #[test]
+    fn fork_copies_only_private_faulted_copyable_vmas() {
+        let f = |shape, anon_vma, dontfork| ForkVma {
+            shape,
+            anon_vma,
+            dontfork,
+        };
+        let p = private2m(BASE, 8 * M2);
+        let a = anon(BASE + G, 64 << 20);
+        let sh = shared2m(BASE + 2 * G, 8 * M2);
+        assert_eq!(
+            fork(&[f(p, true, false), f(a, true, false), f(sh, false, false)]),
+            vec![
+                n(p.range.start, p.range.end, Clear),
+                n(a.range.start, a.range.end, ProtectionPage)
+            ]
+        );
+        assert!(fork(&[f(p, false, false), f(a, true, true)]).is_empty());
     }
 
     #[test]
