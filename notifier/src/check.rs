@@ -45,6 +45,9 @@ pub struct CaseResult {
     pub observed: Vec<RangeOut>,
     /// The HostMm VMA model agreed with /proc/self/maps after the operation.
     pub vmas_match: bool,
+    /// The observed ranges came in the predicted order (informational: the
+    /// per-CPU ring buffer orders by timestamp only).
+    pub in_order: bool,
     /// Ranges equal (as multisets) and the VMA model agreed.
     #[serde(rename = "match")]
     pub matched: bool,
@@ -208,6 +211,7 @@ impl Ctx<'_> {
 fn compare(name: &str, m: Measured) -> CaseResult {
     let mut p: Vec<HvaRange> = m.predicted.iter().map(|n| n.range).collect();
     let mut o = m.observed.clone();
+    let in_order = p == o;
     p.sort();
     o.sort();
     CaseResult {
@@ -219,6 +223,7 @@ fn compare(name: &str, m: Measured) -> CaseResult {
             .collect(),
         observed: m.observed.iter().map(|r| out(*r, m.base, None)).collect(),
         vmas_match: m.vmas_match,
+        in_order,
         matched: p == o && m.vmas_match,
     }
 }
