@@ -380,6 +380,12 @@ fn tracepoint_events_are_after_the_fact() {
     assert_eq!(s.inv.delivery, Delivery::AfterTheFact);
     assert_eq!(s.inv.event, MmuNotifyEvent::Unknown);
     assert_eq!(e.inv, s.inv);
+
+    // Dropping the source removes its tracefs instance.
+    let instance = trace.instance().to_path_buf();
+    assert!(instance.is_dir());
+    drop(trace);
+    assert!(!instance.exists(), "{} left behind", instance.display());
 }
 
 /// Measurement, not a pass/fail rule: how often a REMOVE `start` beats the

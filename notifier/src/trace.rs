@@ -129,15 +129,77 @@ static INSTANCE_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The tracepoint source. See the module docs.
 pub struct TraceSource {
-    root: PathBuf,
     instance: PathBuf,
-    mounted_by_us: bool,
     pipe: Option<File>,
     marker: Option<File>,
     next_sentinel: u64,
     pending: String,
     _vm: kvm_ioctls::VmFd,
     _kvm: kvm_ioctls::Kvm,
+    /// Dropped after the instance is removed (field order).
+    _mount: MountRef,
+}
+
+/// Process-wide tracefs use: (sources alive, mounted by this process).
+static MOUNT: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
+
+/// A use of tracefs; the last one unmounts it if this process mounted it.
+struct MountRef {
+    target: std::ffi::CString,
+}
+
+impl MountRef {
+    fn acquire(root: &Path) -> Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let unavailable = |reason: &str| Error::TracefsUnavailable {
+            path: root.display().to_string(),
+            reason: reason.into(),
+        };
+        let target = std::ffi::CString::new(root.as_os_str().as_bytes())
+            .map_err(|_| unavailable("path contains a NUL byte"))?;
+        let mut g = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
+        if !root.join("instances").is_dir() {
+            if !root.is_dir() {
+                return Err(unavailable(
+                    "directory missing (kernel without CONFIG_TRACING?)",
+                ));
+            }
+            // SAFETY: NUL-terminated strings valid for the call; no data argument.
+            let rc = unsafe {
+                libc::mount(
+                    c"nodev".as_ptr(),
+                    target.as_ptr(),
+                    c"tracefs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(Error::TracefsMount {
+                    path: root.display().to_string(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            g.1 = true;
+        }
+        g.0 += 1;
+        Ok(Self { target })
+    }
+}
+
+impl Drop for MountRef {
+    fn drop(&mut self) {
+        let mut g = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        if g.0 == 0 && g.1 {
+            // SAFETY: unmounting the tracefs this process mounted, now that
+            // no source of ours uses it. EBUSY (another process has files
+            // open) leaves it mounted, which is harmless.
+            if unsafe { libc::umount(self.target.as_ptr()) } == 0 {
+                g.1 = false;
+            }
+        }
+    }
 }
 
 fn tracefs_err(path: &Path, source: std::io::Error) -> Error {
@@ -155,49 +217,19 @@ impl TraceSource {
     /// Mount tracefs if needed, create a private instance with only
     /// `kvm:kvm_unmap_hva_range` enabled, and attach a KVM VM to this mm.
     pub fn open() -> Result<Self> {
+        Self::open_at(Path::new(TRACEFS))
+    }
+
+    /// [`Self::open`] with tracefs at `root` (mounted there if needed).
+    pub fn open_at(root: &Path) -> Result<Self> {
         if !is_root() {
             return Err(Error::NotRoot {
                 what: "the kvm tracepoint source (tracefs)",
             });
         }
-        let root = PathBuf::from(TRACEFS);
-        let mut mounted_by_us = false;
-        if !root.join("instances").is_dir() {
-            if !root.is_dir() {
-                return Err(Error::TracefsUnavailable {
-                    path: TRACEFS.into(),
-                    reason: "directory missing (kernel without CONFIG_TRACING?)".into(),
-                });
-            }
-            let src = c"nodev";
-            let fstype = c"tracefs";
-            let target = c"/sys/kernel/tracing";
-            // SAFETY: NUL-terminated strings valid for the call; no data argument.
-            if unsafe {
-                libc::mount(
-                    src.as_ptr(),
-                    target.as_ptr(),
-                    fstype.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            } != 0
-            {
-                return Err(Error::TracefsMount {
-                    path: TRACEFS.into(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            mounted_by_us = true;
-        }
-        let cleanup_mount = |mounted: bool| {
-            if mounted {
-                // SAFETY: unmounting the tracefs this function mounted.
-                unsafe { libc::umount(c"/sys/kernel/tracing".as_ptr()) };
-            }
-        };
+        let mount = MountRef::acquire(root)?;
+        let root = root.to_path_buf();
         if !root.join(EVENT).is_dir() {
-            cleanup_mount(mounted_by_us);
             return Err(Error::TracepointMissing {
                 path: root.join(EVENT).display().to_string(),
             });
@@ -206,7 +238,6 @@ impl TraceSource {
         let kvm = match kvm_ioctls::Kvm::new() {
             Ok(k) => k,
             Err(e) => {
-                cleanup_mount(mounted_by_us);
                 return Err(Error::Kvm {
                     reason: format!("open /dev/kvm: {e}"),
                 });
@@ -215,7 +246,6 @@ impl TraceSource {
         let vm = match kvm.create_vm() {
             Ok(v) => v,
             Err(e) => {
-                cleanup_mount(mounted_by_us);
                 return Err(Error::Kvm {
                     reason: format!("KVM_CREATE_VM: {e}"),
                 });
@@ -228,13 +258,11 @@ impl TraceSource {
         );
         let instance = root.join("instances").join(name);
         if let Err(e) = std::fs::create_dir(&instance) {
-            cleanup_mount(mounted_by_us);
             return Err(tracefs_err(&instance, e));
         }
         let mut me = Self {
-            root,
             instance: instance.clone(),
-            mounted_by_us,
+            _mount: mount,
             pipe: None,
             marker: None,
             next_sentinel: 1,
@@ -357,18 +385,23 @@ impl Drop for TraceSource {
         self.marker = None;
         let _ = std::fs::write(self.instance.join(EVENT).join("enable"), "0");
         let _ = std::fs::remove_dir(&self.instance);
-        if self.mounted_by_us {
-            let _ = &self.root;
-            // SAFETY: unmounting the tracefs this source mounted; EBUSY (someone
-            // else uses it now) leaves it mounted, which is harmless.
-            unsafe { libc::umount(c"/sys/kernel/tracing".as_ptr()) };
-        }
+        // `_mount` unmounts after this, if it is the last user.
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_tracefs_is_a_typed_error() {
+        match TraceSource::open_at(Path::new("/nonexistent/tracing")) {
+            Err(Error::TracefsUnavailable { reason, .. }) => assert!(reason.contains("missing")),
+            Err(Error::NotRoot { .. }) => {} // not root: refused before looking
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a tracefs that does not exist"),
+        }
+    }
 
     #[test]
     fn parses_event_and_sentinel_lines() {
