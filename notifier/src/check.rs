@@ -336,6 +336,10 @@ fn cases() -> Vec<Spec> {
         spec("shared 2M 2G-span: mprotect whole, unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::Protect(0, 2 * G)),
         spec("shared 2M 2G-span: munmap 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Unmap(G / 2, M2)),
         spec("shared 2M 2G-span: uffd write-protect 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::WriteProtect(G / 2, M2)),
+        // shared 2M memfd, 2 GiB starting 512 MiB past a 1 GiB boundary: only [+512M,+1.5G) is an aligned 1 GiB block
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+0 (outside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+1G (inside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::DontNeed(G, M2)),
+        spec("shared 2M 2G @1G+512M: mprotect 2M @+1G (split inside the block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::Protect(G, M2)),
         // shared 2M memfd, 32 MiB not spanning a PUD
         spec("shared 2M 32M: DONTNEED 2M @+4M", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::DontNeed(4 * M, M2)),
         spec("shared 2M 32M: mprotect 4M @+8M (split, no unshare)", SharedMemfd(Huge2M), 32 * M, small, &[(8 * M, 4 * M)], Op::Protect(8 * M, 4 * M)),
