@@ -311,6 +311,32 @@ fn uffd_remove_before_the_zap_unmap_remap_fork_after_the_fact() {
         "UNMAP arrives after the pages are gone"
     );
 
+    // REMOVE on a shared VMA spanning an aligned 1 GiB block is widened to
+    // that block, like the kernel's own notifier.
+    let sid = mm
+        .map(
+            Backing::SharedMemfd(PageSize::Huge2M),
+            2 << 30,
+            Placement::pud_aligned(),
+        )
+        .unwrap();
+    let sb = mm.region(sid).unwrap().base;
+    let at = sb + (512 << 20);
+    mm.populate(HvaRange::new(at, at + M2)).unwrap();
+    src.register(mm.shapes(HvaRange::new(sb, sb + 1))[0])
+        .unwrap();
+    let probe = HvaRange::new(at, at + 4096);
+    rec.set_probe(probe);
+    mm.discard(HvaRange::new(at, at + M2), Discard::DontNeed)
+        .unwrap();
+    let log = rec.wait_end(MmuNotifyEvent::Clear, Duration::from_secs(2));
+    let (s, e) = pair(&log, probe);
+    assert_eq!(s.inv.range, HvaRange::new(sb, sb + (1 << 30)));
+    assert_eq!(
+        (s.probe_present, e.probe_present),
+        (Some(true), Some(false))
+    );
+
     // mremap: REMAP (and UNMAP of the old range) after the fact.
     let old = HvaRange::new(b + 7 * M2, b + 8 * M2);
     let dst = mm
