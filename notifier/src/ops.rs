@@ -1,9 +1,9 @@
 //! Operations on guest RAM that announce their invalidations the way a kernel
 //! mmu_notifier subscriber would see them: for each operation, the notifier
 //! ranges and `MMU_NOTIFY_*` events Linux will use are predicted
-//! ([`crate::predict`]) and delivered through [`Subscribers::start`]
+//! ([`crate::predict`]) and delivered through [`Subscribers::start`](crate::Subscribers::start)
 //! (`Delivery::Before`, blockable) *before* the syscall; the syscall runs;
-//! then [`Subscribers::end`] for each, in reverse order. The kernel issues its
+//! then [`Subscribers::end`](crate::Subscribers::end) for each, in reverse order. The kernel issues its
 //! notifiers one after the other inside the syscall; from user space they are
 //! all open across it, which is a superset of the kernel's windows.
 //!
