@@ -5,10 +5,29 @@
 //! Data flows one way: host event -> a source in this crate -> a
 //! [`subscriber::InvalidationSubscriber`] (implemented by `mmu`). Nothing in
 //! this crate knows about SPTEs.
+//!
+//! * [`hostmm`]: guest RAM regions and their VMAs as the kernel sees them.
+//! * [`predict`]: the kernel's notifier ranges, as pure functions.
+//! * [`ops`]: operations on guest RAM that announce (start) before the
+//!   syscall and end after it.
+//! * [`pagemap`]: populated ranges (PAGEMAP_SCAN, /proc/self/pagemap).
+//! * [`trace`]: the `kvm:kvm_unmap_hva_range` tracepoint source.
+//! * [`uffd`]: the userfaultfd source (REMOVE/UNMAP/REMAP/FORK).
+//! * [`check`]: the differential check (predicted vs tracepoint).
 
+pub mod check;
+pub mod error;
+pub mod hostconf;
+pub mod hostmm;
+pub mod ops;
+pub mod pagemap;
+pub mod predict;
 pub mod seq;
 pub mod subscriber;
+pub mod trace;
+pub mod uffd;
 
+pub use error::{Error, Result};
 pub use seq::InvalidationSeq;
 pub use subscriber::{
     Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent, Subscribers,

@@ -1,2 +1,3 @@
 //! The VMM: KVM VM and vCPUs, hugetlb guest RAM, Linux boot, devices, the
 //! event loop and the `vmm` subcommands.
+pub mod notifier_check;

@@ -17,9 +17,13 @@ enum Cmd {
     // One variant per subcommand, e.g.
     // /// Boot a Linux guest.
     // Boot(vmm::boot::BootArgs),
+    /// Compare predicted host notifier ranges with the kernel's tracepoint.
+    NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
+    }
 }

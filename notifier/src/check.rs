@@ -1,0 +1,607 @@
+//! The differential check: run a battery of real operations on guest-RAM-like
+//! mappings, each announced with the ranges `predict` expects, and compare
+//! with what the kernel really notified (`kvm:kvm_unmap_hva_range`).
+//!
+//! Per case: fresh mappings, setup (populate, register), a sentinel to flush
+//! the ring buffer, the operation, a second sentinel; the events between the
+//! two that fall on the case's VMAs and come from this process's tasks are
+//! the observed ranges. A case matches when the predicted and observed ranges
+//! are the same multiset (the tracepoint has no event type, so only ranges
+//! are compared).
+
+use crate::error::{is_root, Error, Result};
+use crate::hostconf::{HugepageReservation, SysctlGuard};
+use crate::hostmm::{Backing, HostMm, PageSize, Placement};
+use crate::ops::Discard;
+use crate::predict::{Notified, PMD_SIZE as M2, PUD_SIZE as G};
+use crate::subscriber::{HvaRange, MmuNotifyEvent, Subscribers};
+use crate::trace::TraceSource;
+use crate::uffd::{Uffd, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const K4: u64 = 4096;
+const M: u64 = 1 << 20;
+const RO: i32 = libc::PROT_READ;
+
+/// One range in the report, absolute and relative to the case's first region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RangeOut {
+    pub start: String,
+    pub end: String,
+    /// `[+off,+off)` relative to the case's first region.
+    pub rel: String,
+    /// Predicted event (`None` for observed: the tracepoint has none).
+    pub event: Option<MmuNotifyEvent>,
+}
+
+/// One compared case.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaseResult {
+    pub name: String,
+    pub predicted: Vec<RangeOut>,
+    pub observed: Vec<RangeOut>,
+    /// The HostMm VMA model agreed with /proc/self/maps after the operation.
+    pub vmas_match: bool,
+    /// The observed ranges came in the predicted order (informational: the
+    /// per-CPU ring buffer orders by timestamp only).
+    pub in_order: bool,
+    /// Ranges equal (as multisets) and the VMA model agreed.
+    #[serde(rename = "match")]
+    pub matched: bool,
+}
+
+/// A case that could not run here, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The whole check.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub cases: Vec<CaseResult>,
+    pub skipped: Vec<Skipped>,
+    pub elapsed_ms: u64,
+}
+
+impl Report {
+    pub fn all_match(&self) -> bool {
+        self.cases.iter().all(|c| c.matched)
+    }
+
+    pub fn mismatches(&self) -> Vec<&CaseResult> {
+        self.cases.iter().filter(|c| !c.matched).collect()
+    }
+
+    /// Markdown table.
+    pub fn table(&self) -> String {
+        let mut s = String::from("| # | case | predicted (range, event) | observed (tracepoint) | match |\n|---|---|---|---|---|\n");
+        for (i, c) in self.cases.iter().enumerate() {
+            let p: Vec<String> = c
+                .predicted
+                .iter()
+                .map(|r| format!("{} {}", r.rel, r.event.map(event_name).unwrap_or("")))
+                .collect();
+            let o: Vec<String> = c.observed.iter().map(|r| r.rel.clone()).collect();
+            let none = || "none".to_string();
+            let p = if p.is_empty() { none() } else { p.join(" ") };
+            let o = if o.is_empty() { none() } else { o.join(" ") };
+            s += &format!(
+                "| {} | {} | {} | {} | {} |\n",
+                i + 1,
+                c.name,
+                p,
+                o,
+                match (c.matched, c.vmas_match) {
+                    (true, _) => "yes",
+                    (false, true) => "**NO**",
+                    (false, false) => "**NO** (VMA model)",
+                }
+            );
+        }
+        for k in &self.skipped {
+            s += &format!("| - | {} | skipped: {} | | |\n", k.name, k.reason);
+        }
+        s
+    }
+}
+
+fn event_name(e: MmuNotifyEvent) -> &'static str {
+    match e {
+        MmuNotifyEvent::Unmap => "UNMAP",
+        MmuNotifyEvent::Clear => "CLEAR",
+        MmuNotifyEvent::ProtectionVma => "PROTECTION_VMA",
+        MmuNotifyEvent::ProtectionPage => "PROTECTION_PAGE",
+        MmuNotifyEvent::SoftDirty => "SOFT_DIRTY",
+        MmuNotifyEvent::Release => "RELEASE",
+        MmuNotifyEvent::Migrate => "MIGRATE",
+        MmuNotifyEvent::Exclusive => "EXCLUSIVE",
+        MmuNotifyEvent::Unknown => "?",
+    }
+}
+
+/// `+1G+2M`-style offset.
+pub fn fmt_off(off: i128) -> String {
+    let (sign, mut x) = if off < 0 {
+        ("-", (-off) as u64)
+    } else {
+        ("+", off as u64)
+    };
+    if x == 0 {
+        return format!("{sign}0");
+    }
+    let mut parts = Vec::new();
+    for (unit, name) in [(G, "G"), (M, "M"), (K4 / 4, "K")] {
+        if x >= unit {
+            parts.push(format!("{}{}", x / unit, name));
+            x %= unit;
+        }
+    }
+    if x > 0 {
+        parts.push(format!("{x}"));
+    }
+    format!("{sign}{}", parts.join("+"))
+}
+
+fn out(r: HvaRange, base: u64, event: Option<MmuNotifyEvent>) -> RangeOut {
+    let rel = |a: u64| fmt_off(a as i128 - base as i128);
+    RangeOut {
+        start: format!("{:#x}", r.start),
+        end: format!("{:#x}", r.end),
+        rel: format!("[{},{})", rel(r.start), rel(r.end)),
+        event,
+    }
+}
+
+fn our_tids() -> BTreeSet<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct Ctx<'a> {
+    trace: &'a mut TraceSource,
+}
+
+/// What a case run produced.
+struct Measured {
+    base: u64,
+    predicted: Vec<Notified>,
+    observed: Vec<HvaRange>,
+    /// `HostMm`'s VMA model equals /proc/self/maps after the operation.
+    vmas_match: bool,
+}
+
+impl Ctx<'_> {
+    /// Flush, run `op`, collect the tracepoint events on `mm`'s VMAs.
+    fn measure(
+        &mut self,
+        mm: &mut HostMm,
+        op: impl FnOnce(&mut HostMm) -> Result<Vec<Notified>>,
+    ) -> Result<Measured> {
+        let mut span: Vec<HvaRange> = mm.vmas().iter().map(|v| v.shape.range).collect();
+        let base = mm.regions().first().map(|r| r.base).unwrap_or(0);
+        self.trace.collect()?;
+        let predicted = op(mm)?;
+        let events = self.trace.collect()?;
+        span.extend(mm.vmas().iter().map(|v| v.shape.range));
+        let tids = our_tids();
+        let observed = events
+            .iter()
+            .filter(|e| tids.contains(&e.tid) && span.iter().any(|s| s.overlaps(&e.range)))
+            .map(|e| e.range)
+            .collect();
+        let vmas_match = mm.model_matches_kernel()?;
+        Ok(Measured {
+            base,
+            predicted,
+            observed,
+            vmas_match,
+        })
+    }
+}
+
+fn compare(name: &str, m: Measured) -> CaseResult {
+    let mut p: Vec<HvaRange> = m.predicted.iter().map(|n| n.range).collect();
+    let mut o = m.observed.clone();
+    let in_order = p == o;
+    p.sort();
+    o.sort();
+    CaseResult {
+        name: name.to_string(),
+        predicted: m
+            .predicted
+            .iter()
+            .map(|n| out(n.range, m.base, Some(n.event)))
+            .collect(),
+        observed: m.observed.iter().map(|r| out(*r, m.base, None)).collect(),
+        vmas_match: m.vmas_match,
+        in_order,
+        matched: p == o && m.vmas_match,
+    }
+}
+
+fn rr(base: u64, off: u64, len: u64) -> HvaRange {
+    HvaRange::new(base + off, base + off + len)
+}
+
+/// The operation of a case, offsets relative to the region base (file
+/// offsets for `Punch`).
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    DontNeed(u64, u64),
+    Remove(u64, u64),
+    Punch(u64, u64),
+    Protect(u64, u64),
+    Unmap(u64, u64),
+    /// mremap of the whole region onto a fresh PROT_NONE reservation.
+    RemapWhole,
+    /// UFFDIO_WRITEPROTECT after registering the whole region in WP mode.
+    WriteProtect(u64, u64),
+    /// fork() a child that exits at once.
+    Fork,
+    /// MADV_DONTFORK on the region, then fork().
+    ForkDontFork,
+}
+
+/// One case of the battery.
+struct Spec {
+    name: &'static str,
+    backing: Backing,
+    len: u64,
+    place: Placement,
+    /// Ranges touched before the operation.
+    populate: &'static [(u64, u64)],
+    op: Op,
+}
+
+impl Spec {
+    fn gib_pages(&self) -> u64 {
+        match self.backing.page_size() {
+            PageSize::Huge1G => self.len / G,
+            _ => 0,
+        }
+    }
+
+    fn run(&self, c: &mut Ctx) -> Result<Measured> {
+        let mut mm = HostMm::new(Subscribers::new())?;
+        let id = mm.map(self.backing, self.len, self.place)?;
+        let b = mm.region(id).map(|r| r.base).unwrap_or(0);
+        for &(off, len) in self.populate {
+            mm.populate(rr(b, off, len))?;
+        }
+        match self.op {
+            Op::DontNeed(o, l) => {
+                c.measure(&mut mm, |mm| mm.discard(rr(b, o, l), Discard::DontNeed))
+            }
+            Op::Remove(o, l) => c.measure(&mut mm, |mm| mm.discard(rr(b, o, l), Discard::Remove)),
+            Op::Punch(o, l) => c.measure(&mut mm, |mm| mm.punch_hole(id, o, l)),
+            Op::Protect(o, l) => c.measure(&mut mm, |mm| mm.protect(rr(b, o, l), RO)),
+            Op::Unmap(o, l) => c.measure(&mut mm, |mm| mm.unmap(rr(b, o, l))),
+            Op::RemapWhole => {
+                let dst = mm.reserve(
+                    self.len,
+                    Placement {
+                        align: M2,
+                        offset: 0,
+                    },
+                )?;
+                c.measure(&mut mm, |mm| mm.remap(rr(b, 0, self.len), dst.start))
+            }
+            Op::Fork => c.measure(&mut mm, |mm| mm.fork_exit()),
+            Op::ForkDontFork => {
+                mm.set_dontfork(id)?;
+                c.measure(&mut mm, |mm| mm.fork_exit())
+            }
+            Op::WriteProtect(o, l) => {
+                let uffd = Uffd::open(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)?;
+                uffd.register(rr(b, 0, self.len), UFFDIO_REGISTER_MODE_WP)?;
+                c.measure(&mut mm, |mm| mm.write_protect(&uffd, rr(b, o, l), true))
+            }
+        }
+    }
+}
+
+#[rustfmt::skip]
+fn cases() -> Vec<Spec> {
+    use Backing::*;
+    use PageSize::*;
+    let span = Placement::pud_aligned();
+    let small = Placement::pud_offset(M2);
+    let anon = Anon { thp: false };
+    let spec = |name, backing, len, place, populate, op| Spec {
+        name,
+        backing,
+        len,
+        place,
+        populate,
+        op,
+    };
+    vec![
+        // shared 2M memfd, 2 GiB at a 1 GiB-aligned address (PMD sharing possible)
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M populated", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, 2 * M2)], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G + M2, M2)], Op::Remove(G + M2, M2)),
+        spec("shared 2M 2G-span: punch-hole file 1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Punch(G, M2)),
+        spec("shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)", SharedMemfd(Huge2M), 2 * G, span, &[(G, 2 * M2)], Op::Punch(G + K4, M2)),
+        spec("shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Protect(G, G)),
+        spec("shared 2M 2G-span: mprotect whole, unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::Protect(0, 2 * G)),
+        spec("shared 2M 2G-span: munmap 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Unmap(G / 2, M2)),
+        spec("shared 2M 2G-span: uffd write-protect 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::WriteProtect(G / 2, M2)),
+        // shared 2M memfd, 2 GiB starting 512 MiB past a 1 GiB boundary: only [+512M,+1.5G) is an aligned 1 GiB block
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+0 (outside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+1G (inside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::DontNeed(G, M2)),
+        spec("shared 2M 2G @1G+512M: mprotect 2M @+1G (split inside the block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::Protect(G, M2)),
+        // shared 2M memfd, 32 MiB not spanning a PUD
+        spec("shared 2M 32M: DONTNEED 2M @+4M", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::DontNeed(4 * M, M2)),
+        spec("shared 2M 32M: mprotect 4M @+8M (split, no unshare)", SharedMemfd(Huge2M), 32 * M, small, &[(8 * M, 4 * M)], Op::Protect(8 * M, 4 * M)),
+        spec("shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Punch(M, 5 * M)),
+        spec("shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Remove(2 * M, 3 * M)),
+        spec("shared 2M 32M: mremap whole to a reservation", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::RemapWhole),
+        // private hugetlb 2M
+        spec("private 2M 2G-span: DONTNEED 2M @+0 populated", PrivateHugetlb(Huge2M), 2 * G, span, &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("private 2M: DONTNEED 2M+4K (length rounds down)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::DontNeed(0, M2 + K4)),
+        spec("private 2M: DONTNEED 4K (sub-page: no-op)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, M2)], Op::DontNeed(0, K4)),
+        spec("private 2M: mprotect 16M unpopulated", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Protect(0, 16 * M)),
+        spec("private 2M 2G-span: mprotect 2M @+512M (no unshare)", PrivateHugetlb(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("private 2M: munmap 2M @+2M", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 8 * M)], Op::Unmap(M2, M2)),
+        spec("private 2M: mremap whole to a reservation", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::RemapWhole),
+        // 1 GiB pages
+        spec("shared 1G x1: mprotect 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::Protect(0, G)),
+        spec("shared 1G x1: DONTNEED 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("private 1G x1: DONTNEED 1G", PrivateHugetlb(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("shared 1G x2: punch-hole second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Punch(G, G)),
+        spec("shared 1G x2: munmap second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Unmap(G, G)),
+        // plain anonymous memory: the PUD-level mprotect rule
+        spec("anon 4G: mprotect [+1G,+2G) nothing touched", anon, 4 * G, span, &[], Op::Protect(G, G)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(G, G)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect 4K @+1.75G", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(G + 3 * G / 4, K4)),
+        spec("anon 4G: one 4K touched @+1.5G, mprotect whole", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(0, 4 * G)),
+        spec("anon MADV_HUGEPAGE 64M, 8M touched: mprotect 4K @+5M (splits a huge PMD)", Anon { thp: true }, 64 * M, span, &[(0, 8 * M)], Op::Protect(5 * M, K4)),
+        spec("anon 64M: DONTNEED 64K @+1M", anon, 64 * M, span, &[(0, 4 * M)], Op::DontNeed(M, 64 * 1024)),
+        spec("anon 64M: munmap 1M @+2M", anon, 64 * M, span, &[(0, 4 * M)], Op::Unmap(2 * M, M)),
+        // fork of the VMM (COW write-protection of private memory)
+        spec("fork: private 2M 16M populated", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: private 2M 16M unpopulated (no anon_vma)", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Fork),
+        spec("fork: private 2M 16M populated, MADV_DONTFORK", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::ForkDontFork),
+        spec("fork: shared 2M 32M populated (not COW)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: anon 64M one 4K touched", anon, 64 * M, span, &[(M, K4)], Op::Fork),
+    ]
+}
+
+/// How the check runs.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    /// Run the NUMA-hinting cases (turns `kernel.numa_balancing` on for them).
+    pub numa: bool,
+    /// How long to wait for the kernel's NUMA scanner.
+    pub numa_timeout: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self {
+            numa: true,
+            numa_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The NUMA cases' busy threads: stopped and joined on drop, which happens
+/// before the `HostMm` whose memory they touch (declared earlier) is dropped,
+/// on every path including unwinding.
+struct Workers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// NUMA hinting: a 2-thread busy task with `kernel.numa_balancing=1`; the
+/// scanner (`task_numa_work`) protects the anonymous regions (4 KiB pages and
+/// THP) and skips the hugetlb one. One case result per region.
+fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
+    let regions: [(&str, Backing, u64); 3] = [
+        (
+            "NUMA hint (numa_balancing=1): anon 32M populated",
+            Backing::Anon { thp: false },
+            32 * M,
+        ),
+        (
+            "NUMA hint (numa_balancing=1): anon MADV_HUGEPAGE 64M populated",
+            Backing::Anon { thp: true },
+            64 * M,
+        ),
+        (
+            "NUMA hint (numa_balancing=1): private hugetlb 2M 16M (skipped by task_numa_work)",
+            Backing::PrivateHugetlb(PageSize::Huge2M),
+            16 * M,
+        ),
+    ];
+    let mut mm = HostMm::new(Subscribers::new())?;
+    let mut ids = Vec::new();
+    for (_, backing, len) in regions {
+        let id = mm.map(backing, len, Placement::pud_aligned())?;
+        let r = mm.region_range(id, "numa")?;
+        mm.populate(r)?;
+        ids.push((id, r, backing.is_hugetlb()));
+    }
+    let mut predicted = Vec::new();
+    for &(id, _, _) in &ids {
+        predicted.push(mm.predict_numa_hint(id)?);
+    }
+    let anon: Vec<HvaRange> = ids.iter().filter(|x| !x.2).map(|x| x.1).collect();
+    c.trace.collect()?;
+    let guard = SysctlGuard::set("kernel.numa_balancing", "1")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Workers {
+        stop: stop.clone(),
+        handles: Vec::new(),
+    };
+    let mut spawn_err = None;
+    for i in 0..2 {
+        let st = stop.clone();
+        let rs = anon.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("numa-touch-{i}"))
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    for r in &rs {
+                        let mut a = r.start;
+                        while a < r.end {
+                            // SAFETY: `r` is a writable anonymous region owned by
+                            // `mm`, which outlives these threads: `Workers` joins
+                            // them on drop, before `mm` is dropped.
+                            unsafe {
+                                std::ptr::write_volatile(
+                                    a as *mut u8,
+                                    std::ptr::read_volatile(a as *const u8).wrapping_add(1),
+                                )
+                            };
+                            a += K4;
+                        }
+                    }
+                }
+            })
+            .map_err(|source| Error::Syscall {
+                op: "spawn numa worker",
+                source,
+            });
+        match t {
+            Ok(t) => workers.handles.push(t),
+            Err(e) => {
+                spawn_err = Some(e);
+                break;
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let mut events = Vec::new();
+    // A failed spawn still stops and joins the workers already running
+    // before `mm` (their memory) is dropped.
+    let mut result = spawn_err.map_or(Ok(()), Err);
+    while result.is_ok() && t0.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(500));
+        match c.trace.collect() {
+            Ok(ev) => events.extend(ev),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+        let tids = our_tids();
+        events.retain(|e| tids.contains(&e.tid));
+        let all_seen = anon
+            .iter()
+            .all(|r| events.iter().any(|e| e.range.overlaps(r)));
+        if all_seen && t0.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    drop(workers);
+    drop(guard);
+    result?;
+    let vmas_match = mm.model_matches_kernel()?;
+    let mut out = Vec::new();
+    for (((name, _, _), (_, r, hugetlb)), p) in regions.iter().zip(&ids).zip(predicted) {
+        let distinct: BTreeSet<HvaRange> = events
+            .iter()
+            .filter(|e| e.range.overlaps(r))
+            .map(|e| e.range)
+            .collect();
+        let m = Measured {
+            base: r.start,
+            predicted: p,
+            observed: distinct.into_iter().collect(),
+            vmas_match,
+        };
+        let mut res = compare(&format!("{name} (distinct ranges)"), m);
+        if !hugetlb {
+            // The scanner must have run at all for "none = none" not to pass.
+            res.matched &= !res.observed.is_empty();
+        }
+        out.push(res);
+    }
+    Ok(out)
+}
+
+/// Run the check. Needs root, /dev/kvm, tracefs, hugepages (reserved here,
+/// restored after).
+pub fn run(opts: CheckOptions) -> Result<Report> {
+    if !is_root() {
+        return Err(Error::NotRoot {
+            what: "the notifier differential check",
+        });
+    }
+    let t0 = Instant::now();
+    let _r2m = HugepageReservation::require(PageSize::Huge2M, 64)?;
+    let r1g = HugepageReservation::reserve(PageSize::Huge1G, 2)?;
+    let gib = r1g.available;
+    let mut trace = TraceSource::open()?;
+    let mut ctx = Ctx { trace: &mut trace };
+    let mut report = Report {
+        cases: Vec::new(),
+        skipped: Vec::new(),
+        elapsed_ms: 0,
+    };
+    for spec in cases() {
+        if spec.gib_pages() > gib {
+            report.skipped.push(Skipped {
+                name: spec.name.to_string(),
+                reason: format!(
+                    "needs {} free 1 GiB hugepage(s), only {gib} could be reserved",
+                    spec.gib_pages()
+                ),
+            });
+            continue;
+        }
+        let m = spec.run(&mut ctx)?;
+        report.cases.push(compare(spec.name, m));
+    }
+    if opts.numa {
+        report
+            .cases
+            .extend(numa_cases(&mut ctx, opts.numa_timeout)?);
+    } else {
+        report.skipped.push(Skipped {
+            name: "NUMA hint cases".into(),
+            reason: "disabled by options".into(),
+        });
+    }
+    drop(trace);
+    report.elapsed_ms = t0.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_print_compactly() {
+        assert_eq!(fmt_off(0), "+0");
+        assert_eq!(fmt_off((G + 2 * M) as i128), "+1G+2M");
+        assert_eq!(fmt_off(-(4096i128)), "-4K");
+        assert_eq!(fmt_off((G / 2) as i128), "+512M");
+    }
+
+    #[test]
+    fn battery_is_large_enough() {
+        assert!(cases().len() + 2 >= 25);
+    }
+}

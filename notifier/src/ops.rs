@@ -1,0 +1,396 @@
+//! Operations on guest RAM that announce their invalidations the way a kernel
+//! mmu_notifier subscriber would see them: for each operation, the notifier
+//! ranges and `MMU_NOTIFY_*` events Linux will use are predicted
+//! ([`crate::predict`]) and delivered through [`Subscribers::start`](crate::Subscribers::start)
+//! (`Delivery::Before`, blockable) *before* the syscall; the syscall runs;
+//! then [`Subscribers::end`](crate::Subscribers::end) for each, in reverse order. The kernel issues its
+//! notifiers one after the other inside the syscall; from user space they are
+//! all open across it, which is a superset of the kernel's windows.
+//!
+//! The model in [`HostMm`] is updated after the syscall (VMA splits, holes,
+//! moves). Alignment rules of hugetlb are checked first and refused with
+//! [`Error::Unaligned`] instead of letting the kernel answer `EINVAL`.
+//!
+//! NUMA hinting is not an operation: user space cannot call
+//! `change_prot_numa()`; the kernel's `task_numa_work()` does when
+//! `kernel.numa_balancing` is on and a task of this mm runs long enough.
+//! [`HostMm::predict_numa_hint`] says what it will notify (nothing on hugetlb:
+//! `task_numa_work()` skips hugetlb VMAs); the tracepoint source delivers the
+//! real ones, after the fact.
+
+use crate::error::{Error, Result};
+use crate::hostmm::{HostMm, RegionId};
+use crate::predict::{self, Notified, PredictError};
+use crate::subscriber::{Delivery, HvaRange, Invalidation};
+use crate::uffd::Uffd;
+
+/// Which `madvise()` discard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// `MADV_DONTNEED`: hugetlb start must be huge-aligned, the length is
+    /// rounded down to whole huge pages.
+    DontNeed,
+    /// `MADV_REMOVE`: hole punch in the backing memfd (shared only), rounded
+    /// inwards to whole huge pages.
+    Remove,
+}
+
+impl HostMm {
+    fn pud_fn(&self) -> impl Fn(u64) -> bool + '_ {
+        move |a| self.pud_present(a)
+    }
+
+    fn announce<T>(&self, notes: &[Notified], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let invs: Vec<Invalidation> = notes
+            .iter()
+            .map(|n| Invalidation {
+                range: n.range,
+                event: n.event,
+                blockable: true,
+                delivery: Delivery::Before,
+            })
+            .collect();
+        for i in &invs {
+            self.subs.start(i);
+        }
+        let out = f();
+        for i in invs.iter().rev() {
+            self.subs.end(i);
+        }
+        out
+    }
+
+    fn check_inside(&self, op: &'static str, r: HvaRange) -> Result<()> {
+        if r.is_empty() || self.shapes(r).is_empty() {
+            return Err(Error::OutOfRegion {
+                op,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every hugetlb VMA piece of `r` must start and end on its page size.
+    fn check_huge_aligned(&self, op: &'static str, r: HvaRange) -> Result<()> {
+        for v in self.shapes(r) {
+            if let Some(hps) = v.hugetlb {
+                let s = r.start.max(v.range.start);
+                let e = r.end.min(v.range.end);
+                if s % hps != 0 || e % hps != 0 {
+                    return Err(Error::Unaligned {
+                        op,
+                        start: r.start,
+                        end: r.end,
+                        align: hps,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unaligned(op: &'static str, r: HvaRange, e: PredictError) -> Error {
+        match e {
+            PredictError::Unaligned { align, .. } => Error::Unaligned {
+                op,
+                start: r.start,
+                end: r.end,
+                align,
+            },
+        }
+    }
+
+    /// `mprotect(r, prot)`. Returns the announced notifiers.
+    pub fn protect(&mut self, r: HvaRange, prot: i32) -> Result<Vec<Notified>> {
+        self.check_inside("protect", r)?;
+        self.check_huge_aligned("protect", r)?;
+        self.refresh_puds(r)?;
+        let notes = predict::mprotect(&self.shapes(r), r, prot, &self.pud_fn());
+        self.announce(&notes, || {
+            // SAFETY: `r` lies in VMAs owned by this HostMm (checked above);
+            // changing their protection cannot affect memory Rust owns.
+            if unsafe { libc::mprotect(r.start as *mut libc::c_void, r.len() as usize, prot) } != 0
+            {
+                return Err(Error::last_os("mprotect"));
+            }
+            Ok(())
+        })?;
+        self.apply_mprotect(r, prot);
+        Ok(notes)
+    }
+
+    /// `madvise(r, MADV_DONTNEED | MADV_REMOVE)`.
+    pub fn discard(&mut self, r: HvaRange, how: Discard) -> Result<Vec<Notified>> {
+        self.check_inside("discard", r)?;
+        let shapes = self.shapes(r);
+        let notes = match how {
+            Discard::DontNeed => predict::dontneed(&shapes, r)
+                .map_err(|e| Self::unaligned("discard(MADV_DONTNEED)", r, e))?,
+            Discard::Remove => {
+                let mut notes = Vec::new();
+                for v in self.vmas().iter().filter(|v| v.shape.range.overlaps(&r)) {
+                    let (Some(id), Some(off), Some(hps)) =
+                        (v.region, v.file_offset, v.shape.hugetlb)
+                    else {
+                        return Err(Error::Unsupported { op: "discard(MADV_REMOVE)", why: "only shared memfd regions can be hole-punched (MAP_PRIVATE gives EACCES)" });
+                    };
+                    let s = r.start.max(v.shape.range.start);
+                    let e = r.end.min(v.shape.range.end);
+                    let foff = off + (s - v.shape.range.start);
+                    notes.extend(predict::punch_hole(
+                        &self.file_mappings(id),
+                        hps,
+                        foff,
+                        e - s,
+                    ));
+                }
+                notes
+            }
+        };
+        let advice = match how {
+            Discard::DontNeed => libc::MADV_DONTNEED,
+            Discard::Remove => libc::MADV_REMOVE,
+        };
+        self.announce(&notes, || {
+            // SAFETY: `r` lies in VMAs owned by this HostMm; discarding their
+            // contents cannot touch memory Rust owns.
+            if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len() as usize, advice) } != 0
+            {
+                return Err(Error::last_os("madvise"));
+            }
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
+    /// `fallocate(PUNCH_HOLE|KEEP_SIZE)` on the memfd of a shared region
+    /// (file offsets). No userfaultfd event exists for this one.
+    pub fn punch_hole(&mut self, id: RegionId, offset: u64, len: u64) -> Result<Vec<Notified>> {
+        let region = self.region(id).ok_or(Error::OutOfRegion {
+            op: "punch_hole",
+            start: offset,
+            end: offset + len,
+        })?;
+        let fd = region.memfd().ok_or(Error::Unsupported {
+            op: "punch_hole",
+            why: "region has no memfd (not a shared memfd region)",
+        })?;
+        let hps = region.backing.page_size().bytes();
+        let notes = predict::punch_hole(&self.file_mappings(id), hps, offset, len);
+        self.announce(&notes, || {
+            // SAFETY: fallocate on our own memfd; the pages it frees are only
+            // mapped by VMAs owned by this HostMm.
+            if unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("fallocate(PUNCH_HOLE)"));
+            }
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
+    /// `munmap(r)`.
+    pub fn unmap(&mut self, r: HvaRange) -> Result<Vec<Notified>> {
+        self.check_inside("unmap", r)?;
+        self.check_huge_aligned("unmap", r)?;
+        self.refresh_puds(r)?;
+        let notes = predict::munmap(&self.shapes(r), r, &self.pud_fn());
+        self.announce(&notes, || {
+            // SAFETY: `r` lies in VMAs owned by this HostMm (checked above),
+            // which forgets them right after; no Rust reference points there.
+            if unsafe { libc::munmap(r.start as *mut libc::c_void, r.len() as usize) } != 0 {
+                return Err(Error::last_os("munmap"));
+            }
+            Ok(())
+        })?;
+        self.apply_munmap(r);
+        Ok(notes)
+    }
+
+    /// `mremap(old, len, MREMAP_MAYMOVE|MREMAP_FIXED, dst)` of whole VMAs
+    /// onto `dst` (typically a range from [`HostMm::reserve`]).
+    pub fn remap(&mut self, old: HvaRange, dst: u64) -> Result<Vec<Notified>> {
+        self.check_inside("remap", old)?;
+        self.check_huge_aligned("remap", old)?;
+        let shapes = self.shapes(old);
+        let [v] = shapes.as_slice() else {
+            return Err(Error::Unsupported {
+                op: "remap",
+                why: "the range must be exactly one VMA",
+            });
+        };
+        if v.range != old {
+            return Err(Error::Unsupported {
+                op: "remap",
+                why: "the range must be exactly one VMA",
+            });
+        }
+        if let Some(hps) = v.hugetlb {
+            if !dst.is_multiple_of(hps) {
+                return Err(Error::Unaligned {
+                    op: "remap",
+                    start: dst,
+                    end: dst + old.len(),
+                    align: hps,
+                });
+            }
+        }
+        let dst_r = HvaRange::new(dst, dst + old.len());
+        let dst_shapes = self.shapes(dst_r);
+        let notes = predict::mremap_move(v, dst_r, &dst_shapes, &self.pud_fn());
+        self.announce(&notes, || {
+            // SAFETY: both ranges belong to VMAs owned by this HostMm (the
+            // destination is ours or unmapped); MREMAP_FIXED replaces only it.
+            let p = unsafe {
+                libc::mremap(
+                    old.start as *mut libc::c_void,
+                    old.len() as usize,
+                    old.len() as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    dst as *mut libc::c_void,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Error::last_os("mremap"));
+            }
+            Ok(())
+        })?;
+        self.apply_mremap(old, dst);
+        Ok(notes)
+    }
+
+    /// `UFFDIO_WRITEPROTECT(r)` through `uffd` (which must have `r`
+    /// registered in WP mode).
+    pub fn write_protect(&mut self, uffd: &Uffd, r: HvaRange, wp: bool) -> Result<Vec<Notified>> {
+        self.check_inside("write_protect", r)?;
+        self.refresh_puds(r)?;
+        let notes = predict::uffd_writeprotect(&self.shapes(r), r, &self.pud_fn())
+            .map_err(|e| Self::unaligned("write_protect", r, e))?;
+        self.announce(&notes, || uffd.write_protect(r, wp))?;
+        Ok(notes)
+    }
+
+    /// `madvise(MADV_DONTFORK)` over a whole region (no VMA split, so no
+    /// notifier): fork will skip it.
+    pub fn set_dontfork(&mut self, id: RegionId) -> Result<()> {
+        for v in self.vmas().iter().filter(|v| v.region == Some(id)) {
+            let r = v.shape.range;
+            // SAFETY: advisory flag change on a VMA owned by this HostMm.
+            if unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    r.len() as usize,
+                    libc::MADV_DONTFORK,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("madvise(MADV_DONTFORK)"));
+            }
+        }
+        self.apply_dontfork(id);
+        Ok(())
+    }
+
+    /// `fork()` a child that exits at once: what a VMM spawning a helper
+    /// does to its guest RAM (COW write-protection of private memory). The
+    /// child only calls `_exit`.
+    pub fn fork_exit(&mut self) -> Result<Vec<Notified>> {
+        let vmas = self.vmas().to_vec();
+        let mut fv = Vec::new();
+        for v in vmas {
+            let present = !v.shape.may_share && self.pagemap.any_present(v.shape.range)?;
+            fv.push(predict::ForkVma {
+                shape: v.shape,
+                anon_vma: v.anon_vma || present,
+                dontfork: v.dontfork,
+            });
+        }
+        let notes = predict::fork(&fv);
+        self.announce(&notes, || {
+            // SAFETY: the child runs only `_exit` (async-signal-safe), so
+            // forking a multi-threaded process is sound here.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: leave the child at once without running any Rust code.
+                unsafe { libc::_exit(0) };
+            }
+            if pid < 0 {
+                return Err(Error::last_os("fork"));
+            }
+            let mut status = 0;
+            // SAFETY: reaping the child just created.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
+    /// What `task_numa_work()` notifies when it scans region `id` in one
+    /// window covering each VMA (its 256 MiB budget covers smaller VMAs):
+    /// the PUD rule of change_protection; nothing for hugetlb.
+    pub fn predict_numa_hint(&mut self, id: RegionId) -> Result<Vec<Notified>> {
+        let r = self.region_range(id, "numa_hint")?;
+        self.refresh_puds(r)?;
+        let mut out = Vec::new();
+        for v in self.shapes(r) {
+            out.extend(predict::numa_hint(&v, v.range, &self.pud_fn()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostmm::{Backing, PageSize, Placement};
+    use crate::subscriber::Subscribers;
+
+    /// Unaligned hugetlb ranges are refused with a typed error before any
+    /// syscall or announcement (MAP_NORESERVE: no huge page is needed).
+    #[test]
+    fn unaligned_hugetlb_ranges_are_typed_errors() {
+        let Ok(mut mm) = HostMm::new(Subscribers::new()) else {
+            return;
+        };
+        let Ok(id) = mm.map(
+            Backing::PrivateHugetlb(PageSize::Huge2M),
+            8 << 20,
+            Placement::pud_offset(2 << 20),
+        ) else {
+            eprintln!("SKIP: hugetlb mmap refused here");
+            return;
+        };
+        let b = mm.region(id).map(|r| r.base).unwrap_or(0);
+        let r = HvaRange::new(b + 4096, b + (2 << 20));
+        assert!(
+            matches!(mm.protect(r, libc::PROT_READ), Err(Error::Unaligned { align, .. }) if align == 2 << 20)
+        );
+        assert!(matches!(mm.unmap(r), Err(Error::Unaligned { .. })));
+        assert!(matches!(
+            mm.discard(r, Discard::DontNeed),
+            Err(Error::Unaligned { .. })
+        ));
+        assert!(matches!(
+            mm.discard(HvaRange::new(b, b + (2 << 20)), Discard::Remove),
+            Err(Error::Unsupported { .. })
+        ));
+        let msg = mm
+            .protect(r, libc::PROT_READ)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("round it to whole huge pages"), "{msg}");
+        assert!(matches!(
+            mm.protect(HvaRange::new(1, 2), libc::PROT_READ),
+            Err(Error::OutOfRegion { .. })
+        ));
+    }
+}

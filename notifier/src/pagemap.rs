@@ -1,0 +1,245 @@
+//! Which pages of guest RAM are populated: a thin binding of the
+//! `PAGEMAP_SCAN` ioctl (Linux 6.7+, no crate wraps it; `libc` has none of its
+//! definitions) filtered on `PAGE_IS_PRESENT`, with a `/proc/self/pagemap`
+//! fallback for older kernels.
+//!
+//! This module never asks for a write-protecting scan: `PM_SCAN_WP_MATCHING`
+//! over an unpopulated hugetlb range self-deadlocks on kernels without the
+//! 2026 fixes (see research/host-invalidation.md §3.2), so `flags` is always 0.
+
+use crate::error::{Error, Result};
+use crate::subscriber::HvaRange;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+/// `PAGE_IS_PRESENT` (include/uapi/linux/fs.h).
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// `PAGE_IS_HUGE`: also reported for unpopulated hugetlb ranges.
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `struct pm_scan_arg`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 =
+    (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
+
+const VEC_LEN: usize = 256;
+
+/// Which interface answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    PagemapScan,
+    ProcPagemap,
+}
+
+/// A handle on `/proc/self/pagemap`.
+pub struct Pagemap {
+    file: File,
+    scan_works: bool,
+}
+
+impl Pagemap {
+    pub fn open() -> Result<Self> {
+        let file = File::open("/proc/self/pagemap").map_err(|source| Error::Syscall {
+            op: "open /proc/self/pagemap",
+            source,
+        })?;
+        Ok(Self {
+            file,
+            scan_works: true,
+        })
+    }
+
+    /// The interface the last call used.
+    pub fn method(&self) -> Method {
+        if self.scan_works {
+            Method::PagemapScan
+        } else {
+            Method::ProcPagemap
+        }
+    }
+
+    /// Populated (present) runs inside `r`, merged, in address order.
+    pub fn present(&mut self, r: HvaRange) -> Result<Vec<HvaRange>> {
+        if r.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.scan_works {
+            match self.scan_present(r) {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTTY)
+                        || e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    self.scan_works = false;
+                }
+                Err(source) => {
+                    return Err(Error::Syscall {
+                        op: "ioctl(PAGEMAP_SCAN)",
+                        source,
+                    })
+                }
+            }
+        }
+        self.read_present(r)
+    }
+
+    /// True when any page of `r` is present.
+    pub fn any_present(&mut self, r: HvaRange) -> Result<bool> {
+        Ok(!self.present(r)?.is_empty())
+    }
+
+    fn scan_present(&self, r: HvaRange) -> std::io::Result<Vec<HvaRange>> {
+        let mut out: Vec<HvaRange> = Vec::new();
+        let mut buf = [PageRegion::default(); VEC_LEN];
+        let mut start = r.start;
+        while start < r.end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: 0, // never PM_SCAN_WP_MATCHING (module docs)
+                start,
+                end: r.end,
+                vec: buf.as_mut_ptr() as u64,
+                vec_len: VEC_LEN as u64,
+                category_mask: PAGE_IS_PRESENT,
+                return_mask: PAGE_IS_PRESENT,
+                ..Default::default()
+            };
+            // SAFETY: `arg` is a correctly sized `struct pm_scan_arg` living
+            // across the call; `vec` points at `VEC_LEN` writable
+            // `struct page_region` entries in `buf`, which outlives the call.
+            // The kernel only writes into `arg` and `buf`.
+            let n = unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    PAGEMAP_SCAN as _,
+                    &mut arg as *mut PmScanArg,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for reg in buf.iter().take(n as usize) {
+                push_merged(&mut out, HvaRange::new(reg.start, reg.end));
+            }
+            if arg.walk_end <= start {
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(out)
+    }
+
+    fn read_present(&self, r: HvaRange) -> Result<Vec<HvaRange>> {
+        const PS: u64 = 4096;
+        const CHUNK: u64 = 4096; // entries per pread
+        let mut out = Vec::new();
+        let first = r.start / PS;
+        let last = r.end.div_ceil(PS);
+        let mut idx = first;
+        let mut bytes = vec![0u8; (CHUNK * 8) as usize];
+        while idx < last {
+            let n = (last - idx).min(CHUNK);
+            let want = (n * 8) as usize;
+            self.file
+                .read_exact_at(&mut bytes[..want], idx * 8)
+                .map_err(|source| Error::Syscall {
+                    op: "read /proc/self/pagemap",
+                    source,
+                })?;
+            for (i, e) in bytes[..want].chunks_exact(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(e);
+                if u64::from_ne_bytes(b) & (1 << 63) != 0 {
+                    let a = (idx + i as u64) * PS;
+                    push_merged(&mut out, HvaRange::new(a.max(r.start), (a + PS).min(r.end)));
+                }
+            }
+            idx += n;
+        }
+        Ok(out)
+    }
+}
+
+fn push_merged(v: &mut Vec<HvaRange>, r: HvaRange) {
+    if let Some(last) = v.last_mut() {
+        if last.end == r.start {
+            last.end = r.end;
+            return;
+        }
+    }
+    v.push(r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_number_matches_uapi() {
+        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+    }
+
+    #[test]
+    fn scan_and_fallback_agree_on_anon_memory() {
+        let len = 64 * 4096;
+        // SAFETY: fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as u64;
+        for i in [3u64, 4, 10] {
+            // SAFETY: inside the mapping just created, writable.
+            unsafe { *((base + i * 4096) as *mut u8) = 1 };
+        }
+        let r = HvaRange::new(base, base + len as u64);
+        let mut pm = Pagemap::open().unwrap();
+        let a = pm.present(r).unwrap();
+        let b = pm.read_present(r).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            a,
+            vec![
+                HvaRange::new(base + 3 * 4096, base + 5 * 4096),
+                HvaRange::new(base + 10 * 4096, base + 11 * 4096)
+            ]
+        );
+        // SAFETY: unmapping exactly the mapping created above.
+        unsafe { libc::munmap(p, len) };
+    }
+}

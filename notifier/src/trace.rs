@@ -1,0 +1,421 @@
+//! The `kvm:kvm_unmap_hva_range` tracepoint as an invalidation source.
+//!
+//! KVM emits it at the top of `kvm_mmu_notifier_invalidate_range_start()`
+//! with the exact `[start, end)` of every notifier invalidation of an mm that
+//! has a KVM VM attached - so this source opens `/dev/kvm` and creates a VM
+//! (no vCPU, no memslot) and keeps it for its lifetime: without it the kernel
+//! calls no notifier and the tracepoint never fires.
+//!
+//! To leave the machine's tracing state alone it uses a private tracefs
+//! instance (`instances/notifier-<pid>-<n>`, its own ring buffer, only this
+//! event enabled) and removes it on drop; tracefs is mounted if it is not,
+//! and unmounted again on drop if this source mounted it.
+//!
+//! The ring buffer is asynchronous and per CPU: the kernel never waits for
+//! it. Events are delivered as `Delivery::AfterTheFact` with event
+//! `MmuNotifyEvent::Unknown` (the tracepoint carries no event type) and
+//! `blockable: false` (nor the blockable flag). To know that everything up to
+//! a point has been read, [`TraceSource::sentinel`] writes a marker into the
+//! same buffer and [`TraceSource::drain_until`] reads until it shows up.
+
+use crate::error::{is_root, Error, Result};
+use crate::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const EVENT: &str = "events/kvm/kvm_unmap_hva_range";
+const MARK: &str = "notifier-sentinel ";
+
+/// One `kvm_unmap_hva_range` record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TraceEvent {
+    pub range: HvaRange,
+    /// Trace clock timestamp in nanoseconds.
+    pub timestamp_ns: u64,
+    /// The task that ran the invalidation.
+    pub tid: i32,
+}
+
+impl TraceEvent {
+    pub fn invalidation(&self) -> Invalidation {
+        Invalidation {
+            range: self.range,
+            event: MmuNotifyEvent::Unknown,
+            blockable: false,
+            delivery: Delivery::AfterTheFact,
+        }
+    }
+}
+
+/// A parsed line of `trace_pipe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceLine {
+    Event(TraceEvent),
+    Sentinel(u64),
+    Other,
+}
+
+fn parse_ts(tok: &str) -> Option<u64> {
+    let tok = tok.strip_suffix(':')?;
+    let (s, frac) = tok.split_once('.')?;
+    let secs: u64 = s.parse().ok()?;
+    let mut ns: u64 = frac.parse().ok()?;
+    for _ in frac.len()..9 {
+        ns *= 10;
+    }
+    Some(secs * 1_000_000_000 + ns)
+}
+
+fn parse_hex(tok: &str) -> Option<u64> {
+    u64::from_str_radix(tok.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// Parse one text line of trace_pipe, e.g.
+/// `  vmm-1234  [001] ..... 12.345678: kvm_unmap_hva_range: mmu notifier unmap range: 0x7f..00 -- 0x7f..00`.
+pub fn parse_line(line: &str) -> TraceLine {
+    let (head, rest, is_event) = if let Some((h, r)) = line.split_once(": kvm_unmap_hva_range: ") {
+        (h, r, true)
+    } else if let Some((h, r)) = line.split_once(": tracing_mark_write: ") {
+        (h, r, false)
+    } else {
+        return TraceLine::Other;
+    };
+    if !is_event {
+        return match rest
+            .trim()
+            .strip_prefix(MARK)
+            .and_then(|n| n.trim().parse().ok())
+        {
+            Some(n) => TraceLine::Sentinel(n),
+            None => TraceLine::Other,
+        };
+    }
+    let toks: Vec<&str> = head.split_whitespace().collect();
+    let Some(ts) = toks.last().and_then(|t| parse_ts(&format!("{t}:"))) else {
+        return TraceLine::Other;
+    };
+    // The task is "comm-tid" in the token before "[cpu]"; comm may hold '-'.
+    let tid = toks
+        .iter()
+        .position(|t| t.starts_with('['))
+        .and_then(|i| i.checked_sub(1))
+        .and_then(|i| toks.get(i))
+        .and_then(|t| t.rsplit_once('-'))
+        .and_then(|(_, tid)| tid.parse().ok())
+        .unwrap_or(-1);
+    let Some(r) = rest.split_once("range:").map(|(_, r)| r) else {
+        return TraceLine::Other;
+    };
+    let Some((a, b)) = r.split_once("--") else {
+        return TraceLine::Other;
+    };
+    match (parse_hex(a), parse_hex(b)) {
+        (Some(start), Some(end)) => TraceLine::Event(TraceEvent {
+            range: HvaRange::new(start, end),
+            timestamp_ns: ts,
+            tid,
+        }),
+        _ => TraceLine::Other,
+    }
+}
+
+static INSTANCE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The tracepoint source. See the module docs.
+pub struct TraceSource {
+    instance: PathBuf,
+    pipe: Option<File>,
+    marker: Option<File>,
+    next_sentinel: u64,
+    pending: String,
+    _vm: kvm_ioctls::VmFd,
+    _kvm: kvm_ioctls::Kvm,
+    /// Dropped after the instance is removed (field order).
+    _mount: MountRef,
+}
+
+/// Process-wide tracefs use: (sources alive, mounted by this process).
+static MOUNT: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
+
+/// A use of tracefs; the last one unmounts it if this process mounted it.
+struct MountRef {
+    target: std::ffi::CString,
+}
+
+impl MountRef {
+    fn acquire(root: &Path) -> Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let unavailable = |reason: &str| Error::TracefsUnavailable {
+            path: root.display().to_string(),
+            reason: reason.into(),
+        };
+        let target = std::ffi::CString::new(root.as_os_str().as_bytes())
+            .map_err(|_| unavailable("path contains a NUL byte"))?;
+        let mut g = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
+        if !root.join("instances").is_dir() {
+            if !root.is_dir() {
+                return Err(unavailable(
+                    "directory missing (kernel without CONFIG_TRACING?)",
+                ));
+            }
+            // SAFETY: NUL-terminated strings valid for the call; no data argument.
+            let rc = unsafe {
+                libc::mount(
+                    c"nodev".as_ptr(),
+                    target.as_ptr(),
+                    c"tracefs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(Error::TracefsMount {
+                    path: root.display().to_string(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            g.1 = true;
+        }
+        g.0 += 1;
+        Ok(Self { target })
+    }
+}
+
+impl Drop for MountRef {
+    fn drop(&mut self) {
+        let mut g = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        if g.0 == 0 && g.1 {
+            // SAFETY: unmounting the tracefs this process mounted, now that
+            // no source of ours uses it. EBUSY (another process has files
+            // open) leaves it mounted, which is harmless.
+            if unsafe { libc::umount(self.target.as_ptr()) } == 0 {
+                g.1 = false;
+            }
+        }
+    }
+}
+
+fn tracefs_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Tracefs {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn write_file(path: &Path, s: &str) -> Result<()> {
+    std::fs::write(path, s).map_err(|e| tracefs_err(path, e))
+}
+
+impl TraceSource {
+    /// Mount tracefs if needed, create a private instance with only
+    /// `kvm:kvm_unmap_hva_range` enabled, and attach a KVM VM to this mm.
+    pub fn open() -> Result<Self> {
+        Self::open_at(Path::new(TRACEFS))
+    }
+
+    /// [`Self::open`] with tracefs at `root` (mounted there if needed).
+    pub fn open_at(root: &Path) -> Result<Self> {
+        if !is_root() {
+            return Err(Error::NotRoot {
+                what: "the kvm tracepoint source (tracefs)",
+            });
+        }
+        let mount = MountRef::acquire(root)?;
+        let root = root.to_path_buf();
+        if !root.join(EVENT).is_dir() {
+            return Err(Error::TracepointMissing {
+                path: root.join(EVENT).display().to_string(),
+            });
+        }
+        // The VM first: no VM, no events.
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(Error::Kvm {
+                    reason: format!("open /dev/kvm: {e}"),
+                });
+            }
+        };
+        let vm = match kvm.create_vm() {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(Error::Kvm {
+                    reason: format!("KVM_CREATE_VM: {e}"),
+                });
+            }
+        };
+        let name = format!(
+            "notifier-{}-{}",
+            std::process::id(),
+            INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let instance = root.join("instances").join(name);
+        if let Err(e) = std::fs::create_dir(&instance) {
+            return Err(tracefs_err(&instance, e));
+        }
+        let mut me = Self {
+            instance: instance.clone(),
+            _mount: mount,
+            pipe: None,
+            marker: None,
+            next_sentinel: 1,
+            pending: String::new(),
+            _vm: vm,
+            _kvm: kvm,
+        };
+        // From here on, Drop undoes everything.
+        write_file(&instance.join(EVENT).join("enable"), "1")?;
+        me.marker = Some(
+            OpenOptions::new()
+                .write(true)
+                .open(instance.join("trace_marker"))
+                .map_err(|e| tracefs_err(&instance, e))?,
+        );
+        let pipe_path = instance.join("trace_pipe");
+        me.pipe = Some(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&pipe_path)
+                .map_err(|e| tracefs_err(&pipe_path, e))?,
+        );
+        Ok(me)
+    }
+
+    /// The tracefs instance directory in use.
+    pub fn instance(&self) -> &Path {
+        &self.instance
+    }
+
+    /// Write a sentinel into the ring buffer; returns its number.
+    pub fn sentinel(&mut self) -> Result<u64> {
+        let n = self.next_sentinel;
+        self.next_sentinel += 1;
+        let Some(marker) = self.marker.as_mut() else {
+            return Err(tracefs_err(
+                &self.instance,
+                std::io::Error::from(std::io::ErrorKind::NotConnected),
+            ));
+        };
+        marker
+            .write_all(format!("{MARK}{n}\n").as_bytes())
+            .map_err(|e| tracefs_err(&self.instance, e))?;
+        Ok(n)
+    }
+
+    /// Read events until sentinel `n` is seen (or `timeout`).
+    pub fn drain_until(&mut self, n: u64, timeout: Duration) -> Result<Vec<TraceEvent>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            while let Some(i) = self.pending.find('\n') {
+                let line: String = self.pending.drain(..=i).collect();
+                match parse_line(&line) {
+                    TraceLine::Event(e) => out.push(e),
+                    TraceLine::Sentinel(m) if m >= n => return Ok(out),
+                    _ => {}
+                }
+            }
+            let Some(pipe) = self.pipe.as_mut() else {
+                return Ok(out);
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Tracefs {
+                    path: self.instance.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("sentinel {n} not seen in trace_pipe"),
+                    ),
+                });
+            }
+            let ms = (deadline - now).as_millis().min(100) as i32;
+            let mut pfd = libc::pollfd {
+                fd: pipe.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            match pipe.read(&mut buf) {
+                Ok(k) => self.pending.push_str(&String::from_utf8_lossy(&buf[..k])),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(tracefs_err(&self.instance, e)),
+            }
+        }
+    }
+
+    /// Everything recorded so far (sentinel + drain).
+    pub fn collect(&mut self) -> Result<Vec<TraceEvent>> {
+        let n = self.sentinel()?;
+        self.drain_until(n, Duration::from_secs(5))
+    }
+
+    /// Deliver events to subscribers: start then end, after the fact.
+    pub fn deliver(subs: &Subscribers, events: &[TraceEvent]) {
+        for e in events {
+            let inv = e.invalidation();
+            subs.start(&inv);
+            subs.end(&inv);
+        }
+    }
+
+    /// Collect and deliver everything recorded so far; returns the count.
+    pub fn pump(&mut self, subs: &Subscribers) -> Result<usize> {
+        let ev = self.collect()?;
+        Self::deliver(subs, &ev);
+        Ok(ev.len())
+    }
+}
+
+impl Drop for TraceSource {
+    fn drop(&mut self) {
+        // Every open file of the instance must be closed or rmdir says EBUSY.
+        self.pipe = None;
+        self.marker = None;
+        let _ = std::fs::write(self.instance.join(EVENT).join("enable"), "0");
+        let _ = std::fs::remove_dir(&self.instance);
+        // `_mount` unmounts after this, if it is the last user.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tracefs_is_a_typed_error() {
+        match TraceSource::open_at(Path::new("/nonexistent/tracing")) {
+            Err(Error::TracefsUnavailable { reason, .. }) => assert!(reason.contains("missing")),
+            Err(Error::NotRoot { .. }) => {} // not root: refused before looking
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a tracefs that does not exist"),
+        }
+    }
+
+    #[test]
+    fn parses_event_and_sentinel_lines() {
+        let l = "   notifier-chec-4242    [001] d..1.  1234.567890: kvm_unmap_hva_range: mmu notifier unmap range: 0x007f0000000000 -- 0x007f0000200000\n";
+        assert_eq!(
+            parse_line(l),
+            TraceLine::Event(TraceEvent {
+                range: HvaRange::new(0x7f00_0000_0000, 0x7f00_0020_0000),
+                timestamp_ns: 1_234_567_890_000,
+                tid: 4242
+            })
+        );
+        let m = "  <...>-77  [000] .....  5.000001: tracing_mark_write: notifier-sentinel 12\n";
+        assert_eq!(parse_line(m), TraceLine::Sentinel(12));
+        assert_eq!(parse_line("# tracer: nop"), TraceLine::Other);
+    }
+}
