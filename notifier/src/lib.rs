@@ -8,8 +8,9 @@
 
 pub mod seq;
 pub mod subscriber;
+mod sync;
 
-pub use seq::InvalidationSeq;
+pub use seq::{InvalidationSeq, SeqSnapshot};
 pub use subscriber::{
     Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent, Subscribers,
 };
