@@ -4,10 +4,12 @@
 //! - [`lock`]: `mmu_lock`, an rwlock that knows whether anyone waits for it.
 //! - [`yielder`]: the one yield mechanism every zap uses (TDP leaves, rmap
 //!   entries), with the longest non-yield stretch measured.
+//! - [`memslot`]: memslots and hva range -> (slot, gfn range).
 //! - [`spte`]: the SPTE as one `u64`, the four legal writability states.
 //! - [`tlb`]: the remote TLB flush hook and its counters.
 
 pub mod lock;
+pub mod memslot;
 pub mod spte;
 pub mod stats;
 pub mod tlb;
