@@ -59,7 +59,7 @@ impl Memslot {
         if npages == 0 {
             return Err(MemslotError::Empty { id });
         }
-        if userspace_addr % PAGE_SIZE != 0 {
+        if userspace_addr & (PAGE_SIZE - 1) != 0 {
             return Err(MemslotError::UnalignedHva {
                 id,
                 hva: userspace_addr,

@@ -43,10 +43,16 @@ const _: () = assert!(std::mem::size_of::<PageTable>() == 4096);
 
 impl PageTable {
     fn alloc() -> Box<PageTable> {
-        let zeroed = Box::<PageTable>::new_zeroed();
-        // SAFETY: PageTable is an array of AtomicU64, for which all-zero
-        // bytes are a valid value (0 = SPTE_NONPRESENT).
-        unsafe { zeroed.assume_init() }
+        let layout = std::alloc::Layout::new::<PageTable>();
+        // SAFETY: the layout has a non-zero size (4096).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<PageTable>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `ptr` was allocated by the global allocator with
+        // PageTable's layout, as Box requires; all-zero bytes are a valid
+        // PageTable (AtomicU64 zero = SPTE_NONPRESENT).
+        unsafe { Box::from_raw(ptr) }
     }
 
     /// The child table a present non-leaf SPTE points to.
