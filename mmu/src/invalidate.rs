@@ -185,3 +185,122 @@ impl InvalidationSubscriber for KvmMmuNotifier {
         self.end(inv);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spte::PageLevel;
+    use crate::tdp::{FaultOutcome, HostPage, ResolveError};
+    use notifier::{Delivery, HvaRange, MmuNotifyEvent};
+    use std::time::Duration;
+
+    const HVA0: u64 = 0x7000_0000_0000;
+    const HVA1: u64 = 0x7100_0000_0000;
+
+    fn setup(policy: YieldPolicy) -> (Arc<MmuContext>, Arc<TdpMmu>, KvmMmuNotifier) {
+        let slots = Memslots::new(
+            vec![
+                Memslot::new(0, 0, 4096, HVA0, PageLevel::L4K).unwrap(),
+                // Aliases the second half of slot 0's hvas.
+                Memslot::new(1, 1 << 20, 2048, HVA0 + 2048 * 4096, PageLevel::L4K).unwrap(),
+                Memslot::new(2, 1 << 21, 4096, HVA1, PageLevel::L2M).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let ctx = MmuContext::new(slots, RemoteTlb::default());
+        let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+        let n = KvmMmuNotifier::new(ctx.clone(), policy);
+        n.add_mmu(tdp.clone());
+        (ctx, tdp, n)
+    }
+
+    fn map_all(ctx: &MmuContext, tdp: &TdpMmu) {
+        let r = |s: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
+            Ok(HostPage {
+                pfn: gfn + (1 << 30),
+                level: s.backing,
+                writable: true,
+            })
+        };
+        for s in ctx.memslots().iter() {
+            for gfn in s.base_gfn..s.gfn_end() {
+                assert_ne!(tdp.page_fault(gfn, false, &r).unwrap(), FaultOutcome::Retry);
+            }
+        }
+    }
+
+    fn inv(start: u64, end: u64, blockable: bool) -> Invalidation {
+        Invalidation {
+            range: HvaRange::new(start, end),
+            event: MmuNotifyEvent::Unmap,
+            blockable,
+            delivery: Delivery::Before,
+        }
+    }
+
+    #[test]
+    fn start_zaps_every_aliasing_slot_and_flushes_once() {
+        let (ctx, tdp, n) = setup(YieldPolicy::default());
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0 + 2000 * 4096, HVA0 + 3000 * 4096, true);
+        let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;
+        n.invalidate_range_start(&i);
+        assert!(tdp.leaves_in(2000, 3000).is_empty());
+        assert!(
+            tdp.leaves_in(1 << 20, (1 << 20) + 952).is_empty(),
+            "aliased slot zapped too"
+        );
+        assert_eq!(tdp.leaves_in(0, 2000).len(), 2000);
+        assert_eq!(ctx.stats.snapshot().remote_tlb_flush_requests, flushes + 1);
+        assert_eq!(ctx.seq.in_progress_range(), Some((2000, (1 << 20) + 952)));
+        n.invalidate_range_end(&i);
+        assert_eq!(ctx.seq.in_progress(), 0);
+        assert_eq!(ctx.seq.seq(), 1);
+    }
+
+    #[test]
+    fn no_overlapping_slot_takes_no_lock_and_bumps_nothing() {
+        let (ctx, _tdp, n) = setup(YieldPolicy::default());
+        let i = inv(0x1000, 0x2000, true);
+        let _reader = ctx.mmu_lock.read(); // start would deadlock if it locked
+        assert_eq!(n.start(&i), None);
+        n.end(&i);
+        assert_eq!(ctx.seq.seq(), 0);
+    }
+
+    #[test]
+    fn blockable_yields_and_non_blockable_does_not() {
+        let policy = YieldPolicy::default()
+            .with_max_units(64)
+            .with_slice(Duration::from_secs(60));
+        let (ctx, tdp, n) = setup(policy);
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0, HVA0 + 4096 * 4096, true);
+        let r = n.start(&i).unwrap();
+        n.end(&i);
+        assert!(r.yields > 0 && r.longest.units <= 64, "{r:?}");
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0, HVA0 + 4096 * 4096, false);
+        let r = n.start(&i).unwrap();
+        n.end(&i);
+        assert_eq!(r.yields, 0);
+        assert_eq!(r.longest.units, r.units);
+        assert!(tdp.leaves_in(0, 4096).is_empty());
+    }
+
+    #[test]
+    fn memslot_update_waits_for_end() {
+        let (ctx, _tdp, n) = setup(YieldPolicy::default());
+        let n = Arc::new(n);
+        let i = inv(HVA0, HVA0 + 4096, true);
+        n.start(&i);
+        let ctx2 = ctx.clone();
+        let t = std::thread::spawn(move || ctx2.set_memslots(Memslots::default()));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "memslots changed between start and end");
+        n.end(&i);
+        t.join().unwrap();
+        assert!(ctx.memslots().is_empty());
+    }
+}
