@@ -241,7 +241,8 @@ mod tests {
 
     #[test]
     fn start_zaps_every_aliasing_slot_and_flushes_once() {
-        let (ctx, tdp, n) = setup(YieldPolicy::default());
+        // No yield (no waiter, a slice that never runs out): exactly one flush.
+        let (ctx, tdp, n) = setup(YieldPolicy::default().with_slice(Duration::from_secs(60)));
         map_all(&ctx, &tdp);
         let i = inv(HVA0 + 2000 * 4096, HVA0 + 3000 * 4096, true);
         let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;

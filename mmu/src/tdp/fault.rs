@@ -199,7 +199,7 @@ impl TdpMmu {
     fn map(&self, req: &LeafRequest) -> Result<FaultOutcome, FaultError> {
         let stats = &self.ctx.stats;
         let mut goal = req.level;
-        let mut table: &PageTable = &self.root;
+        let mut table: &PageTable = self.root();
         let mut level = ROOT_LEVEL;
         loop {
             let entry = &table.spte[spte_index(req.gfn, level)];
@@ -226,12 +226,16 @@ impl TdpMmu {
                 // A table sits where the huge leaf would go: map lower.
                 goal = goal.lower().unwrap_or(PageLevel::L4K);
             } else if !cur.is_mmu_present() {
-                let new_table = Box::into_raw(PageTable::alloc());
-                let new = match Spte::non_leaf(new_table as u64) {
+                let new_table = self.pool.alloc();
+                let release = |t| {
+                    // SAFETY: allocated just now from our pool, never
+                    // published in an SPTE.
+                    unsafe { self.pool.release(t) }
+                };
+                let new = match Spte::non_leaf(new_table.as_ptr() as u64) {
                     Ok(s) => s,
                     Err(e) => {
-                        // SAFETY: just allocated, never published.
-                        drop(unsafe { Box::from_raw(new_table) });
+                        release(new_table);
                         return Err(e.into());
                     }
                 };
@@ -247,8 +251,7 @@ impl TdpMmu {
                     }
                     Err(now) => {
                         // Another fault installed something first.
-                        // SAFETY: our table was never published.
-                        drop(unsafe { Box::from_raw(new_table) });
+                        release(new_table);
                         cur = Spte::from_raw_unchecked(now);
                     }
                 }

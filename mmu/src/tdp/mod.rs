@@ -15,6 +15,7 @@
 //!   (KVM: RCU-freed `kvm_mmu_page`s).
 
 mod fault;
+mod pool;
 mod zap;
 
 pub use fault::{FaultError, FaultOutcome, HostPage, ResolveError, ResolvePfn};
@@ -23,6 +24,8 @@ use crate::invalidate::MmuContext;
 use crate::spte::{PageLevel, Spte};
 use crate::stats::MmuStats;
 use crossbeam_epoch as epoch;
+use pool::TablePool;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -42,19 +45,6 @@ pub(crate) struct PageTable {
 const _: () = assert!(std::mem::size_of::<PageTable>() == 4096);
 
 impl PageTable {
-    fn alloc() -> Box<PageTable> {
-        let layout = std::alloc::Layout::new::<PageTable>();
-        // SAFETY: the layout has a non-zero size (4096).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<PageTable>();
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        // SAFETY: `ptr` was allocated by the global allocator with
-        // PageTable's layout, as Box requires; all-zero bytes are a valid
-        // PageTable (AtomicU64 zero = SPTE_NONPRESENT).
-        unsafe { Box::from_raw(ptr) }
-    }
-
     /// The child table a present non-leaf SPTE points to.
     ///
     /// # Safety
@@ -64,8 +54,8 @@ impl PageTable {
     /// an epoch grace period) or an epoch guard pinned before the read.
     #[inline]
     unsafe fn child<'a>(spte: Spte) -> &'a PageTable {
-        // SAFETY: see the function contract; the address came from
-        // `Box::into_raw` of a PageTable when the SPTE was built.
+        // SAFETY: see the function contract; the address came from the
+        // table pool when the SPTE was built.
         unsafe { &*(spte.table_addr() as *const PageTable) }
     }
 }
@@ -104,24 +94,34 @@ impl Leaf {
 /// The TDP MMU of one address space.
 pub struct TdpMmu {
     ctx: Arc<MmuContext>,
-    root: Box<PageTable>,
+    pool: Arc<TablePool>,
+    root: NonNull<PageTable>,
 }
+
+// SAFETY: the root is owned by this TdpMmu (never freed before Drop) and is
+// plain atomics; everything else is Send + Sync.
+unsafe impl Send for TdpMmu {}
+// SAFETY: as above; all shared access to tables goes through atomics.
+unsafe impl Sync for TdpMmu {}
 
 impl std::fmt::Debug for TdpMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TdpMmu")
-            .field("root", &(&*self.root as *const PageTable))
-            .finish()
+        f.debug_struct("TdpMmu").field("root", &self.root).finish()
     }
 }
 
 impl TdpMmu {
     pub fn new(ctx: Arc<MmuContext>) -> Self {
         MmuStats::inc(&ctx.stats.tdp_mmu_pages);
-        Self {
-            ctx,
-            root: PageTable::alloc(),
-        }
+        let pool = Arc::new(TablePool::default());
+        let root = pool.alloc();
+        Self { ctx, pool, root }
+    }
+
+    #[inline]
+    pub(crate) fn root(&self) -> &PageTable {
+        // SAFETY: the root lives as long as self.
+        unsafe { self.root.as_ref() }
     }
 
     pub fn context(&self) -> &Arc<MmuContext> {
@@ -139,7 +139,7 @@ impl TdpMmu {
             return None;
         }
         let _guard = epoch::pin();
-        let mut table: &PageTable = &self.root;
+        let mut table: &PageTable = self.root();
         let mut level = ROOT_LEVEL;
         loop {
             let spte = Spte::from_raw_unchecked(
@@ -170,7 +170,7 @@ impl TdpMmu {
             return;
         }
         let _guard = epoch::pin();
-        walk_leaves(&self.root, ROOT_LEVEL, 0, start, end, &mut f);
+        walk_leaves(self.root(), ROOT_LEVEL, 0, start, end, &mut f);
     }
 
     /// Every leaf overlapping `[start, end)` (for verification).
@@ -193,9 +193,15 @@ impl TdpMmu {
             .collect()
     }
 
-    /// Bytes of page-table memory (4 KiB per table page, root included).
+    /// Bytes of page-table pages in use (4 KiB each, root included).
     pub fn table_bytes(&self) -> u64 {
         self.ctx.stats.tdp_mmu_pages.load(Ordering::Relaxed) * 4096
+    }
+
+    /// Bytes of table chunks obtained from the allocator (virtual; only
+    /// the tables ever used are resident).
+    pub fn table_pool_bytes(&self) -> u64 {
+        self.pool.chunk_bytes()
     }
 }
 
@@ -235,20 +241,24 @@ fn walk_leaves(
 }
 
 /// Free a whole subtree. Only for `Drop`, when no walker can exist.
-fn free_subtree(table: Box<PageTable>, level: u8, stats: &MmuStats) {
-    for e in table.spte.iter() {
+fn free_subtree(pool: &TablePool, table: NonNull<PageTable>, level: u8, stats: &MmuStats) {
+    // SAFETY: `table` is a live table of the tree being dropped.
+    let t = unsafe { table.as_ref() };
+    for e in t.spte.iter() {
         let spte = Spte::from_raw_unchecked(e.load(Ordering::Relaxed));
         if spte.is_mmu_present() && !spte.is_last(level) {
-            // SAFETY: the address came from Box::into_raw of a PageTable and
-            // is referenced by this SPTE only; we own the whole tree (Drop).
-            let child = unsafe { Box::from_raw(spte.table_addr() as *mut PageTable) };
-            free_subtree(child, level - 1, stats);
+            if let Some(child) = NonNull::new(spte.table_addr() as *mut PageTable) {
+                free_subtree(pool, child, level - 1, stats);
+            }
         } else if spte.is_mmu_present() {
             if let Some(l) = PageLevel::from_number(level) {
                 MmuStats::sub(stats_pages(stats, l), 1);
             }
         }
     }
+    // SAFETY: from this pool; the tree is being dropped (`&mut TdpMmu`), so
+    // no SPTE or walker will reference it again.
+    unsafe { pool.release(table) };
     MmuStats::sub(&stats.tdp_mmu_pages, 1);
 }
 
@@ -262,8 +272,7 @@ pub(crate) fn stats_pages(stats: &MmuStats, level: PageLevel) -> &AtomicU64 {
 
 impl Drop for TdpMmu {
     fn drop(&mut self) {
-        let root = std::mem::replace(&mut self.root, PageTable::alloc());
-        free_subtree(root, ROOT_LEVEL, &self.ctx.stats);
+        free_subtree(&self.pool, self.root, ROOT_LEVEL, &self.ctx.stats);
     }
 }
 

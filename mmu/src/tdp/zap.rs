@@ -17,13 +17,16 @@
 //!   changed while only partly covering it is scanned: at most two tables
 //!   per level per stretch, 512 loads each.
 
+use super::pool::{TablePool, TablePtr};
 use super::{level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL, SPTES_PER_TABLE};
 use crate::lock::{MmuLock, MmuWriteGuard};
 use crate::spte::{PageLevel, Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
 use crate::yielder::{YieldPolicy, YieldReport, Yielder};
-use crossbeam_epoch::{self as epoch, Guard, Shared};
+use crossbeam_epoch::{self as epoch, Guard};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Work done since the counters were last published.
 #[derive(Default)]
@@ -35,6 +38,7 @@ struct ZapAcct {
 }
 
 struct Walk<'y, 'a> {
+    pool: &'y Arc<TablePool>,
     yielder: &'y mut Yielder<'a>,
     acct: ZapAcct,
     epoch: Guard,
@@ -60,6 +64,7 @@ impl TdpMmu {
         let end = end.min(GFN_LIMIT);
         let stats = &self.ctx.stats;
         let mut w = Walk {
+            pool: &self.pool,
             yielder,
             acct: ZapAcct {
                 flush,
@@ -69,7 +74,7 @@ impl TdpMmu {
         };
         let mut next = start;
         while next < end {
-            match zap_table(&self.root, ROOT_LEVEL, 0, next, end, &mut w) {
+            match zap_table(self.root(), ROOT_LEVEL, 0, next, end, &mut w) {
                 Ok(_) => break,
                 Err(YieldAt(resume)) => {
                     publish(stats, &mut w.acct);
@@ -221,11 +226,20 @@ fn is_empty(table: &PageTable) -> bool {
 /// still hold it (`handle_removed_pt` + `call_rcu`).
 fn free_table(entry: &AtomicU64, spte: Spte, w: &mut Walk<'_, '_>) {
     entry.store(0, Ordering::Release);
-    let ptr = spte.table_addr() as *const PageTable;
-    // SAFETY: the table came from Box::into_raw (crossbeam's Pointable for a
-    // sized T is a Box), was reachable only through `entry`, which no longer
+    let Some(table) = NonNull::new(spte.table_addr() as *mut PageTable) else {
+        return;
+    };
+    let table = TablePtr(table);
+    let pool = w.pool.clone();
+    // SAFETY: the table was reachable only through `entry`, which no longer
     // points to it, so no new walker can find it; walkers that already did
-    // are pinned, and destruction waits for them.
-    unsafe { w.epoch.defer_destroy(Shared::from(ptr)) };
+    // are pinned, and the closure runs only after they all unpinned. It
+    // owns an Arc of the pool, so the pool outlives it.
+    unsafe {
+        w.epoch.defer_unchecked(move || {
+            let table = table;
+            pool.release(table.0)
+        })
+    };
     w.acct.tables_freed += 1;
 }
