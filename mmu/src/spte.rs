@@ -483,7 +483,7 @@ mod tests {
                     assert_eq!(s.is_accessed(), a.accessed);
                     assert_eq!(s.is_dirty(), a.dirty);
                     assert_eq!(s.is_large(), level != PageLevel::L4K);
-                    assert_eq!(s.is_last(level.number()), true);
+                    assert!(s.is_last(level.number()));
                     // W implies MMUW implies HostW.
                     assert!(!s.is_writable() || s.is_mmu_writable());
                     assert!(!s.is_mmu_writable() || s.is_host_writable());

@@ -108,9 +108,9 @@ impl ResolvePfn for Host {
         // Host faults take time (userfaultfd, hugetlb allocation): widen the
         // window between reading the host mapping and installing the SPTE.
         let n = self.resolves.fetch_add(1, Ordering::Relaxed);
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             std::thread::sleep(Duration::from_micros(500));
-        } else if n % 8 == 0 {
+        } else if n.is_multiple_of(8) {
             std::thread::yield_now();
         }
         Ok(page)

@@ -7,7 +7,7 @@ use super::{level_span, spte_index, stats_pages, PageTable, TdpMmu, GFN_LIMIT, R
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, PageLevel, Spte, SpteError, Writability};
 use crate::stats::MmuStats;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 /// What the host (primary MMU) has at an hva: `__kvm_faultin_pfn`'s answer.
@@ -207,17 +207,12 @@ impl TdpMmu {
             if level == goal.number() {
                 if !cur.is_mmu_present() {
                     let new = req.spte(goal)?;
-                    match entry.compare_exchange(
-                        cur.raw(),
-                        new.raw(),
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => {
+                    match set_spte_atomic(entry, cur, new) {
+                        Ok(()) => {
                             MmuStats::inc(stats_pages(stats, goal));
                             return Ok(FaultOutcome::Fixed(goal));
                         }
-                        Err(now) => cur = Spte::from_raw_unchecked(now),
+                        Err(now) => cur = now,
                     }
                 }
                 if cur.is_last(level) {
@@ -239,20 +234,15 @@ impl TdpMmu {
                         return Err(e.into());
                     }
                 };
-                match entry.compare_exchange(
-                    cur.raw(),
-                    new.raw(),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => {
+                match set_spte_atomic(entry, cur, new) {
+                    Ok(()) => {
                         MmuStats::inc(&stats.tdp_mmu_pages);
                         cur = new;
                     }
                     Err(now) => {
                         // Another fault installed something first.
                         release(new_table);
-                        cur = Spte::from_raw_unchecked(now);
+                        cur = now;
                     }
                 }
             }
@@ -268,4 +258,14 @@ impl TdpMmu {
             level -= 1;
         }
     }
+}
+
+/// `tdp_mmu_set_spte_atomic`: install `new` if the SPTE still holds `old`;
+/// otherwise return what it holds now.
+#[inline]
+fn set_spte_atomic(entry: &AtomicU64, old: Spte, new: Spte) -> Result<(), Spte> {
+    entry
+        .compare_exchange(old.raw(), new.raw(), Ordering::AcqRel, Ordering::Acquire)
+        .map(|_| ())
+        .map_err(Spte::from_raw_unchecked)
 }
