@@ -139,14 +139,28 @@ impl InvalidationSeq {
         self.check(snapshot, gfn, Ordering::Relaxed)
     }
 
+    /// [`retry`](Self::retry) for every gfn of `[start, end)` at once: a
+    /// fault about to install a huge leaf asks for the whole span the leaf
+    /// will map (stricter than KVM, which checks the faulting gfn and relies
+    /// on host invalidations covering whole host huge pages). Caller holds
+    /// `mmu_lock`.
+    #[inline]
+    pub fn retry_range(&self, snapshot: SeqSnapshot, start: u64, end: u64) -> bool {
+        self.check_range(snapshot, start, end, Ordering::Relaxed)
+    }
+
     fn check(&self, snapshot: SeqSnapshot, gfn: u64, order: Ordering) -> bool {
+        self.check_range(snapshot, gfn, gfn.saturating_add(1), order)
+    }
+
+    fn check_range(&self, snapshot: SeqSnapshot, start: u64, end: u64, order: Ordering) -> bool {
         if self.in_progress.load(order) != 0 {
             // A range_add may not have happened yet (start/end INVALID):
             // KVM then compares against INVALID_GPA too, which never
             // contains a real gfn; the seq check below still holds.
-            let start = self.range_start.load(order);
-            let end = self.range_end.load(order);
-            if start != INVALID_GFN && gfn >= start && gfn < end {
+            let r_start = self.range_start.load(order);
+            let r_end = self.range_end.load(order);
+            if r_start != INVALID_GFN && start < r_end && r_start < end {
                 return true;
             }
         }
@@ -215,6 +229,21 @@ mod tests {
         s.begin();
         s.range_add(500, 501);
         assert_eq!(s.in_progress_range(), Some((500, 501)));
+        assert!(s.end());
+    }
+
+    #[test]
+    fn range_check_catches_any_overlap() {
+        let s = InvalidationSeq::new();
+        let snap = s.snapshot();
+        s.begin();
+        s.range_add(600, 700);
+        assert!(
+            s.retry_range(snap, 512, 1024),
+            "2M leaf overlapping the range"
+        );
+        assert!(!s.retry_range(snap, 0, 512));
+        assert!(!s.retry_range(snap, 700, 1212));
         assert!(s.end());
     }
 

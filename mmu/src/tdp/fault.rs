@@ -155,8 +155,13 @@ impl TdpMmu {
         req.spte(level)?; // validate before taking the lock
 
         let _read = ctx.mmu_lock.read();
-        // is_page_fault_stale(): mmu_invalidate_retry_gfn under the lock.
-        if ctx.seq.retry(snap, gfn) {
+        // is_page_fault_stale(): mmu_invalidate_retry_gfn under the lock,
+        // for every gfn the leaf will map.
+        let span_start = gfn & !(level.pages() - 1);
+        if ctx
+            .seq
+            .retry_range(snap, span_start, span_start + level.pages())
+        {
             return Ok(self.retry());
         }
         let out = self.map(&req)?;

@@ -1,19 +1,23 @@
 use super::*;
+use crate::invalidate::KvmMmuNotifier;
 use crate::memslot::{Memslot, Memslots};
 use crate::spte::Writability;
 use crate::tlb::RemoteTlb;
 use crate::yielder::{YieldMode, YieldPolicy};
+use notifier::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// pfn = gfn + PFN_OFF: congruent at every level, so any size can map.
 const PFN_OFF: u64 = 1 << 20;
 /// One 1G-backed slot of 8 GiB at gfn 0 (hva 1G-aligned).
 const SLOT_PAGES: u64 = 8 << 18;
+const SLOT_HVA: u64 = 0x4000_0000_0000;
 
 fn mmu() -> TdpMmu {
-    let slot = Memslot::new(0, 0, SLOT_PAGES, 0x4000_0000_0000, PageLevel::L1G).unwrap();
+    let slot = Memslot::new(0, 0, SLOT_PAGES, SLOT_HVA, PageLevel::L1G).unwrap();
     TdpMmu::new(MmuContext::new(
         Memslots::new(vec![slot], 0).unwrap(),
         RemoteTlb::default(),
@@ -245,6 +249,14 @@ enum Op {
         len: u64,
         max_units: u64,
     },
+    /// A host invalidation of gfns `[start, start + len)` through
+    /// `KvmMmuNotifier`, with a fault between its start and end.
+    Invalidate {
+        start: u64,
+        len: u64,
+        gfn: u64,
+        level: PageLevel,
+    },
 }
 
 fn level() -> impl Strategy<Value = PageLevel> {
@@ -269,42 +281,83 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (gfn(), level()).prop_map(|(gfn, level)| Op::Fault { gfn, level }),
         1 => (gfn(), prop_oneof![1..64u64, 1..2048u64, 1..(1u64 << 19)], 1..5000u64)
             .prop_map(|(start, len, max_units)| Op::Zap { start, len, max_units }),
+        1 => (gfn(), prop_oneof![1..64u64, 1..2048u64], gfn(), level())
+            .prop_map(|(start, len, gfn, level)| Op::Invalidate { start, len, gfn, level }),
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+fn model_zap(model: &mut BTreeMap<u64, (PageLevel, u64)>, start: u64, end: u64) {
+    model.retain(|g, (l, _)| *g + l.pages() <= start || *g >= end);
+}
 
-    /// Faults of all sizes and yielding zaps against a BTreeMap of leaves.
+fn model_fault(
+    m: &TdpMmu,
+    model: &mut BTreeMap<u64, (PageLevel, u64)>,
+    gfn: u64,
+    level: PageLevel,
+) -> Result<(), TestCaseError> {
+    let covered = model
+        .range(..=gfn)
+        .next_back()
+        .filter(|(g, (l, _))| gfn < *g + l.pages())
+        .map(|(_, (l, _))| *l);
+    match fault(m, gfn, level) {
+        FaultOutcome::Fixed(l) => {
+            prop_assert!(covered.is_none(), "installed over {covered:?}");
+            prop_assert!(l <= level);
+            let base = gfn & !(l.pages() - 1);
+            prop_assert!(model.range(base..base + l.pages()).next().is_none());
+            model.insert(base, (l, base + PFN_OFF));
+        }
+        FaultOutcome::Spurious(l) => prop_assert_eq!(Some(l), covered),
+        FaultOutcome::Retry => prop_assert!(false, "retry outside any invalidation"),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Faults of all sizes, yielding zaps and host invalidations (with a
+    /// fault racing each) against a BTreeMap of leaves.
     #[test]
     fn tdp_matches_a_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let m = mmu();
+        let m = Arc::new(mmu());
+        let notifier = KvmMmuNotifier::new(m.context().clone(), YieldPolicy::default().with_max_units(100));
+        notifier.add_mmu(m.clone());
         // first gfn -> (level, pfn)
         let mut model: BTreeMap<u64, (PageLevel, u64)> = BTreeMap::new();
         for op in ops {
             match op {
-                Op::Fault { gfn, level } => {
-                    let covered = model.range(..=gfn).next_back()
-                        .filter(|(g, (l, _))| gfn < *g + l.pages())
-                        .map(|(_, (l, _))| *l);
-                    match fault(&m, gfn, level) {
-                        FaultOutcome::Fixed(l) => {
-                            prop_assert!(covered.is_none(), "installed over {covered:?}");
-                            prop_assert!(l <= level);
-                            let base = gfn & !(l.pages() - 1);
-                            prop_assert!(model.range(base..base + l.pages()).next().is_none());
-                            model.insert(base, (l, base + PFN_OFF));
-                        }
-                        FaultOutcome::Spurious(l) => prop_assert_eq!(Some(l), covered),
-                        FaultOutcome::Retry => prop_assert!(false, "no invalidation in flight"),
-                    }
-                }
+                Op::Fault { gfn, level } => model_fault(&m, &mut model, gfn, level)?,
                 Op::Zap { start, len, max_units } => {
                     let end = start + len;
                     let r = m.zap_range(start, end, YieldPolicy::default().with_max_units(max_units));
                     prop_assert!(r.longest.units <= max_units);
-                    model.retain(|g, (l, _)| *g + l.pages() <= start || *g >= end);
+                    model_zap(&mut model, start, end);
                     prop_assert!(m.leaves_in(start, end).is_empty(), "leaf left in [{start:#x}, {end:#x})");
+                }
+                Op::Invalidate { start, len, gfn, level } => {
+                    let end = start + len;
+                    let hva = |g: u64| SLOT_HVA + (g << 12);
+                    let inv = Invalidation {
+                        range: HvaRange::new(hva(start), hva(end)),
+                        event: MmuNotifyEvent::Clear,
+                        blockable: true,
+                        delivery: Delivery::Before,
+                    };
+                    let r = notifier.start(&inv).expect("slot overlaps");
+                    prop_assert!(r.longest.units <= 100);
+                    model_zap(&mut model, start, end);
+                    prop_assert!(m.leaves_in(start, end).is_empty());
+                    let span = gfn & !(level.pages() - 1);
+                    if span < end && start < span + level.pages() {
+                        prop_assert_eq!(fault(&m, gfn, level), FaultOutcome::Retry);
+                    } else {
+                        model_fault(&m, &mut model, gfn, level)?;
+                    }
+                    prop_assert!(m.leaves_in(start, end).is_empty(), "installed during the invalidation");
+                    notifier.end(&inv);
                 }
             }
             let leaves: BTreeMap<u64, (PageLevel, u64)> =
