@@ -71,6 +71,24 @@ pub(crate) const fn spte_index(gfn: u64, level: u8) -> usize {
     ((gfn >> (9 * (level as u32 - 1))) & 511) as usize
 }
 
+/// Entries `[first, last)` of a table at `level` whose first gfn is `base`
+/// that overlap `[start, end)`, and whether the range covers the whole table.
+#[inline]
+pub(crate) fn bounds(level: u8, base: u64, start: u64, end: u64) -> (usize, usize, bool) {
+    let span = level_span(level);
+    let first = if start > base {
+        ((start - base) / span) as usize
+    } else {
+        0
+    };
+    let last = end
+        .saturating_sub(base)
+        .div_ceil(span)
+        .min(SPTES_PER_TABLE as u64) as usize;
+    let full = start <= base && end >= base + span * SPTES_PER_TABLE as u64;
+    (first, last, full)
+}
+
 /// A leaf found by a walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf {
@@ -214,14 +232,7 @@ fn walk_leaves(
     f: &mut impl FnMut(Leaf),
 ) {
     let span = level_span(level);
-    let first = if start > base {
-        ((start - base) / span) as usize
-    } else {
-        0
-    };
-    let last = (end.saturating_sub(base))
-        .div_ceil(span)
-        .min(SPTES_PER_TABLE as u64) as usize;
+    let (first, last, _) = bounds(level, base, start, end);
     for i in first..last {
         let spte = Spte::from_raw_unchecked(table.spte[i].load(Ordering::Acquire));
         if !spte.is_mmu_present() {

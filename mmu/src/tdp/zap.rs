@@ -18,7 +18,9 @@
 //!   per level per stretch, 512 loads each.
 
 use super::pool::{TablePool, TablePtr};
-use super::{level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL, SPTES_PER_TABLE};
+use super::{
+    bounds, level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL, SPTES_PER_TABLE,
+};
 use crate::lock::{MmuLock, MmuWriteGuard};
 use crate::spte::{PageLevel, Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
@@ -121,24 +123,6 @@ fn publish(stats: &MmuStats, acct: &mut ZapAcct) {
         MmuStats::sub(&stats.tdp_mmu_pages, acct.tables_freed);
         acct.tables_freed = 0;
     }
-}
-
-/// Entries `[first, last)` of a table at `level` whose first gfn is `base`
-/// that overlap `[start, end)`, and whether the range covers the whole table.
-#[inline]
-fn bounds(level: u8, base: u64, start: u64, end: u64) -> (usize, usize, bool) {
-    let span = level_span(level);
-    let first = if start > base {
-        ((start - base) / span) as usize
-    } else {
-        0
-    };
-    let last = end
-        .saturating_sub(base)
-        .div_ceil(span)
-        .min(SPTES_PER_TABLE as u64) as usize;
-    let full = start <= base && end >= base + span * SPTES_PER_TABLE as u64;
-    (first, last, full)
 }
 
 /// Zap within one table. `Ok(empty)`: done with this table, and whether it
