@@ -18,9 +18,7 @@
 //!   per level per stretch, 512 loads each.
 
 use super::pool::{TablePool, TablePtr};
-use super::{
-    bounds, level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL, SPTES_PER_TABLE,
-};
+use super::{bounds, level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::lock::{MmuLock, MmuWriteGuard};
 use crate::spte::{PageLevel, Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
