@@ -7,12 +7,16 @@
 //! is mapped. After every `end`: every leaf (in the range and elsewhere) maps
 //! the host's current page, never a pfn resolved before an invalidation.
 //!
+//! A fifth thread walks the tables locklessly (lookups, leaf scans) while
+//! zaps free emptied tables: freed tables are poisoned, and no walk may see
+//! the poison (invariant 3).
+//!
 //! Duration: `MMU_STRESS_SECS` (default 10):
 //! `MMU_STRESS_SECS=10 cargo test -p mmu --release --test stress`
 
 use mmu::memslot::{Memslot, Memslots};
 use mmu::spte::PageLevel;
-use mmu::tdp::{FaultOutcome, HostPage, ResolveError, ResolvePfn, TdpMmu};
+use mmu::tdp::{FaultOutcome, HostPage, Leaf, ResolveError, ResolvePfn, TdpMmu, POISON_PFN};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
 use notifier::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -178,6 +182,30 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
         })
         .collect();
 
+    // Lockless walkers racing the zaps that free tables (invariant 3): a
+    // freed table is poisoned, so a walker that could reach one would see
+    // POISON_PFN leaves.
+    let walker = {
+        let (tdp, stop, slots) = (tdp.clone(), stop.clone(), slots.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng(7);
+            let mut walks = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let s = &slots[rng.below(3) as usize];
+                let gfn = s.base_gfn + rng.below(s.npages);
+                let poisoned = |l: &Leaf| l.spte.pfn() >= POISON_PFN;
+                if let Some(l) = tdp.lookup(gfn) {
+                    assert!(!poisoned(&l), "walker reached a freed table: {l:?}");
+                }
+                for l in tdp.leaves_in(gfn, gfn + 4096) {
+                    assert!(!poisoned(&l), "walker reached a freed table: {l:?}");
+                }
+                walks += 1;
+            }
+            walks
+        })
+    };
+
     let mut rng = Rng(42);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut invalidations = 0u64;
@@ -241,6 +269,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
         std::thread::sleep(Duration::from_micros(50));
     }
     stop.store(true, Ordering::Relaxed);
+    let walks = walker.join().unwrap();
     let mut counts = [0u64; 3];
     for f in faulters {
         let c = f.join().unwrap();
@@ -250,7 +279,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
     }
     let st = ctx.stats.snapshot();
     eprintln!(
-        "stress {secs}s: {invalidations} invalidations, faults fixed {} spurious {} retry {}; {st:?}",
+        "stress {secs}s: {invalidations} invalidations, {walks} lockless walks, faults fixed {} spurious {} retry {}; {st:?}",
         counts[0], counts[1], counts[2]
     );
     assert!(invalidations > 10 && counts[0] > 0);

@@ -19,6 +19,7 @@ mod pool;
 mod zap;
 
 pub use fault::{FaultError, FaultOutcome, HostPage, ResolveError, ResolvePfn};
+pub use pool::POISON_PFN;
 
 use crate::invalidate::MmuContext;
 use crate::spte::{PageLevel, Spte};

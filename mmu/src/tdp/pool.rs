@@ -7,10 +7,18 @@
 //! the pool is dropped; freed tables are recycled.
 
 use super::{PageTable, SPTES_PER_TABLE};
+use crate::spte::{LeafAttrs, PageLevel, Spte};
 use parking_lot::Mutex;
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The pfn of the leaves a freed table is filled with.
+pub const POISON_PFN: u64 = crate::spte::PFN_MAX & !((1 << 18) - 1);
+
+fn poison_spte() -> u64 {
+    Spte::leaf(POISON_PFN, PageLevel::L1G, LeafAttrs::default()).map_or(0, |s| s.raw())
+}
 
 /// Tables per chunk.
 pub(crate) const TABLES_PER_CHUNK: usize = 512;
@@ -74,6 +82,16 @@ impl TablePool {
     /// `table` came from [`alloc`](Self::alloc) of this pool and is not
     /// referenced by any SPTE or walker.
     pub(crate) unsafe fn release(&self, table: NonNull<PageTable>) {
+        // Poison: a walker that could still reach a freed table (a broken
+        // grace period) would find 1 GiB leaves of POISON_PFN, which the
+        // stress test looks for. `alloc` zeroes before reuse.
+        // SAFETY: per the contract nobody else references the table; it is
+        // plain atomics.
+        let t = unsafe { table.as_ref() };
+        let poison = poison_spte();
+        for e in t.spte.iter() {
+            e.store(poison, Ordering::Relaxed);
+        }
         self.free.lock().push(TablePtr(table));
     }
 
