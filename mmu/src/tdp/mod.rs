@@ -12,7 +12,13 @@
 //! - Page-table pages are freed only by zaps (write lock) and only through
 //!   crossbeam-epoch, so lockless walkers ([`TdpMmu::lookup`],
 //!   [`TdpMmu::for_each_leaf`]) that pinned the epoch never see freed memory
-//!   (KVM: RCU-freed `kvm_mmu_page`s).
+//!   (KVM: RCU-freed `kvm_mmu_page`s). Tables come from 2 MiB chunks
+//!   (`pool`), are recycled after the grace period and poisoned while free.
+//! - Deviation from KVM: a fault whose huge leaf would replace an existing
+//!   page table maps one level lower instead (KVM replaces the table and
+//!   zaps its children); zaps free emptied tables, so huge leaves return.
+//!   And the locked staleness check covers the whole span of the leaf
+//!   about to be installed, not only the faulting gfn.
 
 mod fault;
 mod pool;
