@@ -7,8 +7,8 @@
 //!   addresses (gfn < 2^36).
 //! - A page-table page is 512 `AtomicU64` SPTEs, 4 KiB aligned; a non-leaf
 //!   SPTE holds its child's address in the pfn field.
-//! - Faults ([`fault`]) run under `mmu_lock` held for read and install with
-//!   compare-exchange; zaps ([`zap`]) run under the write lock and yield.
+//! - Faults (`fault`) run under `mmu_lock` held for read and install with
+//!   compare-exchange; zaps (`zap`) run under the write lock and yield.
 //! - Page-table pages are freed only by zaps (write lock) and only through
 //!   crossbeam-epoch, so lockless walkers ([`TdpMmu::lookup`],
 //!   [`TdpMmu::for_each_leaf`]) that pinned the epoch never see freed memory
