@@ -208,6 +208,10 @@ fn main() {
     let mut leaf_ns = 0.0;
     for (name, policy) in [
         ("yield (20 us slice)", YieldPolicy::default()),
+        (
+            "yield checks, 60 s slice (no yield taken)",
+            YieldPolicy::default().with_slice(Duration::from_secs(60)),
+        ),
         ("never-yield", YieldPolicy::never()),
     ] {
         let (zt, r) = best(9, || {
