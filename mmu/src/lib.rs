@@ -10,8 +10,10 @@
 //!   faults, yielding zaps, epoch-freed tables).
 //! - [`invalidate`]: the per-VM MMU context, the `SecondaryMmu` trait and
 //!   `KvmMmuNotifier`, the host-invalidation subscriber.
+//! - [`clock`]: the cheap monotonic clock the yielder samples (TSC).
 //! - [`tlb`]: the remote TLB flush hook and its counters.
 
+pub mod clock;
 pub mod invalidate;
 pub mod lock;
 pub mod memslot;

@@ -2,11 +2,19 @@
 //!
 //! A zap calls [`Yielder::need_yield`] once per unit of work - every leaf
 //! SPTE visited (TDP), every rmap head visited, empty ones included
-//! (shadow / nested). The check is cheap: a unit counter and the lock's
-//! waiter count every time, the clock every [`CLOCK_EVERY`] units. When it
-//! says yes, the caller flushes what it zapped, calls
-//! [`MmuLock::yield_write`](crate::MmuLock::yield_write) and then
-//! [`Yielder::yielded`], and resumes where it stopped.
+//! (shadow / nested). Each call counts the unit against the stretch's unit
+//! budget; every [`CLOCK_EVERY`] units it also reads the TSC and the lock's
+//! waiter count (64 units of zap work are well under a microsecond, so the
+//! slice is honoured to within that). When it says yes, the caller flushes
+//! what it zapped, calls [`MmuLock::yield_write`](crate::MmuLock::yield_write)
+//! and then [`Yielder::yielded`], and resumes where it stopped.
+//!
+//! A zap yields when its slice is spent, when its unit budget is spent, or
+//! when someone waits for the lock and the zap has held it for at least
+//! `min_hold` - without that floor a constantly faulting vCPU turns every
+//! check into a yield (each a context switch), the storm KVM's
+//! `rwlock_needbreak()` avoids by ignoring contention on non-preemptible
+//! kernels.
 //!
 //! A *stretch* is the work done between two yields (or from the start of the
 //! zap to its first yield, or from its last yield to its end): the time the
@@ -14,11 +22,12 @@
 //! recorded in time and in units and published as `max_zap_stretch_ns` /
 //! `max_zap_stretch_leaves`.
 
+use crate::clock::{self, Ticks};
 use crate::lock::MmuLock;
 use crate::stats::MmuStats;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// The clock is read every this many units (a power of two).
+/// The clock and the waiter count are sampled every this many units.
 pub const CLOCK_EVERY: u64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,6 +46,8 @@ pub struct YieldPolicy {
     pub slice: Duration,
     /// Most units (leaves / rmap entries) in one stretch.
     pub max_units: u64,
+    /// Least time to hold the lock before yielding to a waiter.
+    pub min_hold: Duration,
 }
 
 impl Default for YieldPolicy {
@@ -45,6 +56,7 @@ impl Default for YieldPolicy {
             mode: YieldMode::Yield,
             slice: Duration::from_micros(20),
             max_units: u64::MAX,
+            min_hold: Duration::from_micros(5),
         }
     }
 }
@@ -64,6 +76,12 @@ impl YieldPolicy {
 
     pub fn with_slice(mut self, slice: Duration) -> Self {
         self.slice = slice;
+        self.min_hold = self.min_hold.min(slice);
+        self
+    }
+
+    pub fn with_min_hold(mut self, min_hold: Duration) -> Self {
+        self.min_hold = min_hold.min(self.slice);
         self
     }
 }
@@ -98,19 +116,23 @@ pub struct Yielder<'a> {
     policy: YieldPolicy,
     lock: &'a MmuLock,
     stats: &'a MmuStats,
-    started: Instant,
-    stretch_start: Instant,
+    slice_ticks: Ticks,
+    min_hold_ticks: Ticks,
+    started: Ticks,
+    stretch_start: Ticks,
     stretch_units: u64,
     report: YieldReport,
 }
 
 impl<'a> Yielder<'a> {
     pub fn new(policy: YieldPolicy, lock: &'a MmuLock, stats: &'a MmuStats) -> Self {
-        let now = Instant::now();
+        let now = clock::now();
         Self {
             policy,
             lock,
             stats,
+            slice_ticks: clock::ticks(policy.slice),
+            min_hold_ticks: clock::ticks(policy.min_hold),
             started: now,
             stretch_start: now,
             stretch_units: 0,
@@ -129,10 +151,14 @@ impl<'a> Yielder<'a> {
         if self.policy.mode == YieldMode::NeverYield {
             return false;
         }
-        if self.stretch_units >= self.policy.max_units || self.lock.contended() {
+        if self.stretch_units >= self.policy.max_units {
             return true;
         }
-        self.stretch_units % CLOCK_EVERY == 0 && self.stretch_start.elapsed() >= self.policy.slice
+        if self.stretch_units % CLOCK_EVERY != 0 {
+            return false;
+        }
+        let held = clock::now().wrapping_sub(self.stretch_start);
+        held >= self.slice_ticks || (held >= self.min_hold_ticks && self.lock.contended())
     }
 
     /// The caller has flushed, dropped and re-taken the lock: close the
@@ -141,13 +167,13 @@ impl<'a> Yielder<'a> {
         self.close_stretch();
         self.report.yields += 1;
         MmuStats::inc(&self.stats.zap_yields);
-        self.stretch_start = Instant::now();
+        self.stretch_start = clock::now();
     }
 
     /// End of the zap: close the last stretch, publish the peaks.
     pub fn finish(mut self) -> YieldReport {
         self.close_stretch();
-        self.report.total_ns = nanos(self.started.elapsed());
+        self.report.total_ns = clock::nanos(clock::now().wrapping_sub(self.started));
         MmuStats::peak(&self.stats.max_zap_stretch_ns, self.report.longest.ns);
         MmuStats::peak(
             &self.stats.max_zap_stretch_leaves,
@@ -158,17 +184,13 @@ impl<'a> Yielder<'a> {
 
     fn close_stretch(&mut self) {
         let s = Stretch {
-            ns: nanos(self.stretch_start.elapsed()),
+            ns: clock::nanos(clock::now().wrapping_sub(self.stretch_start)),
             units: self.stretch_units,
         };
         self.report.longest = self.report.longest.max(s);
         self.report.units += self.stretch_units;
         self.stretch_units = 0;
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

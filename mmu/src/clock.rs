@@ -1,0 +1,96 @@
+//! A cheap monotonic clock for hot loops: the TSC, calibrated once against
+//! `Instant`. Reading it costs ~10 ns here against ~25 ns for
+//! `Instant::now()` (a vDSO call), which matters at one sample per 64 zapped
+//! leaves. Non-x86-64 builds fall back to `Instant`.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Clock ticks (TSC cycles on x86-64, nanoseconds elsewhere).
+pub type Ticks = u64;
+
+/// Nanoseconds per tick, scaled by 2^32.
+fn scale() -> u64 {
+    static SCALE: OnceLock<u64> = OnceLock::new();
+    *SCALE.get_or_init(calibrate)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn raw() -> Ticks {
+    // SAFETY: RDTSC has no memory effects and is available on every x86-64
+    // CPU; user-space RDTSC is only disabled by CR4.TSD, which Linux does
+    // not set for ordinary processes.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn calibrate() -> u64 {
+    // ~1 ms against the monotonic clock: enough for a 0.1 % scale error,
+    // paid once per process.
+    let (t0, c0) = (Instant::now(), raw());
+    while t0.elapsed() < Duration::from_millis(1) {
+        std::hint::spin_loop();
+    }
+    let (ns, cycles) = (t0.elapsed().as_nanos() as u64, raw().wrapping_sub(c0));
+    ((ns as u128) << 32)
+        .checked_div(cycles as u128)
+        .map_or(1 << 32, |s| s as u64)
+        .max(1)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn raw() -> Ticks {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn calibrate() -> u64 {
+    1 << 32
+}
+
+/// Now, in ticks.
+#[inline]
+pub fn now() -> Ticks {
+    raw()
+}
+
+/// Ticks to nanoseconds.
+pub fn nanos(ticks: Ticks) -> u64 {
+    u64::try_from((ticks as u128 * scale() as u128) >> 32).unwrap_or(u64::MAX)
+}
+
+/// A duration in ticks (at least 1 for a non-zero duration).
+pub fn ticks(d: Duration) -> Ticks {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX) as u128;
+    if ns == 0 {
+        return 0;
+    }
+    u64::try_from((ns << 32) / scale() as u128)
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_agrees_with_instant() {
+        let (t0, c0) = (Instant::now(), now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (wall, tsc) = (t0.elapsed().as_nanos() as f64, nanos(now() - c0) as f64);
+        assert!(
+            (tsc / wall - 1.0).abs() < 0.05,
+            "tsc {tsc} ns vs wall {wall} ns"
+        );
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = Duration::from_micros(20);
+        let back = nanos(ticks(d));
+        assert!((19_900..=20_100).contains(&back), "{back}");
+        assert_eq!(ticks(Duration::ZERO), 0);
+    }
+}
