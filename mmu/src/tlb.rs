@@ -30,7 +30,7 @@ impl RemoteTlb {
     /// Without a hook (model plane) the flush is counted as performed.
     pub fn flush(&self, stats: &MmuStats) {
         MmuStats::inc(&stats.remote_tlb_flush_requests);
-        let done = self.hook.as_ref().map_or(true, |h| h());
+        let done = self.hook.as_ref().is_none_or(|h| h());
         if done {
             MmuStats::inc(&stats.remote_tlb_flush);
         }

@@ -154,7 +154,7 @@ impl<'a> Yielder<'a> {
         if self.stretch_units >= self.policy.max_units {
             return true;
         }
-        if self.stretch_units % CLOCK_EVERY != 0 {
+        if !self.stretch_units.is_multiple_of(CLOCK_EVERY) {
             return false;
         }
         let held = clock::now().wrapping_sub(self.stretch_start);
