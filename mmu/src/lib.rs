@@ -5,7 +5,10 @@
 //! - [`yielder`]: the one yield mechanism every zap uses (TDP leaves, rmap
 //!   entries), with the longest non-yield stretch measured.
 //! - [`tlb`]: the remote TLB flush hook and its counters.
+//! - [`guest_walk`]: x86-64 and EPT guest page-table walkers over untrusted
+//!   guest memory.
 
+pub mod guest_walk;
 pub mod lock;
 pub mod stats;
 pub mod tlb;
