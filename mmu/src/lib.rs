@@ -7,9 +7,13 @@
 //! - [`tlb`]: the remote TLB flush hook and its counters.
 //! - [`guest_walk`]: x86-64 and EPT guest page-table walkers over untrusted
 //!   guest memory.
+//! - [`rmap`]: reverse maps in KVM's compact form, lazily allocated arrays.
+//! - [`populated`]: hierarchical bitmap of populated rmap heads.
 
 pub mod guest_walk;
 pub mod lock;
+pub mod populated;
+pub mod rmap;
 pub mod stats;
 pub mod tlb;
 pub mod yielder;
