@@ -9,11 +9,18 @@
 //!   guest memory.
 //! - [`rmap`]: reverse maps in KVM's compact form, lazily allocated arrays.
 //! - [`populated`]: hierarchical bitmap of populated rmap heads.
+//! - [`shadow`]: the shadow MMU (shadow pages by (gfn, role), write
+//!   tracking, fault path, yielding rmap zaps).
+//! - [`nested`]: nested TDP, the shadow MMU over an L1's EPT tables.
+//! - [`model`]: model-plane generators (L1 up to 4 TiB, L2 density, shapes).
 
 pub mod guest_walk;
 pub mod lock;
+pub mod model;
+pub mod nested;
 pub mod populated;
 pub mod rmap;
+pub mod shadow;
 pub mod stats;
 pub mod tlb;
 pub mod yielder;
