@@ -1,2 +1,4 @@
 //! The VMM: KVM VM and vCPUs, hugetlb guest RAM, Linux boot, devices, the
 //! event loop and the `vmm` subcommands.
+
+pub mod soft_lockup;

@@ -17,9 +17,13 @@ enum Cmd {
     // One variant per subcommand, e.g.
     // /// Boot a Linux guest.
     // Boot(vmm::boot::BootArgs),
+    /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
+    SoftLockup(vmm::soft_lockup::SoftLockupArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
+    }
 }

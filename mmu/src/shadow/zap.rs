@@ -40,7 +40,14 @@ pub struct ZapProgress {
     pub done: AtomicBool,
     /// Rmap heads visited so far (as of the last publication).
     pub heads_visited: AtomicU64,
+    /// Measurement gate: once it holds `mmu_lock`, the zap waits (at most
+    /// [`GATE_TIMEOUT`]) until someone is blocked on the lock before it
+    /// starts, so an observer's first wait covers the zap from its start.
+    pub hold_until_contended: bool,
 }
+
+/// Longest wait of the [`ZapProgress::hold_until_contended`] gate.
+pub const GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy)]
 pub struct ZapOptions<'a> {
@@ -81,6 +88,10 @@ impl<P: GuestPaging> ShadowMmu<P> {
         if let Some(p) = opts.progress {
             p.heads_visited.store(0, Ordering::Relaxed);
             p.started.store(true, Ordering::Release);
+            let t = std::time::Instant::now();
+            while p.hold_until_contended && !self.lock.contended() && t.elapsed() < GATE_TIMEOUT {
+                std::hint::spin_loop();
+            }
         }
         let mut y = Yielder::new(opts.policy, &self.lock, stats);
         let mut st = self.state.lock();
