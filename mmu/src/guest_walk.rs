@@ -66,7 +66,7 @@ impl SparseGuestMem {
     }
 
     fn check(&self, gpa: u64) -> Result<(), MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Misaligned { gpa });
         }
         if gpa.checked_add(8).is_none_or(|end| end > self.size) {
@@ -375,43 +375,105 @@ pub fn walk_x86(
     if paging.cr3 & above_maxphy(paging.maxphyaddr) != 0 {
         return Err(WalkError::BadRoot { root: paging.cr3 });
     }
-    let addr_mask = phys_addr_mask(paging.maxphyaddr);
-    for retry in 0..=MAX_WALK_RETRIES {
-        let _ = retry;
+    walk(mem, paging, gva, access, set_ad)
+}
+
+impl PageFormat for X86Paging {
+    const PS: u64 = x86::PS;
+    fn root_and_maxphyaddr(&self) -> (u64, u8) {
+        (self.cr3, self.maxphyaddr)
+    }
+    fn start_access(&self) -> EffectiveAccess {
+        EffectiveAccess {
+            read: true,
+            write: true,
+            exec: true,
+            user: true,
+        }
+    }
+    fn present(&self, pte: u64) -> bool {
+        pte & x86::P != 0
+    }
+    fn invalid(&self, level: u8, pte: u64, large: bool) -> bool {
+        pte & self.rsvd_mask(level, large) != 0
+    }
+    fn accumulate(&self, a: &mut EffectiveAccess, pte: u64) {
+        a.write &= pte & x86::RW != 0;
+        a.user &= pte & x86::US != 0;
+        if self.efer_nx {
+            a.exec &= pte & x86::NX == 0;
+        }
+    }
+    /// KVM: `permission_fault` / `update_permission_bitmask`.
+    fn denied(&self, access: AccessKind, a: EffectiveAccess) -> bool {
+        (access.user && !a.user)
+            || (access.write && !a.write && (access.user || self.cr0_wp))
+            || (access.fetch && !a.exec)
+            || (access.fetch && !access.user && self.smep && a.user)
+    }
+    fn ad_bits(&self) -> Option<(u64, u64)> {
+        Some((x86::A, x86::D))
+    }
+    fn leaf_attrs(&self, t: &mut Translation, leaf: u64) {
+        t.dirty = leaf & x86::D != 0;
+    }
+}
+
+/// What differs between guest page-table formats; [`walk`] does the rest.
+trait PageFormat {
+    /// Page-size bit of an entry.
+    const PS: u64;
+    /// CR3 / EPTP and MAXPHYADDR.
+    fn root_and_maxphyaddr(&self) -> (u64, u8);
+    /// Effective access before the first entry.
+    fn start_access(&self) -> EffectiveAccess;
+    fn present(&self, pte: u64) -> bool;
+    /// Reserved bits set or a misconfiguration.
+    fn invalid(&self, level: u8, pte: u64, large: bool) -> bool;
+    fn accumulate(&self, a: &mut EffectiveAccess, pte: u64);
+    fn denied(&self, access: AccessKind, allowed: EffectiveAccess) -> bool;
+    /// (Accessed, Dirty) bits to set, if the format has them enabled.
+    fn ad_bits(&self) -> Option<(u64, u64)>;
+    /// Memtype, IPAT, dirty of the leaf.
+    fn leaf_attrs(&self, t: &mut Translation, leaf: u64);
+}
+
+/// The 4-level walk both formats share: each entry read once, at most four
+/// reads per attempt, A/D by compare-exchange with bounded restarts.
+fn walk<F: PageFormat>(
+    mem: &dyn GuestPhysMem,
+    f: &F,
+    addr: u64,
+    access: AccessKind,
+    set_ad: bool,
+) -> Result<Translation, WalkError> {
+    let (root, maxphyaddr) = f.root_and_maxphyaddr();
+    let addr_mask = phys_addr_mask(maxphyaddr);
+    for _ in 0..=MAX_WALK_RETRIES {
         let mut t = Translation {
             gpa: 0,
             page_size: PageSize::Size4K,
-            access: EffectiveAccess {
-                read: true,
-                write: true,
-                exec: true,
-                user: true,
-            },
+            access: f.start_access(),
             dirty: false,
             memtype: 0,
             ipat: false,
             table_gfn: [0; 4],
             pte: [0; 4],
         };
-        let mut table = paging.cr3 & addr_mask;
+        let mut table = root & addr_mask;
         let mut level = ROOT_LEVEL;
         let leaf_level = loop {
-            let pte_gpa = table + level_index(gva, level) * 8;
-            let pte = mem.read_u64(pte_gpa)?;
+            let pte = mem.read_u64(table + level_index(addr, level) * 8)?;
             t.table_gfn[level as usize - 1] = table >> PAGE_SHIFT;
             t.pte[level as usize - 1] = pte;
-            if pte & x86::P == 0 {
+            if !f.present(pte) {
                 return Err(WalkError::NotPresent { level });
             }
-            let large = level > 1 && pte & x86::PS != 0;
-            if pte & paging.rsvd_mask(level, large) != 0 {
+            let large = level > 1 && pte & F::PS != 0;
+            if f.invalid(level, pte, large) {
                 return Err(WalkError::Reserved { level });
             }
-            t.access.write &= pte & x86::RW != 0;
-            t.access.user &= pte & x86::US != 0;
-            if paging.efer_nx {
-                t.access.exec &= pte & x86::NX == 0;
-            }
+            f.accumulate(&mut t.access, pte);
             if level == 1 || large {
                 break level;
             }
@@ -420,34 +482,21 @@ pub fn walk_x86(
         };
         let leaf = t.pte[leaf_level as usize - 1];
         let size = PageSize::from_level(leaf_level).unwrap_or(PageSize::Size4K);
-        let base_mask = if leaf_level == 1 {
-            addr_mask
-        } else {
-            addr_mask & !(size.bytes() - 1)
-        };
         t.page_size = size;
-        t.gpa = (leaf & base_mask) | (gva & (size.bytes() - 1));
-        t.dirty = leaf & x86::D != 0;
-
-        // Permission check (KVM: permission_fault / update_permission_bitmask).
-        let a = t.access;
-        let denied = (access.user && !a.user)
-            || (access.write && !a.write && (access.user || paging.cr0_wp))
-            || (access.fetch && !a.exec)
-            || (access.fetch && !access.user && paging.smep && a.user);
-        if denied {
+        t.gpa = (leaf & addr_mask & !(size.bytes() - 1)) | (addr & (size.bytes() - 1));
+        f.leaf_attrs(&mut t, leaf);
+        if f.denied(access, t.access) {
             return Err(WalkError::Protection {
                 level: leaf_level,
                 access,
-                allowed: a,
+                allowed: t.access,
             });
         }
-        if !set_ad {
+        let Some((a_bit, d_bit)) = f.ad_bits().filter(|_| set_ad) else {
             return Ok(t);
-        }
-        match update_ad(mem, &mut t, gva, leaf_level, x86::A, x86::D, access.write)? {
-            true => return Ok(t),
-            false => continue,
+        };
+        if update_ad(mem, &mut t, addr, leaf_level, a_bit, d_bit, access.write)? {
+            return Ok(t);
         }
     }
     Err(WalkError::Raced {
@@ -584,88 +633,47 @@ pub fn walk_ept(
     if l2_gpa >> 48 != 0 {
         return Err(WalkError::NonCanonical { addr: l2_gpa });
     }
-    let addr_mask = phys_addr_mask(paging.maxphyaddr);
-    for _ in 0..=MAX_WALK_RETRIES {
-        let mut t = Translation {
-            gpa: 0,
-            page_size: PageSize::Size4K,
-            access: EffectiveAccess {
-                read: true,
-                write: true,
-                exec: true,
-                user: false,
-            },
-            dirty: false,
-            memtype: 0,
-            ipat: false,
-            table_gfn: [0; 4],
-            pte: [0; 4],
-        };
-        let mut table = paging.eptp & addr_mask;
-        let mut level = ROOT_LEVEL;
-        let leaf_level = loop {
-            let pte_gpa = table + level_index(l2_gpa, level) * 8;
-            let pte = mem.read_u64(pte_gpa)?;
-            t.table_gfn[level as usize - 1] = table >> PAGE_SHIFT;
-            t.pte[level as usize - 1] = pte;
-            if pte & ept::RWX == 0 {
-                return Err(WalkError::NotPresent { level });
-            }
-            let large = level > 1 && pte & ept::PS != 0;
-            let leaf = level == 1 || large;
-            if pte & paging.rsvd_mask(level, large) != 0 || paging.misconfigured(pte, leaf) {
-                return Err(WalkError::Reserved { level });
-            }
-            t.access.read &= pte & ept::R != 0;
-            t.access.write &= pte & ept::W != 0;
-            t.access.exec &= pte & ept::X != 0;
-            if leaf {
-                break level;
-            }
-            table = pte & addr_mask;
-            level -= 1;
-        };
-        let leaf = t.pte[leaf_level as usize - 1];
-        let size = PageSize::from_level(leaf_level).unwrap_or(PageSize::Size4K);
-        let base_mask = if leaf_level == 1 {
-            addr_mask
-        } else {
-            addr_mask & !(size.bytes() - 1)
-        };
-        t.page_size = size;
-        t.gpa = (leaf & base_mask) | (l2_gpa & (size.bytes() - 1));
+    walk(mem, paging, l2_gpa, access, set_ad)
+}
+
+impl PageFormat for EptPaging {
+    const PS: u64 = ept::PS;
+    fn root_and_maxphyaddr(&self) -> (u64, u8) {
+        (self.eptp, self.maxphyaddr)
+    }
+    fn start_access(&self) -> EffectiveAccess {
+        EffectiveAccess {
+            read: true,
+            write: true,
+            exec: true,
+            user: false,
+        }
+    }
+    fn present(&self, pte: u64) -> bool {
+        pte & ept::RWX != 0
+    }
+    fn invalid(&self, level: u8, pte: u64, large: bool) -> bool {
+        pte & self.rsvd_mask(level, large) != 0 || self.misconfigured(pte, level == 1 || large)
+    }
+    fn accumulate(&self, a: &mut EffectiveAccess, pte: u64) {
+        a.read &= pte & ept::R != 0;
+        a.write &= pte & ept::W != 0;
+        a.exec &= pte & ept::X != 0;
+    }
+    /// EPT violation: the access kind's permission is missing.
+    fn denied(&self, access: AccessKind, a: EffectiveAccess) -> bool {
+        (access.fetch && !a.exec)
+            || (access.write && !a.write)
+            || (!access.fetch && !access.write && !a.read)
+    }
+    fn ad_bits(&self) -> Option<(u64, u64)> {
+        self.ad_enabled().then_some((ept::A, ept::D))
+    }
+    fn leaf_attrs(&self, t: &mut Translation, leaf: u64) {
         t.memtype = ((leaf & ept::MT_MASK) >> ept::MT_SHIFT) as u8;
         t.ipat = leaf & ept::IPAT != 0;
         t.dirty = leaf & ept::D != 0;
-        let a = t.access;
-        let denied = (access.fetch && !a.exec)
-            || (access.write && !a.write)
-            || (!access.fetch && !access.write && !a.read);
-        if denied {
-            return Err(WalkError::Protection {
-                level: leaf_level,
-                access,
-                allowed: a,
-            });
-        }
-        if !(set_ad && paging.ad_enabled()) {
-            return Ok(t);
-        }
-        if update_ad(
-            mem,
-            &mut t,
-            l2_gpa,
-            leaf_level,
-            ept::A,
-            ept::D,
-            access.write,
-        )? {
-            return Ok(t);
-        }
     }
-    Err(WalkError::Raced {
-        retries: MAX_WALK_RETRIES,
-    })
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 impl NestedModelConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self.l1_bytes % (2 << 20) != 0
+        if !self.l1_bytes.is_multiple_of(2 << 20)
             || self.l1_bytes < (4 << 20)
             || self.l1_bytes > MAX_L1_BYTES
         {
@@ -263,7 +263,7 @@ pub fn build_nested(
     let avail = cfg.regions() - reserved;
     // Distinct, spread L1 regions: k -> (a*k + b) mod avail, gcd(a, avail) = 1.
     let mut rng = cfg.seed;
-    let mut a = splitmix(&mut rng) % avail.max(1) | 1;
+    let mut a = (splitmix(&mut rng) % avail.max(1)) | 1;
     while gcd(a, avail) != 1 {
         a += 2;
     }

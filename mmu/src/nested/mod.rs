@@ -8,7 +8,7 @@
 use crate::guest_walk::{
     ept, walk_ept, AccessKind, EptPaging, GuestPhysMem, Translation, WalkError,
 };
-use crate::shadow::{GuestPaging, ShadowMmu, ACC_EXEC, ACC_USER, ACC_WRITE};
+use crate::shadow::{acc_bits, GuestPaging, ShadowMmu};
 
 /// The nested-TDP MMU.
 pub type NestedMmu = ShadowMmu<EptPaging>;
@@ -32,16 +32,6 @@ impl GuestPaging for EptPaging {
 
     /// As KVM's EPT `FNAME(gpte_access)`: R is carried as ACC_USER.
     fn entry_access(&self, pte: u64) -> u8 {
-        let mut a = 0;
-        if pte & ept::W != 0 {
-            a |= ACC_WRITE;
-        }
-        if pte & ept::X != 0 {
-            a |= ACC_EXEC;
-        }
-        if pte & ept::R != 0 {
-            a |= ACC_USER;
-        }
-        a
+        acc_bits(pte & ept::W != 0, pte & ept::X != 0, pte & ept::R != 0)
     }
 }

@@ -42,6 +42,13 @@ pub const ACC_WRITE: u8 = 2;
 pub const ACC_USER: u8 = 4;
 pub const ACC_ALL: u8 = 7;
 
+/// `ACC_*` bits from write / exec / user (EPT: read) permissions.
+pub fn acc_bits(write: bool, exec: bool, user: bool) -> u8 {
+    (if write { ACC_WRITE } else { 0 })
+        | (if exec { ACC_EXEC } else { 0 })
+        | (if user { ACC_USER } else { 0 })
+}
+
 /// `union kvm_mmu_page_role`, the fields this MMU distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Role {
@@ -87,17 +94,11 @@ impl GuestPaging for X86Paging {
 
     fn entry_access(&self, pte: u64) -> u8 {
         use crate::guest_walk::x86;
-        let mut a = 0;
-        if pte & x86::RW != 0 {
-            a |= ACC_WRITE;
-        }
-        if pte & x86::US != 0 {
-            a |= ACC_USER;
-        }
-        if !(self.efer_nx && pte & x86::NX != 0) {
-            a |= ACC_EXEC;
-        }
-        a
+        acc_bits(
+            pte & x86::RW != 0,
+            !(self.efer_nx && pte & x86::NX != 0),
+            pte & x86::US != 0,
+        )
     }
 }
 
