@@ -31,6 +31,7 @@ use parking_lot::Mutex;
 use slot::{ShadowSlot, SlotConfig, SlotError};
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use zap::{WalkMode, ZapOptions, ZapProgress, ZapReport};
@@ -168,6 +169,10 @@ pub(crate) struct ShadowState {
     slots: Vec<ShadowSlot>,
     descs: DescArena,
     scratch: Vec<SpteRef>,
+    /// `mmu_invalidate_in_progress` and the union of the gfn ranges of the
+    /// invalidations in progress (`mmu_invalidate_range_start/end`).
+    invalidate_in_progress: u32,
+    invalidate_range: (u64, u64),
 }
 
 /// A shadow MMU over guest RAM `mem` for paging format `P`.
@@ -178,6 +183,9 @@ pub struct ShadowMmu<P: GuestPaging> {
     state: Mutex<ShadowState>,
     mem: Arc<dyn GuestPhysMem + Send + Sync>,
     notifier_policy: YieldPolicy,
+    /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
+    /// (Local to this MMU until `notifier::seq` provides the shared one.)
+    invalidate_seq: AtomicU64,
     _paging: PhantomData<P>,
 }
 
@@ -212,6 +220,8 @@ impl ShadowState {
             slots: Vec::new(),
             descs: DescArena::default(),
             scratch: Vec::new(),
+            invalidate_in_progress: 0,
+            invalidate_range: (u64::MAX, 0),
         }
     }
 
@@ -446,6 +456,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
             state: Mutex::new(ShadowState::new()),
             mem,
             notifier_policy: YieldPolicy::default(),
+            invalidate_seq: AtomicU64::new(0),
             _paging: PhantomData,
         }
     }
@@ -513,10 +524,13 @@ impl<P: GuestPaging> ShadowMmu<P> {
         access: AccessKind,
     ) -> Result<FaultOutcome, FaultError> {
         MmuStats::inc(&self.stats.pf_taken);
+        // Snapshot before resolving anything (the walk stands for the pfn
+        // lookup), re-checked under the lock (`is_page_fault_stale`).
+        let seq = self.invalidate_seq.load(Ordering::Acquire);
         let walk = paging.walk(&*self.mem, addr, access, true)?;
         let _g = self.lock.write();
         let mut st = self.state.lock();
-        let r = self.fetch(&mut st, paging, &walk, addr, access);
+        let r = self.fetch(&mut st, paging, &walk, addr, access, seq);
         if matches!(r, Ok(FaultOutcome::Fixed { .. })) {
             MmuStats::inc(&self.stats.pf_fixed);
         }
@@ -530,6 +544,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
         walk: &Translation,
         addr: u64,
         access: AccessKind,
+        seq: u64,
     ) -> Result<FaultOutcome, FaultError> {
         let stats = &*self.stats;
         let guest_leaf = walk.leaf_level();
@@ -556,6 +571,16 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 break;
             }
             target -= 1;
+        }
+        // `mmu_invalidate_retry_gfn`, for the whole range the leaf will map.
+        let base = gfn & !(span(target) - 1);
+        let (inv_start, inv_end) = st.invalidate_range;
+        let in_range = base < inv_end && base + span(target) > inv_start;
+        if (st.invalidate_in_progress > 0 && in_range)
+            || self.invalidate_seq.load(Ordering::Acquire) != seq
+        {
+            MmuStats::inc(&stats.fault_retries);
+            return Ok(FaultOutcome::Retry);
         }
         let mut flush = false;
         let (mut sp, f) = st.get_or_create_sp(
@@ -645,6 +670,33 @@ impl<P: GuestPaging> ShadowMmu<P> {
             return Ok(FaultOutcome::Emulate { gfn });
         }
         Ok(outcome)
+    }
+
+    /// `kvm_mmu_invalidate_begin` + `range_add`: from now until
+    /// [`Self::invalidate_end`], faults on gfns in the ranges retry.
+    pub fn invalidate_begin(&self, ranges: &[(u64, u64)]) {
+        let _g = self.lock.write();
+        let mut st = self.state.lock();
+        if st.invalidate_in_progress == 0 {
+            st.invalidate_range = (u64::MAX, 0);
+        }
+        st.invalidate_in_progress += 1;
+        for &(s, e) in ranges {
+            st.invalidate_range = (st.invalidate_range.0.min(s), st.invalidate_range.1.max(e));
+        }
+    }
+
+    /// `kvm_mmu_invalidate_end`: seq++ before in_progress-- (both under the
+    /// lock).
+    pub fn invalidate_end(&self) {
+        let _g = self.lock.write();
+        let mut st = self.state.lock();
+        self.invalidate_seq.fetch_add(1, Ordering::Release);
+        st.invalidate_in_progress = st.invalidate_in_progress.saturating_sub(1);
+    }
+
+    pub fn invalidate_seq(&self) -> u64 {
+        self.invalidate_seq.load(Ordering::Acquire)
     }
 
     /// The guest wrote a page table we shadow (after emulating the write):

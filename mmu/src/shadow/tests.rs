@@ -378,3 +378,69 @@ fn notifier_invalidation_zaps_through_hva() {
     assert!(m.mmu.stats().snapshot().remote_tlb_flush >= 1);
     let _ = YieldMode::Yield;
 }
+
+/// Faults racing with a yielding invalidation: while it is in progress no
+/// fault installs an SPTE in its range (they retry), so when
+/// `invalidate_range_start` returns nothing in the range is mapped, even
+/// though the zap let faults in at every yield.
+#[test]
+fn racing_faults_retry_during_a_yielding_invalidation() {
+    use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut m = build_nested(
+        NestedModelConfig {
+            l1_bytes: 256 << 20,
+            density: 0.5,
+            shape: TableShape::Linear,
+            ..Default::default()
+        },
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    )
+    .unwrap();
+    Arc::get_mut(&mut m.mmu)
+        .expect("sole owner")
+        .set_notifier_policy(YieldPolicy::default().with_max_units(16));
+    let m = Arc::new(m);
+    let stop = Arc::new(AtomicBool::new(false));
+    let faulter = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = m
+                    .mmu
+                    .page_fault(&m.paging, (k % m.l2_pages()) << 12, AccessKind::WRITE);
+                k += 97;
+            }
+        })
+    };
+    let hva = crate::model::MODEL_L1_HVA;
+    for round in 0..20u64 {
+        let (s, e) = (round * 3000, round * 3000 + 20000);
+        let inv = Invalidation {
+            range: HvaRange::new(hva + (s << 12), hva + (e << 12)),
+            event: MmuNotifyEvent::Clear,
+            blockable: true,
+            delivery: Delivery::Before,
+        };
+        m.mmu.invalidate_range_start(&inv);
+        let leaked: Vec<_> = m
+            .mmu
+            .leaves()
+            .into_iter()
+            .filter(|(g, _, _)| *g >= s && *g < e)
+            .collect();
+        m.mmu.invalidate_range_end(&inv);
+        assert!(
+            leaked.is_empty(),
+            "round {round}: mapped during the invalidation: {:?}",
+            &leaked[..leaked.len().min(4)]
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    faulter.join().unwrap();
+    let s = m.mmu.stats().snapshot();
+    assert!(s.zap_yields > 0 && s.fault_retries > 0, "{s:?}");
+}

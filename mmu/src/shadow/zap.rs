@@ -165,13 +165,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
 
     /// Host virtual range -> zap of the gfns it backs, per memslot.
     pub fn zap_hva_range(&self, start: u64, end: u64, opts: &ZapOptions<'_>) -> Vec<ZapReport> {
-        let ranges: Vec<(u64, u64)> = self
-            .state
-            .lock()
-            .slots
-            .iter()
-            .filter_map(|s| s.hva_to_gfns(start, end))
-            .collect();
+        let ranges = self.hva_to_gfn_ranges(start, end);
         ranges
             .into_iter()
             .map(|(s, e)| self.zap_gfn_range(s, e, opts))
@@ -179,25 +173,49 @@ impl<P: GuestPaging> ShadowMmu<P> {
     }
 }
 
+impl<P: GuestPaging> ShadowMmu<P> {
+    fn hva_to_gfn_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.state
+            .lock()
+            .slots
+            .iter()
+            .filter_map(|s| s.hva_to_gfns(start, end))
+            .collect()
+    }
+}
+
 impl<P: GuestPaging> InvalidationSubscriber for ShadowMmu<P> {
-    /// `kvm_mmu_notifier_invalidate_range_start` -> `kvm_unmap_gfn_range`:
-    /// yield only if the invalidation may block.
+    /// `kvm_mmu_notifier_invalidate_range_start`: mark the gfn ranges under
+    /// invalidation (faults there retry), then `kvm_unmap_gfn_range`,
+    /// yielding only if the invalidation may block. No memslot overlap: no
+    /// lock taken, nothing recorded.
     fn invalidate_range_start(&self, inv: &Invalidation) {
+        let ranges = self.hva_to_gfn_ranges(inv.range.start, inv.range.end);
+        if ranges.is_empty() {
+            return;
+        }
+        self.invalidate_begin(&ranges);
         let policy = if inv.blockable {
             self.notifier_policy
         } else {
             YieldPolicy::never()
         };
-        self.zap_hva_range(
-            inv.range.start,
-            inv.range.end,
-            &ZapOptions {
-                policy,
-                mode: WalkMode::Summary,
-                progress: None,
-            },
-        );
+        let opts = ZapOptions {
+            policy,
+            mode: WalkMode::Summary,
+            progress: None,
+        };
+        for (s, e) in ranges {
+            self.zap_gfn_range(s, e, &opts);
+        }
     }
 
-    fn invalidate_range_end(&self, _inv: &Invalidation) {}
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        if !self
+            .hva_to_gfn_ranges(inv.range.start, inv.range.end)
+            .is_empty()
+        {
+            self.invalidate_end();
+        }
+    }
 }
