@@ -50,8 +50,8 @@ fn heads(range_gib: u64) -> u64 {
 fn go(range_gib: u64, yield_on: bool) -> SoftLockupReport {
     let r = run(&scenario(range_gib, yield_on, WalkMode::Blind)).expect("scenario runs");
     eprintln!(
-        "{range_gib} GiB yield={yield_on}: stretch {} ns / {} heads, watchdog worst {} ns / {} heads ({} acquisitions), zap {} ns, {} heads, {} sptes",
-        r.max_stretch_ns, r.max_stretch_entries, r.watchdog_worst_wait_ns, r.watchdog_worst_wait_entries,
+        "{range_gib} GiB yield={yield_on}: stretch {} ns / {} heads, watchdog worst {} ns / {} heads / {} work ({} acquisitions), zap {} ns, {} heads, {} sptes",
+        r.max_stretch_ns, r.max_stretch_entries, r.watchdog_worst_wait_ns, r.watchdog_worst_wait_entries, r.watchdog_worst_wait_work,
         r.watchdog_acquisitions, r.zap_ns, r.rmap_entries_visited, r.sptes_zapped
     );
     // The blind walk visits every head of the range, empty ones included,
@@ -72,10 +72,12 @@ fn soft_lockup_suite() {
         assert!(y.max_stretch_entries <= MAX_UNITS, "{y:?}");
         assert!(y.yields >= heads(gib) / MAX_UNITS - 1);
         assert!(y.watchdog_acquisitions >= 1);
+        // (Work counted in heads, published every 64, so +64; the wait
+        // can straddle the end of one stretch and the start of the next.)
         assert!(
-            y.watchdog_worst_wait_entries <= 4 * MAX_UNITS,
-            "watchdog starved: waited through {} heads of zap work (budget {MAX_UNITS})",
-            y.watchdog_worst_wait_entries
+            y.watchdog_worst_wait_work <= 2 * MAX_UNITS + 64,
+            "watchdog starved: held off by {} heads of zap work (budget {MAX_UNITS})",
+            y.watchdog_worst_wait_work
         );
         // Never yield: one stretch, the whole range; the watchdog (waiting
         // from the start) waits for all of it.
@@ -87,6 +89,7 @@ fn soft_lockup_suite() {
                 assert_eq!(n.yields, 0);
                 assert_eq!(n.max_stretch_entries, heads(gib));
                 assert_eq!(n.watchdog_worst_wait_entries, heads(gib));
+                assert_eq!(n.watchdog_worst_wait_work, heads(gib));
                 n
             })
             .min_by_key(|n| n.watchdog_worst_wait_ns)
@@ -101,20 +104,27 @@ fn soft_lockup_suite() {
         }
         never.push(n);
     }
-    // The never-yield wait grows with the range (expected 64x and 16x).
+    // The never-yield wait grows with the range: exactly in heads (64x,
+    // 16x), and in time as a ratio (expected the same; loose bounds, the
+    // machine is shared).
+    let e: Vec<f64> = never
+        .iter()
+        .map(|r| r.watchdog_worst_wait_entries as f64)
+        .collect();
+    assert!(e[1] / e[0] >= 60.0 && e[2] / e[1] >= 15.0, "{e:?}");
     let w: Vec<f64> = never
         .iter()
         .map(|r| r.watchdog_worst_wait_ns as f64)
         .collect();
     assert!(
-        w[1] / w[0] >= 8.0,
+        w[1] / w[0] >= 4.0,
         "64 GiB vs 1 GiB wait ratio {:.1}",
         w[1] / w[0]
     );
     assert!(
-        w[2] / w[1] >= 4.0,
-        "1 TiB vs 64 GiB wait ratio {:.1}",
-        w[2] / w[1]
+        w[2] / w[0] >= 16.0,
+        "1 TiB vs 1 GiB wait ratio {:.1}",
+        w[2] / w[0]
     );
 }
 

@@ -141,8 +141,13 @@ impl Scenario {
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct WatchdogReport {
     pub worst_wait_ns: u64,
-    /// Rmap heads the zapper visited during the worst wait (by heads).
+    /// Most rmap heads the zapper visited during one wait.
     pub worst_wait_entries: u64,
+    /// The same, not counting the one-head stretches between releases the
+    /// watchdog missed (it had registered as a waiter but was not parked
+    /// yet, or was descheduled, when the zapper released): the zap work the
+    /// watchdog was really held off by.
+    pub worst_wait_work: u64,
     pub acquisitions: u64,
 }
 
@@ -162,6 +167,7 @@ pub struct SoftLockupReport {
     pub yields: u64,
     pub watchdog_worst_wait_ns: u64,
     pub watchdog_worst_wait_entries: u64,
+    pub watchdog_worst_wait_work: u64,
     pub watchdog_acquisitions: u64,
     pub zap_ns: u64,
     pub rmap_entries_visited: u64,
@@ -211,17 +217,25 @@ fn watchdog(lock: &MmuLock, progress: &ZapProgress, period: Duration) -> Watchdo
     }
     loop {
         let done = progress.done.load(Ordering::Acquire);
-        let u0 = progress.heads_visited.load(Ordering::Acquire);
+        let (u0, y0) = (
+            progress.heads_visited.load(Ordering::Acquire),
+            progress.yields.load(Ordering::Acquire),
+        );
         let t0 = Instant::now();
         let g = lock.read();
         let waited = t0.elapsed().as_nanos() as u64;
-        let u1 = progress.heads_visited.load(Ordering::Acquire);
+        let (u1, y1) = (
+            progress.heads_visited.load(Ordering::Acquire),
+            progress.yields.load(Ordering::Acquire),
+        );
         drop(g);
         r.acquisitions += 1;
-        if waited > r.worst_wait_ns {
-            r.worst_wait_ns = waited;
-        }
-        r.worst_wait_entries = r.worst_wait_entries.max(u1.saturating_sub(u0));
+        r.worst_wait_ns = r.worst_wait_ns.max(waited);
+        let entries = u1.saturating_sub(u0);
+        r.worst_wait_entries = r.worst_wait_entries.max(entries);
+        r.worst_wait_work = r
+            .worst_wait_work
+            .max(entries.saturating_sub(y1.saturating_sub(y0)));
         if done {
             return r;
         }
@@ -262,6 +276,7 @@ fn report(
         yields: z.yields.yields,
         watchdog_worst_wait_ns: wd.worst_wait_ns,
         watchdog_worst_wait_entries: wd.worst_wait_entries,
+        watchdog_worst_wait_work: wd.worst_wait_work,
         watchdog_acquisitions: wd.acquisitions,
         zap_ns: z.yields.total_ns,
         rmap_entries_visited: z.rmap_heads_visited,
@@ -391,9 +406,10 @@ fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
         r.max_stretch_entries
     );
     println!(
-        "  watchdog worst wait {:.3} ms / {} heads over {} acquisitions",
+        "  watchdog worst wait {:.3} ms / {} heads ({} heads of zap work) over {} acquisitions",
         ms(r.watchdog_worst_wait_ns),
         r.watchdog_worst_wait_entries,
+        r.watchdog_worst_wait_work,
         r.watchdog_acquisitions
     );
     println!(

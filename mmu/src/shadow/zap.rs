@@ -38,13 +38,19 @@ pub struct ZapProgress {
     /// Set once the zap holds `mmu_lock`.
     pub started: AtomicBool,
     pub done: AtomicBool,
-    /// Rmap heads visited so far (as of the last publication).
+    /// Rmap heads visited so far: published every [`PROGRESS_EVERY`] heads,
+    /// at every yield and at the end.
     pub heads_visited: AtomicU64,
+    /// Times the zap released the lock so far (published before releasing).
+    pub yields: AtomicU64,
     /// Measurement gate: once it holds `mmu_lock`, the zap waits (at most
     /// [`GATE_TIMEOUT`]) until someone is blocked on the lock before it
     /// starts, so an observer's first wait covers the zap from its start.
     pub hold_until_contended: bool,
 }
+
+/// Heads between two publications of [`ZapProgress::heads_visited`].
+pub const PROGRESS_EVERY: u64 = 64;
 
 /// Longest wait of the [`ZapProgress::hold_until_contended`] gate.
 pub const GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -87,6 +93,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
         let mut g = self.lock.write();
         if let Some(p) = opts.progress {
             p.heads_visited.store(0, Ordering::Relaxed);
+            p.yields.store(0, Ordering::Relaxed);
             p.started.store(true, Ordering::Release);
             let t = std::time::Instant::now();
             while p.hold_until_contended && !self.lock.contended() && t.elapsed() < GATE_TIMEOUT {
@@ -120,6 +127,13 @@ impl<P: GuestPaging> ShadowMmu<P> {
                         }
                     }
                     rep.rmap_heads_visited += 1;
+                    if let Some(p) = opts
+                        .progress
+                        .filter(|_| rep.rmap_heads_visited % PROGRESS_EVERY == 0)
+                    {
+                        p.heads_visited
+                            .store(rep.rmap_heads_visited, Ordering::Release);
+                    }
                     if y.need_yield() {
                         if pending {
                             self.tlb.flush(stats);
@@ -129,6 +143,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
                         if let Some(p) = opts.progress {
                             p.heads_visited
                                 .store(rep.rmap_heads_visited, Ordering::Release);
+                            p.yields.fetch_add(1, Ordering::Release);
                         }
                         drop(st);
                         MmuLock::yield_write(&mut g);
