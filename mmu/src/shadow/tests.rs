@@ -444,3 +444,71 @@ fn racing_faults_retry_during_a_yielding_invalidation() {
     let s = m.mmu.stats().snapshot();
     assert!(s.zap_yields > 0 && s.fault_retries > 0, "{s:?}");
 }
+
+/// Flush before yield: whenever the zap lets someone else take `mmu_lock`,
+/// every SPTE it has zapped so far has been flushed (the flush hook records
+/// the leaf count it saw; an observer holding the lock compares).
+#[test]
+fn zap_flushes_before_every_yield_and_at_the_end() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stats = Arc::new(MmuStats::default());
+    let lock = Arc::new(MmuLock::new());
+    let flushed_at = Arc::new(AtomicU64::new(u64::MAX));
+    let hook = {
+        let (stats, flushed_at) = (stats.clone(), flushed_at.clone());
+        Arc::new(move || {
+            flushed_at.store(stats.pages_4k.load(Ordering::SeqCst), Ordering::SeqCst);
+            true
+        })
+    };
+    let cfg = NestedModelConfig {
+        l1_bytes: 256 << 20,
+        density: 0.5,
+        shape: TableShape::Linear,
+        ..Default::default()
+    };
+    let m = build_nested(cfg, lock.clone(), stats.clone(), RemoteTlb::new(Some(hook))).unwrap();
+    let before = stats.pages_4k.load(Ordering::SeqCst);
+    assert!(before > 0);
+    let done = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let (lock, stats, flushed_at, done) = (
+            lock.clone(),
+            stats.clone(),
+            flushed_at.clone(),
+            done.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut looks, mut mid_zap) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let _g = lock.read();
+                let now = stats.pages_4k.load(Ordering::SeqCst);
+                if now != before {
+                    // Some SPTEs are gone: the last flush saw exactly this.
+                    assert_eq!(
+                        flushed_at.load(Ordering::SeqCst),
+                        now,
+                        "unflushed zaps visible across a yield"
+                    );
+                    mid_zap += (now != 0) as u64;
+                }
+                looks += 1;
+                drop(_g);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            (looks, mid_zap)
+        })
+    };
+    let opts = ZapOptions {
+        policy: YieldPolicy::default().with_max_units(32),
+        mode: WalkMode::Blind,
+        progress: None,
+    };
+    let r = m.mmu.zap_gfn_range(0, 1 << 16, &opts);
+    done.store(true, Ordering::SeqCst);
+    let (looks, _mid) = observer.join().unwrap();
+    assert!(looks > 0);
+    assert_eq!(stats.pages_4k.load(Ordering::SeqCst), 0);
+    assert_eq!(flushed_at.load(Ordering::SeqCst), 0, "final flush");
+    assert!(r.yields.yields > 0 && r.tlb_flushes > 1, "{r:?}");
+}
