@@ -591,17 +591,9 @@ impl<P: GuestPaging> ShadowMmu<P> {
         flush |= f;
         for level in ((target + 1)..=ROOT_LEVEL).rev() {
             let i = index(addr, level);
-            let spte = st.page(sp).spt[i];
-            if sptes::is_present(spte) && !sptes::is_leaf(spte, level) {
-                sp = sptes::child(spte);
-                continue;
-            }
-            if sptes::is_present(spte) {
-                // A large leaf where this walk needs a table.
-                st.drop_spte(sp, i, stats);
-                flush = true;
-            }
             let child_level = level - 1;
+            // The page this walk needs below: the guest table it read at
+            // child_level, or a direct page under a guest large page.
             let (cgfn, role) = if child_level >= guest_leaf {
                 (
                     walk.table_gfn[child_level as usize - 1],
@@ -613,6 +605,22 @@ impl<P: GuestPaging> ShadowMmu<P> {
                     Self::role(child_level, true, acc),
                 )
             };
+            let spte = st.page(sp).spt[i];
+            if sptes::is_present(spte) && !sptes::is_leaf(spte, level) {
+                let child = sptes::child(spte);
+                let c = st.page(child);
+                if (c.gfn, c.role) == (cgfn, role) {
+                    sp = child;
+                    continue;
+                }
+            }
+            if sptes::is_present(spte) {
+                // A large leaf where this walk needs a table, or a link to a
+                // page the guest's tables no longer lead to
+                // (`FNAME(gpte_changed)`): unlink it.
+                st.drop_spte(sp, i, stats);
+                flush = true;
+            }
             let (child, f) = st.get_or_create_sp(cgfn, role, stats);
             flush |= f;
             st.link(sp, i, child);
