@@ -1,1 +1,3 @@
 //! Guest payloads: the Linux image recipe and small built-in test guests.
+
+pub mod linux;
