@@ -1,7 +1,11 @@
 //! Walkers against an independent reference walker on random (often
 //! malformed) page tables: same translation or the same typed error.
 
-#![allow(clippy::too_many_arguments, clippy::manual_is_multiple_of, clippy::nonminimal_bool)]
+#![allow(
+    clippy::too_many_arguments,
+    clippy::manual_is_multiple_of,
+    clippy::nonminimal_bool
+)]
 
 use super::*;
 use proptest::prelude::*;
