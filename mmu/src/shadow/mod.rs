@@ -434,6 +434,13 @@ impl ShadowState {
         ids.into_iter().map(|id| self.zap_sp(id, stats)).sum()
     }
 
+    /// The first indirect shadow page of a gfn in `start..end`.
+    fn first_shadowed(&self, start: u64, end: u64) -> Option<(u64, u32)> {
+        self.shadowed
+            .range(start..end)
+            .find_map(|(g, v)| v.first().map(|id| (*g, *id)))
+    }
+
     fn link(&mut self, parent: u32, i: usize, child: u32) {
         self.page_mut(parent).spt[i] = sptes::make_nonleaf(child);
         self.page_mut(child)

@@ -81,6 +81,9 @@ pub struct ZapReport {
     /// Heads that held SPTEs.
     pub rmap_heads_populated: u64,
     pub sptes_zapped: u64,
+    /// Shadow pages of guest tables in the range visited (yield-checked)...
+    pub shadow_pages_visited: u64,
+    /// ...and zapped, with the children they orphaned.
     pub shadow_pages_zapped: u64,
     pub tlb_flushes: u64,
 }
@@ -104,6 +107,26 @@ impl<P: GuestPaging> ShadowMmu<P> {
         let mut st = self.state.lock();
         let mut rep = ZapReport::default();
         let mut pending = false;
+        // Flush what is pending, publish progress, drop the state and
+        // `mmu_lock`, take them back.
+        macro_rules! yield_point {
+            () => {
+                if pending {
+                    self.tlb.flush(stats);
+                    rep.tlb_flushes += 1;
+                    pending = false;
+                }
+                if let Some(p) = opts.progress {
+                    p.heads_visited
+                        .store(rep.rmap_heads_visited, Ordering::Release);
+                    p.yields.fetch_add(1, Ordering::Release);
+                }
+                drop(st);
+                MmuLock::yield_write(&mut g);
+                y.yielded();
+                st = self.state.lock();
+            };
+        }
         let nslots = st.slots.len();
         for s in 0..nslots {
             let (lo, hi) = {
@@ -135,20 +158,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
                             .store(rep.rmap_heads_visited, Ordering::Release);
                     }
                     if y.need_yield() {
-                        if pending {
-                            self.tlb.flush(stats);
-                            rep.tlb_flushes += 1;
-                            pending = false;
-                        }
-                        if let Some(p) = opts.progress {
-                            p.heads_visited
-                                .store(rep.rmap_heads_visited, Ordering::Release);
-                            p.yields.fetch_add(1, Ordering::Release);
-                        }
-                        drop(st);
-                        MmuLock::yield_write(&mut g);
-                        y.yielded();
-                        st = self.state.lock();
+                        yield_point!();
                     }
                     if !st.slots[s].rmap[level as usize - 1].get(idx).is_empty() {
                         rep.rmap_heads_populated += 1;
@@ -161,8 +171,18 @@ impl<P: GuestPaging> ShadowMmu<P> {
         }
         // Guest page tables in the range: their shadow pages derive from
         // memory the host is taking away.
-        rep.shadow_pages_zapped = st.zap_shadowed_gfns(start, end, stats);
-        pending |= rep.shadow_pages_zapped > 0;
+        // (Beyond KVM, which leaves them to write tracking.) One yield
+        // check per shadow page.
+        let mut next = start;
+        while let Some((gfn, id)) = st.first_shadowed(next, end) {
+            rep.shadow_pages_visited += 1;
+            rep.shadow_pages_zapped += st.zap_sp(id, stats);
+            pending = true;
+            next = gfn;
+            if y.need_yield() {
+                yield_point!();
+            }
+        }
         if pending {
             self.tlb.flush(stats);
             rep.tlb_flushes += 1;
