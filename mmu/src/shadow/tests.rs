@@ -512,3 +512,32 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
     assert_eq!(flushed_at.load(Ordering::SeqCst), 0, "final flush");
     assert!(r.yields.yields > 0 && r.tlb_flushes > 1, "{r:?}");
 }
+
+/// `RMAP_RECYCLE_THRESHOLD`: an rmap chain longer than 1000 is zapped whole
+/// on insert; `max_mmu_rmap_size` records the peak.
+#[test]
+fn long_rmap_chains_are_recycled() {
+    let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+    let maps: Vec<_> = (0..1001u64).map(|v| (v, 0x300, false, false)).collect();
+    let paging = build_x86(&mem, &maps);
+    let mmu = ShadowMmu::<X86Paging>::new(
+        mem,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    );
+    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    for v in 0..1000u64 {
+        mmu.page_fault(&paging, v << 12, AccessKind::READ).unwrap();
+    }
+    assert_eq!(mmu.stats().snapshot().max_mmu_rmap_size, 1000);
+    assert_eq!(mmu.leaves().len(), 1000);
+    assert!(mmu.footprint().rmap_descs >= 1000 / 14);
+    mmu.page_fault(&paging, 1000 << 12, AccessKind::READ)
+        .unwrap();
+    let s = mmu.stats().snapshot();
+    assert_eq!(s.max_mmu_rmap_size, 1001);
+    assert!(mmu.leaves().is_empty(), "the whole chain was zapped");
+    assert_eq!(s.pages_4k, 0);
+    assert_eq!(mmu.footprint().rmap_descs, 0);
+}
