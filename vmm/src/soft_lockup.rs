@@ -10,11 +10,13 @@
 //! yielding (KVM before 6.12) its wait is the whole zap; with yielding it is
 //! at most one stretch.
 
+use mmu::model::MODEL_L1_HVA;
 use mmu::model::{
     build_nested, parse_size, ModelError, NestedModel, NestedModelConfig, TableShape,
 };
-use mmu::shadow::{WalkMode, ZapOptions, ZapProgress, ZapReport};
+use mmu::shadow::{NotifierZap, WalkMode, ZapOptions, ZapProgress, ZapReport};
 use mmu::{MmuLock, MmuStats, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -64,6 +66,11 @@ pub struct SoftLockupArgs {
     pub budget: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Deliver the invalidation as a host mmu_notifier event (mprotect of
+    /// the range: MMU_NOTIFY_PROTECTION_VMA, blockable) through
+    /// `notifier::subscriber::Subscribers` instead of calling the zap.
+    #[arg(long)]
+    pub via_notifier: bool,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -79,7 +86,7 @@ pub enum SoftLockupError {
     BadYieldArgs,
     #[error("stale translation after the zap: {0}")]
     Stale(String),
-    #[error("the watchdog thread panicked")]
+    #[error("the watchdog thread panicked, or the model MMU was shared")]
     Watchdog,
 }
 
@@ -92,6 +99,8 @@ pub struct Scenario {
     pub policy: YieldPolicy,
     pub mode: WalkMode,
     pub watchdog_period: Duration,
+    /// Deliver through the notifier subscriber path.
+    pub via_notifier: bool,
 }
 
 impl Scenario {
@@ -133,6 +142,7 @@ impl Scenario {
                 WalkMode::Summary
             },
             watchdog_period: Duration::from_millis(a.watchdog_ms),
+            via_notifier: a.via_notifier,
         })
     }
 }
@@ -159,6 +169,7 @@ pub struct SoftLockupReport {
     pub shape: TableShape,
     pub yield_on: bool,
     pub walk: WalkMode,
+    pub via_notifier: bool,
     pub max_units: u64,
     pub slice_ns: u64,
     pub watchdog_period_ns: u64,
@@ -188,24 +199,49 @@ pub struct SoftLockupReport {
 pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
     let lock = Arc::new(MmuLock::new());
     let stats = Arc::new(MmuStats::default());
-    let model = build_nested(sc.model, lock.clone(), stats.clone(), RemoteTlb::default())?;
+    let mut model = build_nested(sc.model, lock.clone(), stats.clone(), RemoteTlb::default())?;
     let progress = Arc::new(ZapProgress {
         hold_until_contended: true,
         ..Default::default()
     });
+    if sc.via_notifier {
+        let z = NotifierZap {
+            policy: sc.policy,
+            mode: sc.mode,
+            progress: Some(progress.clone()),
+        };
+        Arc::get_mut(&mut model.mmu)
+            .ok_or(SoftLockupError::Watchdog)?
+            .set_notifier_zap(z);
+    }
     let wd = {
         let (lock, progress, period) = (lock.clone(), progress.clone(), sc.watchdog_period);
         std::thread::spawn(move || watchdog(&lock, &progress, period))
     };
-    let rep = model.mmu.zap_gfn_range(
-        sc.zap.0,
-        sc.zap.1,
-        &ZapOptions {
+    let rep = if sc.via_notifier {
+        // mprotect of the L1 range: one PROTECTION_VMA notification.
+        let subs = Subscribers::new();
+        subs.register(model.mmu.clone());
+        let inv = Invalidation {
+            range: HvaRange::new(
+                MODEL_L1_HVA + (sc.zap.0 << 12),
+                MODEL_L1_HVA + (sc.zap.1 << 12),
+            ),
+            event: MmuNotifyEvent::ProtectionVma,
+            blockable: true,
+            delivery: Delivery::Before,
+        };
+        subs.start(&inv);
+        subs.end(&inv);
+        model.mmu.take_notifier_reports().pop().unwrap_or_default()
+    } else {
+        let opts = ZapOptions {
             policy: sc.policy,
             mode: sc.mode,
             progress: Some(&progress),
-        },
-    );
+        };
+        model.mmu.zap_gfn_range(sc.zap.0, sc.zap.1, &opts)
+    };
     let wd = wd.join().map_err(|_| SoftLockupError::Watchdog)?;
     let checked = check(&model, sc.zap)?;
     Ok(report(sc, &model, &rep, wd, checked, stats.snapshot()))
@@ -269,6 +305,7 @@ fn report(
         shape: sc.model.shape,
         yield_on: sc.policy.mode == mmu::YieldMode::Yield,
         walk: sc.mode,
+        via_notifier: sc.via_notifier,
         max_units: sc.policy.max_units,
         slice_ns: sc.policy.slice.as_nanos() as u64,
         watchdog_period_ns: sc.watchdog_period.as_nanos() as u64,
@@ -370,7 +407,9 @@ pub fn main(args: &SoftLockupArgs) -> ExitCode {
 }
 
 fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
+    use std::fmt::Write as _;
     let sc = Scenario::from_args(args)?;
+    let mut out = String::new();
     let r = run(&sc)?;
     let (blind_ns, summary_ns, _) = empty_range_speedup(1 << 30, 11)?;
     let mut v = serde_json::to_value(&r).unwrap_or_default();
@@ -383,7 +422,7 @@ fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
         );
     }
     let ms = |ns: u64| ns as f64 / 1e6;
-    println!(
+    let _ = writeln!(out,
         "soft-lockup: L1 {} GiB, range {} GiB, density {}, shape {:?}, yield {}, walk {:?}, {} L2 pages mapped (built in {:.1} ms)",
         r.l1_bytes >> 30,
         r.range_bytes as f64 / (1u64 << 30) as f64,
@@ -394,7 +433,8 @@ fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
         r.l2_pages_mapped,
         ms(r.build_ns)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  zap {:.3} ms, {} rmap heads visited ({} populated), {} sptes zapped, {} yields",
         ms(r.zap_ns),
         r.rmap_entries_visited,
@@ -402,26 +442,31 @@ fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
         r.sptes_zapped,
         r.yields
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  longest stretch {:.3} ms / {} heads",
         ms(r.max_stretch_ns),
         r.max_stretch_entries
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  watchdog worst wait {:.3} ms / {} heads ({} heads of zap work) over {} acquisitions",
         ms(r.watchdog_worst_wait_ns),
         r.watchdog_worst_wait_entries,
         r.watchdog_worst_wait_work,
         r.watchdog_acquisitions
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  empty 1 GiB: blind {:.1} us, summary {:.2} us ({:.0}x)",
         blind_ns as f64 / 1e3,
         summary_ns as f64 / 1e3,
         blind_ns as f64 / summary_ns.max(1) as f64
     );
     if args.json {
-        println!("{v}");
+        let _ = writeln!(out, "{v}");
     }
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
     Ok(())
 }

@@ -34,7 +34,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use zap::{WalkMode, ZapOptions, ZapProgress, ZapReport};
+pub use zap::{NotifierZap, WalkMode, ZapOptions, ZapProgress, ZapReport};
 
 /// Access bits of a role / guest entry (`ACC_*_MASK`). For EPT, USER
 /// stands for R, as in KVM.
@@ -182,7 +182,9 @@ pub struct ShadowMmu<P: GuestPaging> {
     tlb: RemoteTlb,
     state: Mutex<ShadowState>,
     mem: Arc<dyn GuestPhysMem + Send + Sync>,
-    notifier_policy: YieldPolicy,
+    notifier_zap: NotifierZap,
+    /// Reports of the zaps host invalidations started, oldest first.
+    notifier_reports: Mutex<Vec<ZapReport>>,
     /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
     /// (Local to this MMU until `notifier::seq` provides the shared one.)
     invalidate_seq: AtomicU64,
@@ -462,7 +464,8 @@ impl<P: GuestPaging> ShadowMmu<P> {
             tlb,
             state: Mutex::new(ShadowState::new()),
             mem,
-            notifier_policy: YieldPolicy::default(),
+            notifier_zap: NotifierZap::default(),
+            notifier_reports: Mutex::new(Vec::new()),
             invalidate_seq: AtomicU64::new(0),
             _paging: PhantomData,
         }
@@ -471,7 +474,18 @@ impl<P: GuestPaging> ShadowMmu<P> {
     /// Yield policy of zaps started by host invalidations (blockable ones;
     /// non-blockable invalidations never yield).
     pub fn set_notifier_policy(&mut self, policy: YieldPolicy) {
-        self.notifier_policy = policy;
+        self.notifier_zap.policy = policy;
+    }
+
+    /// How zaps started by host invalidations run (policy for blockable
+    /// ones, walk mode, progress for observers).
+    pub fn set_notifier_zap(&mut self, z: NotifierZap) {
+        self.notifier_zap = z;
+    }
+
+    /// Take the reports of the zaps host invalidations have started.
+    pub fn take_notifier_reports(&self) -> Vec<ZapReport> {
+        std::mem::take(&mut *self.notifier_reports.lock())
     }
 
     pub fn lock(&self) -> &Arc<MmuLock> {

@@ -49,11 +49,33 @@ pub struct ZapProgress {
     pub hold_until_contended: bool,
 }
 
+/// Reports of notifier-started zaps kept for [`ShadowMmu::take_notifier_reports`].
+pub const MAX_NOTIFIER_REPORTS: usize = 64;
+
 /// Heads between two publications of [`ZapProgress::heads_visited`].
 pub const PROGRESS_EVERY: u64 = 64;
 
 /// Longest wait of the [`ZapProgress::hold_until_contended`] gate.
 pub const GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How the zaps of host invalidations run ([`ShadowMmu::set_notifier_zap`]).
+#[derive(Debug, Clone)]
+pub struct NotifierZap {
+    /// For blockable invalidations; non-blockable ones never yield.
+    pub policy: YieldPolicy,
+    pub mode: WalkMode,
+    pub progress: Option<std::sync::Arc<ZapProgress>>,
+}
+
+impl Default for NotifierZap {
+    fn default() -> Self {
+        Self {
+            policy: YieldPolicy::default(),
+            mode: WalkMode::Summary,
+            progress: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct ZapOptions<'a> {
@@ -230,18 +252,24 @@ impl<P: GuestPaging> InvalidationSubscriber for ShadowMmu<P> {
             return;
         }
         self.invalidate_begin(&ranges);
+        let z = &self.notifier_zap;
         let policy = if inv.blockable {
-            self.notifier_policy
+            z.policy
         } else {
             YieldPolicy::never()
         };
         let opts = ZapOptions {
             policy,
-            mode: WalkMode::Summary,
-            progress: None,
+            mode: z.mode,
+            progress: z.progress.as_deref(),
         };
         for (s, e) in ranges {
-            self.zap_gfn_range(s, e, &opts);
+            let r = self.zap_gfn_range(s, e, &opts);
+            let mut reports = self.notifier_reports.lock();
+            if reports.len() >= MAX_NOTIFIER_REPORTS {
+                reports.remove(0);
+            }
+            reports.push(r);
         }
     }
 
