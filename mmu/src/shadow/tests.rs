@@ -351,18 +351,7 @@ fn nested_roles_ept_access_and_rmap_chains() {
 #[test]
 fn notifier_invalidation_zaps_through_hva() {
     use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
-    let m = build_nested(
-        NestedModelConfig {
-            l1_bytes: 64 << 20,
-            density: 0.5,
-            shape: TableShape::Linear,
-            ..Default::default()
-        },
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    )
-    .unwrap();
+    let m = half_mapped_model(64 << 20);
     let before = m.check_no_stale((0, 0), u64::MAX, 1).unwrap();
     assert_eq!(before, m.l2_pages());
     let hva = crate::model::MODEL_L1_HVA;
@@ -387,18 +376,7 @@ fn notifier_invalidation_zaps_through_hva() {
 fn racing_faults_retry_during_a_yielding_invalidation() {
     use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut m = build_nested(
-        NestedModelConfig {
-            l1_bytes: 256 << 20,
-            density: 0.5,
-            shape: TableShape::Linear,
-            ..Default::default()
-        },
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    )
-    .unwrap();
+    let mut m = half_mapped_model(256 << 20);
     Arc::get_mut(&mut m.mmu)
         .expect("sole owner")
         .set_notifier_policy(YieldPolicy::default().with_max_units(16));
@@ -540,4 +518,21 @@ fn long_rmap_chains_are_recycled() {
     assert!(mmu.leaves().is_empty(), "the whole chain was zapped");
     assert_eq!(s.pages_4k, 0);
     assert_eq!(mmu.footprint().rmap_descs, 0);
+}
+
+/// A nested model with half of L1 mapped linearly.
+fn half_mapped_model(l1_bytes: u64) -> crate::model::NestedModel {
+    let cfg = NestedModelConfig {
+        l1_bytes,
+        density: 0.5,
+        shape: TableShape::Linear,
+        ..Default::default()
+    };
+    build_nested(
+        cfg,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    )
+    .unwrap()
 }
