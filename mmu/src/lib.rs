@@ -12,11 +12,25 @@
 //!   `KvmMmuNotifier`, the host-invalidation subscriber.
 //! - [`clock`]: the cheap monotonic clock the yielder samples (TSC).
 //! - [`tlb`]: the remote TLB flush hook and its counters.
+//! - [`guest_walk`]: x86-64 and EPT guest page-table walkers over untrusted
+//!   guest memory.
+//! - [`rmap`]: reverse maps in KVM's compact form, lazily allocated arrays.
+//! - [`populated`]: hierarchical bitmap of populated rmap heads.
+//! - [`shadow`]: the shadow MMU (shadow pages by (gfn, role), write
+//!   tracking, fault path, yielding rmap zaps).
+//! - [`nested`]: nested TDP, the shadow MMU over an L1's EPT tables.
+//! - [`model`]: model-plane generators (L1 up to 4 TiB, L2 density, shapes).
 
 pub mod clock;
+pub mod guest_walk;
 pub mod invalidate;
 pub mod lock;
 pub mod memslot;
+pub mod model;
+pub mod nested;
+pub mod populated;
+pub mod rmap;
+pub mod shadow;
 pub mod spte;
 pub mod stats;
 pub mod tdp;

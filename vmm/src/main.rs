@@ -14,16 +14,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    // One variant per subcommand, e.g.
-    // /// Boot a Linux guest.
-    // Boot(vmm::boot::BootArgs),
     /// Compare predicted host notifier ranges with the kernel's tracepoint.
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
+    /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
+    SoftLockup(vmm::soft_lockup::SoftLockupArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
+        Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
     }
 }

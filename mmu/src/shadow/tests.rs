@@ -1,0 +1,538 @@
+//! Shadow and nested MMU against a reference model: after any sequence of
+//! faults, zaps and guest table writes, every present shadow translation
+//! agrees with a fresh guest walk, maps no gfn a zap covered since it was
+//! last faulted, and no gfn holding a shadowed guest table is writable.
+
+use super::*;
+use crate::guest_walk::{ept, walk_x86, x86, EptPaging, SparseGuestMem, X86Paging};
+use crate::model::{build_nested, splitmix, NestedModelConfig, TableShape};
+use crate::{YieldMode, YieldPolicy};
+use notifier::subscriber::InvalidationSubscriber;
+use proptest::prelude::*;
+
+const RAM_PAGES: u64 = 4096; // 16 MiB
+
+fn slot(npages: u64, max_level: u8) -> SlotConfig {
+    SlotConfig {
+        id: 0,
+        base_gfn: 0,
+        npages,
+        userspace_addr: 0x1_0000_0000,
+        base_pfn: 0x10_0000,
+        writable: true,
+        max_level,
+    }
+}
+
+/// x86 guest tables: PML4 at gfn 1, tables allocated upward from gfn 2,
+/// mapping `maps` (gva page, gfn, writable, large 2M).
+fn build_x86(mem: &SparseGuestMem, maps: &[(u64, u64, bool, bool)]) -> X86Paging {
+    let mut next = 2u64;
+    let mut tables: HashMap<(u8, u64), u64> = HashMap::new();
+    for &(vpage, gfn, w, large) in maps {
+        let gva = vpage << 12;
+        let mut table = 1u64;
+        let leaf_level = if large { 2 } else { 1 };
+        for level in (leaf_level + 1..=4u8).rev() {
+            let key = (level, gva >> level_shift(level));
+            let child = *tables.entry(key).or_insert_with(|| {
+                next += 1;
+                next - 1
+            });
+            let at = (table << 12) + ((gva >> level_shift(level)) & 511) * 8;
+            if mem.read_u64(at).unwrap() == 0 {
+                mem.write_u64(at, (child << 12) | 7).unwrap();
+            }
+            table = child;
+        }
+        let at = (table << 12) + ((gva >> level_shift(leaf_level)) & 511) * 8;
+        let frame = if large { gfn & !511 } else { gfn };
+        let v = (frame << 12)
+            | x86::P
+            | x86::US
+            | if w { x86::RW } else { 0 }
+            | if large { x86::PS } else { 0 };
+        mem.write_u64(at, v).unwrap();
+    }
+    X86Paging::new(1 << 12)
+}
+
+/// The reference check: every present shadow translation among `gvas`
+/// matches a fresh guest walk (gfn, pfn), and no writable leaf maps a
+/// write-tracked gfn.
+fn check<P: GuestPaging>(
+    mmu: &ShadowMmu<P>,
+    paging: &P,
+    addrs: &[u64],
+    zapped: &[(u64, u64)],
+) -> Result<(), TestCaseError> {
+    let slot = mmu.memslots()[0];
+    for &a in addrs {
+        if let Some(m) = mmu.translate(paging, a) {
+            let t = paging.walk(&**mmu.guest_mem(), a, AccessKind::READ, false);
+            let t = t.map_err(|e| {
+                TestCaseError::fail(format!(
+                    "{a:#x}: shadow maps {m:?} but guest walk fails: {e}"
+                ))
+            })?;
+            prop_assert_eq!(m.gfn, t.gfn(), "addr {:#x}", a);
+            prop_assert_eq!(m.pfn, slot.base_pfn + t.gfn() - slot.base_gfn);
+            if m.writable {
+                prop_assert!(
+                    t.access.write,
+                    "writable SPTE for a read-only guest mapping at {:#x}",
+                    a
+                );
+            }
+            for &(s, e) in zapped {
+                prop_assert!(
+                    !(m.gfn >= s && m.gfn < e),
+                    "stale translation {:#x} -> gfn {:#x} after zap {:#x}..{:#x}",
+                    a,
+                    m.gfn,
+                    s,
+                    e
+                );
+            }
+        }
+    }
+    for (gfn, _level, writable) in mmu.leaves() {
+        if writable {
+            prop_assert!(
+                !mmu.is_write_tracked(gfn),
+                "gfn {:#x} holds a shadowed table but is mapped writable",
+                gfn
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Fault(usize, bool),
+    Zap(u64, u64, bool),
+    /// The guest rewrites the leaf of mapping i to a new gfn.
+    Remap(usize, u64),
+}
+
+fn ops(n: usize) -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(
+        prop_oneof![
+            6 => (0..n, any::<bool>()).prop_map(|(i, w)| Op::Fault(i, w)),
+            2 => (0..RAM_PAGES, 1..600u64, any::<bool>()).prop_map(|(s, l, b)| Op::Zap(s, s + l, b)),
+            1 => (0..n, 0..RAM_PAGES).prop_map(|(i, g)| Op::Remap(i, g)),
+        ],
+        1..60,
+    )
+}
+
+fn maps() -> impl Strategy<Value = Vec<(u64, u64, bool, bool)>> {
+    // gva pages spread over a few 1 GiB / 2 MiB areas so tables are shared;
+    // gfns anywhere in RAM, including the tables' own gfns (1..~40).
+    prop::collection::vec(
+        (
+            0u64..4,
+            0u64..4,
+            0u64..512,
+            0..RAM_PAGES,
+            any::<bool>(),
+            0u8..8,
+        ),
+        1..40,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .map(|(g, m, p, gfn, w, l)| {
+                let large = l == 0;
+                let vpage = (g << 18) | (m << 9) | if large { 0 } else { p };
+                (vpage, if l == 1 { gfn % 40 } else { gfn }, w, large)
+            })
+            .collect()
+    })
+}
+
+fn zap_opts(blind: bool) -> ZapOptions<'static> {
+    ZapOptions {
+        policy: YieldPolicy::default().with_max_units(7),
+        mode: if blind {
+            WalkMode::Blind
+        } else {
+            WalkMode::Summary
+        },
+        progress: None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    #[test]
+    fn shadow_x86_no_stale_translation(maps in maps(), ops in ops(40), max_level in 1u8..3) {
+        let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+        let paging = build_x86(&mem, &maps);
+        let mmu = ShadowMmu::<X86Paging>::new(mem.clone(), Default::default(), Default::default(), RemoteTlb::default());
+        mmu.add_memslot(slot(RAM_PAGES, max_level)).unwrap();
+        let addrs: Vec<u64> = maps.iter().flat_map(|m| [m.0 << 12, (m.0 << 12) + 0x1000 * 7]).collect();
+        let mut zapped: Vec<(u64, u64)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Fault(i, w) => {
+                    let i = i % maps.len();
+                    let a = maps[i].0 << 12;
+                    let acc = if w { AccessKind::WRITE } else { AccessKind::READ };
+                    match mmu.page_fault(&paging, a, acc) {
+                        Ok(FaultOutcome::Emulate { gfn }) => { mmu.guest_table_write(gfn); }
+                        Ok(_) | Err(FaultError::Guest(_)) => {}
+                        Err(e) => prop_assert!(false, "{:?}", e),
+                    }
+                    // Faulting maps again what it walks: drop zaps it re-covers.
+                    // (a large leaf maps its whole range again).
+                    if let Some(m) = mmu.translate(&paging, a) {
+                        let n = 1u64 << (9 * (m.level as u64 - 1));
+                        let lo = m.gfn & !(n - 1);
+                        zapped.retain(|&(s, e)| e <= lo || s >= lo + n);
+                    }
+                }
+                Op::Zap(s, e, blind) => {
+                    let r = mmu.zap_gfn_range(s, e, &zap_opts(blind));
+                    prop_assert!(r.yields.longest.units <= 7);
+                    zapped.retain(|&(a, b)| b <= s || a >= e);
+                    zapped.push((s, e));
+                }
+                Op::Remap(i, gfn) => {
+                    let i = i % maps.len();
+                    let t = walk_x86(&*mem, &paging, maps[i].0 << 12, AccessKind::READ, false);
+                    if let Ok(t) = t {
+                        let lvl = t.leaf_level() as usize;
+                        let at = (t.table_gfn[lvl - 1] << 12) + ((maps[i].0 << 12 >> level_shift(lvl as u8)) & 511) * 8;
+                        let frame = if lvl > 1 { gfn & !511 } else { gfn };
+                        mem.write_u64(at, (t.pte[lvl - 1] & 0xfff) | (frame << 12)).unwrap();
+                        // The write hit a shadowed table: the MMU hears of it
+                        // (the emulated write / write-tracking path).
+                        prop_assert!(mmu.is_write_tracked(t.table_gfn[lvl - 1]) || mmu.translate(&paging, maps[i].0 << 12).is_none());
+                        mmu.guest_table_write(t.table_gfn[lvl - 1]);
+                    }
+                }
+            }
+            check(&mmu, &paging, &addrs, &zapped)?;
+        }
+        let s = mmu.stats().snapshot();
+        let leaves = mmu.leaves();
+        prop_assert_eq!(s.pages_4k + s.pages_2m + s.pages_1g, leaves.len() as u64, "page stats track present leaves");
+        prop_assert!(mmu.roles().iter().all(|(_, r)| !r.guest_mode));
+        // Zap everything: nothing left mapped.
+        mmu.zap_gfn_range(0, RAM_PAGES, &zap_opts(false));
+        prop_assert!(mmu.leaves().is_empty());
+        prop_assert_eq!(mmu.footprint().populated_heads, 0);
+        prop_assert_eq!(mmu.footprint().rmap_descs, 0);
+    }
+
+    #[test]
+    fn nested_zap_no_stale_translation(density in 0.01f64..0.3, shape in 0u8..4, seed in any::<u64>(),
+                                        zaps in prop::collection::vec((0u64..65536, 1u64..20000, any::<bool>(), any::<bool>()), 1..4)) {
+        let shape = [TableShape::Linear, TableShape::Shuffled, TableShape::Huge, TableShape::Aliased(2)][shape as usize];
+        let cfg = NestedModelConfig { l1_bytes: 256 << 20, density, shape, seed, host_max_level: 1 + (seed % 2) as u8, ..Default::default() };
+        let m = build_nested(cfg, Default::default(), Default::default(), RemoteTlb::default()).unwrap();
+        let mut rng = seed;
+        for (s, len, blind, never) in zaps {
+            let policy = if never { YieldPolicy::never() } else { YieldPolicy::default().with_max_units(64) };
+            let opts = ZapOptions { policy, mode: if blind { WalkMode::Blind } else { WalkMode::Summary }, progress: None };
+            let e = (s + len).min(65536);
+            let r = m.mmu.zap_gfn_range(s, e, &opts);
+            if never { prop_assert_eq!(r.yields.yields, 0); } else { prop_assert!(r.yields.longest.units <= 64); }
+            if blind {
+                // Every head position of the three levels, empty ones included.
+                let heads = (e - s) as i64;
+                prop_assert!((r.rmap_heads_visited as i64 - heads - heads / 512).abs() <= 4, "{:?}", r);
+            }
+            let present = m.check_no_stale((s, e), u64::MAX, splitmix(&mut rng)).map_err(TestCaseError::fail)?;
+            prop_assert!(present <= m.l2_pages());
+            // Fault everything back: translations return, consistent.
+            for k in 0..m.l2_pages() {
+                let _ = m.mmu.page_fault(&m.paging, k << 12, AccessKind::WRITE);
+            }
+            prop_assert_eq!(m.check_no_stale((0, 0), u64::MAX, 1).map_err(TestCaseError::fail)?, m.l2_pages());
+        }
+    }
+}
+
+#[test]
+fn write_protection_of_guest_tables_and_roles() {
+    let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+    // gva page 0x10 maps gfn 1 (the PML4 itself), writable; 0x11 maps gfn 0x100.
+    let paging = build_x86(&mem, &[(0x10, 1, true, false), (0x11, 0x100, true, false)]);
+    let mmu = ShadowMmu::<X86Paging>::new(
+        mem.clone(),
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    );
+    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    assert_eq!(
+        mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),
+        Ok(FaultOutcome::Fixed {
+            level: 1,
+            pfn: 0x10_0100,
+            writable: true
+        })
+    );
+    // A write to the PML4 through its guest mapping must be emulated.
+    assert_eq!(
+        mmu.page_fault(&paging, 0x10000, AccessKind::WRITE),
+        Ok(FaultOutcome::Emulate { gfn: 1 })
+    );
+    let m = mmu.translate(&paging, 0x10000).unwrap();
+    assert!(!m.writable && mmu.is_write_tracked(1));
+    let s = mmu.stats().snapshot();
+    assert_eq!(
+        s.mmu_cache_miss, 4,
+        "root + 3 levels of indirect shadow pages"
+    );
+    let roles = mmu.roles();
+    assert_eq!(roles.len(), 4);
+    assert!(roles.iter().all(|(_, r)| !r.direct && r.access == ACC_ALL));
+    // The table holding gva 0x11's leaf moves: zap its shadow, refault.
+    assert_eq!(
+        mmu.guest_table_write(1),
+        4,
+        "the root and its orphaned children"
+    );
+    assert!(mmu.translate(&paging, 0x11000).is_none());
+    assert!(mmu.stats().snapshot().mmu_shadow_zapped >= 4);
+}
+
+#[test]
+fn nested_roles_ept_access_and_rmap_chains() {
+    let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+    // EPT: L2 gpa 0 and 0x1000 both map L1 gfn 0x200 (a chain of 2); L2 gpa
+    // 0x2000 maps 0x201 read/exec only.
+    let paging = EptPaging::new(0x1000, false);
+    mem.write_u64(0x1000, 0x2000 | ept::RWX).unwrap();
+    mem.write_u64(0x2000, 0x3000 | ept::RWX).unwrap();
+    mem.write_u64(0x3000, 0x4000 | ept::RWX).unwrap();
+    let wb = (ept::MT_WB as u64) << ept::MT_SHIFT;
+    mem.write_u64(0x4000, 0x200000 | ept::RWX | wb).unwrap();
+    mem.write_u64(0x4008, 0x200000 | ept::RWX | wb).unwrap();
+    mem.write_u64(0x4010, 0x201000 | ept::R | ept::X | wb)
+        .unwrap();
+    let mmu = crate::nested::NestedMmu::new(
+        mem,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    );
+    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    for a in [0, 0x1000] {
+        assert!(matches!(
+            mmu.page_fault(&paging, a, AccessKind::WRITE),
+            Ok(FaultOutcome::Fixed { writable: true, .. })
+        ));
+    }
+    assert!(matches!(
+        mmu.page_fault(&paging, 0x2000, AccessKind::WRITE),
+        Err(FaultError::Guest(WalkError::Protection { .. }))
+    ));
+    assert!(matches!(
+        mmu.page_fault(&paging, 0x2000, AccessKind::READ),
+        Ok(FaultOutcome::Fixed {
+            writable: false,
+            ..
+        })
+    ));
+    assert_eq!(mmu.stats().snapshot().max_mmu_rmap_size, 2);
+    assert!(mmu.roles().iter().all(|(_, r)| r.guest_mode));
+    let r = mmu.zap_gfn_range(0x200, 0x201, &ZapOptions::default());
+    assert_eq!(r.sptes_zapped, 2);
+    assert!(mmu.translate(&paging, 0).is_none() && mmu.translate(&paging, 0x1000).is_none());
+    assert!(mmu.translate(&paging, 0x2000).is_some());
+}
+
+#[test]
+fn notifier_invalidation_zaps_through_hva() {
+    use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
+    let m = half_mapped_model(64 << 20);
+    let before = m.check_no_stale((0, 0), u64::MAX, 1).unwrap();
+    assert_eq!(before, m.l2_pages());
+    let hva = crate::model::MODEL_L1_HVA;
+    let inv = Invalidation {
+        range: HvaRange::new(hva, hva + (64 << 20)),
+        event: MmuNotifyEvent::ProtectionVma,
+        blockable: false,
+        delivery: Delivery::Before,
+    };
+    m.mmu.invalidate_range_start(&inv);
+    m.mmu.invalidate_range_end(&inv);
+    assert_eq!(m.check_no_stale((0, 1 << 14), u64::MAX, 1).unwrap(), 0);
+    assert!(m.mmu.stats().snapshot().remote_tlb_flush >= 1);
+    let _ = YieldMode::Yield;
+}
+
+/// Faults racing with a yielding invalidation: while it is in progress no
+/// fault installs an SPTE in its range (they retry), so when
+/// `invalidate_range_start` returns nothing in the range is mapped, even
+/// though the zap let faults in at every yield.
+#[test]
+fn racing_faults_retry_during_a_yielding_invalidation() {
+    use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut m = half_mapped_model(256 << 20);
+    Arc::get_mut(&mut m.mmu)
+        .expect("sole owner")
+        .set_notifier_policy(YieldPolicy::default().with_max_units(16));
+    let m = Arc::new(m);
+    let stop = Arc::new(AtomicBool::new(false));
+    let faulter = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = m
+                    .mmu
+                    .page_fault(&m.paging, (k % m.l2_pages()) << 12, AccessKind::WRITE);
+                k += 97;
+            }
+        })
+    };
+    let hva = crate::model::MODEL_L1_HVA;
+    for round in 0..20u64 {
+        let (s, e) = (round * 3000, round * 3000 + 20000);
+        let inv = Invalidation {
+            range: HvaRange::new(hva + (s << 12), hva + (e << 12)),
+            event: MmuNotifyEvent::Clear,
+            blockable: true,
+            delivery: Delivery::Before,
+        };
+        m.mmu.invalidate_range_start(&inv);
+        let leaked: Vec<_> = m
+            .mmu
+            .leaves()
+            .into_iter()
+            .filter(|(g, _, _)| *g >= s && *g < e)
+            .collect();
+        m.mmu.invalidate_range_end(&inv);
+        assert!(
+            leaked.is_empty(),
+            "round {round}: mapped during the invalidation: {:?}",
+            &leaked[..leaked.len().min(4)]
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    faulter.join().unwrap();
+    let s = m.mmu.stats().snapshot();
+    assert!(s.zap_yields > 0 && s.fault_retries > 0, "{s:?}");
+}
+
+/// Flush before yield: whenever the zap lets someone else take `mmu_lock`,
+/// every SPTE it has zapped so far has been flushed (the flush hook records
+/// the leaf count it saw; an observer holding the lock compares).
+#[test]
+fn zap_flushes_before_every_yield_and_at_the_end() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stats = Arc::new(MmuStats::default());
+    let lock = Arc::new(MmuLock::new());
+    let flushed_at = Arc::new(AtomicU64::new(u64::MAX));
+    let hook = {
+        let (stats, flushed_at) = (stats.clone(), flushed_at.clone());
+        Arc::new(move || {
+            flushed_at.store(stats.pages_4k.load(Ordering::SeqCst), Ordering::SeqCst);
+            true
+        })
+    };
+    let cfg = NestedModelConfig {
+        l1_bytes: 256 << 20,
+        density: 0.5,
+        shape: TableShape::Linear,
+        ..Default::default()
+    };
+    let m = build_nested(cfg, lock.clone(), stats.clone(), RemoteTlb::new(Some(hook))).unwrap();
+    let before = stats.pages_4k.load(Ordering::SeqCst);
+    assert!(before > 0);
+    let done = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let (lock, stats, flushed_at, done) = (
+            lock.clone(),
+            stats.clone(),
+            flushed_at.clone(),
+            done.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut looks, mut mid_zap) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let _g = lock.read();
+                let now = stats.pages_4k.load(Ordering::SeqCst);
+                if now != before {
+                    // Some SPTEs are gone: the last flush saw exactly this.
+                    assert_eq!(
+                        flushed_at.load(Ordering::SeqCst),
+                        now,
+                        "unflushed zaps visible across a yield"
+                    );
+                    mid_zap += (now != 0) as u64;
+                }
+                looks += 1;
+                drop(_g);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            (looks, mid_zap)
+        })
+    };
+    let opts = ZapOptions {
+        policy: YieldPolicy::default().with_max_units(32),
+        mode: WalkMode::Blind,
+        progress: None,
+    };
+    let r = m.mmu.zap_gfn_range(0, 1 << 16, &opts);
+    done.store(true, Ordering::SeqCst);
+    let (looks, _mid) = observer.join().unwrap();
+    assert!(looks > 0);
+    assert_eq!(stats.pages_4k.load(Ordering::SeqCst), 0);
+    assert_eq!(flushed_at.load(Ordering::SeqCst), 0, "final flush");
+    assert!(r.yields.yields > 0 && r.tlb_flushes > 1, "{r:?}");
+}
+
+/// `RMAP_RECYCLE_THRESHOLD`: an rmap chain longer than 1000 is zapped whole
+/// on insert; `max_mmu_rmap_size` records the peak.
+#[test]
+fn long_rmap_chains_are_recycled() {
+    let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+    let maps: Vec<_> = (0..1001u64).map(|v| (v, 0x300, false, false)).collect();
+    let paging = build_x86(&mem, &maps);
+    let mmu = ShadowMmu::<X86Paging>::new(
+        mem,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    );
+    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    for v in 0..1000u64 {
+        mmu.page_fault(&paging, v << 12, AccessKind::READ).unwrap();
+    }
+    assert_eq!(mmu.stats().snapshot().max_mmu_rmap_size, 1000);
+    assert_eq!(mmu.leaves().len(), 1000);
+    assert!(mmu.footprint().rmap_descs >= 1000 / 14);
+    mmu.page_fault(&paging, 1000 << 12, AccessKind::READ)
+        .unwrap();
+    let s = mmu.stats().snapshot();
+    assert_eq!(s.max_mmu_rmap_size, 1001);
+    assert!(mmu.leaves().is_empty(), "the whole chain was zapped");
+    assert_eq!(s.pages_4k, 0);
+    assert_eq!(mmu.footprint().rmap_descs, 0);
+}
+
+/// A nested model with half of L1 mapped linearly.
+fn half_mapped_model(l1_bytes: u64) -> crate::model::NestedModel {
+    let cfg = NestedModelConfig {
+        l1_bytes,
+        density: 0.5,
+        shape: TableShape::Linear,
+        ..Default::default()
+    };
+    build_nested(
+        cfg,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    )
+    .unwrap()
+}

@@ -1,0 +1,284 @@
+//! Zapping an L1 gfn range through the rmaps, with yielding
+//! (`kvm_unmap_gfn_range` -> `__kvm_rmap_zap_gfn_range` ->
+//! `__walk_slot_rmaps`, as fixed in 6.12, with one difference: the yield
+//! check runs at EVERY rmap head visited, empty ones included; KVM's
+//! iterator skips empty heads inside `slot_rmap_walk_next()` without one).
+//!
+//! Two walk modes:
+//! - [`WalkMode::Blind`]: every head position of every level in the range
+//!   (KVM's cost: O(gfns) even when nothing is mapped - the reproduction).
+//! - [`WalkMode::Summary`]: only heads the populated summary
+//!   ([`crate::populated`]) marks non-empty; empty runs cost O(log).
+//!
+//! Yielding uses [`Yielder`]: one `need_yield()` per head visited; on yes,
+//! flush the TLB if anything was zapped since the last flush, drop the state
+//! and `mmu_lock` ([`MmuLock::yield_write`]), take them back, resume at the
+//! next head. At the end: one flush if anything is pending. In
+//! [`YieldMode::NeverYield`](crate::YieldMode) the whole range is one stretch
+//! (KVM's mmu_notifier path before 6.12).
+
+use super::{GuestPaging, ShadowMmu};
+use crate::yielder::YieldReport;
+use crate::{MmuLock, YieldPolicy, Yielder};
+use notifier::subscriber::{Invalidation, InvalidationSubscriber};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WalkMode {
+    /// Visit every rmap head position.
+    Blind,
+    /// Visit only heads the populated summary marks.
+    Summary,
+}
+
+/// Where a zap is, for observers on other threads (a watchdog): published
+/// when the zap starts (lock held), at every yield and at the end.
+#[derive(Debug, Default)]
+pub struct ZapProgress {
+    /// Set once the zap holds `mmu_lock`.
+    pub started: AtomicBool,
+    pub done: AtomicBool,
+    /// Rmap heads visited so far: published every [`PROGRESS_EVERY`] heads,
+    /// at every yield and at the end.
+    pub heads_visited: AtomicU64,
+    /// Times the zap released the lock so far (published before releasing).
+    pub yields: AtomicU64,
+    /// Measurement gate: once it holds `mmu_lock`, the zap waits (at most
+    /// [`GATE_TIMEOUT`]) until someone is blocked on the lock before it
+    /// starts, so an observer's first wait covers the zap from its start.
+    pub hold_until_contended: bool,
+}
+
+/// Reports of notifier-started zaps kept for [`ShadowMmu::take_notifier_reports`].
+pub const MAX_NOTIFIER_REPORTS: usize = 64;
+
+/// Heads between two publications of [`ZapProgress::heads_visited`].
+pub const PROGRESS_EVERY: u64 = 64;
+
+/// Longest wait of the [`ZapProgress::hold_until_contended`] gate.
+pub const GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How the zaps of host invalidations run ([`ShadowMmu::set_notifier_zap`]).
+#[derive(Debug, Clone)]
+pub struct NotifierZap {
+    /// For blockable invalidations; non-blockable ones never yield.
+    pub policy: YieldPolicy,
+    pub mode: WalkMode,
+    pub progress: Option<std::sync::Arc<ZapProgress>>,
+}
+
+impl Default for NotifierZap {
+    fn default() -> Self {
+        Self {
+            policy: YieldPolicy::default(),
+            mode: WalkMode::Summary,
+            progress: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ZapOptions<'a> {
+    pub policy: YieldPolicy,
+    pub mode: WalkMode,
+    pub progress: Option<&'a ZapProgress>,
+}
+
+impl Default for ZapOptions<'_> {
+    fn default() -> Self {
+        Self {
+            policy: YieldPolicy::default(),
+            mode: WalkMode::Summary,
+            progress: None,
+        }
+    }
+}
+
+/// What one zap did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ZapReport {
+    pub yields: YieldReport,
+    /// Rmap heads visited (yield-checked), empty ones included.
+    pub rmap_heads_visited: u64,
+    /// Heads that held SPTEs.
+    pub rmap_heads_populated: u64,
+    pub sptes_zapped: u64,
+    /// Shadow pages of guest tables in the range visited (yield-checked)...
+    pub shadow_pages_visited: u64,
+    /// ...and zapped, with the children they orphaned.
+    pub shadow_pages_zapped: u64,
+    pub tlb_flushes: u64,
+}
+
+impl<P: GuestPaging> ShadowMmu<P> {
+    /// Zap every SPTE mapping a gfn in `start..end` in any memslot, and the
+    /// shadow pages of guest tables that live there.
+    pub fn zap_gfn_range(&self, start: u64, end: u64, opts: &ZapOptions<'_>) -> ZapReport {
+        let stats = &*self.stats;
+        let mut g = self.lock.write();
+        if let Some(p) = opts.progress {
+            p.heads_visited.store(0, Ordering::Relaxed);
+            p.yields.store(0, Ordering::Relaxed);
+            p.started.store(true, Ordering::Release);
+            let t = std::time::Instant::now();
+            while p.hold_until_contended && !self.lock.contended() && t.elapsed() < GATE_TIMEOUT {
+                std::hint::spin_loop();
+            }
+        }
+        let mut y = Yielder::new(opts.policy, &self.lock, stats);
+        let mut st = self.state.lock();
+        let mut rep = ZapReport::default();
+        let mut pending = false;
+        // Flush what is pending, publish progress, drop the state and
+        // `mmu_lock`, take them back.
+        macro_rules! yield_point {
+            () => {
+                if pending {
+                    self.tlb.flush(stats);
+                    rep.tlb_flushes += 1;
+                    pending = false;
+                }
+                if let Some(p) = opts.progress {
+                    p.heads_visited
+                        .store(rep.rmap_heads_visited, Ordering::Release);
+                    p.yields.fetch_add(1, Ordering::Release);
+                }
+                drop(st);
+                MmuLock::yield_write(&mut g);
+                y.yielded();
+                st = self.state.lock();
+            };
+        }
+        let nslots = st.slots.len();
+        for s in 0..nslots {
+            let (lo, hi) = {
+                let slot = &st.slots[s];
+                (start.max(slot.cfg.base_gfn), end.min(slot.end_gfn()))
+            };
+            if lo >= hi {
+                continue;
+            }
+            for level in 1..=3u8 {
+                let (first, last) = (
+                    st.slots[s].index(level, lo),
+                    st.slots[s].index(level, hi - 1),
+                );
+                let mut idx = first;
+                while idx <= last {
+                    if opts.mode == WalkMode::Summary {
+                        match st.slots[s].populated[level as usize - 1].next_set(idx, last + 1) {
+                            Some(next) => idx = next,
+                            None => break,
+                        }
+                    }
+                    rep.rmap_heads_visited += 1;
+                    if let Some(p) = opts
+                        .progress
+                        .filter(|_| rep.rmap_heads_visited % PROGRESS_EVERY == 0)
+                    {
+                        p.heads_visited
+                            .store(rep.rmap_heads_visited, Ordering::Release);
+                    }
+                    if y.need_yield() {
+                        yield_point!();
+                    }
+                    if !st.slots[s].rmap[level as usize - 1].get(idx).is_empty() {
+                        rep.rmap_heads_populated += 1;
+                        rep.sptes_zapped += st.zap_rmap_head(s, level, idx, stats);
+                        pending = true;
+                    }
+                    idx += 1;
+                }
+            }
+        }
+        // Guest page tables in the range: their shadow pages derive from
+        // memory the host is taking away.
+        // (Beyond KVM, which leaves them to write tracking.) One yield
+        // check per shadow page.
+        let mut next = start;
+        while let Some((gfn, id)) = st.first_shadowed(next, end) {
+            rep.shadow_pages_visited += 1;
+            rep.shadow_pages_zapped += st.zap_sp(id, stats);
+            pending = true;
+            next = gfn;
+            if y.need_yield() {
+                yield_point!();
+            }
+        }
+        if pending {
+            self.tlb.flush(stats);
+            rep.tlb_flushes += 1;
+        }
+        rep.yields = y.finish();
+        if let Some(p) = opts.progress {
+            p.heads_visited
+                .store(rep.rmap_heads_visited, Ordering::Release);
+            p.done.store(true, Ordering::Release);
+        }
+        drop(st);
+        drop(g);
+        rep
+    }
+
+    /// Host virtual range -> zap of the gfns it backs, per memslot.
+    pub fn zap_hva_range(&self, start: u64, end: u64, opts: &ZapOptions<'_>) -> Vec<ZapReport> {
+        let ranges = self.hva_to_gfn_ranges(start, end);
+        ranges
+            .into_iter()
+            .map(|(s, e)| self.zap_gfn_range(s, e, opts))
+            .collect()
+    }
+}
+
+impl<P: GuestPaging> ShadowMmu<P> {
+    fn hva_to_gfn_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.state
+            .lock()
+            .slots
+            .iter()
+            .filter_map(|s| s.hva_to_gfns(start, end))
+            .collect()
+    }
+}
+
+impl<P: GuestPaging> InvalidationSubscriber for ShadowMmu<P> {
+    /// `kvm_mmu_notifier_invalidate_range_start`: mark the gfn ranges under
+    /// invalidation (faults there retry), then `kvm_unmap_gfn_range`,
+    /// yielding only if the invalidation may block. No memslot overlap: no
+    /// lock taken, nothing recorded.
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        let ranges = self.hva_to_gfn_ranges(inv.range.start, inv.range.end);
+        if ranges.is_empty() {
+            return;
+        }
+        self.invalidate_begin(&ranges);
+        let z = &self.notifier_zap;
+        let policy = if inv.blockable {
+            z.policy
+        } else {
+            YieldPolicy::never()
+        };
+        let opts = ZapOptions {
+            policy,
+            mode: z.mode,
+            progress: z.progress.as_deref(),
+        };
+        for (s, e) in ranges {
+            let r = self.zap_gfn_range(s, e, &opts);
+            let mut reports = self.notifier_reports.lock();
+            if reports.len() >= MAX_NOTIFIER_REPORTS {
+                reports.remove(0);
+            }
+            reports.push(r);
+        }
+    }
+
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        if !self
+            .hva_to_gfn_ranges(inv.range.start, inv.range.end)
+            .is_empty()
+        {
+            self.invalidate_end();
+        }
+    }
+}

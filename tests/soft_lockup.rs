@@ -1,0 +1,215 @@
+//! The nested-TDP soft-lockup suite (model plane, no KVM needed): an L1 of
+//! 1 TiB with a sparse L2, host invalidations of 1 GiB, 64 GiB and 1 TiB
+//! zapped through the rmaps (blind walk, every head), with and without
+//! yielding, while a watchdog needs `mmu_lock` every millisecond.
+//!
+//! Behaviour, not speed: stretch bounds are in rmap heads; the never-yield
+//! growth is a ratio between ranges measured in the same run.
+
+use mmu::model::{NestedModelConfig, TableShape};
+use mmu::shadow::WalkMode;
+use mmu::YieldPolicy;
+use std::time::Duration;
+use vmm::soft_lockup::{empty_range_speedup, run, Scenario, SoftLockupArgs, SoftLockupReport};
+
+const MAX_UNITS: u64 = 1024;
+/// More heads of zap work than this before the watchdog gets the lock: starved.
+const STARVED_HEADS: u64 = 8 * MAX_UNITS + 64;
+
+/// The timing-sensitive tests run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+const GIB_PAGES: u64 = 1 << 18;
+
+fn scenario(range_gib: u64, yield_on: bool, mode: WalkMode) -> Scenario {
+    Scenario {
+        model: NestedModelConfig {
+            l1_bytes: 1 << 40,
+            density: 0.0001,
+            shape: TableShape::Shuffled,
+            seed: range_gib,
+            ..Default::default()
+        },
+        zap: (0, range_gib * GIB_PAGES),
+        policy: if yield_on {
+            YieldPolicy::default().with_max_units(MAX_UNITS)
+        } else {
+            YieldPolicy::never()
+        },
+        mode,
+        watchdog_period: Duration::from_millis(1),
+        via_notifier: false,
+    }
+}
+
+/// Heads of levels 4K, 2M and 1G in a 1 GiB-aligned range.
+fn heads(range_gib: u64) -> u64 {
+    range_gib * (GIB_PAGES + 512 + 1)
+}
+
+fn go(range_gib: u64, yield_on: bool) -> SoftLockupReport {
+    let r = run(&scenario(range_gib, yield_on, WalkMode::Blind)).expect("scenario runs");
+    eprintln!(
+        "{range_gib} GiB yield={yield_on}: stretch {} ns / {} heads, watchdog worst {} ns / {} heads / {} work ({} acquisitions), zap {} ns, {} heads, {} sptes",
+        r.max_stretch_ns, r.max_stretch_entries, r.watchdog_worst_wait_ns, r.watchdog_worst_wait_entries, r.watchdog_worst_wait_work,
+        r.watchdog_acquisitions, r.zap_ns, r.rmap_entries_visited, r.sptes_zapped
+    );
+    // The blind walk visits every head of the range, empty ones included,
+    // and nothing stays mapped in it (run() checked every L2 page).
+    assert_eq!(r.rmap_entries_visited, heads(range_gib));
+    assert!(r.translations_checked > 0);
+    r
+}
+
+#[test]
+fn soft_lockup_suite() {
+    let _s = serial();
+    let mut never = Vec::new();
+    for gib in [1u64, 64, 1024] {
+        // With yielding: no stretch beyond the unit budget, and the watchdog
+        // never waits longer than about one stretch of zap work.
+        let y = go(gib, true);
+        assert!(y.max_stretch_entries <= MAX_UNITS, "{y:?}");
+        assert!(y.yields >= heads(gib) / MAX_UNITS - 1);
+        assert!(y.watchdog_acquisitions >= 1);
+        // Work in heads, published every 64 (+64). A registered waiter is
+        // let in at the zapper's next head; but the watchdog samples the
+        // progress just before it registers, and if it is descheduled in
+        // between (2 shared cores) the zapper runs whole stretches meanwhile.
+        // Not starved = held off by a few stretches at most, never by a
+        // range (a 1 GiB range is 256 such stretches).
+        assert!(
+            y.watchdog_worst_wait_work <= STARVED_HEADS,
+            "watchdog starved: held off by {} heads of zap work (budget {MAX_UNITS})",
+            y.watchdog_worst_wait_work
+        );
+        // Never yield: one stretch, the whole range; the watchdog (waiting
+        // from the start) waits for all of it.
+        // (Small ranges: best of 3, so one preemption does not skew the ratio.)
+        let runs = if gib < 1024 { 3 } else { 1 };
+        let n = (0..runs)
+            .map(|_| {
+                let n = go(gib, false);
+                assert_eq!(n.yields, 0);
+                // (Units: every rmap head, then every shadowed guest table
+                // in the range - L1's EPT tables sit at its top.)
+                assert_eq!(n.max_stretch_entries, heads(gib) + n.shadow_pages_visited);
+                assert_eq!(n.watchdog_worst_wait_entries, heads(gib));
+                assert_eq!(n.watchdog_worst_wait_work, heads(gib));
+                n
+            })
+            .min_by_key(|n| n.watchdog_worst_wait_ns)
+            .unwrap();
+        if gib == 1024 {
+            assert!(
+                y.watchdog_worst_wait_ns * 4 < n.watchdog_worst_wait_ns,
+                "yielding did not shorten the watchdog's wait: {} vs {} ns",
+                y.watchdog_worst_wait_ns,
+                n.watchdog_worst_wait_ns
+            );
+        }
+        never.push(n);
+    }
+    // The never-yield wait grows with the range: exactly in heads (64x,
+    // 16x), and in time as a ratio (expected the same; loose bounds, the
+    // machine is shared).
+    let e: Vec<f64> = never
+        .iter()
+        .map(|r| r.watchdog_worst_wait_entries as f64)
+        .collect();
+    assert!(e[1] / e[0] >= 60.0 && e[2] / e[1] >= 15.0, "{e:?}");
+    let w: Vec<f64> = never
+        .iter()
+        .map(|r| r.watchdog_worst_wait_ns as f64)
+        .collect();
+    assert!(
+        w[1] / w[0] >= 4.0,
+        "64 GiB vs 1 GiB wait ratio {:.1}",
+        w[1] / w[0]
+    );
+    assert!(
+        w[2] / w[0] >= 16.0,
+        "1 TiB vs 1 GiB wait ratio {:.1}",
+        w[2] / w[0]
+    );
+}
+
+#[test]
+fn summary_walk_zaps_the_same_and_visits_only_populated_heads() {
+    let _s = serial();
+    for yield_on in [true, false] {
+        let r = run(&scenario(1024, yield_on, WalkMode::Summary)).unwrap();
+        assert_eq!(r.rmap_entries_visited, r.rmap_heads_populated);
+        let b = run(&scenario(1024, yield_on, WalkMode::Blind)).unwrap();
+        assert_eq!(r.sptes_zapped, b.sptes_zapped);
+        assert_eq!(r.sptes_zapped, b.l2_pages_mapped);
+    }
+}
+
+/// The same scenario delivered as a host event: one blockable
+/// MMU_NOTIFY_PROTECTION_VMA for the L1 range through
+/// `notifier::subscriber::Subscribers` (what an mprotect of a PUD range
+/// notifies).
+#[test]
+fn via_the_notifier_path() {
+    let _s = serial();
+    for yield_on in [true, false] {
+        let sc = Scenario {
+            via_notifier: true,
+            ..scenario(64, yield_on, WalkMode::Blind)
+        };
+        let r = run(&sc).unwrap();
+        assert!(r.via_notifier);
+        assert_eq!(r.rmap_entries_visited, heads(64));
+        assert!(r.sptes_zapped > 0 && r.translations_checked > 0);
+        if yield_on {
+            assert!(
+                r.max_stretch_entries <= MAX_UNITS && r.watchdog_worst_wait_work <= STARVED_HEADS,
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r.watchdog_worst_wait_work, heads(64));
+        }
+    }
+}
+
+#[test]
+fn empty_gib_summary_beats_blind_walk() {
+    let _s = serial();
+    let (blind, summary, heads) = empty_range_speedup(1 << 30, 11).unwrap();
+    eprintln!("empty 1 GiB: blind {blind} ns ({heads} heads), summary {summary} ns");
+    assert_eq!(heads, GIB_PAGES + 512 + 1);
+    assert!(
+        blind >= 50 * summary,
+        "speed-up {:.1}x < 50x",
+        blind as f64 / summary.max(1) as f64
+    );
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    for args in [
+        &["x", "--l1", "4X"][..],
+        &["x", "--l1", "8T"],
+        &["x", "--l1", "3M"],
+        &["x", "--l1", "1G", "--range", "2G"],
+        &["x", "--l1", "1G", "--density", "1.5"],
+        &["x", "--l1", "1G", "--shape", "spiral"],
+        &["x", "--l1", "4T", "--density", "1", "--budget", "1G"],
+        &["x", "--l1", "1G", "--max-units", "0"],
+    ] {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let r = Scenario::from_args(&cli.a).and_then(|sc| run(&sc));
+        assert!(r.is_err(), "{args:?} accepted");
+        eprintln!("{args:?}: {}", r.unwrap_err());
+    }
+}

@@ -1,0 +1,472 @@
+//! `vmm soft-lockup`: the nested-TDP soft-lockup scenario on the model
+//! plane (`mmu::model`).
+//!
+//! An L1 of up to 4 TiB maps a fraction of its memory into an L2 through
+//! EPT tables; the nested MMU shadows them. A host invalidation of an L1
+//! range (mprotect notifies whole PUD ranges) then zaps through the rmaps of
+//! every gfn in it. A watchdog thread stands for the kernel's soft-lockup
+//! detector: every `--watchdog-ms` it needs `mmu_lock` and records how long
+//! it waited (and how many rmap heads the zapper visited meanwhile). Without
+//! yielding (KVM before 6.12) its wait is the whole zap; with yielding it is
+//! at most one stretch.
+
+use mmu::model::MODEL_L1_HVA;
+use mmu::model::{
+    build_nested, parse_size, ModelError, NestedModel, NestedModelConfig, TableShape,
+};
+use mmu::shadow::{NotifierZap, WalkMode, ZapOptions, ZapProgress, ZapReport};
+use mmu::{MmuLock, MmuStats, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Arguments of `vmm soft-lockup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SoftLockupArgs {
+    /// L1 guest memory size (e.g. 4T, 64G, 1G; at most 4T).
+    #[arg(long, default_value = "4T")]
+    pub l1: String,
+    /// Fraction of L1 4 KiB pages mapped into L2 (0..=1).
+    #[arg(long, default_value_t = 0.0001)]
+    pub density: f64,
+    /// Yield during the zap (on) or never (off: KVM before 6.12).
+    #[arg(long = "yield", value_enum, default_value = "on")]
+    pub yield_mode: OnOff,
+    /// Visit every rmap head (KVM's walk) instead of the populated summary.
+    #[arg(long)]
+    pub blind: bool,
+    /// Size of the invalidated L1 range, from gfn 0 (default: all of L1).
+    #[arg(long)]
+    pub range: Option<String>,
+    /// Guest EPT table shape: linear, shuffled, huge or aliased:K.
+    #[arg(long, default_value = "linear")]
+    pub shape: String,
+    /// Most rmap heads per stretch when yielding.
+    #[arg(long, default_value_t = 4096)]
+    pub max_units: u64,
+    /// Longest stretch in time when yielding, microseconds.
+    #[arg(long, default_value_t = 20)]
+    pub slice_us: u64,
+    /// The watchdog needs mmu_lock every this many milliseconds.
+    #[arg(long, default_value_t = 1)]
+    pub watchdog_ms: u64,
+    /// Host backing level for L1: 1 = 4 KiB pages, 2 = 2 MiB hugetlb.
+    #[arg(long, default_value_t = 1)]
+    pub host_level: u8,
+    /// Refuse models whose MMU memory estimate exceeds this (e.g. 4G).
+    #[arg(long, default_value = "4G")]
+    pub budget: String,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Deliver the invalidation as a host mmu_notifier event (mprotect of
+    /// the range: MMU_NOTIFY_PROTECTION_VMA, blockable) through
+    /// `notifier::subscriber::Subscribers` instead of calling the zap.
+    #[arg(long)]
+    pub via_notifier: bool,
+    /// Print one JSON object as the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SoftLockupError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("--range {range} bytes must be a multiple of 4 KiB and at most the L1 size {l1}")]
+    BadRange { range: u64, l1: u64 },
+    #[error("--max-units must be at least 1, --watchdog-ms at least 1")]
+    BadYieldArgs,
+    #[error("stale translation after the zap: {0}")]
+    Stale(String),
+    #[error("the watchdog thread panicked, or the model MMU was shared")]
+    Watchdog,
+}
+
+/// A resolved scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub model: NestedModelConfig,
+    /// Invalidated L1 gfns.
+    pub zap: (u64, u64),
+    pub policy: YieldPolicy,
+    pub mode: WalkMode,
+    pub watchdog_period: Duration,
+    /// Deliver through the notifier subscriber path.
+    pub via_notifier: bool,
+}
+
+impl Scenario {
+    pub fn from_args(a: &SoftLockupArgs) -> Result<Self, SoftLockupError> {
+        let l1 = parse_size(&a.l1)?;
+        let shape: TableShape = a.shape.parse()?;
+        let model = NestedModelConfig {
+            l1_bytes: l1,
+            density: a.density,
+            shape,
+            seed: a.seed,
+            host_max_level: a.host_level,
+            memory_budget: parse_size(&a.budget)?,
+        };
+        model.validate()?;
+        let range = match &a.range {
+            Some(r) => parse_size(r)?,
+            None => l1,
+        };
+        if range % 4096 != 0 || range > l1 {
+            return Err(SoftLockupError::BadRange { range, l1 });
+        }
+        if a.max_units == 0 || a.watchdog_ms == 0 {
+            return Err(SoftLockupError::BadYieldArgs);
+        }
+        let policy = match a.yield_mode {
+            OnOff::On => YieldPolicy::default()
+                .with_max_units(a.max_units)
+                .with_slice(Duration::from_micros(a.slice_us)),
+            OnOff::Off => YieldPolicy::never().with_max_units(a.max_units),
+        };
+        Ok(Self {
+            model,
+            zap: (0, range >> 12),
+            policy,
+            mode: if a.blind {
+                WalkMode::Blind
+            } else {
+                WalkMode::Summary
+            },
+            watchdog_period: Duration::from_millis(a.watchdog_ms),
+            via_notifier: a.via_notifier,
+        })
+    }
+}
+
+/// What the watchdog saw.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct WatchdogReport {
+    pub worst_wait_ns: u64,
+    /// Most rmap heads the zapper visited during one wait.
+    pub worst_wait_entries: u64,
+    /// The same, not counting the one-head stretches between releases the
+    /// watchdog missed (it had registered as a waiter but was not parked
+    /// yet, or was descheduled, when the zapper released): the zap work the
+    /// watchdog was really held off by.
+    pub worst_wait_work: u64,
+    pub acquisitions: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SoftLockupReport {
+    pub l1_bytes: u64,
+    pub range_bytes: u64,
+    pub density: f64,
+    pub shape: TableShape,
+    pub yield_on: bool,
+    pub walk: WalkMode,
+    pub via_notifier: bool,
+    pub max_units: u64,
+    pub slice_ns: u64,
+    pub watchdog_period_ns: u64,
+    pub max_stretch_ns: u64,
+    pub max_stretch_entries: u64,
+    pub yields: u64,
+    pub watchdog_worst_wait_ns: u64,
+    pub watchdog_worst_wait_entries: u64,
+    pub watchdog_worst_wait_work: u64,
+    pub watchdog_acquisitions: u64,
+    pub zap_ns: u64,
+    pub rmap_entries_visited: u64,
+    pub rmap_heads_populated: u64,
+    pub sptes_zapped: u64,
+    pub shadow_pages_visited: u64,
+    pub shadow_pages_zapped: u64,
+    pub tlb_flushes: u64,
+    pub l2_pages_mapped: u64,
+    pub build_ns: u64,
+    pub mmu_bytes_estimate: u64,
+    pub translations_checked: u64,
+    pub stats: MmuStatsSnapshot,
+}
+
+/// Build the model, zap the range with the watchdog running, check for
+/// stale translations.
+pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
+    let lock = Arc::new(MmuLock::new());
+    let stats = Arc::new(MmuStats::default());
+    let mut model = build_nested(sc.model, lock.clone(), stats.clone(), RemoteTlb::default())?;
+    let progress = Arc::new(ZapProgress {
+        hold_until_contended: true,
+        ..Default::default()
+    });
+    if sc.via_notifier {
+        let z = NotifierZap {
+            policy: sc.policy,
+            mode: sc.mode,
+            progress: Some(progress.clone()),
+        };
+        Arc::get_mut(&mut model.mmu)
+            .ok_or(SoftLockupError::Watchdog)?
+            .set_notifier_zap(z);
+    }
+    let wd = {
+        let (lock, progress, period) = (lock.clone(), progress.clone(), sc.watchdog_period);
+        std::thread::spawn(move || watchdog(&lock, &progress, period))
+    };
+    let rep = if sc.via_notifier {
+        // mprotect of the L1 range: one PROTECTION_VMA notification.
+        let subs = Subscribers::new();
+        subs.register(model.mmu.clone());
+        let inv = Invalidation {
+            range: HvaRange::new(
+                MODEL_L1_HVA + (sc.zap.0 << 12),
+                MODEL_L1_HVA + (sc.zap.1 << 12),
+            ),
+            event: MmuNotifyEvent::ProtectionVma,
+            blockable: true,
+            delivery: Delivery::Before,
+        };
+        subs.start(&inv);
+        subs.end(&inv);
+        model.mmu.take_notifier_reports().pop().unwrap_or_default()
+    } else {
+        let opts = ZapOptions {
+            policy: sc.policy,
+            mode: sc.mode,
+            progress: Some(&progress),
+        };
+        model.mmu.zap_gfn_range(sc.zap.0, sc.zap.1, &opts)
+    };
+    let wd = wd.join().map_err(|_| SoftLockupError::Watchdog)?;
+    let checked = check(&model, sc.zap)?;
+    Ok(report(sc, &model, &rep, wd, checked, stats.snapshot()))
+}
+
+fn watchdog(lock: &MmuLock, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+    let mut r = WatchdogReport::default();
+    while !progress.started.load(Ordering::Acquire) {
+        std::hint::spin_loop();
+    }
+    loop {
+        let done = progress.done.load(Ordering::Acquire);
+        let (u0, y0) = (
+            progress.heads_visited.load(Ordering::Acquire),
+            progress.yields.load(Ordering::Acquire),
+        );
+        let t0 = Instant::now();
+        let g = lock.read();
+        let waited = t0.elapsed().as_nanos() as u64;
+        let (u1, y1) = (
+            progress.heads_visited.load(Ordering::Acquire),
+            progress.yields.load(Ordering::Acquire),
+        );
+        drop(g);
+        r.acquisitions += 1;
+        r.worst_wait_ns = r.worst_wait_ns.max(waited);
+        let entries = u1.saturating_sub(u0);
+        r.worst_wait_entries = r.worst_wait_entries.max(entries);
+        r.worst_wait_work = r
+            .worst_wait_work
+            .max(entries.saturating_sub(y1.saturating_sub(y0)));
+        if done {
+            return r;
+        }
+        std::thread::sleep(period);
+    }
+}
+
+/// No stale translation: sampled L2 pages (all of them up to 1M) either
+/// miss or map what the tables say, outside the zapped range.
+fn check(model: &NestedModel, zap: (u64, u64)) -> Result<u64, SoftLockupError> {
+    let samples = model.l2_pages().min(1 << 20);
+    model
+        .check_no_stale(zap, samples, 7)
+        .map_err(SoftLockupError::Stale)?;
+    Ok(samples)
+}
+
+fn report(
+    sc: &Scenario,
+    m: &NestedModel,
+    z: &ZapReport,
+    wd: WatchdogReport,
+    checked: u64,
+    stats: MmuStatsSnapshot,
+) -> SoftLockupReport {
+    SoftLockupReport {
+        l1_bytes: sc.model.l1_bytes,
+        range_bytes: (sc.zap.1 - sc.zap.0) << 12,
+        density: sc.model.density,
+        shape: sc.model.shape,
+        yield_on: sc.policy.mode == mmu::YieldMode::Yield,
+        walk: sc.mode,
+        via_notifier: sc.via_notifier,
+        max_units: sc.policy.max_units,
+        slice_ns: sc.policy.slice.as_nanos() as u64,
+        watchdog_period_ns: sc.watchdog_period.as_nanos() as u64,
+        max_stretch_ns: z.yields.longest.ns,
+        max_stretch_entries: z.yields.longest.units,
+        yields: z.yields.yields,
+        watchdog_worst_wait_ns: wd.worst_wait_ns,
+        watchdog_worst_wait_entries: wd.worst_wait_entries,
+        watchdog_worst_wait_work: wd.worst_wait_work,
+        watchdog_acquisitions: wd.acquisitions,
+        zap_ns: z.yields.total_ns,
+        rmap_entries_visited: z.rmap_heads_visited,
+        rmap_heads_populated: z.rmap_heads_populated,
+        sptes_zapped: z.sptes_zapped,
+        shadow_pages_visited: z.shadow_pages_visited,
+        shadow_pages_zapped: z.shadow_pages_zapped,
+        tlb_flushes: z.tlb_flushes,
+        l2_pages_mapped: m.l2_pages(),
+        build_ns: m.build_ns,
+        mmu_bytes_estimate: m.estimate_bytes,
+        translations_checked: checked,
+        stats,
+    }
+}
+
+/// Empty-range zap: blind walk vs populated summary, measured side by side
+/// (alternating, medians of `reps`). Returns (blind_ns, summary_ns, heads
+/// the blind walk visited).
+pub fn empty_range_speedup(
+    range_bytes: u64,
+    reps: usize,
+) -> Result<(u64, u64, u64), SoftLockupError> {
+    // 64x the range of L1 with a few mapped regions, all outside the
+    // measured (first) range.
+    let l1 = (range_bytes * 64).clamp(64 << 20, mmu::model::MAX_L1_BYTES);
+    let cfg = NestedModelConfig {
+        l1_bytes: l1,
+        density: 0.002,
+        ..Default::default()
+    };
+    let m = build_nested(
+        cfg,
+        Default::default(),
+        Default::default(),
+        RemoteTlb::default(),
+    )?;
+    let pages = range_bytes >> 12;
+    let start = (0..l1 / range_bytes)
+        .map(|b| b * pages)
+        .find(|&s| {
+            m.l1_regions
+                .iter()
+                .all(|&r| r * 512 + 512 <= s || r * 512 >= s + pages)
+                && s + pages <= m.table_gfn_range().0
+        })
+        .ok_or(SoftLockupError::BadRange {
+            range: range_bytes,
+            l1,
+        })?;
+    let (mut blind, mut summary) = (Vec::new(), Vec::new());
+    let mut heads = 0;
+    for _ in 0..reps.max(1) {
+        for (mode, out) in [
+            (WalkMode::Blind, &mut blind),
+            (WalkMode::Summary, &mut summary),
+        ] {
+            let t = Instant::now();
+            let r = m.mmu.zap_gfn_range(
+                start,
+                start + pages,
+                &ZapOptions {
+                    policy: YieldPolicy::default(),
+                    mode,
+                    progress: None,
+                },
+            );
+            out.push(t.elapsed().as_nanos() as u64);
+            if mode == WalkMode::Blind {
+                heads = r.rmap_heads_visited;
+            }
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    Ok((median(&mut blind), median(&mut summary), heads))
+}
+
+/// `vmm soft-lockup`.
+pub fn main(args: &SoftLockupArgs) -> ExitCode {
+    match main_inner(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm soft-lockup: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn main_inner(args: &SoftLockupArgs) -> Result<(), SoftLockupError> {
+    use std::fmt::Write as _;
+    let sc = Scenario::from_args(args)?;
+    let mut out = String::new();
+    let r = run(&sc)?;
+    let (blind_ns, summary_ns, _) = empty_range_speedup(1 << 30, 11)?;
+    let mut v = serde_json::to_value(&r).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("empty_1g_blind_ns".into(), blind_ns.into());
+        o.insert("empty_1g_summary_ns".into(), summary_ns.into());
+        o.insert(
+            "empty_1g_speedup".into(),
+            (blind_ns as f64 / summary_ns.max(1) as f64).into(),
+        );
+    }
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let _ = writeln!(out,
+        "soft-lockup: L1 {} GiB, range {} GiB, density {}, shape {:?}, yield {}, walk {:?}, {} L2 pages mapped (built in {:.1} ms)",
+        r.l1_bytes >> 30,
+        r.range_bytes as f64 / (1u64 << 30) as f64,
+        r.density,
+        r.shape,
+        if r.yield_on { "on" } else { "off" },
+        r.walk,
+        r.l2_pages_mapped,
+        ms(r.build_ns)
+    );
+    let _ = writeln!(
+        out,
+        "  zap {:.3} ms, {} rmap heads visited ({} populated), {} sptes zapped, {} yields",
+        ms(r.zap_ns),
+        r.rmap_entries_visited,
+        r.rmap_heads_populated,
+        r.sptes_zapped,
+        r.yields
+    );
+    let _ = writeln!(
+        out,
+        "  longest stretch {:.3} ms / {} heads",
+        ms(r.max_stretch_ns),
+        r.max_stretch_entries
+    );
+    let _ = writeln!(
+        out,
+        "  watchdog worst wait {:.3} ms / {} heads ({} heads of zap work) over {} acquisitions",
+        ms(r.watchdog_worst_wait_ns),
+        r.watchdog_worst_wait_entries,
+        r.watchdog_worst_wait_work,
+        r.watchdog_acquisitions
+    );
+    let _ = writeln!(
+        out,
+        "  empty 1 GiB: blind {:.1} us, summary {:.2} us ({:.0}x)",
+        blind_ns as f64 / 1e3,
+        summary_ns as f64 / 1e3,
+        blind_ns as f64 / summary_ns.max(1) as f64
+    );
+    if args.json {
+        let _ = writeln!(out, "{v}");
+    }
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
+    Ok(())
+}
