@@ -14,10 +14,12 @@
 //! - `aliased:K`: K L2 regions map each L1 region (rmap chains of K).
 
 use crate::guest_walk::{ept, AccessKind, EptPaging, SparseGuestMem, PAGE_SHIFT};
+use crate::invalidate::MmuContext;
+use crate::memslot::{Memslot, MemslotError, Memslots};
 use crate::nested::NestedMmu;
-use crate::shadow::slot::SlotConfig;
 use crate::shadow::FaultError;
-use crate::{MmuLock, MmuStats, RemoteTlb};
+use crate::spte::PageLevel;
+use crate::RemoteTlb;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,7 +83,7 @@ pub enum ModelError {
     #[error("model fault at L2 gpa {gpa:#x}: {err}")]
     Fault { gpa: u64, err: FaultError },
     #[error("memslot: {0}")]
-    Slot(#[from] crate::shadow::slot::SlotError),
+    Slot(#[from] MemslotError),
 }
 
 /// Parse `4T`, `64G`, `512M`, `1G`, `4096K` or plain bytes.
@@ -243,13 +245,11 @@ fn shuffle(j: u64, region: u64) -> u64 {
     (j * 167 + region * 31) & (REGION_PAGES - 1)
 }
 
-/// Build the model: EPT tables in L1 memory, then fault every L2 page.
-pub fn build_nested(
-    cfg: NestedModelConfig,
-    lock: Arc<MmuLock>,
-    stats: Arc<MmuStats>,
-    tlb: RemoteTlb,
-) -> Result<NestedModel, ModelError> {
+/// Build the model: EPT tables in L1 memory, then fault every L2 page. The
+/// nested MMU gets a fresh [`MmuContext`] (flushing through `tlb`) holding
+/// L1's one memslot at [`MODEL_L1_HVA`]; reach it through
+/// `model.mmu.context()`.
+pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedModel, ModelError> {
     cfg.validate()?;
     let estimate = cfg.estimate_bytes();
     if estimate > cfg.memory_budget {
@@ -327,16 +327,14 @@ pub fn build_nested(
         }
     }
 
-    let mmu = Arc::new(NestedMmu::new(mem.clone(), lock, stats, tlb));
-    mmu.add_memslot(SlotConfig {
-        id: 0,
-        base_gfn: 0,
-        npages,
-        userspace_addr: MODEL_L1_HVA,
-        base_pfn: 1 << 28,
-        writable: true,
-        max_level: cfg.host_max_level.clamp(1, 2),
-    })?;
+    let backing = if cfg.host_max_level >= 2 {
+        PageLevel::L2M
+    } else {
+        PageLevel::L4K
+    };
+    let slots = Memslots::new(vec![Memslot::new(0, 0, npages, MODEL_L1_HVA, backing)?], 0)?;
+    let ctx = MmuContext::new(slots, tlb);
+    let mmu = Arc::new(NestedMmu::new(ctx, mem.clone()));
     let mut faults = 0;
     for k in 0..l2_regions {
         let step = if cfg.shape == TableShape::Huge && cfg.host_max_level >= 2 {
@@ -465,13 +463,7 @@ mod tests {
                     host_max_level: host,
                     ..Default::default()
                 };
-                let m = build_nested(
-                    cfg,
-                    Default::default(),
-                    Default::default(),
-                    RemoteTlb::default(),
-                )
-                .unwrap();
+                let m = build_nested(cfg, RemoteTlb::default()).unwrap();
                 assert!(m.l2_regions > 0);
                 assert_eq!(
                     m.check_no_stale((0, 0), u64::MAX, 1).unwrap(),

@@ -15,7 +15,7 @@ use mmu::model::{
     build_nested, parse_size, ModelError, NestedModel, NestedModelConfig, TableShape,
 };
 use mmu::shadow::{NotifierZap, WalkMode, ZapOptions, ZapProgress, ZapReport};
-use mmu::{MmuLock, MmuStats, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
 use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -197,16 +197,14 @@ pub struct SoftLockupReport {
 /// Build the model, zap the range with the watchdog running, check for
 /// stale translations.
 pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
-    let lock = Arc::new(MmuLock::new());
-    let stats = Arc::new(MmuStats::default());
-    let mut model = build_nested(sc.model, lock.clone(), stats.clone(), RemoteTlb::default())?;
+    let mut model = build_nested(sc.model, RemoteTlb::default())?;
+    let ctx = model.mmu.context().clone();
     let progress = Arc::new(ZapProgress {
         hold_until_contended: true,
         ..Default::default()
     });
     if sc.via_notifier {
         let z = NotifierZap {
-            policy: sc.policy,
             mode: sc.mode,
             progress: Some(progress.clone()),
         };
@@ -215,13 +213,17 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
             .set_notifier_zap(z);
     }
     let wd = {
-        let (lock, progress, period) = (lock.clone(), progress.clone(), sc.watchdog_period);
-        std::thread::spawn(move || watchdog(&lock, &progress, period))
+        let (ctx, progress, period) = (ctx.clone(), progress.clone(), sc.watchdog_period);
+        std::thread::spawn(move || watchdog(&ctx, &progress, period))
     };
     let rep = if sc.via_notifier {
-        // mprotect of the L1 range: one PROTECTION_VMA notification.
+        // mprotect of the L1 range: one PROTECTION_VMA notification, to
+        // the context's KvmMmuNotifier driving the nested MMU.
+        let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), sc.policy));
+        notifier.add_mmu(model.mmu.clone());
         let subs = Subscribers::new();
-        subs.register(model.mmu.clone());
+        subs.register(notifier.clone());
+        let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;
         let inv = Invalidation {
             range: HvaRange::new(
                 MODEL_L1_HVA + (sc.zap.0 << 12),
@@ -233,7 +235,11 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
         };
         subs.start(&inv);
         subs.end(&inv);
-        model.mmu.take_notifier_reports().pop().unwrap_or_default()
+        let mut rep = model.mmu.take_notifier_reports().pop().unwrap_or_default();
+        // The yields and the final flush are the notifier's.
+        rep.yields = notifier.last_report().unwrap_or_default();
+        rep.tlb_flushes = ctx.stats.snapshot().remote_tlb_flush_requests - flushes;
+        rep
     } else {
         let opts = ZapOptions {
             policy: sc.policy,
@@ -244,10 +250,11 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
     };
     let wd = wd.join().map_err(|_| SoftLockupError::Watchdog)?;
     let checked = check(&model, sc.zap)?;
-    Ok(report(sc, &model, &rep, wd, checked, stats.snapshot()))
+    Ok(report(sc, &model, &rep, wd, checked, ctx.stats.snapshot()))
 }
 
-fn watchdog(lock: &MmuLock, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+    let lock = &ctx.mmu_lock;
     let mut r = WatchdogReport::default();
     while !progress.started.load(Ordering::Acquire) {
         std::hint::spin_loop();
@@ -346,12 +353,7 @@ pub fn empty_range_speedup(
         density: 0.002,
         ..Default::default()
     };
-    let m = build_nested(
-        cfg,
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    )?;
+    let m = build_nested(cfg, RemoteTlb::default())?;
     let pages = range_bytes >> 12;
     let start = (0..l1 / range_bytes)
         .map(|b| b * pages)

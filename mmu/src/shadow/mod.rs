@@ -25,13 +25,16 @@ pub mod zap;
 use crate::guest_walk::{
     level_shift, AccessKind, GuestPhysMem, Translation, WalkError, X86Paging, ROOT_LEVEL,
 };
+use crate::invalidate::MmuContext;
+use crate::memslot::{Memslot, Memslots};
 use crate::rmap::{DescArena, SpteRef, RMAP_RECYCLE_THRESHOLD};
-use crate::{MmuLock, MmuStats, RemoteTlb, YieldPolicy};
-use parking_lot::Mutex;
-use slot::{ShadowSlot, SlotConfig, SlotError};
+use crate::tdp::{HostPage, ResolveError, ResolvePfn};
+use crate::{MmuStats, RemoteTlb};
+use notifier::SeqSnapshot;
+use parking_lot::{Mutex, MutexGuard};
+use slot::ShadowSlot;
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use zap::{NotifierZap, WalkMode, ZapOptions, ZapProgress, ZapReport};
@@ -130,7 +133,7 @@ pub enum FaultOutcome {
     Emulate { gfn: u64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FaultError {
     /// Inject into the guest (a #PF, or an EPT violation/misconfig for L1).
     #[error("guest fault: {0}")]
@@ -138,6 +141,9 @@ pub enum FaultError {
     /// No memslot: MMIO, emulate.
     #[error("gfn {gfn:#x} is in no memslot")]
     NoMemslot { gfn: u64 },
+    /// The host page behind the gfn could not be resolved.
+    #[error(transparent)]
+    Host(#[from] ResolveError),
 }
 
 /// A present shadow translation (for tests and reports).
@@ -166,28 +172,47 @@ pub(crate) struct ShadowState {
     /// gfn -> indirect shadow pages shadowing it; `gfn_write_track[gfn]` is
     /// the length.
     shadowed: BTreeMap<u64, Vec<u32>>,
+    /// Per-memslot rmaps, for the memslots of `memslots`.
     slots: Vec<ShadowSlot>,
+    /// The context's memslots `slots` was built for.
+    memslots: Option<Arc<Memslots>>,
     descs: DescArena,
     scratch: Vec<SpteRef>,
-    /// `mmu_invalidate_in_progress` and the union of the gfn ranges of the
-    /// invalidations in progress (`mmu_invalidate_range_start/end`).
-    invalidate_in_progress: u32,
-    invalidate_range: (u64, u64),
+}
+
+/// Host pages the shadow MMU resolves gfns through (see
+/// [`ShadowMmu::with_host`]).
+pub type SharedResolver = Arc<dyn ResolvePfn + Send + Sync>;
+
+/// The model plane's host: hva page `n` is pfn `n`, backed at the slot's
+/// backing size, writable unless the slot is read-only.
+pub fn identity_host(
+    slot: &Memslot,
+    _gfn: u64,
+    hva: u64,
+    _write: bool,
+) -> Result<HostPage, ResolveError> {
+    Ok(HostPage {
+        pfn: hva >> 12,
+        level: slot.backing,
+        writable: !slot.readonly,
+    })
 }
 
 /// A shadow MMU over guest RAM `mem` for paging format `P`.
+///
+/// `mmu_lock`, the invalidation sequence, stats, the TLB hook and the
+/// memslots are the shared [`MmuContext`]'s; host invalidations reach the
+/// MMU through [`crate::KvmMmuNotifier`] (it implements
+/// [`crate::SecondaryMmu`]).
 pub struct ShadowMmu<P: GuestPaging> {
-    lock: Arc<MmuLock>,
-    stats: Arc<MmuStats>,
-    tlb: RemoteTlb,
+    ctx: Arc<MmuContext>,
     state: Mutex<ShadowState>,
     mem: Arc<dyn GuestPhysMem + Send + Sync>,
+    host: SharedResolver,
     notifier_zap: NotifierZap,
     /// Reports of the zaps host invalidations started, oldest first.
     notifier_reports: Mutex<Vec<ZapReport>>,
-    /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
-    /// (Local to this MMU until `notifier::seq` provides the shared one.)
-    invalidate_seq: AtomicU64,
     _paging: PhantomData<P>,
 }
 
@@ -220,11 +245,32 @@ impl ShadowState {
             hash: HashMap::new(),
             shadowed: BTreeMap::new(),
             slots: Vec::new(),
+            memslots: None,
             descs: DescArena::default(),
             scratch: Vec::new(),
-            invalidate_in_progress: 0,
-            invalidate_range: (u64::MAX, 0),
         }
+    }
+
+    /// Follow the context's memslots: keep the rmaps of unchanged slots,
+    /// start empty ones for new or changed slots, drop those of deleted
+    /// slots (zapping what they mapped is the memslot updater's job, as
+    /// for the TDP MMU). Caller holds `mmu_lock` for write.
+    fn sync_memslots(&mut self, memslots: Arc<Memslots>) {
+        if self
+            .memslots
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &memslots))
+        {
+            return;
+        }
+        let mut old = std::mem::take(&mut self.slots);
+        for m in memslots.iter() {
+            match old.iter().position(|s| s.slot == *m) {
+                Some(i) => self.slots.push(old.swap_remove(i)),
+                None => self.slots.extend(ShadowSlot::new(m)),
+            }
+        }
+        self.memslots = Some(memslots);
     }
 
     fn page(&self, id: u32) -> &ShadowPage {
@@ -236,7 +282,7 @@ impl ShadowState {
     }
 
     fn slot_of(&self, gfn: u64) -> Option<usize> {
-        self.slots.iter().position(|s| s.contains(gfn))
+        self.slots.iter().position(|s| s.slot.contains_gfn(gfn))
     }
 
     fn is_tracked(&self, start: u64, end: u64) -> bool {
@@ -452,33 +498,29 @@ impl ShadowState {
 }
 
 impl<P: GuestPaging> ShadowMmu<P> {
-    pub fn new(
-        mem: Arc<dyn GuestPhysMem + Send + Sync>,
-        lock: Arc<MmuLock>,
-        stats: Arc<MmuStats>,
-        tlb: RemoteTlb,
-    ) -> Self {
+    /// A shadow MMU on `ctx` (shared with any other MMU of the address
+    /// space) over guest memory `mem`, resolving host pages with the model
+    /// plane's [`identity_host`] until [`Self::with_host`] says otherwise.
+    pub fn new(ctx: Arc<MmuContext>, mem: Arc<dyn GuestPhysMem + Send + Sync>) -> Self {
         Self {
-            lock,
-            stats,
-            tlb,
+            ctx,
             state: Mutex::new(ShadowState::new()),
             mem,
+            host: Arc::new(identity_host),
             notifier_zap: NotifierZap::default(),
             notifier_reports: Mutex::new(Vec::new()),
-            invalidate_seq: AtomicU64::new(0),
             _paging: PhantomData,
         }
     }
 
-    /// Yield policy of zaps started by host invalidations (blockable ones;
-    /// non-blockable invalidations never yield).
-    pub fn set_notifier_policy(&mut self, policy: YieldPolicy) {
-        self.notifier_zap.policy = policy;
+    /// Resolve host pages through `host` (`__kvm_faultin_pfn`).
+    pub fn with_host(mut self, host: SharedResolver) -> Self {
+        self.host = host;
+        self
     }
 
-    /// How zaps started by host invalidations run (policy for blockable
-    /// ones, walk mode, progress for observers).
+    /// How zaps started by host invalidations run (walk mode, progress for
+    /// observers; the yield policy is the [`crate::KvmMmuNotifier`]'s).
     pub fn set_notifier_zap(&mut self, z: NotifierZap) {
         self.notifier_zap = z;
     }
@@ -488,16 +530,16 @@ impl<P: GuestPaging> ShadowMmu<P> {
         std::mem::take(&mut *self.notifier_reports.lock())
     }
 
-    pub fn lock(&self) -> &Arc<MmuLock> {
-        &self.lock
+    pub fn context(&self) -> &Arc<MmuContext> {
+        &self.ctx
     }
 
-    pub fn stats(&self) -> &Arc<MmuStats> {
-        &self.stats
+    pub fn stats(&self) -> &MmuStats {
+        &self.ctx.stats
     }
 
     pub fn tlb(&self) -> &RemoteTlb {
-        &self.tlb
+        &self.ctx.tlb
     }
 
     pub fn guest_mem(&self) -> &Arc<dyn GuestPhysMem + Send + Sync> {
@@ -513,27 +555,12 @@ impl<P: GuestPaging> ShadowMmu<P> {
         }
     }
 
-    pub fn add_memslot(&self, cfg: SlotConfig) -> Result<(), SlotError> {
-        let new = ShadowSlot::new(cfg)?;
-        let _g = self.lock.write();
+    /// The state, its rmaps following the context's memslots. Caller holds
+    /// `mmu_lock` for write.
+    fn synced_state(&self) -> MutexGuard<'_, ShadowState> {
         let mut st = self.state.lock();
-        if let Some(o) = st
-            .slots
-            .iter()
-            .find(|s| s.contains(cfg.base_gfn) || new.contains(s.cfg.base_gfn))
-        {
-            return Err(SlotError::Overlap {
-                id: cfg.id,
-                other: o.cfg.id,
-            });
-        }
-        st.slots.push(new);
-        Ok(())
-    }
-
-    /// Slot configurations, in insertion order.
-    pub fn memslots(&self) -> Vec<SlotConfig> {
-        self.state.lock().slots.iter().map(|s| s.cfg).collect()
+        st.sync_memslots(self.ctx.memslots());
+        st
     }
 
     /// The shadow page fault (`FNAME(page_fault)` + `FNAME(fetch)`): walk the
@@ -544,20 +571,40 @@ impl<P: GuestPaging> ShadowMmu<P> {
         addr: u64,
         access: AccessKind,
     ) -> Result<FaultOutcome, FaultError> {
-        MmuStats::inc(&self.stats.pf_taken);
-        // Snapshot before resolving anything (the walk stands for the pfn
-        // lookup), re-checked under the lock (`is_page_fault_stale`).
-        let seq = self.invalidate_seq.load(Ordering::Acquire);
+        let ctx = &*self.ctx;
+        MmuStats::inc(&ctx.stats.pf_taken);
+        // fault->mmu_seq, taken before anything is resolved (the guest walk
+        // included), re-checked under the lock (`is_page_fault_stale`).
+        let snap = ctx.seq.snapshot();
         let walk = paging.walk(&*self.mem, addr, access, true)?;
-        let _g = self.lock.write();
-        let mut st = self.state.lock();
-        let r = self.fetch(&mut st, paging, &walk, addr, access, seq);
+        let gfn = walk.gfn();
+        if ctx.seq.retry_unsafe(snap, gfn) {
+            return Ok(self.retry());
+        }
+        let slots = ctx.memslots();
+        let slot = slots
+            .gfn_to_memslot(gfn)
+            .ok_or(FaultError::NoMemslot { gfn })?;
+        let hva = slot.gfn_to_hva(gfn).ok_or(FaultError::NoMemslot { gfn })?;
+        let host = self.host.resolve(slot, gfn, hva, access.write)?;
+        if ctx.seq.retry_unsafe(snap, gfn) {
+            return Ok(self.retry());
+        }
+        let _g = ctx.mmu_lock.write();
+        let mut st = self.synced_state();
+        let r = self.fetch(&mut st, paging, &walk, addr, access, slot, host, snap);
         if matches!(r, Ok(FaultOutcome::Fixed { .. })) {
-            MmuStats::inc(&self.stats.pf_fixed);
+            MmuStats::inc(&ctx.stats.pf_fixed);
         }
         r
     }
 
+    fn retry(&self) -> FaultOutcome {
+        MmuStats::inc(&self.ctx.stats.fault_retries);
+        FaultOutcome::Retry
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn fetch(
         &self,
         st: &mut ShadowState,
@@ -565,12 +612,17 @@ impl<P: GuestPaging> ShadowMmu<P> {
         walk: &Translation,
         addr: u64,
         access: AccessKind,
-        seq: u64,
+        slot: &Memslot,
+        host: HostPage,
+        snap: SeqSnapshot,
     ) -> Result<FaultOutcome, FaultError> {
-        let stats = &*self.stats;
+        let stats = &self.ctx.stats;
+        let tlb = &self.ctx.tlb;
         let guest_leaf = walk.leaf_level();
         let gfn = walk.gfn();
-        let s = st.slot_of(gfn).ok_or(FaultError::NoMemslot { gfn })?;
+        if st.slot_of(gfn).is_none() {
+            return Err(FaultError::NoMemslot { gfn });
+        }
         // acc_at[l]: access granted by the guest entries from the root to l.
         let mut acc_at = [ACC_ALL; 5];
         let mut a = ACC_ALL;
@@ -579,29 +631,26 @@ impl<P: GuestPaging> ShadowMmu<P> {
             acc_at[l as usize] = a;
         }
         let acc = acc_at[guest_leaf as usize];
-        // Host level: as large as the guest page, the slot's backing and
-        // write tracking allow (`kvm_mmu_max_mapping_level`).
-        let slot = &st.slots[s];
-        let mut target = guest_leaf.min(slot.cfg.max_level).min(3);
+        // Host level: as large as the guest page, the memslot (backing,
+        // edges, alignment), the host page and write tracking allow
+        // (`kvm_mmu_max_mapping_level`).
+        let mut target = guest_leaf
+            .min(slot.max_level(gfn).number())
+            .min(host.level.number())
+            .min(3);
         while target > 1 {
             let base = gfn & !(span(target) - 1);
-            if base >= slot.cfg.base_gfn
-                && base + span(target) <= slot.end_gfn()
-                && !st.is_tracked(base, base + span(target))
-            {
+            // The huge page must be backed by an equally aligned pfn run.
+            let aligned = (host.pfn ^ gfn) & (span(target) - 1) == 0;
+            if aligned && !st.is_tracked(base, base + span(target)) {
                 break;
             }
             target -= 1;
         }
         // `mmu_invalidate_retry_gfn`, for the whole range the leaf will map.
         let base = gfn & !(span(target) - 1);
-        let (inv_start, inv_end) = st.invalidate_range;
-        let in_range = base < inv_end && base + span(target) > inv_start;
-        if (st.invalidate_in_progress > 0 && in_range)
-            || self.invalidate_seq.load(Ordering::Acquire) != seq
-        {
-            MmuStats::inc(&stats.fault_retries);
-            return Ok(FaultOutcome::Retry);
+        if self.ctx.seq.retry_range(snap, base, base + span(target)) {
+            return Ok(self.retry());
         }
         let mut flush = false;
         let (mut sp, f) = st.get_or_create_sp(
@@ -651,16 +700,15 @@ impl<P: GuestPaging> ShadowMmu<P> {
         if target > 1 && st.is_tracked(base, base + span(target)) {
             // Shadowing on the way down made the large page impossible.
             if flush {
-                self.tlb.flush(stats);
+                tlb.flush(stats);
             }
             return Ok(FaultOutcome::Retry);
         }
-        let slot = &st.slots[s];
         let tracked = st.is_tracked(gfn, gfn + 1);
-        let host_w = slot.cfg.writable;
+        let host_w = host.writable && !slot.readonly;
         let mmu_w = host_w && !tracked;
         let want_w = acc & ACC_WRITE != 0 && (access.write || walk.dirty);
-        let pfn = slot.pfn(base);
+        let pfn = host.pfn - (gfn - base);
         let new = sptes::make_leaf(pfn, acc, want_w, host_w, mmu_w, target > 1);
         let i = index(addr, target);
         let old = st.page(sp).spt[i];
@@ -685,7 +733,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
             page.spt[i] = new;
             page.gfns[i] = base;
             count_page(stats, target, true);
-            st.rmap_add(base, target, SpteRef::new(sp, i as u16), stats, &self.tlb);
+            st.rmap_add(base, target, SpteRef::new(sp, i as u16), stats, tlb);
             FaultOutcome::Fixed {
                 level: target,
                 pfn,
@@ -693,7 +741,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
             }
         };
         if flush {
-            self.tlb.flush(stats);
+            tlb.flush(stats);
         }
         if access.write && tracked {
             return Ok(FaultOutcome::Emulate { gfn });
@@ -701,59 +749,34 @@ impl<P: GuestPaging> ShadowMmu<P> {
         Ok(outcome)
     }
 
-    /// `kvm_mmu_invalidate_begin` + `range_add`: from now until
-    /// [`Self::invalidate_end`], faults on gfns in the ranges retry.
-    pub fn invalidate_begin(&self, ranges: &[(u64, u64)]) {
-        let _g = self.lock.write();
-        let mut st = self.state.lock();
-        if st.invalidate_in_progress == 0 {
-            st.invalidate_range = (u64::MAX, 0);
-        }
-        st.invalidate_in_progress += 1;
-        for &(s, e) in ranges {
-            st.invalidate_range = (st.invalidate_range.0.min(s), st.invalidate_range.1.max(e));
-        }
-    }
-
-    /// `kvm_mmu_invalidate_end`: seq++ before in_progress-- (both under the
-    /// lock).
-    pub fn invalidate_end(&self) {
-        let _g = self.lock.write();
-        let mut st = self.state.lock();
-        self.invalidate_seq.fetch_add(1, Ordering::Release);
-        st.invalidate_in_progress = st.invalidate_in_progress.saturating_sub(1);
-    }
-
-    pub fn invalidate_seq(&self) -> u64 {
-        self.invalidate_seq.load(Ordering::Acquire)
-    }
-
     /// The guest wrote a page table we shadow (after emulating the write):
     /// zap the shadow pages of `gfn` so the next fault re-reads it
     /// (`kvm_mmu_track_write`, simplified to zapping).
     pub fn guest_table_write(&self, gfn: u64) -> u64 {
-        let _g = self.lock.write();
-        let mut st = self.state.lock();
-        let n = st.zap_shadowed_gfns(gfn, gfn + 1, &self.stats);
+        let ctx = &*self.ctx;
+        let _g = ctx.mmu_lock.write();
+        let mut st = self.synced_state();
+        let n = st.zap_shadowed_gfns(gfn, gfn + 1, &ctx.stats);
         if n > 0 {
-            self.tlb.flush(&self.stats);
+            ctx.tlb.flush(&ctx.stats);
         }
         n
     }
 
     /// Zap everything (`kvm_mmu_zap_all`).
     pub fn zap_all(&self) -> u64 {
-        let _g = self.lock.write();
-        let mut st = self.state.lock();
+        let ctx = &*self.ctx;
+        let _g = ctx.mmu_lock.write();
+        let mut st = self.synced_state();
         let ids: Vec<u32> = st.hash.values().copied().collect();
-        let n: u64 = ids.into_iter().map(|id| st.zap_sp(id, &self.stats)).sum();
-        self.tlb.flush(&self.stats);
+        let n: u64 = ids.into_iter().map(|id| st.zap_sp(id, &ctx.stats)).sum();
+        ctx.tlb.flush(&ctx.stats);
         n
     }
 
     /// The shadow translation of `addr` under `paging`'s root, if present.
     pub fn translate(&self, paging: &P, addr: u64) -> Option<ShadowMapping> {
-        let _g = self.lock.read();
+        let _g = self.ctx.mmu_lock.read();
         let st = self.state.lock();
         let mut sp = *st
             .hash
@@ -781,7 +804,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
 
     /// Every present leaf: (gfn, level, writable). For reference checks.
     pub fn leaves(&self) -> Vec<(u64, u8, bool)> {
-        let _g = self.lock.read();
+        let _g = self.ctx.mmu_lock.read();
         let st = self.state.lock();
         let mut out = Vec::new();
         for sp in st.pages.iter().flatten() {

@@ -5,23 +5,22 @@
 
 use super::*;
 use crate::guest_walk::{ept, walk_x86, x86, EptPaging, SparseGuestMem, X86Paging};
+use crate::memslot::{Memslot, Memslots};
 use crate::model::{build_nested, splitmix, NestedModelConfig, TableShape};
-use crate::{YieldMode, YieldPolicy};
+use crate::spte::PageLevel;
+use crate::{KvmMmuNotifier, MmuLock, YieldMode, YieldPolicy};
 use notifier::subscriber::InvalidationSubscriber;
 use proptest::prelude::*;
 
 const RAM_PAGES: u64 = 4096; // 16 MiB
 
-fn slot(npages: u64, max_level: u8) -> SlotConfig {
-    SlotConfig {
-        id: 0,
-        base_gfn: 0,
-        npages,
-        userspace_addr: 0x1_0000_0000,
-        base_pfn: 0x10_0000,
-        writable: true,
-        max_level,
-    }
+/// A context with one memslot of guest RAM at gfn 0, hva 0x1_0000_0000
+/// (so, with the model plane's identity host, pfn 0x10_0000 + gfn), backed
+/// by pages of `max_level` (1 = 4K, 2 = 2M).
+fn slot_ctx(npages: u64, max_level: u8) -> Arc<MmuContext> {
+    let backing = PageLevel::from_number(max_level).expect("level 1..=3");
+    let slot = Memslot::new(0, 0, npages, 0x1_0000_0000, backing).unwrap();
+    MmuContext::new(Memslots::new(vec![slot], 0).unwrap(), RemoteTlb::default())
 }
 
 /// x86 guest tables: PML4 at gfn 1, tables allocated upward from gfn 2,
@@ -66,7 +65,7 @@ fn check<P: GuestPaging>(
     addrs: &[u64],
     zapped: &[(u64, u64)],
 ) -> Result<(), TestCaseError> {
-    let slot = mmu.memslots()[0];
+    let slots = mmu.context().memslots();
     for &a in addrs {
         if let Some(m) = mmu.translate(paging, a) {
             let t = paging.walk(&**mmu.guest_mem(), a, AccessKind::READ, false);
@@ -76,7 +75,10 @@ fn check<P: GuestPaging>(
                 ))
             })?;
             prop_assert_eq!(m.gfn, t.gfn(), "addr {:#x}", a);
-            prop_assert_eq!(m.pfn, slot.base_pfn + t.gfn() - slot.base_gfn);
+            let hva = slots
+                .gfn_to_memslot(t.gfn())
+                .and_then(|s| s.gfn_to_hva(t.gfn()));
+            prop_assert_eq!(Some(m.pfn), hva.map(|h| h >> 12), "identity host");
             if m.writable {
                 prop_assert!(
                     t.access.write,
@@ -171,8 +173,7 @@ proptest! {
     fn shadow_x86_no_stale_translation(maps in maps(), ops in ops(40), max_level in 1u8..3) {
         let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
         let paging = build_x86(&mem, &maps);
-        let mmu = ShadowMmu::<X86Paging>::new(mem.clone(), Default::default(), Default::default(), RemoteTlb::default());
-        mmu.add_memslot(slot(RAM_PAGES, max_level)).unwrap();
+        let mmu = ShadowMmu::<X86Paging>::new(slot_ctx(RAM_PAGES, max_level), mem.clone());
         let addrs: Vec<u64> = maps.iter().flat_map(|m| [m.0 << 12, (m.0 << 12) + 0x1000 * 7]).collect();
         let mut zapped: Vec<(u64, u64)> = Vec::new();
         for op in ops {
@@ -233,7 +234,7 @@ proptest! {
                                         zaps in prop::collection::vec((0u64..65536, 1u64..20000, any::<bool>(), any::<bool>()), 1..4)) {
         let shape = [TableShape::Linear, TableShape::Shuffled, TableShape::Huge, TableShape::Aliased(2)][shape as usize];
         let cfg = NestedModelConfig { l1_bytes: 256 << 20, density, shape, seed, host_max_level: 1 + (seed % 2) as u8, ..Default::default() };
-        let m = build_nested(cfg, Default::default(), Default::default(), RemoteTlb::default()).unwrap();
+        let m = build_nested(cfg, RemoteTlb::default()).unwrap();
         let mut rng = seed;
         for (s, len, blind, never) in zaps {
             let policy = if never { YieldPolicy::never() } else { YieldPolicy::default().with_max_units(64) };
@@ -262,13 +263,7 @@ fn write_protection_of_guest_tables_and_roles() {
     let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
     // gva page 0x10 maps gfn 1 (the PML4 itself), writable; 0x11 maps gfn 0x100.
     let paging = build_x86(&mem, &[(0x10, 1, true, false), (0x11, 0x100, true, false)]);
-    let mmu = ShadowMmu::<X86Paging>::new(
-        mem.clone(),
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    );
-    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    let mmu = ShadowMmu::<X86Paging>::new(slot_ctx(RAM_PAGES, 1), mem.clone());
     assert_eq!(
         mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),
         Ok(FaultOutcome::Fixed {
@@ -316,13 +311,7 @@ fn nested_roles_ept_access_and_rmap_chains() {
     mem.write_u64(0x4008, 0x200000 | ept::RWX | wb).unwrap();
     mem.write_u64(0x4010, 0x201000 | ept::R | ept::X | wb)
         .unwrap();
-    let mmu = crate::nested::NestedMmu::new(
-        mem,
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    );
-    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    let mmu = crate::nested::NestedMmu::new(slot_ctx(RAM_PAGES, 1), mem);
     for a in [0, 0x1000] {
         assert!(matches!(
             mmu.page_fault(&paging, a, AccessKind::WRITE),
@@ -361,9 +350,11 @@ fn notifier_invalidation_zaps_through_hva() {
         blockable: false,
         delivery: Delivery::Before,
     };
-    m.mmu.invalidate_range_start(&inv);
-    m.mmu.invalidate_range_end(&inv);
+    let n = notifier_for(&m, YieldPolicy::default());
+    n.invalidate_range_start(&inv);
+    n.invalidate_range_end(&inv);
     assert_eq!(m.check_no_stale((0, 1 << 14), u64::MAX, 1).unwrap(), 0);
+    assert_eq!(m.mmu.context().seq.seq(), 1, "the shared sequence ended");
     assert!(m.mmu.stats().snapshot().remote_tlb_flush >= 1);
     let _ = YieldMode::Yield;
 }
@@ -376,10 +367,8 @@ fn notifier_invalidation_zaps_through_hva() {
 fn racing_faults_retry_during_a_yielding_invalidation() {
     use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut m = half_mapped_model(256 << 20);
-    Arc::get_mut(&mut m.mmu)
-        .expect("sole owner")
-        .set_notifier_policy(YieldPolicy::default().with_max_units(16));
+    let m = half_mapped_model(256 << 20);
+    let n = notifier_for(&m, YieldPolicy::default().with_max_units(16));
     let m = Arc::new(m);
     let stop = Arc::new(AtomicBool::new(false));
     let faulter = {
@@ -403,14 +392,14 @@ fn racing_faults_retry_during_a_yielding_invalidation() {
             blockable: true,
             delivery: Delivery::Before,
         };
-        m.mmu.invalidate_range_start(&inv);
+        n.invalidate_range_start(&inv);
         let leaked: Vec<_> = m
             .mmu
             .leaves()
             .into_iter()
             .filter(|(g, _, _)| *g >= s && *g < e)
             .collect();
-        m.mmu.invalidate_range_end(&inv);
+        n.invalidate_range_end(&inv);
         assert!(
             leaked.is_empty(),
             "round {round}: mapped during the invalidation: {:?}",
@@ -429,13 +418,16 @@ fn racing_faults_retry_during_a_yielding_invalidation() {
 #[test]
 fn zap_flushes_before_every_yield_and_at_the_end() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let stats = Arc::new(MmuStats::default());
-    let lock = Arc::new(MmuLock::new());
+    // The hook reads the stats of the context it belongs to: set once the
+    // context exists (weakly, no cycle).
+    let ctx_cell: Arc<std::sync::OnceLock<std::sync::Weak<MmuContext>>> = Default::default();
     let flushed_at = Arc::new(AtomicU64::new(u64::MAX));
     let hook = {
-        let (stats, flushed_at) = (stats.clone(), flushed_at.clone());
+        let (ctx_cell, flushed_at) = (ctx_cell.clone(), flushed_at.clone());
         Arc::new(move || {
-            flushed_at.store(stats.pages_4k.load(Ordering::SeqCst), Ordering::SeqCst);
+            if let Some(ctx) = ctx_cell.get().and_then(|w| w.upgrade()) {
+                flushed_at.store(ctx.stats.pages_4k.load(Ordering::SeqCst), Ordering::SeqCst);
+            }
             true
         })
     };
@@ -445,18 +437,16 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
         shape: TableShape::Linear,
         ..Default::default()
     };
-    let m = build_nested(cfg, lock.clone(), stats.clone(), RemoteTlb::new(Some(hook))).unwrap();
-    let before = stats.pages_4k.load(Ordering::SeqCst);
+    let m = build_nested(cfg, RemoteTlb::new(Some(hook))).unwrap();
+    let ctx = m.mmu.context().clone();
+    ctx_cell.set(Arc::downgrade(&ctx)).unwrap();
+    let before = ctx.stats.pages_4k.load(Ordering::SeqCst);
     assert!(before > 0);
     let done = Arc::new(AtomicBool::new(false));
     let observer = {
-        let (lock, stats, flushed_at, done) = (
-            lock.clone(),
-            stats.clone(),
-            flushed_at.clone(),
-            done.clone(),
-        );
+        let (ctx, flushed_at, done) = (ctx.clone(), flushed_at.clone(), done.clone());
         std::thread::spawn(move || {
+            let (lock, stats): (&MmuLock, _) = (&ctx.mmu_lock, &ctx.stats);
             let (mut looks, mut mid_zap) = (0u64, 0u64);
             while !done.load(Ordering::SeqCst) {
                 let _g = lock.read();
@@ -486,7 +476,7 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
     done.store(true, Ordering::SeqCst);
     let (looks, _mid) = observer.join().unwrap();
     assert!(looks > 0);
-    assert_eq!(stats.pages_4k.load(Ordering::SeqCst), 0);
+    assert_eq!(ctx.stats.pages_4k.load(Ordering::SeqCst), 0);
     assert_eq!(flushed_at.load(Ordering::SeqCst), 0, "final flush");
     assert!(r.yields.yields > 0 && r.tlb_flushes > 1, "{r:?}");
 }
@@ -498,13 +488,7 @@ fn long_rmap_chains_are_recycled() {
     let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
     let maps: Vec<_> = (0..1001u64).map(|v| (v, 0x300, false, false)).collect();
     let paging = build_x86(&mem, &maps);
-    let mmu = ShadowMmu::<X86Paging>::new(
-        mem,
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    );
-    mmu.add_memslot(slot(RAM_PAGES, 1)).unwrap();
+    let mmu = ShadowMmu::<X86Paging>::new(slot_ctx(RAM_PAGES, 1), mem);
     for v in 0..1000u64 {
         mmu.page_fault(&paging, v << 12, AccessKind::READ).unwrap();
     }
@@ -528,11 +512,12 @@ fn half_mapped_model(l1_bytes: u64) -> crate::model::NestedModel {
         shape: TableShape::Linear,
         ..Default::default()
     };
-    build_nested(
-        cfg,
-        Default::default(),
-        Default::default(),
-        RemoteTlb::default(),
-    )
-    .unwrap()
+    build_nested(cfg, RemoteTlb::default()).unwrap()
+}
+
+/// The host-invalidation subscriber of `m`'s context, driving its MMU.
+fn notifier_for(m: &crate::model::NestedModel, policy: YieldPolicy) -> KvmMmuNotifier {
+    let n = KvmMmuNotifier::new(m.mmu.context().clone(), policy);
+    n.add_mmu(m.mmu.clone());
+    n
 }

@@ -18,9 +18,11 @@
 //! (KVM's mmu_notifier path before 6.12).
 
 use super::{GuestPaging, ShadowMmu};
+use crate::invalidate::SecondaryMmu;
+use crate::lock::MmuWriteGuard;
+use crate::memslot::Memslot;
 use crate::yielder::YieldReport;
 use crate::{MmuLock, YieldPolicy, Yielder};
-use notifier::subscriber::{Invalidation, InvalidationSubscriber};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -58,11 +60,11 @@ pub const PROGRESS_EVERY: u64 = 64;
 /// Longest wait of the [`ZapProgress::hold_until_contended`] gate.
 pub const GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How the zaps of host invalidations run ([`ShadowMmu::set_notifier_zap`]).
+/// How the zaps of host invalidations run ([`ShadowMmu::set_notifier_zap`]);
+/// their yield policy is the [`crate::KvmMmuNotifier`]'s (never yielding
+/// for non-blockable invalidations).
 #[derive(Debug, Clone)]
 pub struct NotifierZap {
-    /// For blockable invalidations; non-blockable ones never yield.
-    pub policy: YieldPolicy,
     pub mode: WalkMode,
     pub progress: Option<std::sync::Arc<ZapProgress>>,
 }
@@ -70,7 +72,6 @@ pub struct NotifierZap {
 impl Default for NotifierZap {
     fn default() -> Self {
         Self {
-            policy: YieldPolicy::default(),
             mode: WalkMode::Summary,
             progress: None,
         }
@@ -110,41 +111,97 @@ pub struct ZapReport {
     pub tlb_flushes: u64,
 }
 
+/// Publish that a zap holds `mmu_lock`, then (if asked) wait until someone
+/// is blocked on it.
+fn progress_start(p: &ZapProgress, lock: &MmuLock) {
+    p.heads_visited.store(0, Ordering::Relaxed);
+    p.yields.store(0, Ordering::Relaxed);
+    p.started.store(true, Ordering::Release);
+    let t = std::time::Instant::now();
+    while p.hold_until_contended && !lock.contended() && t.elapsed() < GATE_TIMEOUT {
+        std::hint::spin_loop();
+    }
+}
+
+fn progress_done(p: &ZapProgress, rep: &ZapReport) {
+    p.heads_visited
+        .store(rep.rmap_heads_visited, Ordering::Release);
+    p.done.store(true, Ordering::Release);
+}
+
 impl<P: GuestPaging> ShadowMmu<P> {
     /// Zap every SPTE mapping a gfn in `start..end` in any memslot, and the
-    /// shadow pages of guest tables that live there.
+    /// shadow pages of guest tables that live there: takes `mmu_lock`,
+    /// yields per `opts.policy`, flushes before every yield and at the end.
     pub fn zap_gfn_range(&self, start: u64, end: u64, opts: &ZapOptions<'_>) -> ZapReport {
-        let stats = &*self.stats;
-        let mut g = self.lock.write();
+        let ctx = &*self.ctx;
+        let mut g = ctx.mmu_lock.write();
         if let Some(p) = opts.progress {
-            p.heads_visited.store(0, Ordering::Relaxed);
-            p.yields.store(0, Ordering::Relaxed);
-            p.started.store(true, Ordering::Release);
-            let t = std::time::Instant::now();
-            while p.hold_until_contended && !self.lock.contended() && t.elapsed() < GATE_TIMEOUT {
-                std::hint::spin_loop();
-            }
+            progress_start(p, &ctx.mmu_lock);
         }
-        let mut y = Yielder::new(opts.policy, &self.lock, stats);
-        let mut st = self.state.lock();
+        let mut y = Yielder::new(opts.policy, &ctx.mmu_lock, &ctx.stats);
         let mut rep = ZapReport::default();
-        let mut pending = false;
+        let pending = self.zap_locked(
+            &mut g,
+            &mut y,
+            None,
+            start,
+            end,
+            opts.mode,
+            opts.progress,
+            false,
+            &mut rep,
+        );
+        if pending {
+            ctx.tlb.flush(&ctx.stats);
+            rep.tlb_flushes += 1;
+        }
+        rep.yields = y.finish();
+        if let Some(p) = opts.progress {
+            progress_done(p, &rep);
+        }
+        drop(g);
+        rep
+    }
+
+    /// The zap under `mmu_lock` (held through `g`): the rmap heads of gfns
+    /// `start..end` in memslot `slot_id` (every memslot if `None`), then
+    /// the shadow pages of guest tables there. One `need_yield()` per head
+    /// visited and per shadow page; before yielding, flush if a flush is
+    /// pending (`flush` in, or own zaps). Returns whether one still is.
+    #[allow(clippy::too_many_arguments)]
+    fn zap_locked(
+        &self,
+        g: &mut MmuWriteGuard<'_>,
+        y: &mut Yielder<'_>,
+        slot_id: Option<u32>,
+        start: u64,
+        end: u64,
+        mode: WalkMode,
+        progress: Option<&ZapProgress>,
+        flush: bool,
+        rep: &mut ZapReport,
+    ) -> bool {
+        let ctx = &*self.ctx;
+        let stats = &ctx.stats;
+        let mut st = self.synced_state();
+        let mut pending = flush;
         // Flush what is pending, publish progress, drop the state and
         // `mmu_lock`, take them back.
         macro_rules! yield_point {
             () => {
                 if pending {
-                    self.tlb.flush(stats);
+                    ctx.tlb.flush(stats);
                     rep.tlb_flushes += 1;
                     pending = false;
                 }
-                if let Some(p) = opts.progress {
+                if let Some(p) = progress {
                     p.heads_visited
                         .store(rep.rmap_heads_visited, Ordering::Release);
                     p.yields.fetch_add(1, Ordering::Release);
                 }
                 drop(st);
-                MmuLock::yield_write(&mut g);
+                MmuLock::yield_write(g);
                 y.yielded();
                 st = self.state.lock();
             };
@@ -152,8 +209,11 @@ impl<P: GuestPaging> ShadowMmu<P> {
         let nslots = st.slots.len();
         for s in 0..nslots {
             let (lo, hi) = {
-                let slot = &st.slots[s];
-                (start.max(slot.cfg.base_gfn), end.min(slot.end_gfn()))
+                let slot = &st.slots[s].slot;
+                if slot_id.is_some_and(|id| id != slot.id) {
+                    continue;
+                }
+                (start.max(slot.base_gfn), end.min(slot.gfn_end()))
             };
             if lo >= hi {
                 continue;
@@ -165,16 +225,15 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 );
                 let mut idx = first;
                 while idx <= last {
-                    if opts.mode == WalkMode::Summary {
+                    if mode == WalkMode::Summary {
                         match st.slots[s].populated[level as usize - 1].next_set(idx, last + 1) {
                             Some(next) => idx = next,
                             None => break,
                         }
                     }
                     rep.rmap_heads_visited += 1;
-                    if let Some(p) = opts
-                        .progress
-                        .filter(|_| rep.rmap_heads_visited % PROGRESS_EVERY == 0)
+                    if let Some(p) =
+                        progress.filter(|_| rep.rmap_heads_visited % PROGRESS_EVERY == 0)
                     {
                         p.heads_visited
                             .store(rep.rmap_heads_visited, Ordering::Release);
@@ -205,80 +264,49 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 yield_point!();
             }
         }
-        if pending {
-            self.tlb.flush(stats);
-            rep.tlb_flushes += 1;
-        }
-        rep.yields = y.finish();
-        if let Some(p) = opts.progress {
-            p.heads_visited
-                .store(rep.rmap_heads_visited, Ordering::Release);
-            p.done.store(true, Ordering::Release);
-        }
-        drop(st);
-        drop(g);
-        rep
-    }
-
-    /// Host virtual range -> zap of the gfns it backs, per memslot.
-    pub fn zap_hva_range(&self, start: u64, end: u64, opts: &ZapOptions<'_>) -> Vec<ZapReport> {
-        let ranges = self.hva_to_gfn_ranges(start, end);
-        ranges
-            .into_iter()
-            .map(|(s, e)| self.zap_gfn_range(s, e, opts))
-            .collect()
+        pending
     }
 }
 
-impl<P: GuestPaging> ShadowMmu<P> {
-    fn hva_to_gfn_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        self.state
-            .lock()
-            .slots
-            .iter()
-            .filter_map(|s| s.hva_to_gfns(start, end))
-            .collect()
-    }
-}
-
-impl<P: GuestPaging> InvalidationSubscriber for ShadowMmu<P> {
-    /// `kvm_mmu_notifier_invalidate_range_start`: mark the gfn ranges under
-    /// invalidation (faults there retry), then `kvm_unmap_gfn_range`,
-    /// yielding only if the invalidation may block. No memslot overlap: no
-    /// lock taken, nothing recorded.
-    fn invalidate_range_start(&self, inv: &Invalidation) {
-        let ranges = self.hva_to_gfn_ranges(inv.range.start, inv.range.end);
-        if ranges.is_empty() {
-            return;
-        }
-        self.invalidate_begin(&ranges);
+impl<P: GuestPaging> SecondaryMmu for ShadowMmu<P> {
+    /// `kvm_unmap_gfn_range` for the shadow MMU: the rmap zap of one
+    /// memslot's gfns (walk mode and progress from [`NotifierZap`]); its
+    /// [`ZapReport`] (yields: see [`crate::KvmMmuNotifier::last_report`])
+    /// is kept for [`ShadowMmu::take_notifier_reports`].
+    fn unmap_gfn_range(
+        &self,
+        guard: &mut MmuWriteGuard<'_>,
+        slot: &Memslot,
+        start: u64,
+        end: u64,
+        yielder: &mut Yielder<'_>,
+        flush: bool,
+    ) -> bool {
         let z = &self.notifier_zap;
-        let policy = if inv.blockable {
-            z.policy
-        } else {
-            YieldPolicy::never()
-        };
-        let opts = ZapOptions {
-            policy,
-            mode: z.mode,
-            progress: z.progress.as_deref(),
-        };
-        for (s, e) in ranges {
-            let r = self.zap_gfn_range(s, e, &opts);
-            let mut reports = self.notifier_reports.lock();
-            if reports.len() >= MAX_NOTIFIER_REPORTS {
-                reports.remove(0);
-            }
-            reports.push(r);
+        let progress = z.progress.as_deref();
+        if let Some(p) = progress {
+            progress_start(p, &self.ctx.mmu_lock);
         }
-    }
-
-    fn invalidate_range_end(&self, inv: &Invalidation) {
-        if !self
-            .hva_to_gfn_ranges(inv.range.start, inv.range.end)
-            .is_empty()
-        {
-            self.invalidate_end();
+        let mut rep = ZapReport::default();
+        let pending = self.zap_locked(
+            guard,
+            yielder,
+            Some(slot.id),
+            start,
+            end,
+            z.mode,
+            progress,
+            flush,
+            &mut rep,
+        );
+        if let Some(p) = progress {
+            progress_done(p, &rep);
         }
+        let mut reports = self.notifier_reports.lock();
+        if reports.len() >= MAX_NOTIFIER_REPORTS {
+            reports.remove(0);
+        }
+        reports.push(rep);
+        pending
     }
 }
