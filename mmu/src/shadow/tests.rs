@@ -521,3 +521,70 @@ fn notifier_for(m: &crate::model::NestedModel, policy: YieldPolicy) -> KvmMmuNot
     n.add_mmu(m.mmu.clone());
     n
 }
+
+/// One `struct kvm`: a TDP MMU and a shadow MMU on one context, one
+/// `KvmMmuNotifier` driving both. An invalidation zaps both, flushes once,
+/// and its in-progress range (the shared sequence) makes faults of either
+/// MMU retry.
+#[test]
+fn tdp_and_shadow_share_one_context_and_notifier() {
+    use crate::tdp::TdpMmu;
+    use notifier::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent};
+    let ctx = slot_ctx(RAM_PAGES, 1);
+    let mem = Arc::new(SparseGuestMem::new(RAM_PAGES << 12));
+    let paging = build_x86(
+        &mem,
+        &[(0x10, 0x100, true, false), (0x11, 0x900, true, false)],
+    );
+    let shadow = Arc::new(ShadowMmu::<X86Paging>::new(ctx.clone(), mem));
+    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+    // No yield (no waiter, a slice that never runs out): exactly one flush.
+    let policy = YieldPolicy::default().with_slice(std::time::Duration::from_secs(60));
+    let n = KvmMmuNotifier::new(ctx.clone(), policy);
+    n.add_mmu(tdp.clone());
+    n.add_mmu(shadow.clone());
+    for gfn in [0x100, 0x900] {
+        tdp.page_fault(gfn, true, &identity_host).unwrap();
+    }
+    for a in [0x10000, 0x11000] {
+        assert!(matches!(
+            shadow.page_fault(&paging, a, AccessKind::WRITE),
+            Ok(FaultOutcome::Fixed { .. })
+        ));
+    }
+    // Invalidate the hvas of gfns 0x100..0x200.
+    let hva = |gfn: u64| 0x1_0000_0000 + (gfn << 12);
+    let inv = Invalidation {
+        range: HvaRange::new(hva(0x100), hva(0x200)),
+        event: MmuNotifyEvent::Unmap,
+        blockable: true,
+        delivery: Delivery::Before,
+    };
+    let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;
+    n.invalidate_range_start(&inv);
+    assert_eq!(
+        ctx.stats.snapshot().remote_tlb_flush_requests,
+        flushes + 1,
+        "one flush for both MMUs"
+    );
+    assert!(tdp.leaves_in(0x100, 0x101).is_empty());
+    assert_eq!(tdp.leaves_in(0x900, 0x901).len(), 1);
+    assert!(shadow.translate(&paging, 0x10000).is_none());
+    assert!(shadow.translate(&paging, 0x11000).is_some());
+    assert_eq!(shadow.take_notifier_reports().len(), 1);
+    // In progress: faults of both MMUs in the range retry.
+    assert_eq!(
+        shadow.page_fault(&paging, 0x10000, AccessKind::WRITE),
+        Ok(FaultOutcome::Retry)
+    );
+    assert_eq!(
+        tdp.page_fault(0x100, true, &identity_host).unwrap(),
+        crate::tdp::FaultOutcome::Retry
+    );
+    n.invalidate_range_end(&inv);
+    assert_eq!(ctx.seq.seq(), 1);
+    assert!(matches!(
+        shadow.page_fault(&paging, 0x10000, AccessKind::WRITE),
+        Ok(FaultOutcome::Fixed { .. })
+    ));
+}
