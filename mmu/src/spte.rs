@@ -10,8 +10,9 @@
 //! | 3..=5  | memtype (EPT MT) |
 //! | 7      | large page (2 MiB / 1 GiB leaf) |
 //! | 8 / 9  | accessed / dirty |
+//! | 10     | user: the guest granted user-mode access (shadow paging's U/S; EPT's user-mode execute position) |
 //! | 11     | MMU-present (software): every leaf and non-leaf SPTE |
-//! | 12..=51| pfn (leaf), table address >> 12 (non-leaf), gfn (MMIO) |
+//! | 12..=51| pfn (leaf), table address >> 12 (TDP non-leaf), shadow page id (shadow non-leaf), gfn (MMIO) |
 //! | 57 / 58| host-writable / MMU-writable (software) |
 //!
 //! Non-present is `0`. An MMIO SPTE is not MMU-present: W|X without R (an
@@ -31,6 +32,8 @@ pub const SPTE_MEMTYPE_MASK: u64 = 0b111 << SPTE_MEMTYPE_SHIFT;
 pub const SPTE_LARGE: u64 = 1 << 7;
 pub const SPTE_ACCESSED: u64 = 1 << 8;
 pub const SPTE_DIRTY: u64 = 1 << 9;
+/// `ACC_USER_MASK` in a leaf: the guest's tables grant user-mode access.
+pub const SPTE_USER: u64 = 1 << 10;
 /// `SPTE_MMU_PRESENT_MASK`.
 pub const SPTE_MMU_PRESENT: u64 = 1 << 11;
 pub const SPTE_PFN_SHIFT: u32 = 12;
@@ -169,6 +172,8 @@ pub struct LeafAttrs {
     pub memtype: MemType,
     pub accessed: bool,
     pub dirty: bool,
+    /// User-mode access (shadow paging; TDP leaves always grant it).
+    pub user: bool,
 }
 
 impl Default for LeafAttrs {
@@ -179,6 +184,7 @@ impl Default for LeafAttrs {
             memtype: MemType::Wb,
             accessed: true,
             dirty: false,
+            user: true,
         }
     }
 }
@@ -288,7 +294,33 @@ impl Spte {
         if attrs.dirty {
             raw |= SPTE_DIRTY;
         }
+        if attrs.user {
+            raw |= SPTE_USER;
+        }
         Ok(Spte(raw))
+    }
+
+    /// A shadow MMU's non-leaf SPTE: shadow pages live in the shadow MMU's
+    /// slab, not at host addresses, so the address field holds the child's
+    /// slab id (read back with [`shadow_child`](Self::shadow_child)).
+    pub fn shadow_link(child: u32) -> Self {
+        Spte(
+            SPTE_MMU_PRESENT
+                | SPTE_R
+                | SPTE_W
+                | SPTE_X
+                | SPTE_USER
+                | SPTE_ACCESSED
+                | SPTE_HOST_WRITABLE
+                | SPTE_MMU_WRITABLE
+                | ((child as u64) << SPTE_PFN_SHIFT),
+        )
+    }
+
+    /// The child shadow page id of a [`shadow_link`](Self::shadow_link).
+    #[inline]
+    pub const fn shadow_child(self) -> u32 {
+        self.pfn() as u32
     }
 
     /// `make_nonleaf_spte`: points at a child table at `table_addr`
@@ -371,6 +403,10 @@ impl Spte {
         self.0 & SPTE_X != 0
     }
 
+    pub const fn is_user(self) -> bool {
+        self.0 & SPTE_USER != 0
+    }
+
     pub const fn is_accessed(self) -> bool {
         self.0 & SPTE_ACCESSED != 0
     }
@@ -451,12 +487,13 @@ mod tests {
     fn all_attrs() -> impl Iterator<Item = LeafAttrs> {
         Writability::ALL.into_iter().flat_map(|writability| {
             MemType::ALL.into_iter().flat_map(move |memtype| {
-                (0..8u8).map(move |b| LeafAttrs {
+                (0..16u8).map(move |b| LeafAttrs {
                     writability,
                     memtype,
                     exec: b & 1 != 0,
                     accessed: b & 2 != 0,
                     dirty: b & 4 != 0,
+                    user: b & 8 != 0,
                 })
             })
         })
@@ -482,6 +519,7 @@ mod tests {
                     assert_eq!(s.is_executable(), a.exec);
                     assert_eq!(s.is_accessed(), a.accessed);
                     assert_eq!(s.is_dirty(), a.dirty);
+                    assert_eq!(s.is_user(), a.user);
                     assert_eq!(s.is_large(), level != PageLevel::L4K);
                     assert!(s.is_last(level.number()));
                     // W implies MMUW implies HostW.
@@ -491,7 +529,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 3 * 4 * 4 * 5 * 8);
+        assert_eq!(n, 3 * 4 * 4 * 5 * 16);
     }
 
     #[test]

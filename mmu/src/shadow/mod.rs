@@ -19,7 +19,6 @@
 //! and dropped with it whenever a zap yields ([`zap`]).
 
 pub mod slot;
-mod sptes;
 pub mod zap;
 
 use crate::guest_walk::{
@@ -28,6 +27,7 @@ use crate::guest_walk::{
 use crate::invalidate::MmuContext;
 use crate::memslot::{Memslot, Memslots};
 use crate::rmap::{DescArena, SpteRef, RMAP_RECYCLE_THRESHOLD};
+use crate::spte::{LeafAttrs, PageLevel, Spte, SpteError, Writability};
 use crate::tdp::{HostPage, ResolveError, ResolvePfn};
 use crate::{MmuStats, RemoteTlb};
 use notifier::SeqSnapshot;
@@ -111,7 +111,7 @@ impl GuestPaging for X86Paging {
 struct ShadowPage {
     gfn: u64,
     role: Role,
-    spt: Box<[u64; 512]>,
+    spt: Box<[Spte; 512]>,
     /// `shadowed_translation`: the gfn each leaf SPTE maps (kept for direct
     /// pages too, to find the rmap on removal).
     gfns: Box<[u64; 512]>,
@@ -144,6 +144,9 @@ pub enum FaultError {
     /// The host page behind the gfn could not be resolved.
     #[error(transparent)]
     Host(#[from] ResolveError),
+    /// The host page cannot be put in an SPTE (pfn too large).
+    #[error(transparent)]
+    Spte(#[from] SpteError),
 }
 
 /// A present shadow translation (for tests and reports).
@@ -214,6 +217,37 @@ pub struct ShadowMmu<P: GuestPaging> {
     /// Reports of the zaps host invalidations started, oldest first.
     notifier_reports: Mutex<Vec<ZapReport>>,
     _paging: PhantomData<P>,
+}
+
+/// `make_spte` for a shadow leaf: the guest's `acc` bits, writable only if
+/// the access wants it and the guest, the host and write tracking allow it;
+/// the (HostW, MMUW, W) state is one of the four legal ones.
+fn leaf_spte(
+    pfn: u64,
+    level: u8,
+    acc: u8,
+    want_w: bool,
+    host_w: bool,
+    mmu_w: bool,
+) -> Result<Spte, SpteError> {
+    let writability = match (host_w, mmu_w) {
+        (false, _) => Writability::ReadOnly,
+        (true, false) => Writability::ShadowWriteProtected,
+        (true, true) if want_w && acc & ACC_WRITE != 0 => Writability::Writable,
+        (true, true) => Writability::WriteProtected,
+    };
+    let level = PageLevel::from_number(level).unwrap_or(PageLevel::L4K);
+    Spte::leaf(
+        pfn,
+        level,
+        LeafAttrs {
+            writability,
+            exec: acc & ACC_EXEC != 0,
+            user: acc & ACC_USER != 0,
+            dirty: false,
+            ..LeafAttrs::default()
+        },
+    )
 }
 
 fn index(addr: u64, level: u8) -> usize {
@@ -298,7 +332,7 @@ impl ShadowState {
         let sp = ShadowPage {
             gfn,
             role,
-            spt: Box::new([0; 512]),
+            spt: Box::new([Spte::NONPRESENT; 512]),
             gfns: Box::new([0; 512]),
             parent_ptes: Vec::new(),
         };
@@ -341,8 +375,8 @@ impl ShadowState {
             for r in &refs {
                 let sp = self.page_mut(r.sp());
                 let old = sp.spt[r.index()];
-                flush |= sptes::is_writable(old);
-                sp.spt[r.index()] = sptes::wrprot_for_shadowing(old);
+                flush |= old.is_writable();
+                sp.spt[r.index()] = old.shadow_write_protect();
             }
         }
         self.scratch = refs;
@@ -389,7 +423,7 @@ impl ShadowState {
             slot.populated[level as usize - 1].clear(idx);
         }
         for r in &refs {
-            self.page_mut(r.sp()).spt[r.index()] = 0;
+            self.page_mut(r.sp()).spt[r.index()] = Spte::NONPRESENT;
             count_page(stats, level, false);
         }
         let n = refs.len() as u64;
@@ -404,16 +438,16 @@ impl ShadowState {
             let sp = self.page(id);
             (sp.spt[i], sp.role.level, sp.gfns[i])
         };
-        if !sptes::is_present(spte) {
+        if !spte.is_mmu_present() {
             return 0;
         }
-        self.page_mut(id).spt[i] = 0;
-        if sptes::is_leaf(spte, level) {
+        self.page_mut(id).spt[i] = Spte::NONPRESENT;
+        if spte.is_last(level) {
             self.rmap_remove(gfn, level, SpteRef::new(id, i as u16));
             count_page(stats, level, false);
             return 0;
         }
-        let child = sptes::child(spte);
+        let child = spte.shadow_child();
         let me = SpteRef::new(id, i as u16);
         let c = self.page_mut(child);
         c.parent_ptes.retain(|p| *p != me);
@@ -435,18 +469,18 @@ impl ShadowState {
             };
             for p in &sp.parent_ptes {
                 if let Some(parent) = self.pages[p.sp() as usize].as_mut() {
-                    parent.spt[p.index()] = 0;
+                    parent.spt[p.index()] = Spte::NONPRESENT;
                 }
             }
             for (i, &spte) in sp.spt.iter().enumerate() {
-                if !sptes::is_present(spte) {
+                if !spte.is_mmu_present() {
                     continue;
                 }
-                if sptes::is_leaf(spte, sp.role.level) {
+                if spte.is_last(sp.role.level) {
                     self.rmap_remove(sp.gfns[i], sp.role.level, SpteRef::new(id, i as u16));
                     count_page(stats, sp.role.level, false);
                 } else {
-                    let child = sptes::child(spte);
+                    let child = spte.shadow_child();
                     let me = SpteRef::new(id, i as u16);
                     if let Some(c) = self.pages[child as usize].as_mut() {
                         c.parent_ptes.retain(|p| *p != me);
@@ -490,7 +524,7 @@ impl ShadowState {
     }
 
     fn link(&mut self, parent: u32, i: usize, child: u32) {
-        self.page_mut(parent).spt[i] = sptes::make_nonleaf(child);
+        self.page_mut(parent).spt[i] = Spte::shadow_link(child);
         self.page_mut(child)
             .parent_ptes
             .push(SpteRef::new(parent, i as u16));
@@ -652,6 +686,10 @@ impl<P: GuestPaging> ShadowMmu<P> {
         if self.ctx.seq.retry_range(snap, base, base + span(target)) {
             return Ok(self.retry());
         }
+        let pfn = host.pfn - (gfn - base);
+        let host_w = host.writable && !slot.readonly;
+        // Refuse an SPTE that cannot exist before building anything.
+        leaf_spte(pfn, target, acc, false, host_w, false)?;
         let mut flush = false;
         let (mut sp, f) = st.get_or_create_sp(
             paging.root_gfn(),
@@ -676,15 +714,15 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 )
             };
             let spte = st.page(sp).spt[i];
-            if sptes::is_present(spte) && !sptes::is_leaf(spte, level) {
-                let child = sptes::child(spte);
+            if spte.is_mmu_present() && !spte.is_last(level) {
+                let child = spte.shadow_child();
                 let c = st.page(child);
                 if (c.gfn, c.role) == (cgfn, role) {
                     sp = child;
                     continue;
                 }
             }
-            if sptes::is_present(spte) {
+            if spte.is_mmu_present() {
                 // A large leaf where this walk needs a table, or a link to a
                 // page the guest's tables no longer lead to
                 // (`FNAME(gpte_changed)`): unlink it.
@@ -705,15 +743,13 @@ impl<P: GuestPaging> ShadowMmu<P> {
             return Ok(FaultOutcome::Retry);
         }
         let tracked = st.is_tracked(gfn, gfn + 1);
-        let host_w = host.writable && !slot.readonly;
         let mmu_w = host_w && !tracked;
         let want_w = acc & ACC_WRITE != 0 && (access.write || walk.dirty);
-        let pfn = host.pfn - (gfn - base);
-        let new = sptes::make_leaf(pfn, acc, want_w, host_w, mmu_w, target > 1);
+        let new = leaf_spte(pfn, target, acc, want_w, host_w, mmu_w)?;
         let i = index(addr, target);
         let old = st.page(sp).spt[i];
-        let outcome = if sptes::is_present(old) && sptes::pfn(old) == pfn {
-            flush |= sptes::is_writable(old) && !sptes::is_writable(new);
+        let outcome = if old.is_mmu_present() && old.pfn() == pfn {
+            flush |= old.is_writable() && !new.is_writable();
             st.page_mut(sp).spt[i] = new;
             if old == new {
                 FaultOutcome::Spurious
@@ -721,11 +757,11 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 FaultOutcome::Fixed {
                     level: target,
                     pfn,
-                    writable: sptes::is_writable(new),
+                    writable: new.is_writable(),
                 }
             }
         } else {
-            if sptes::is_present(old) {
+            if old.is_mmu_present() {
                 st.drop_spte(sp, i, stats);
                 flush = true;
             }
@@ -737,7 +773,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
             FaultOutcome::Fixed {
                 level: target,
                 pfn,
-                writable: sptes::is_writable(new),
+                writable: new.is_writable(),
             }
         };
         if flush {
@@ -785,19 +821,19 @@ impl<P: GuestPaging> ShadowMmu<P> {
             let page = st.page(sp);
             let i = index(addr, level);
             let spte = page.spt[i];
-            if !sptes::is_present(spte) {
+            if !spte.is_mmu_present() {
                 return None;
             }
-            if sptes::is_leaf(spte, level) {
+            if spte.is_last(level) {
                 let off = (addr >> 12) & (span(level) - 1);
                 return Some(ShadowMapping {
                     gfn: page.gfns[i] + off,
-                    pfn: sptes::pfn(spte) + off,
+                    pfn: spte.pfn() + off,
                     level,
-                    writable: sptes::is_writable(spte),
+                    writable: spte.is_writable(),
                 });
             }
-            sp = sptes::child(spte);
+            sp = spte.shadow_child();
         }
         None
     }
@@ -809,8 +845,8 @@ impl<P: GuestPaging> ShadowMmu<P> {
         let mut out = Vec::new();
         for sp in st.pages.iter().flatten() {
             for (i, &s) in sp.spt.iter().enumerate() {
-                if sptes::is_present(s) && sptes::is_leaf(s, sp.role.level) {
-                    out.push((sp.gfns[i], sp.role.level, sptes::is_writable(s)));
+                if s.is_mmu_present() && s.is_last(sp.role.level) {
+                    out.push((sp.gfns[i], sp.role.level, s.is_writable()));
                 }
             }
         }
