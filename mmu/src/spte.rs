@@ -207,6 +207,16 @@ pub enum SpteError {
     MmioGenTooLarge { gen: u64 },
 }
 
+/// What every non-leaf SPTE grants: all access, left to the leaves to
+/// restrict.
+const NON_LEAF_BITS: u64 = SPTE_MMU_PRESENT
+    | SPTE_R
+    | SPTE_W
+    | SPTE_X
+    | SPTE_ACCESSED
+    | SPTE_HOST_WRITABLE
+    | SPTE_MMU_WRITABLE;
+
 /// One SPTE. `Copy`, compared and stored as its raw `u64`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(transparent)]
@@ -304,17 +314,7 @@ impl Spte {
     /// slab, not at host addresses, so the address field holds the child's
     /// slab id (read back with [`shadow_child`](Self::shadow_child)).
     pub fn shadow_link(child: u32) -> Self {
-        Spte(
-            SPTE_MMU_PRESENT
-                | SPTE_R
-                | SPTE_W
-                | SPTE_X
-                | SPTE_USER
-                | SPTE_ACCESSED
-                | SPTE_HOST_WRITABLE
-                | SPTE_MMU_WRITABLE
-                | ((child as u64) << SPTE_PFN_SHIFT),
-        )
+        Spte(NON_LEAF_BITS | SPTE_USER | ((child as u64) << SPTE_PFN_SHIFT))
     }
 
     /// The child shadow page id of a [`shadow_link`](Self::shadow_link).
@@ -329,16 +329,7 @@ impl Spte {
         if table_addr & 0xfff != 0 || table_addr & !SPTE_PFN_MASK != 0 || table_addr == 0 {
             return Err(SpteError::BadTableAddress { addr: table_addr });
         }
-        Ok(Spte(
-            SPTE_MMU_PRESENT
-                | SPTE_R
-                | SPTE_W
-                | SPTE_X
-                | SPTE_ACCESSED
-                | SPTE_HOST_WRITABLE
-                | SPTE_MMU_WRITABLE
-                | table_addr,
-        ))
+        Ok(Spte(NON_LEAF_BITS | table_addr))
     }
 
     /// `make_mmio_spte`: caches "this gfn is MMIO" for memslot generation

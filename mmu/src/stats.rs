@@ -63,6 +63,16 @@ mmu_stats! {
 }
 
 impl MmuStats {
+    /// `pages_4k` / `pages_2m` / `pages_1g`: the leaf counter of `level`.
+    pub fn pages(&self, level: crate::spte::PageLevel) -> &AtomicU64 {
+        use crate::spte::PageLevel;
+        match level {
+            PageLevel::L4K => &self.pages_4k,
+            PageLevel::L2M => &self.pages_2m,
+            PageLevel::L1G => &self.pages_1g,
+        }
+    }
+
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
     }

@@ -259,11 +259,7 @@ fn span(level: u8) -> u64 {
 }
 
 fn count_page(stats: &MmuStats, level: u8, up: bool) {
-    let c = match level {
-        1 => &stats.pages_4k,
-        2 => &stats.pages_2m,
-        _ => &stats.pages_1g,
-    };
+    let c = stats.pages(PageLevel::from_number(level).unwrap_or(PageLevel::L1G));
     if up {
         MmuStats::inc(c);
     } else {

@@ -233,7 +233,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
                     }
                     rep.rmap_heads_visited += 1;
                     if let Some(p) =
-                        progress.filter(|_| rep.rmap_heads_visited % PROGRESS_EVERY == 0)
+                        progress.filter(|_| rep.rmap_heads_visited.is_multiple_of(PROGRESS_EVERY))
                     {
                         p.heads_visited
                             .store(rep.rmap_heads_visited, Ordering::Release);

@@ -3,7 +3,7 @@
 //! page through the caller's [`ResolvePfn`], take `mmu_lock` for read,
 //! re-check the sequence for the gfn, install with compare-exchange.
 
-use super::{level_span, spte_index, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
+use super::{level_span, spte_index, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, PageLevel, Spte, SpteError, Writability};
 use crate::stats::MmuStats;
@@ -214,7 +214,7 @@ impl TdpMmu {
                     let new = req.spte(goal)?;
                     match set_spte_atomic(entry, cur, new) {
                         Ok(()) => {
-                            MmuStats::inc(stats_pages(stats, goal));
+                            MmuStats::inc(stats.pages(goal));
                             return Ok(FaultOutcome::Fixed(goal));
                         }
                         Err(now) => cur = now,

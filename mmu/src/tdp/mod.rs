@@ -270,7 +270,7 @@ fn free_subtree(pool: &TablePool, table: NonNull<PageTable>, level: u8, stats: &
             }
         } else if spte.is_mmu_present() {
             if let Some(l) = PageLevel::from_number(level) {
-                MmuStats::sub(stats_pages(stats, l), 1);
+                MmuStats::sub(stats.pages(l), 1);
             }
         }
     }
@@ -278,14 +278,6 @@ fn free_subtree(pool: &TablePool, table: NonNull<PageTable>, level: u8, stats: &
     // no SPTE or walker will reference it again.
     unsafe { pool.release(table) };
     MmuStats::sub(&stats.tdp_mmu_pages, 1);
-}
-
-pub(crate) fn stats_pages(stats: &MmuStats, level: PageLevel) -> &AtomicU64 {
-    match level {
-        PageLevel::L4K => &stats.pages_4k,
-        PageLevel::L2M => &stats.pages_2m,
-        PageLevel::L1G => &stats.pages_1g,
-    }
 }
 
 impl Drop for TdpMmu {

@@ -18,7 +18,7 @@
 //!   per level per stretch, 512 loads each.
 
 use super::pool::{TablePool, TablePtr};
-use super::{bounds, level_span, stats_pages, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
+use super::{bounds, level_span, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::lock::{MmuLock, MmuWriteGuard};
 use crate::spte::{PageLevel, Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
@@ -113,7 +113,7 @@ impl TdpMmu {
 fn publish(stats: &MmuStats, acct: &mut ZapAcct) {
     for (i, level) in PageLevel::ALL.into_iter().enumerate() {
         if acct.zapped[i] != 0 {
-            MmuStats::sub(stats_pages(stats, level), acct.zapped[i]);
+            MmuStats::sub(stats.pages(level), acct.zapped[i]);
             acct.zapped[i] = 0;
         }
     }
