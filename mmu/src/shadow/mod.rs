@@ -14,9 +14,19 @@
 //! are then an L1 hypervisor's EPT tables for its L2, `role.guest_mode` is
 //! set, and the rmaps are keyed by L1 gfn.
 //!
-//! Locking: [`MmuLock`] (write) is `mmu_lock`; the state sits in a mutex
-//! taken only while `mmu_lock` is held for write (so it is never contended)
-//! and dropped with it whenever a zap yields ([`zap`]).
+//! One mechanism with the TDP MMU: the MMU runs on a shared
+//! [`MmuContext`] (`struct kvm`: `mmu_lock`, the invalidation sequence,
+//! stats, the TLB hook, the memslots; a TDP MMU may share it), its SPTEs
+//! are [`crate::spte::Spte`]s, its faults use the context's
+//! snapshot/`retry_unsafe`/`retry_range` protocol, and host invalidations
+//! reach it only through [`crate::KvmMmuNotifier`] (it is a
+//! [`crate::SecondaryMmu`]). Its per-memslot rmaps ([`slot`]) follow the
+//! context's memslots; zapping what a deleted or moved memslot mapped is
+//! the memslot updater's job (before [`MmuContext::set_memslots`]).
+//!
+//! Locking: [`MmuContext::mmu_lock`] (write) is `mmu_lock`; the state sits
+//! in a mutex taken only while `mmu_lock` is held for write (so it is never
+//! contended) and dropped with it whenever a zap yields ([`zap`]).
 
 pub mod slot;
 pub mod zap;

@@ -588,3 +588,40 @@ fn tdp_and_shadow_share_one_context_and_notifier() {
         Ok(FaultOutcome::Fixed { .. })
     ));
 }
+
+/// The shadow MMU follows the context's memslots: a memslot added later is
+/// faultable at once, and the rmaps of an unchanged memslot are kept (a zap
+/// still finds what was mapped before the update).
+#[test]
+fn rmaps_follow_the_context_memslots() {
+    let ctx = slot_ctx(RAM_PAGES, 1);
+    let slot0 = *ctx.memslots().gfn_to_memslot(0).unwrap();
+    let mem = Arc::new(SparseGuestMem::new((2 * RAM_PAGES) << 12));
+    let high = RAM_PAGES + 5;
+    let paging = build_x86(
+        &mem,
+        &[(0x10, 0x100, true, false), (0x11, high, true, false)],
+    );
+    let mmu = ShadowMmu::<X86Paging>::new(ctx.clone(), mem);
+    assert!(matches!(
+        mmu.page_fault(&paging, 0x10000, AccessKind::WRITE),
+        Ok(FaultOutcome::Fixed { .. })
+    ));
+    assert_eq!(
+        mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),
+        Err(FaultError::NoMemslot { gfn: high })
+    );
+    let slot1 = Memslot::new(1, RAM_PAGES, RAM_PAGES, 0x2_0000_0000, PageLevel::L4K).unwrap();
+    ctx.set_memslots(Memslots::new(vec![slot0, slot1], 1).unwrap());
+    assert_eq!(
+        mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),
+        Ok(FaultOutcome::Fixed {
+            level: 1,
+            pfn: (0x2_0000_0000 >> 12) + 5,
+            writable: true
+        })
+    );
+    let r = mmu.zap_gfn_range(0, 2 * RAM_PAGES, &ZapOptions::default());
+    assert_eq!(r.sptes_zapped, 2, "{r:?}");
+    assert!(mmu.leaves().is_empty());
+}
