@@ -144,6 +144,17 @@ impl<'a> Yielder<'a> {
         self.policy
     }
 
+    /// The caller waited under the lock before doing any zap work, for a
+    /// reason that is not zap work (a measurement gate): start the clocks
+    /// now. No effect once a unit was counted.
+    pub fn restart_if_idle(&mut self) {
+        if self.stretch_units == 0 && self.report.units == 0 && self.report.yields == 0 {
+            let now = clock::now();
+            self.started = now;
+            self.stretch_start = now;
+        }
+    }
+
     /// Count one unit of work and say whether the caller must yield now.
     #[inline]
     pub fn need_yield(&mut self) -> bool {

@@ -286,6 +286,9 @@ impl<P: GuestPaging> SecondaryMmu for ShadowMmu<P> {
         let progress = z.progress.as_deref();
         if let Some(p) = progress {
             progress_start(p, &self.ctx.mmu_lock);
+            // The gate's wait is not zap work (the direct path starts its
+            // yielder after it).
+            yielder.restart_if_idle();
         }
         let mut rep = ZapReport::default();
         let pending = self.zap_locked(
