@@ -3,3 +3,4 @@
 
 pub mod notifier_check;
 pub mod soft_lockup;
+
