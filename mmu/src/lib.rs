@@ -5,7 +5,8 @@
 //! - [`yielder`]: the one yield mechanism every zap uses (TDP leaves, rmap
 //!   entries), with the longest non-yield stretch measured.
 //! - [`memslot`]: memslots and hva range -> (slot, gfn range).
-//! - [`spte`]: the SPTE as one `u64`, the four legal writability states.
+//! - [`spte`]: the SPTE as one `u64`, the four legal writability states
+//!   (TDP and shadow SPTEs alike).
 //! - [`tdp`]: the TDP MMU (radix tree by gfn, 4K/2M/1G leaves, seq-checked
 //!   faults, yielding zaps, epoch-freed tables).
 //! - [`invalidate`]: the per-VM MMU context, the `SecondaryMmu` trait and
@@ -17,7 +18,8 @@
 //! - [`rmap`]: reverse maps in KVM's compact form, lazily allocated arrays.
 //! - [`populated`]: hierarchical bitmap of populated rmap heads.
 //! - [`shadow`]: the shadow MMU (shadow pages by (gfn, role), write
-//!   tracking, fault path, yielding rmap zaps).
+//!   tracking, fault path, yielding rmap zaps), on the same [`MmuContext`]
+//!   and invalidation path as the TDP MMU.
 //! - [`nested`]: nested TDP, the shadow MMU over an L1's EPT tables.
 //! - [`model`]: model-plane generators (L1 up to 4 TiB, L2 density, shapes).
 

@@ -3,4 +3,3 @@
 
 pub mod notifier_check;
 pub mod soft_lockup;
-
