@@ -27,9 +27,14 @@ fn write_str(path: &PathBuf, v: &str) -> Result<()> {
     })
 }
 
-/// Free huge pages of `size` right now.
+/// Huge pages of `size` a new mapping can get right now: free pages minus
+/// those already promised to other mappings' reservations (`resv_hugepages`;
+/// a free-but-reserved page faulted by someone else is a SIGBUS).
 pub fn free_hugepages(size: PageSize) -> u64 {
-    read_u64(&pool_dir(size).join("free_hugepages")).unwrap_or(0)
+    let dir = pool_dir(size);
+    let free = read_u64(&dir.join("free_hugepages")).unwrap_or(0);
+    let resv = read_u64(&dir.join("resv_hugepages")).unwrap_or(0);
+    free.saturating_sub(resv)
 }
 
 fn pool_dir(size: PageSize) -> PathBuf {
