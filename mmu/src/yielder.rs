@@ -120,14 +120,19 @@ pub struct Yielder<'a> {
     min_hold_ticks: Ticks,
     started: Ticks,
     stretch_start: Ticks,
+    /// Units of the current stretch counted before the current window.
     stretch_units: u64,
+    /// The hot path only counts down; the window ends at a clock sample or
+    /// at the unit budget, whichever comes first.
+    window: u64,
+    countdown: u64,
     report: YieldReport,
 }
 
 impl<'a> Yielder<'a> {
     pub fn new(policy: YieldPolicy, lock: &'a MmuLock, stats: &'a MmuStats) -> Self {
         let now = clock::now();
-        Self {
+        let mut y = Self {
             policy,
             lock,
             stats,
@@ -136,8 +141,12 @@ impl<'a> Yielder<'a> {
             started: now,
             stretch_start: now,
             stretch_units: 0,
+            window: 0,
+            countdown: 0,
             report: YieldReport::default(),
-        }
+        };
+        y.open_window();
+        y
     }
 
     pub fn policy(&self) -> YieldPolicy {
@@ -148,7 +157,7 @@ impl<'a> Yielder<'a> {
     /// reason that is not zap work (a measurement gate): start the clocks
     /// now. No effect once a unit was counted.
     pub fn restart_if_idle(&mut self) {
-        if self.stretch_units == 0 && self.report.units == 0 && self.report.yields == 0 {
+        if self.units_in_stretch() == 0 && self.report.units == 0 && self.report.yields == 0 {
             let now = clock::now();
             self.started = now;
             self.stretch_start = now;
@@ -158,18 +167,41 @@ impl<'a> Yielder<'a> {
     /// Count one unit of work and say whether the caller must yield now.
     #[inline]
     pub fn need_yield(&mut self) -> bool {
-        self.stretch_units += 1;
-        if self.policy.mode == YieldMode::NeverYield {
-            return false;
+        self.countdown -= 1;
+        self.countdown == 0 && self.window_done()
+    }
+
+    /// End of a counting window: account it, sample the clock and the
+    /// waiters, decide.
+    #[cold]
+    fn window_done(&mut self) -> bool {
+        self.stretch_units += self.window;
+        let yield_now = self.stretch_units >= self.policy.max_units || {
+            let held = clock::now().wrapping_sub(self.stretch_start);
+            held >= self.slice_ticks || (held >= self.min_hold_ticks && self.lock.contended())
+        };
+        if yield_now {
+            // Until the caller yields, every further unit says yes again.
+            self.window = 1;
+            self.countdown = 1;
+        } else {
+            self.open_window();
         }
-        if self.stretch_units >= self.policy.max_units {
-            return true;
-        }
-        if !self.stretch_units.is_multiple_of(CLOCK_EVERY) {
-            return false;
-        }
-        let held = clock::now().wrapping_sub(self.stretch_start);
-        held >= self.slice_ticks || (held >= self.min_hold_ticks && self.lock.contended())
+        yield_now
+    }
+
+    fn open_window(&mut self) {
+        self.window = match self.policy.mode {
+            YieldMode::NeverYield => u64::MAX,
+            YieldMode::Yield => CLOCK_EVERY
+                .min(self.policy.max_units.saturating_sub(self.stretch_units))
+                .max(1),
+        };
+        self.countdown = self.window;
+    }
+
+    fn units_in_stretch(&self) -> u64 {
+        self.stretch_units + (self.window - self.countdown)
     }
 
     /// The caller has flushed, dropped and re-taken the lock: close the
@@ -196,11 +228,12 @@ impl<'a> Yielder<'a> {
     fn close_stretch(&mut self) {
         let s = Stretch {
             ns: clock::nanos(clock::now().wrapping_sub(self.stretch_start)),
-            units: self.stretch_units,
+            units: self.units_in_stretch(),
         };
         self.report.longest = self.report.longest.max(s);
-        self.report.units += self.stretch_units;
+        self.report.units += s.units;
         self.stretch_units = 0;
+        self.open_window();
     }
 }
 

@@ -443,8 +443,14 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
     let before = ctx.stats.pages_4k.load(Ordering::SeqCst);
     assert!(before > 0);
     let done = Arc::new(AtomicBool::new(false));
+    let looked = Arc::new(AtomicBool::new(false));
     let observer = {
-        let (ctx, flushed_at, done) = (ctx.clone(), flushed_at.clone(), done.clone());
+        let (ctx, flushed_at, done, looked) = (
+            ctx.clone(),
+            flushed_at.clone(),
+            done.clone(),
+            looked.clone(),
+        );
         std::thread::spawn(move || {
             let (lock, stats): (&MmuLock, _) = (&ctx.mmu_lock, &ctx.stats);
             let (mut looks, mut mid_zap) = (0u64, 0u64);
@@ -461,6 +467,7 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
                     mid_zap += (now != 0) as u64;
                 }
                 looks += 1;
+                looked.store(true, Ordering::SeqCst);
                 drop(_g);
                 std::thread::sleep(std::time::Duration::from_micros(20));
             }
@@ -472,6 +479,10 @@ fn zap_flushes_before_every_yield_and_at_the_end() {
         mode: WalkMode::Blind,
         progress: None,
     };
+    // The observer must be looking before the zap starts.
+    while !looked.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
     let r = m.mmu.zap_gfn_range(0, 1 << 16, &opts);
     done.store(true, Ordering::SeqCst);
     let (looks, _mid) = observer.join().unwrap();
