@@ -57,6 +57,9 @@ mmu_stats! {
     /// Faults that found the invalidation sequence changed or their gfn
     /// under invalidation, and retried (ours).
     fault_retries,
+    /// Page-table pages (4 KiB each) the TDP MMU holds, root included
+    /// (instant; KVM keeps this as `kvm->arch.tdp_mmu_pages`).
+    tdp_mmu_pages,
 }
 
 impl MmuStats {

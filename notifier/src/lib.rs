@@ -24,11 +24,12 @@ pub mod pagemap;
 pub mod predict;
 pub mod seq;
 pub mod subscriber;
+mod sync;
 pub mod trace;
 pub mod uffd;
 
 pub use error::{Error, Result};
-pub use seq::InvalidationSeq;
+pub use seq::{InvalidationSeq, SeqSnapshot};
 pub use subscriber::{
     Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent, Subscribers,
 };

@@ -1,0 +1,307 @@
+//! What KVM's `virt/kvm/kvm_main.c` does between the host's mmu_notifier and
+//! the arch MMUs: the per-VM MMU context (`mmu_lock`, the invalidation
+//! sequence, stats, TLB hook, memslots), the [`SecondaryMmu`] trait every
+//! MMU (TDP, shadow, nested) implements, and [`KvmMmuNotifier`], the
+//! [`InvalidationSubscriber`] that turns `invalidate_range_start/end` into
+//! locked, yielding zaps.
+
+use crate::lock::{MmuLock, MmuWriteGuard};
+use crate::memslot::{Memslot, Memslots};
+use crate::stats::MmuStats;
+use crate::tdp::TdpMmu;
+use crate::tlb::RemoteTlb;
+use crate::yielder::{YieldPolicy, YieldReport, Yielder};
+use notifier::{Invalidation, InvalidationSeq, InvalidationSubscriber};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::sync::Arc;
+
+/// The MMU half of `struct kvm`: shared by every MMU of one address space.
+#[derive(Debug, Default)]
+pub struct MmuContext {
+    pub mmu_lock: MmuLock,
+    pub seq: InvalidationSeq,
+    pub stats: MmuStats,
+    pub tlb: RemoteTlb,
+    memslots: RwLock<Arc<Memslots>>,
+    /// `mn_active_invalidate_count`: memslot updates wait for zero so that
+    /// `start` and `end` of one invalidation see the same memslots.
+    active_invalidations: Mutex<u64>,
+    no_invalidations: Condvar,
+}
+
+impl MmuContext {
+    pub fn new(memslots: Memslots, tlb: RemoteTlb) -> Arc<Self> {
+        Arc::new(Self {
+            memslots: RwLock::new(Arc::new(memslots)),
+            tlb,
+            ..Self::default()
+        })
+    }
+
+    /// The current memslots (`kvm_memslots`).
+    pub fn memslots(&self) -> Arc<Memslots> {
+        self.memslots.read().clone()
+    }
+
+    /// Replace the memslots once no invalidation is between start and end
+    /// (`kvm_swap_active_memslots` waiting on `mn_memslots_update_rcuwait`).
+    /// Zapping what a deleted or moved slot mapped is the caller's job.
+    pub fn set_memslots(&self, memslots: Memslots) {
+        let mut active = self.active_invalidations.lock();
+        while *active != 0 {
+            self.no_invalidations.wait(&mut active);
+        }
+        *self.memslots.write() = Arc::new(memslots);
+    }
+}
+
+/// A secondary MMU that can drop its translations of a gfn range
+/// (`kvm_unmap_gfn_range` for one MMU flavour).
+pub trait SecondaryMmu: Send + Sync {
+    /// Zap every translation of gfns `[start, end)` of `slot`. Called with
+    /// `mmu_lock` held for write through `guard`, after the range was added
+    /// to the invalidation sequence. Yield only through `yielder`, flushing
+    /// first if a flush is pending (`flush` in, or own zaps). Returns
+    /// whether a TLB flush is still pending (KVM's `flush` chaining).
+    fn unmap_gfn_range(
+        &self,
+        guard: &mut MmuWriteGuard<'_>,
+        slot: &Memslot,
+        start: u64,
+        end: u64,
+        yielder: &mut Yielder<'_>,
+        flush: bool,
+    ) -> bool;
+}
+
+impl SecondaryMmu for TdpMmu {
+    fn unmap_gfn_range(
+        &self,
+        guard: &mut MmuWriteGuard<'_>,
+        _slot: &Memslot,
+        start: u64,
+        end: u64,
+        yielder: &mut Yielder<'_>,
+        flush: bool,
+    ) -> bool {
+        self.zap_gfn_range(guard, start, end, yielder, flush)
+    }
+}
+
+/// `kvm_mmu_notifier_invalidate_range_start/end` for the MMUs of one
+/// address space.
+pub struct KvmMmuNotifier {
+    ctx: Arc<MmuContext>,
+    mmus: RwLock<Vec<Arc<dyn SecondaryMmu>>>,
+    policy: YieldPolicy,
+    last_report: Mutex<Option<YieldReport>>,
+}
+
+impl KvmMmuNotifier {
+    pub fn new(ctx: Arc<MmuContext>, policy: YieldPolicy) -> Self {
+        Self {
+            ctx,
+            mmus: RwLock::new(Vec::new()),
+            policy,
+            last_report: Mutex::new(None),
+        }
+    }
+
+    pub fn add_mmu(&self, mmu: Arc<dyn SecondaryMmu>) {
+        self.mmus.write().push(mmu);
+    }
+
+    pub fn context(&self) -> &Arc<MmuContext> {
+        &self.ctx
+    }
+
+    /// What the last `invalidate_range_start` that took the lock did.
+    pub fn last_report(&self) -> Option<YieldReport> {
+        *self.last_report.lock()
+    }
+
+    /// The start half; returns the yield report if any memslot overlapped.
+    pub fn start(&self, inv: &Invalidation) -> Option<YieldReport> {
+        let ctx = &*self.ctx;
+        *ctx.active_invalidations.lock() += 1;
+        let slots = ctx.memslots();
+        let ranges: Vec<_> = slots.hva_range_to_gfn_ranges(inv.range).collect();
+        if ranges.is_empty() {
+            // No memslot overlaps: mmu_lock is never taken.
+            return None;
+        }
+        let mmus = self.mmus.read().clone();
+        let mut guard = ctx.mmu_lock.write();
+        ctx.seq.begin();
+        for r in &ranges {
+            ctx.seq.range_add(r.start, r.end);
+        }
+        // !blockable (OOM reaper): zap everything without yielding.
+        let policy = if inv.blockable {
+            self.policy
+        } else {
+            YieldPolicy::never()
+        };
+        let mut yielder = Yielder::new(policy, &ctx.mmu_lock, &ctx.stats);
+        let mut flush = false;
+        for r in &ranges {
+            for mmu in &mmus {
+                flush =
+                    mmu.unmap_gfn_range(&mut guard, r.slot, r.start, r.end, &mut yielder, flush);
+            }
+        }
+        if flush {
+            ctx.tlb.flush(&ctx.stats);
+        }
+        drop(guard);
+        let report = yielder.finish();
+        *self.last_report.lock() = Some(report);
+        Some(report)
+    }
+
+    /// The end half.
+    pub fn end(&self, inv: &Invalidation) {
+        let ctx = &*self.ctx;
+        let slots = ctx.memslots();
+        if slots.hva_range_to_gfn_ranges(inv.range).next().is_some() {
+            let _guard = ctx.mmu_lock.write();
+            let balanced = ctx.seq.end();
+            debug_assert!(balanced, "invalidate_range_end without start");
+        }
+        let mut active = ctx.active_invalidations.lock();
+        *active = active.saturating_sub(1);
+        if *active == 0 {
+            self.ctx.no_invalidations.notify_all();
+        }
+    }
+}
+
+impl InvalidationSubscriber for KvmMmuNotifier {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        self.start(inv);
+    }
+
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        self.end(inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spte::PageLevel;
+    use crate::tdp::{FaultOutcome, HostPage, ResolveError};
+    use notifier::{Delivery, HvaRange, MmuNotifyEvent};
+    use std::time::Duration;
+
+    const HVA0: u64 = 0x7000_0000_0000;
+    const HVA1: u64 = 0x7100_0000_0000;
+
+    fn setup(policy: YieldPolicy) -> (Arc<MmuContext>, Arc<TdpMmu>, KvmMmuNotifier) {
+        let slots = Memslots::new(
+            vec![
+                Memslot::new(0, 0, 4096, HVA0, PageLevel::L4K).unwrap(),
+                // Aliases the second half of slot 0's hvas.
+                Memslot::new(1, 1 << 20, 2048, HVA0 + 2048 * 4096, PageLevel::L4K).unwrap(),
+                Memslot::new(2, 1 << 21, 4096, HVA1, PageLevel::L2M).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let ctx = MmuContext::new(slots, RemoteTlb::default());
+        let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+        let n = KvmMmuNotifier::new(ctx.clone(), policy);
+        n.add_mmu(tdp.clone());
+        (ctx, tdp, n)
+    }
+
+    fn map_all(ctx: &MmuContext, tdp: &TdpMmu) {
+        let r = |s: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
+            Ok(HostPage {
+                pfn: gfn + (1 << 30),
+                level: s.backing,
+                writable: true,
+            })
+        };
+        for s in ctx.memslots().iter() {
+            for gfn in s.base_gfn..s.gfn_end() {
+                assert_ne!(tdp.page_fault(gfn, false, &r).unwrap(), FaultOutcome::Retry);
+            }
+        }
+    }
+
+    fn inv(start: u64, end: u64, blockable: bool) -> Invalidation {
+        Invalidation {
+            range: HvaRange::new(start, end),
+            event: MmuNotifyEvent::Unmap,
+            blockable,
+            delivery: Delivery::Before,
+        }
+    }
+
+    #[test]
+    fn start_zaps_every_aliasing_slot_and_flushes_once() {
+        // No yield (no waiter, a slice that never runs out): exactly one flush.
+        let (ctx, tdp, n) = setup(YieldPolicy::default().with_slice(Duration::from_secs(60)));
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0 + 2000 * 4096, HVA0 + 3000 * 4096, true);
+        let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;
+        n.invalidate_range_start(&i);
+        assert!(tdp.leaves_in(2000, 3000).is_empty());
+        assert!(
+            tdp.leaves_in(1 << 20, (1 << 20) + 952).is_empty(),
+            "aliased slot zapped too"
+        );
+        assert_eq!(tdp.leaves_in(0, 2000).len(), 2000);
+        assert_eq!(ctx.stats.snapshot().remote_tlb_flush_requests, flushes + 1);
+        assert_eq!(ctx.seq.in_progress_range(), Some((2000, (1 << 20) + 952)));
+        n.invalidate_range_end(&i);
+        assert_eq!(ctx.seq.in_progress(), 0);
+        assert_eq!(ctx.seq.seq(), 1);
+    }
+
+    #[test]
+    fn no_overlapping_slot_takes_no_lock_and_bumps_nothing() {
+        let (ctx, _tdp, n) = setup(YieldPolicy::default());
+        let i = inv(0x1000, 0x2000, true);
+        let _reader = ctx.mmu_lock.read(); // start would deadlock if it locked
+        assert_eq!(n.start(&i), None);
+        n.end(&i);
+        assert_eq!(ctx.seq.seq(), 0);
+    }
+
+    #[test]
+    fn blockable_yields_and_non_blockable_does_not() {
+        let policy = YieldPolicy::default()
+            .with_max_units(64)
+            .with_slice(Duration::from_secs(60));
+        let (ctx, tdp, n) = setup(policy);
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0, HVA0 + 4096 * 4096, true);
+        let r = n.start(&i).unwrap();
+        n.end(&i);
+        assert!(r.yields > 0 && r.longest.units <= 64, "{r:?}");
+        map_all(&ctx, &tdp);
+        let i = inv(HVA0, HVA0 + 4096 * 4096, false);
+        let r = n.start(&i).unwrap();
+        n.end(&i);
+        assert_eq!(r.yields, 0);
+        assert_eq!(r.longest.units, r.units);
+        assert!(tdp.leaves_in(0, 4096).is_empty());
+    }
+
+    #[test]
+    fn memslot_update_waits_for_end() {
+        let (ctx, _tdp, n) = setup(YieldPolicy::default());
+        let n = Arc::new(n);
+        let i = inv(HVA0, HVA0 + 4096, true);
+        n.start(&i);
+        let ctx2 = ctx.clone();
+        let t = std::thread::spawn(move || ctx2.set_memslots(Memslots::default()));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "memslots changed between start and end");
+        n.end(&i);
+        t.join().unwrap();
+        assert!(ctx.memslots().is_empty());
+    }
+}
