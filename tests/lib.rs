@@ -3,7 +3,9 @@
 /// True when running under CI (`CI=true`): tests that need `/dev/kvm`,
 /// hugepages or root fail loudly there instead of skipping.
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Skip (outside CI) or fail (in CI) a test whose prerequisite is missing.

@@ -15,7 +15,9 @@ pub struct RemoteTlb {
 
 impl std::fmt::Debug for RemoteTlb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteTlb").field("hook", &self.hook.is_some()).finish()
+        f.debug_struct("RemoteTlb")
+            .field("hook", &self.hook.is_some())
+            .finish()
     }
 }
 

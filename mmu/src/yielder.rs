@@ -41,13 +41,20 @@ pub struct YieldPolicy {
 
 impl Default for YieldPolicy {
     fn default() -> Self {
-        Self { mode: YieldMode::Yield, slice: Duration::from_micros(20), max_units: u64::MAX }
+        Self {
+            mode: YieldMode::Yield,
+            slice: Duration::from_micros(20),
+            max_units: u64::MAX,
+        }
     }
 }
 
 impl YieldPolicy {
     pub fn never() -> Self {
-        Self { mode: YieldMode::NeverYield, ..Self::default() }
+        Self {
+            mode: YieldMode::NeverYield,
+            ..Self::default()
+        }
     }
 
     pub fn with_max_units(mut self, units: u64) -> Self {
@@ -70,7 +77,10 @@ pub struct Stretch {
 
 impl Stretch {
     fn max(self, other: Stretch) -> Stretch {
-        Stretch { ns: self.ns.max(other.ns), units: self.units.max(other.units) }
+        Stretch {
+            ns: self.ns.max(other.ns),
+            units: self.units.max(other.units),
+        }
     }
 }
 
@@ -139,12 +149,18 @@ impl<'a> Yielder<'a> {
         self.close_stretch();
         self.report.total_ns = nanos(self.started.elapsed());
         MmuStats::peak(&self.stats.max_zap_stretch_ns, self.report.longest.ns);
-        MmuStats::peak(&self.stats.max_zap_stretch_leaves, self.report.longest.units);
+        MmuStats::peak(
+            &self.stats.max_zap_stretch_leaves,
+            self.report.longest.units,
+        );
         self.report
     }
 
     fn close_stretch(&mut self) {
-        let s = Stretch { ns: nanos(self.stretch_start.elapsed()), units: self.stretch_units };
+        let s = Stretch {
+            ns: nanos(self.stretch_start.elapsed()),
+            units: self.stretch_units,
+        };
         self.report.longest = self.report.longest.max(s);
         self.report.units += self.stretch_units;
         self.stretch_units = 0;
@@ -178,7 +194,12 @@ mod tests {
 
     #[test]
     fn unit_budget_bounds_every_stretch() {
-        let r = run(YieldPolicy::default().with_max_units(100).with_slice(Duration::from_secs(60)), 10_000);
+        let r = run(
+            YieldPolicy::default()
+                .with_max_units(100)
+                .with_slice(Duration::from_secs(60)),
+            10_000,
+        );
         assert_eq!(r.units, 10_000);
         assert!(r.longest.units <= 100, "{r:?}");
         assert_eq!(r.yields, 100);

@@ -39,7 +39,9 @@ pub enum Delivery {
 }
 
 /// A host virtual address range `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct HvaRange {
     pub start: u64,
     pub end: u64,

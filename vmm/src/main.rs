@@ -17,9 +17,13 @@ enum Cmd {
     // One variant per subcommand, e.g.
     // /// Boot a Linux guest.
     // Boot(vmm::boot::BootArgs),
+    /// Boot a Linux guest on hugetlb RAM and print the boot timeline.
+    Boot(vmm::boot::BootArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::Boot(args) => vmm::boot::main(args),
+    }
 }
