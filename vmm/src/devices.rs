@@ -99,9 +99,12 @@ impl PioBus {
     /// Guest `in` from `port`.
     pub fn io_in(&self, port: u16, data: &mut [u8]) {
         match port {
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+            // `rep insb` arrives as several bytes for the same port.
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 if let Ok(mut s) = self.serial.lock() {
-                    data[0] = s.read((p - COM1_BASE) as u8);
+                    for b in data.iter_mut() {
+                        *b = s.read((p - COM1_BASE) as u8);
+                    }
                 }
             }
             // i8042 status/data: nothing to read, input buffer empty.
@@ -115,10 +118,13 @@ impl PioBus {
     /// Guest `out` to `port`.
     pub fn io_out(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+            // `rep outsb` arrives as several bytes for the same port.
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 if let Ok(mut s) = self.serial.lock() {
-                    // A failed stdout/log write must not stop the guest.
-                    let _ = s.write((p - COM1_BASE) as u8, data[0]);
+                    for &b in data {
+                        // A failed stdout/log write must not stop the guest.
+                        let _ = s.write((p - COM1_BASE) as u8, b);
+                    }
                 }
                 PioAction::None
             }
