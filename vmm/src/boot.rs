@@ -187,6 +187,9 @@ pub enum BootError {
     /// The boot took longer than --timeout.
     #[error("timed out after {secs} s (guest rip {rip:#x})")]
     Timeout { secs: u64, rip: u64 },
+    /// SIGINT/SIGTERM.
+    #[error("interrupted by a signal (guest rip {rip:#x})")]
+    Interrupted { rip: u64 },
     /// Thread/eventfd/event-manager plumbing.
     #[error("VMM plumbing: {0}")]
     Plumbing(String),
@@ -237,6 +240,13 @@ struct VcpuResult {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// Set by SIGINT/SIGTERM: stop the guest and still print the report.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
 fn regs_dump(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => assist::dump(&r, &s),
@@ -251,12 +261,13 @@ struct VcpuCtx {
     stop: Arc<AtomicBool>,
     timeline: Arc<Mutex<Timeline>>,
     exit_evt: EventFd,
-    sample: bool,
+    sample: Option<Arc<Symbols>>,
     verbose_assists: bool,
 }
 
 fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
     let mut samples = BTreeMap::new();
+    let mut recent = BTreeMap::new();
     let mut assists = AssistCounts::default();
     if let Ok(mut t) = c.timeline.lock() {
         t.mark_first_run();
@@ -315,10 +326,10 @@ fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
                     Err(e) => break VcpuStop::Error(e.into()),
                 }
             }
-            Ok(VcpuExit::Intr) => sample(&c.vcpu, c.sample, &mut samples),
+            Ok(VcpuExit::Intr) => sample(&c.vcpu, &c.sample, &mut samples, &mut recent, &assists),
             Ok(other) => break VcpuStop::Error(BootError::UnexpectedExit(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                sample(&c.vcpu, c.sample, &mut samples)
+                sample(&c.vcpu, &c.sample, &mut samples, &mut recent, &assists)
             }
             Err(e) => {
                 break VcpuStop::Error(BootError::Vm {
@@ -338,50 +349,80 @@ fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
     }
 }
 
-fn sample(vcpu: &VcpuFd, on: bool, samples: &mut BTreeMap<u64, u64>) {
-    if on {
-        if let Ok(r) = vcpu.get_regs() {
-            *samples.entry(r.rip).or_default() += 1;
+fn sample(
+    vcpu: &VcpuFd,
+    c: &Option<Arc<Symbols>>,
+    samples: &mut BTreeMap<u64, u64>,
+    recent: &mut BTreeMap<u64, u64>,
+    assists: &AssistCounts,
+) {
+    let Some(syms) = c else { return };
+    if let Ok(r) = vcpu.get_regs() {
+        *samples.entry(r.rip).or_default() += 1;
+        *recent.entry(r.rip).or_default() += 1;
+        // Live view for long boots: every 40 samples, what the last 40 were.
+        if recent.values().sum::<u64>() >= 40 {
+            eprint!(
+                "{}assists so far: {:?}\n",
+                syms.report(recent, 6),
+                assists.0
+            );
+            recent.clear();
         }
     }
 }
 
-/// Symbolise `samples` with a System.map: top functions by sample count.
-pub fn profile_report(samples: &BTreeMap<u64, u64>, system_map: Option<&Path>) -> String {
-    let mut syms: Vec<(u64, String)> = system_map
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .map(|s| {
-            s.lines()
-                .filter_map(|l| {
-                    let mut it = l.split_whitespace();
-                    let a = u64::from_str_radix(it.next()?, 16).ok()?;
-                    let t = it.next()?;
-                    let n = it.next()?;
-                    matches!(t, "t" | "T" | "W" | "w").then(|| (a, n.to_string()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    syms.sort();
-    let mut by: BTreeMap<String, u64> = BTreeMap::new();
-    let total: u64 = samples.values().sum();
-    for (&rip, &n) in samples {
-        let name = match syms.partition_point(|(a, _)| *a <= rip) {
+/// Kernel text symbols from a System.map, sorted by address.
+#[derive(Default)]
+pub struct Symbols(Vec<(u64, String)>);
+
+impl Symbols {
+    /// Parse a System.map (missing or unreadable: no symbols).
+    pub fn load(system_map: Option<&Path>) -> Symbols {
+        let mut v: Vec<(u64, String)> = system_map
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|s| {
+                s.lines()
+                    .filter_map(|l| {
+                        let mut it = l.split_whitespace();
+                        let a = u64::from_str_radix(it.next()?, 16).ok()?;
+                        let t = it.next()?;
+                        let n = it.next()?;
+                        matches!(t, "t" | "T" | "W" | "w").then(|| (a, n.to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        Symbols(v)
+    }
+
+    /// The function containing `rip`.
+    pub fn name(&self, rip: u64) -> String {
+        match self.0.partition_point(|(a, _)| *a <= rip) {
             0 => format!("{rip:#x}"),
-            i => syms[i - 1].1.clone(),
-        };
-        *by.entry(name).or_default() += n;
+            i => self.0[i - 1].1.clone(),
+        }
     }
-    let mut v: Vec<_> = by.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
-    let mut s = format!("--- guest profile: {total} samples ---\n");
-    for (name, n) in v.iter().take(30) {
-        s += &format!(
-            "{:6.2}% {n:6} {name}\n",
-            *n as f64 * 100.0 / total.max(1) as f64
-        );
+
+    /// Top functions by sample count.
+    pub fn report(&self, samples: &BTreeMap<u64, u64>, top: usize) -> String {
+        let mut by: BTreeMap<String, u64> = BTreeMap::new();
+        let total: u64 = samples.values().sum();
+        for (&rip, &n) in samples {
+            *by.entry(self.name(rip)).or_default() += n;
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        let mut s = format!("--- guest profile: {total} samples ---\n");
+        for (name, n) in v.iter().take(top) {
+            s += &format!(
+                "{:6.2}% {n:6} {name}\n",
+                *n as f64 * 100.0 / total.max(1) as f64
+            );
+        }
+        s
     }
-    s
 }
 
 fn run_dir_log() -> PathBuf {
@@ -508,7 +549,10 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     static KICK: std::sync::Once = std::sync::Once::new();
     let mut kick_err = None;
     KICK.call_once(|| {
-        kick_err = register_signal_handler(SIGRTMIN(), kick_handler).err();
+        kick_err = register_signal_handler(SIGRTMIN(), kick_handler)
+            .and_then(|_| register_signal_handler(libc::SIGINT, interrupt_handler))
+            .and_then(|_| register_signal_handler(libc::SIGTERM, interrupt_handler))
+            .err();
     });
     if let Some(e) = kick_err {
         return Err(BootError::Plumbing(format!("signal handler: {e}")));
@@ -522,7 +566,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         stop: stop.clone(),
         timeline: timeline.clone(),
         exit_evt,
-        sample: args.profile_ms > 0,
+        sample: (args.profile_ms > 0).then(|| Arc::new(Symbols::load(args.system_map.as_deref()))),
         verbose_assists: !args.quiet,
     };
     let handle = std::thread::Builder::new()
@@ -532,6 +576,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
 
     let deadline = start + Duration::from_secs(args.timeout);
     let mut timed_out = false;
+    let mut was_interrupted = false;
     let mut next_sample = Instant::now() + Duration::from_millis(args.profile_ms);
     while !done.load(Ordering::SeqCst) {
         let tick = if args.profile_ms > 0 {
@@ -546,7 +591,9 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
             }
         }
         let now = Instant::now();
-        if now >= deadline || stop.load(Ordering::SeqCst) {
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if now >= deadline || interrupted || stop.load(Ordering::SeqCst) {
+            was_interrupted |= interrupted;
             timed_out |= now >= deadline;
             stop.store(true, Ordering::SeqCst);
             let _ = handle.kill(SIGRTMIN());
@@ -561,6 +608,9 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
 
     let error = match res.stop {
         VcpuStop::Reset => None,
+        VcpuStop::Error(_) if was_interrupted && !timed_out => {
+            Some(BootError::Interrupted { rip: res.last_rip })
+        }
         VcpuStop::Error(_) if timed_out => Some(BootError::Timeout {
             secs: args.timeout,
             rip: res.last_rip,
@@ -574,10 +624,8 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     let assists: Vec<(String, u64)> = res.assists.0.into_iter().collect();
     let mut text = t.report(&exit, &assists);
     if args.profile_ms > 0 {
-        text = format!(
-            "{}\n{text}",
-            profile_report(&res.samples, args.system_map.as_deref())
-        );
+        let syms = Symbols::load(args.system_map.as_deref());
+        text = format!("{}\n{text}", syms.report(&res.samples, 30));
     }
     let json = t.json(
         &exit,
@@ -657,7 +705,7 @@ mod tests {
         let mut s = BTreeMap::new();
         s.insert(0xffff_ffff_8100_1010, 3);
         s.insert(0xffff_ffff_8100_2fff, 1);
-        let r = profile_report(&s, Some(&map));
+        let r = Symbols::load(Some(&map)).report(&s, 10);
         assert!(r.contains("foo") && r.contains("bar"), "{r}");
         let _ = std::fs::remove_dir_all(dir);
     }
