@@ -1,3 +1,14 @@
 //! The VMM: KVM VM and vCPUs, hugetlb guest RAM, Linux boot, devices, the
 //! event loop and the `vmm` subcommands.
+
+pub mod assist;
+pub mod boot;
+pub mod devices;
+pub mod gva;
+pub mod kernel;
+pub mod kvm;
+pub mod memory;
 pub mod notifier_check;
+pub mod timeline;
+pub mod x86;
+pub mod zeropage;

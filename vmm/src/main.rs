@@ -19,11 +19,14 @@ enum Cmd {
     // Boot(vmm::boot::BootArgs),
     /// Compare predicted host notifier ranges with the kernel's tracepoint.
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
+    /// Boot a Linux guest on hugetlb RAM and print the boot timeline.
+    Boot(vmm::boot::BootArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
+        Cmd::Boot(args) => vmm::boot::main(args),
     }
 }
