@@ -52,7 +52,7 @@ pub const DEFAULT_INIT_MARKER: &str = "VMM-INIT-MARKER";
 /// TSS address (three pages below the 4 GiB boundary, as Firecracker).
 const TSS_ADDR: usize = 0xfffb_d000;
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),

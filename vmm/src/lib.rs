@@ -4,11 +4,13 @@
 pub mod assist;
 pub mod boot;
 pub mod devices;
+pub mod guest_ram_uffd;
 pub mod gva;
 pub mod kernel;
 pub mod kvm;
 pub mod memory;
 pub mod notifier_check;
 pub mod timeline;
+pub mod uffd_fault;
 pub mod x86;
 pub mod zeropage;

@@ -38,7 +38,7 @@ impl HugePages {
         }
     }
 
-    fn memfd_flags(self) -> libc::c_uint {
+    pub fn memfd_flags(self) -> libc::c_uint {
         // MFD_HUGE_SHIFT is 26: log2(page size) << 26 picks the pool.
         match self {
             HugePages::Huge2M => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << 26),
