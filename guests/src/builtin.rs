@@ -3,13 +3,18 @@
 //!
 //! The VMM writes the [`system_image`] (GDT, TSS, identity page tables with
 //! U/S set, the program, the params page) into the first 2 MiB of guest RAM
-//! and starts the vCPU directly at CPL3 with RFLAGS.IOPL=3 (see
+//! and starts the vCPU directly at CPL3 (see
 //! [`Layout`]). For `passes` passes the program visits `size / stride`
 //! 8-byte slots of the working set, sequentially or in an LCG order, and per
 //! slot: reads the old value (folds it into the checksum), writes
 //! `addr ^ passmix(pass)`, reads it back (folds it too). After each pass it
-//! does `out PROGRESS_PORT, eax` (eax = passes done); at the end it writes the
-//! result page and does `out DONE_PORT, eax`, then spins.
+//! stores the passes done to the progress doorbell; at the end it writes the
+//! result page and stores to the done doorbell, then spins.
+//!
+//! Doorbells are MMIO stores, not port I/O: on this host (PVM) guest CPL3
+//! runs as real host user code, `out` raises #GP whatever the guest's
+//! IOPL or I/O bitmap say (and KVM_SET_REGS loses IOPL). A store to a gpa
+//! outside every memslot exits with KVM_EXIT_MMIO everywhere.
 //!
 //! [`expected`] is the same computation in Rust, given which working-set
 //! ranges were zeroed (discarded) before which pass, so the VMM can say
@@ -19,7 +24,7 @@ use iced_x86::code_asm::*;
 use thiserror::Error;
 
 /// Where the built-in guest's pieces live (guest-physical addresses) and
-/// which ports it uses. Everything but the working set is in the first
+/// which doorbells it rings. Everything but the working set is in the first
 /// 2 MiB ("system page").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -33,28 +38,37 @@ pub struct Layout {
     pub stack_top: u64,
     /// The working set must start at or above this gpa.
     pub ws_min: u64,
-    pub progress_port: u16,
-    pub done_port: u16,
+    /// MMIO doorbells (outside RAM; a 4-byte store exits to the VMM with
+    /// the value): passes done so far, and the final "done".
+    pub progress_mmio: u64,
+    pub done_mmio: u64,
 }
 
 /// The one layout the program is assembled for.
 pub const LAYOUT: Layout = Layout {
     gdt: 0x1000,
     tss: 0x2000,
-    params: 0x3000,
-    result: 0x4000,
+    params: 0x5000,
+    result: 0x6000,
     pml4: 0x10000,
     code: 0x10_0000,
     stack_top: 0x1f_f000,
     ws_min: SYSTEM_SIZE,
-    progress_port: 0x510,
-    done_port: 0x511,
+    progress_mmio: MMIO_BASE,
+    done_mmio: MMIO_BASE + 8,
 };
+
+/// Where the doorbells live: 3 GiB, above the most RAM the VMM lays out
+/// below the 32-bit gap. The page tables always map the first 4 GiB.
+pub const MMIO_BASE: u64 = 0xc000_0000;
+
+/// The TSS is the bare 0x68 bytes (no I/O bitmap: the guest does no port I/O).
+pub const TSS_LIMIT: u64 = 0x67;
 
 /// Size of the system image (one 2 MiB page).
 pub const SYSTEM_SIZE: u64 = 2 << 20;
-/// Guest RAM the identity page tables can cover (64 PD pages x 1 GiB).
-pub const MAX_MEM: u64 = 64 << 30;
+/// Most guest RAM: below the doorbells.
+pub const MAX_MEM: u64 = MMIO_BASE;
 /// Largest working set (in slots) [`expected`] models.
 pub const MAX_SLOTS: u64 = 1 << 27;
 
@@ -72,10 +86,11 @@ pub const SEL_USER_CS: u16 = 0x20 | 3;
 pub const SEL_TSS: u16 = 0x28;
 
 /// The raw GDT: null, kernel code64, kernel data, user data (DPL3), user
-/// code64 (DPL3), 16-byte 64-bit TSS descriptor (busy, limit 0x67).
+/// code64 (DPL3), 16-byte 64-bit TSS descriptor (busy, limit covering the
+/// I/O permission bitmap).
 pub fn gdt() -> [u64; 7] {
     let tss = LAYOUT.tss;
-    let tss_lo = 0x67 | ((tss & 0xff_ffff) << 16) | (0x8b << 40) | ((tss >> 24 & 0xff) << 56);
+    let tss_lo = TSS_LIMIT | ((tss & 0xff_ffff) << 16) | (0x8b << 40) | ((tss >> 24 & 0xff) << 56);
     [
         0,
         0x00af_9b00_0000_ffff,
@@ -334,18 +349,16 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(rdi), r13)?;
     a.mov(qword_ptr(rdi + 8), rbp)?;
     a.mov(qword_ptr(rdi + 16), r14)?;
-    a.mov(eax, r14d)?;
-    a.mov(edx, l.progress_port as u32)?;
-    a.out(dx, eax)?;
+    a.mov(rdx, l.progress_mmio)?;
+    a.mov(dword_ptr(rdx), r14d)?;
     a.jmp(pass_loop)?;
 
     a.set_label(&mut done)?;
     a.mov(rdi, l.result)?;
     a.mov(rax, DONE_MAGIC)?;
     a.mov(qword_ptr(rdi + 24), rax)?;
-    a.mov(eax, r14d)?;
-    a.mov(edx, l.done_port as u32)?;
-    a.out(dx, eax)?;
+    a.mov(rdx, l.done_mmio)?;
+    a.mov(dword_ptr(rdx), r14d)?;
     a.set_label(&mut spin)?;
     a.pause()?;
     a.jmp(spin)?;
@@ -367,9 +380,10 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     for (i, e) in gdt().iter().enumerate() {
         put(&mut img, l.gdt + i as u64 * 8, *e);
     }
-    // TSS: rsp0 and the I/O map base beyond the limit (no bitmap).
+    // TSS: rsp0; I/O map base beyond the limit (no bitmap).
     put(&mut img, l.tss + 4, l.stack_top);
-    img[(l.tss + 0x66) as usize..(l.tss + 0x68) as usize].copy_from_slice(&0x68u16.to_le_bytes());
+    img[(l.tss + 0x66) as usize..(l.tss + 0x68) as usize]
+        .copy_from_slice(&((TSS_LIMIT + 1) as u16).to_le_bytes());
     for (i, w) in params.to_page().iter().enumerate() {
         put(&mut img, l.params + i as u64 * 8, *w);
     }
@@ -377,11 +391,11 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     let pdpt = l.pml4 + 0x1000;
     let pd0 = pdpt + 0x1000;
     put(&mut img, l.pml4, pdpt | P_RW_US);
-    let gib = mem.div_ceil(1 << 30);
+    let gib = mem.div_ceil(1 << 30).max(4);
     for g in 0..gib {
         put(&mut img, pdpt + g * 8, (pd0 + g * 0x1000) | P_RW_US);
     }
-    for i in 0..mem / SYSTEM_SIZE {
+    for i in 0..gib * 512 {
         put(&mut img, pd0 + i * 8, (i * SYSTEM_SIZE) | P_RW_US | 0x80);
     }
     let code = program()?;
@@ -407,28 +421,29 @@ mod tests {
     }
 
     #[test]
-    fn program_decodes_back_with_ports() {
+    fn program_decodes_back_with_doorbells() {
         let code = program().unwrap();
         let mut d = Decoder::with_ip(64, &code, LAYOUT.code, DecoderOptions::NONE);
         let ins: Vec<_> = d.iter().collect();
         assert!(ins.iter().all(|i| !i.is_invalid()));
         assert_eq!(ins.len(), 63, "instruction count changed");
-        let outs = ins.iter().filter(|i| i.mnemonic() == Mnemonic::Out).count();
-        assert_eq!(outs, 2);
-        // Ports are loaded into edx right before each out.
-        let ports: Vec<u32> = ins
+        // Doorbells: `mov rdx, imm64` then a 4-byte store through rdx.
+        let bells: Vec<u64> = ins
             .windows(2)
-            .filter(|w| w[1].mnemonic() == Mnemonic::Out)
+            .filter(|w| {
+                w[1].mnemonic() == Mnemonic::Mov
+                    && w[1].op0_kind() == OpKind::Memory
+                    && w[1].memory_base() == Register::RDX
+            })
             .map(|w| {
-                assert_eq!(w[0].op0_register(), Register::EDX);
-                assert_eq!(w[0].op1_kind(), OpKind::Immediate32);
-                w[0].immediate32()
+                assert_eq!(w[0].op0_register(), Register::RDX);
+                assert_eq!(w[0].op1_kind(), OpKind::Immediate64);
+                assert_eq!(w[1].op1_register(), Register::R14D);
+                w[0].immediate64()
             })
             .collect();
-        assert_eq!(
-            ports,
-            vec![u32::from(LAYOUT.progress_port), u32::from(LAYOUT.done_port)]
-        );
+        assert_eq!(bells, vec![LAYOUT.progress_mmio, LAYOUT.done_mmio]);
+        assert!(ins.iter().all(|i| i.mnemonic() != Mnemonic::Out));
         // No privileged instruction: it must run at CPL3.
         assert!(ins
             .iter()
@@ -520,6 +535,9 @@ mod tests {
         assert_eq!(rd(pd0 + 511 * 8), (511 << 21) | 0x87);
         assert_eq!(rd(LAYOUT.params), PARAMS_MAGIC);
         assert_eq!(rd(LAYOUT.gdt + 4 * 8) >> 45 & 3, 3, "user CS DPL3");
+        // The MMIO doorbells are mapped (user) too, though not RAM.
+        let mmio = LAYOUT.progress_mmio;
+        assert_eq!(rd(pd0 + (mmio >> 21) * 8), mmio | 0x87);
         let code = program().unwrap();
         let o = LAYOUT.code as usize;
         assert_eq!(&img[o..o + code.len()], &code[..]);

@@ -16,17 +16,23 @@
 //!   resolved with `UFFDIO_COPY` from a staged buffer (the system image for
 //!   page 0, zeros otherwise), a copy of a whole huge page.
 //!
+//! The guest-facing mapping is a [`HostMm`] region, so the VMM's own
+//! operations on it (`notifier::ops`: protect, discard, punch_hole,
+//! write_protect) announce their invalidations to the [`Subscribers`] the
+//! MMU registered with.
+//!
 //! Resolution never wakes the faulting thread by itself (DONTWAKE): the
 //! fault handler wakes it after the MMU installed its SPTE.
 
 use crate::memory::{self, HugePages, MemoryError};
+use notifier::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
 use notifier::uffd::{
-    Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_FEATURE_MINOR_HUGETLBFS,
-    UFFD_FEATURE_MISSING_HUGETLBFS,
+    Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
-use notifier::HvaRange;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use notifier::{HvaRange, Subscribers};
+use parking_lot::{Mutex, MutexGuard};
+use std::os::fd::RawFd;
 use std::str::FromStr;
 
 /// How guest RAM faults are resolved (`--uffd`).
@@ -74,6 +80,8 @@ pub enum UffdRamError {
     },
     #[error(transparent)]
     Uffd(#[from] notifier::Error),
+    #[error("host mm lost the guest RAM region")]
+    NoRegion,
     #[error("gpa range [{gpa:#x}, +{len:#x}) is outside guest RAM of {size:#x} bytes")]
     OutOfRange { gpa: u64, len: u64, size: u64 },
 }
@@ -92,7 +100,7 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn new(fd: &File, len: u64) -> Result<Self, UffdRamError> {
+    fn new(fd: RawFd, len: u64) -> Result<Self, UffdRamError> {
         // SAFETY: a fresh shared mapping of `len` bytes of our memfd at a
         // kernel-chosen address; the result is checked.
         let p = unsafe {
@@ -101,12 +109,12 @@ impl Mapping {
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                fd,
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(os("mmap(guest RAM memfd)"));
+            return Err(os("mmap(guest RAM memfd alias)"));
         }
         Ok(Mapping {
             addr: p as u64,
@@ -123,69 +131,91 @@ impl Drop for Mapping {
 }
 
 /// Guest RAM on a shared hugetlb memfd, guest-facing mapping registered
-/// with userfaultfd. Drop order: the uffd closes before the mappings go.
+/// with userfaultfd. Drop order: the uffd closes before the mappings go
+/// (the alias, then the guest-facing region and the memfd with `hostmm`).
 pub struct UffdGuestRam {
     uffd: Uffd,
     mode: UffdMode,
     hugepages: HugePages,
     size: u64,
-    guest: Mapping,
+    /// hva of gpa 0 (the guest-facing region's base).
+    guest_hva: u64,
     alias: Mapping,
+    region: RegionId,
+    memfd: RawFd,
     /// MISSING mode: the contents of page 0 (the system image) to COPY.
     staged_first: Vec<u8>,
     /// MISSING mode: a huge page of zeros to COPY.
     zeros: Vec<u8>,
-    memfd: File,
+    hostmm: Mutex<HostMm>,
 }
 
 impl UffdGuestRam {
-    /// `size` bytes of hugetlb RAM (checked against the pool first).
-    pub fn new(size: u64, hp: HugePages, mode: UffdMode) -> Result<Self, UffdRamError> {
+    /// `size` bytes of hugetlb RAM (checked against the pool first); the
+    /// VMM's operations on it are announced to `subs`.
+    pub fn new(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
         if hp == HugePages::None {
             return Err(UffdRamError::NotHugetlb);
         }
         let size = memory::validate(size, hp)?;
-        // SAFETY: NUL-terminated literal name, valid flags; result checked.
-        let fd = unsafe { libc::memfd_create(c"vmm-guest-ram-uffd".as_ptr(), hp.memfd_flags()) };
-        if fd < 0 {
-            return Err(os("memfd_create(MFD_HUGETLB)"));
-        }
-        // SAFETY: fd was just returned by memfd_create; nobody else owns it.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(size).map_err(|source| UffdRamError::Os {
-            op: "ftruncate(guest RAM memfd)",
-            source,
-        })?;
+        let ps = match hp {
+            HugePages::Huge1G => PageSize::Huge1G,
+            _ => PageSize::Huge2M,
+        };
+        let mut hostmm = HostMm::new(subs)?;
+        let region = hostmm.map(
+            Backing::SharedMemfd(ps),
+            size,
+            Placement {
+                align: ps.bytes(),
+                offset: 0,
+            },
+        )?;
+        let (guest_hva, memfd) = {
+            let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
+            (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
+        };
         if mode == UffdMode::Minor {
             // Populate the page cache: MINOR faults need a page to map.
-            // SAFETY: fallocate on our memfd over its whole length.
-            if unsafe { libc::fallocate(memfd.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+            // SAFETY: fallocate on the region's memfd over its whole length.
+            if unsafe { libc::fallocate(memfd, 0, 0, size as libc::off_t) } != 0 {
                 return Err(os("fallocate(guest RAM memfd)"));
             }
         }
-        let guest = Mapping::new(&memfd, size)?;
-        let alias = Mapping::new(&memfd, size)?;
+        let alias = Mapping::new(memfd, size)?;
         let (features, reg) = match mode {
             UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
             UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
         };
+        // Write-protect mode too, for `notifier::ops` write_protect.
+        let (features, reg) = (
+            features | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            reg | UFFDIO_REGISTER_MODE_WP,
+        );
         let uffd = Uffd::open(features)?;
-        uffd.register(HvaRange::new(guest.addr, guest.addr + size), reg)?;
+        uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
         let page = hp.page_size() as usize;
         Ok(UffdGuestRam {
             uffd,
             mode,
             hugepages: hp,
             size,
-            guest,
+            guest_hva,
             alias,
+            region,
+            memfd,
             staged_first: Vec::new(),
             zeros: if mode == UffdMode::Missing {
                 vec![0u8; page]
             } else {
                 Vec::new()
             },
-            memfd,
+            hostmm: Mutex::new(hostmm),
         })
     }
 
@@ -204,16 +234,26 @@ impl UffdGuestRam {
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
     }
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The memfd (owned by the host-mm region).
+    pub fn memfd(&self) -> RawFd {
+        self.memfd
+    }
+    /// The guest-facing region in [`HostMm`].
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+    /// The host mm model owning the guest-facing mapping (for
+    /// `notifier::ops` on it).
+    pub fn hostmm(&self) -> MutexGuard<'_, HostMm> {
+        self.hostmm.lock()
     }
     /// hva of gpa 0 in the guest-facing mapping (KVM's `userspace_addr`).
     pub fn guest_hva(&self) -> u64 {
-        self.guest.addr
+        self.guest_hva
     }
     /// The guest-facing mapping as an hva range.
     pub fn guest_range(&self) -> HvaRange {
-        HvaRange::new(self.guest.addr, self.guest.addr + self.size)
+        HvaRange::new(self.guest_hva, self.guest_hva + self.size)
     }
 
     fn check(&self, gpa: u64, len: u64) -> Result<(), UffdRamError> {
@@ -290,7 +330,7 @@ impl UffdGuestRam {
     /// The huge page containing `gpa`, as a guest-facing hva range.
     pub fn page_range(&self, gpa: u64) -> HvaRange {
         let page = self.page_size();
-        let start = self.guest.addr + (gpa & !(page - 1));
+        let start = self.guest_hva + (gpa & !(page - 1));
         HvaRange::new(start, start + page)
     }
 
@@ -303,7 +343,7 @@ impl UffdGuestRam {
         Ok(match self.mode {
             UffdMode::Minor => self.uffd.continue_range(r, false)?,
             UffdMode::Missing => {
-                let src = if r.start == self.guest.addr && !self.staged_first.is_empty() {
+                let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
                     &self.staged_first
                 } else {
                     &self.zeros

@@ -10,6 +10,8 @@ pub mod kernel;
 pub mod kvm;
 pub mod memory;
 pub mod notifier_check;
+pub mod run;
+pub mod run_inval;
 pub mod timeline;
 pub mod uffd_fault;
 pub mod x86;

@@ -21,6 +21,8 @@ enum Cmd {
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
     /// Boot a Linux guest on hugetlb RAM and print the boot timeline.
     Boot(vmm::boot::BootArgs),
+    /// Run a built-in guest on userfaultfd-served RAM through the project's MMU.
+    Run(vmm::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,5 +30,6 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::Boot(args) => vmm::boot::main(args),
+        Cmd::Run(args) => vmm::run::main(args),
     }
 }
