@@ -426,7 +426,7 @@ mod tests {
         let mut d = Decoder::with_ip(64, &code, LAYOUT.code, DecoderOptions::NONE);
         let ins: Vec<_> = d.iter().collect();
         assert!(ins.iter().all(|i| !i.is_invalid()));
-        assert_eq!(ins.len(), 63, "instruction count changed");
+        assert_eq!(ins.len(), 61, "instruction count changed");
         // Doorbells: `mov rdx, imm64` then a 4-byte store through rdx.
         let bells: Vec<u64> = ins
             .windows(2)
