@@ -294,9 +294,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     if args.guest != "builtin" {
         return Err(RunError::UnknownGuest(args.guest.clone()));
     }
-    let kvm = kvm::open(&args.kvm_dev)?;
     let params = args.params();
     let image = builtin::system_image(&params, args.mem)?;
+    let kvm = kvm::open(&args.kvm_dev)?;
 
     let subs = Subscribers::new();
     let mut ram = UffdGuestRam::new(args.mem, args.hugepages, args.uffd, subs.clone())?;
