@@ -274,20 +274,27 @@ impl Uffd {
 
     /// `UFFDIO_UNREGISTER`.
     pub fn unregister(&self, r: HvaRange) -> Result<()> {
+        self.range_ioctl(UFFDIO_UNREGISTER, r, "ioctl(UFFDIO_UNREGISTER)")
+    }
+
+    /// An ioctl whose argument is one `struct uffdio_range` (`UNREGISTER`,
+    /// `WAKE`).
+    fn range_ioctl(&self, req: u64, r: HvaRange, op: &'static str) -> Result<()> {
         let mut range = UffdioRange {
             start: r.start,
             len: r.len(),
         };
-        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`.
+        // SAFETY: `req` is UFFDIO_UNREGISTER or UFFDIO_WAKE, which read one
+        // `struct uffdio_range`, alive for the call.
         if unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),
-                UFFDIO_UNREGISTER as _,
+                req as _,
                 &mut range as *mut UffdioRange,
             )
         } != 0
         {
-            return Err(Error::last_os("ioctl(UFFDIO_UNREGISTER)"));
+            return Err(Error::last_os(op));
         }
         Ok(())
     }
@@ -371,22 +378,7 @@ impl Uffd {
 
     /// `UFFDIO_WAKE`: wake threads faulting in `r`.
     pub fn wake(&self, r: HvaRange) -> Result<()> {
-        let mut range = UffdioRange {
-            start: r.start,
-            len: r.len(),
-        };
-        // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`.
-        if unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                UFFDIO_WAKE as _,
-                &mut range as *mut UffdioRange,
-            )
-        } != 0
-        {
-            return Err(Error::last_os("ioctl(UFFDIO_WAKE)"));
-        }
-        Ok(())
+        self.range_ioctl(UFFDIO_WAKE, r, "ioctl(UFFDIO_WAKE)")
     }
 
     /// Wait up to `timeout_ms` for a message; `Ok(None)` on timeout.
