@@ -35,13 +35,31 @@ use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::RawFd;
 use std::str::FromStr;
 
-/// How guest RAM faults are resolved (`--uffd`).
+/// How guest RAM faults are resolved (`--uffd`). `Kernel*` are baselines
+/// that bypass the project's MMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum UffdMode {
     /// MINOR faults on a pre-populated page cache, `UFFDIO_CONTINUE`.
     Minor,
     /// MISSING faults, `UFFDIO_COPY`.
     Missing,
+    /// Baseline without userfaultfd: the kernel's own hugetlb first touch
+    /// (allocate and zero a huge page). The MMU sees no faults.
+    Kernel,
+    /// Baseline without userfaultfd, page cache populated up front: the
+    /// kernel's own fault maps the page-cache page (what CONTINUE does).
+    KernelPrefilled,
+}
+
+impl UffdMode {
+    /// Whether the page cache is populated up front.
+    pub fn prefilled(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::KernelPrefilled)
+    }
+    /// Whether faults go through userfaultfd (and the MMU).
+    pub fn uses_uffd(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::Missing)
+    }
 }
 
 impl FromStr for UffdMode {
@@ -50,8 +68,10 @@ impl FromStr for UffdMode {
         match s {
             "minor" => Ok(UffdMode::Minor),
             "missing" => Ok(UffdMode::Missing),
+            "kernel" | "none" => Ok(UffdMode::Kernel),
+            "kernel-prefilled" => Ok(UffdMode::KernelPrefilled),
             _ => Err(format!(
-                "unknown uffd mode {s:?}: expected minor or missing"
+                "unknown uffd mode {s:?}: expected minor, missing, kernel or kernel-prefilled"
             )),
         }
     }
@@ -62,6 +82,8 @@ impl std::fmt::Display for UffdMode {
         f.write_str(match self {
             UffdMode::Minor => "minor",
             UffdMode::Missing => "missing",
+            UffdMode::Kernel => "kernel",
+            UffdMode::KernelPrefilled => "kernel-prefilled",
         })
     }
 }
@@ -80,6 +102,8 @@ pub enum UffdRamError {
     },
     #[error(transparent)]
     Uffd(#[from] notifier::Error),
+    #[error("prefaulting guest RAM would bypass userfaultfd: only with --uffd kernel*")]
+    PrefaultWithUffd,
     #[error("host mm lost the guest RAM region")]
     NoRegion,
     #[error("gpa range [{gpa:#x}, +{len:#x}) is outside guest RAM of {size:#x} bytes")]
@@ -180,7 +204,7 @@ impl UffdGuestRam {
             let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
             (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
         };
-        if mode == UffdMode::Minor {
+        if mode.prefilled() {
             // Populate the page cache: MINOR faults need a page to map.
             // SAFETY: fallocate on the region's memfd over its whole length.
             if unsafe { libc::fallocate(memfd, 0, 0, size as libc::off_t) } != 0 {
@@ -191,6 +215,7 @@ impl UffdGuestRam {
         let (features, reg) = match mode {
             UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
             UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
+            UffdMode::Kernel | UffdMode::KernelPrefilled => (0, 0),
         };
         // Write-protect mode too, for `notifier::ops` write_protect.
         let (features, reg) = (
@@ -198,7 +223,9 @@ impl UffdGuestRam {
             reg | UFFDIO_REGISTER_MODE_WP,
         );
         let uffd = Uffd::open(features)?;
-        uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
+        if mode.uses_uffd() {
+            uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
+        }
         let page = hp.page_size() as usize;
         Ok(UffdGuestRam {
             uffd,
@@ -274,7 +301,7 @@ impl UffdGuestRam {
         let len = bytes.len() as u64;
         self.check(gpa, len)?;
         match self.mode {
-            UffdMode::Minor => {
+            UffdMode::Minor | UffdMode::Kernel | UffdMode::KernelPrefilled => {
                 // SAFETY: [gpa, gpa+len) is inside the alias (checked), which
                 // lives as long as self; `bytes` cannot overlap it (it is a
                 // borrowed Rust slice, the alias is only reached by pointer).
@@ -342,6 +369,7 @@ impl UffdGuestRam {
         let r = self.page_range(gpa);
         Ok(match self.mode {
             UffdMode::Minor => self.uffd.continue_range(r, false)?,
+            UffdMode::Kernel | UffdMode::KernelPrefilled => false,
             UffdMode::Missing => {
                 let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
                     &self.staged_first
@@ -351,6 +379,23 @@ impl UffdGuestRam {
                 self.uffd.copy(r, src, false)?
             }
         })
+    }
+
+    /// Fault every huge page of the guest-facing mapping in from here (a
+    /// read per page), so the guest's run has no host faults: the warm
+    /// baseline of the fault-cost benchmark. Only without userfaultfd.
+    pub fn prefault(&self) -> Result<(), UffdRamError> {
+        if self.mode.uses_uffd() {
+            return Err(UffdRamError::PrefaultWithUffd);
+        }
+        let mut a = self.guest_hva;
+        while a < self.guest_hva + self.size {
+            // SAFETY: `a` is inside the guest-facing mapping (RW, owned by
+            // `hostmm` for as long as self lives); a volatile one-byte read.
+            unsafe { std::ptr::read_volatile(a as *const u8) };
+            a += self.page_size();
+        }
+        Ok(())
     }
 
     /// Wake whoever faults in the huge page containing `gpa`.

@@ -41,7 +41,10 @@ pub struct RunArgs {
     /// hugetlb page size backing guest RAM: 2M or 1G.
     #[arg(long, default_value = "2M")]
     pub hugepages: HugePages,
-    /// How faults are resolved: minor (UFFDIO_CONTINUE) or missing (UFFDIO_COPY).
+    /// How faults are resolved: minor (UFFDIO_CONTINUE), missing
+    /// (UFFDIO_COPY), or the baselines without userfaultfd: kernel (the
+    /// kernel's own hugetlb first touch), kernel-prefilled (page cache
+    /// populated first).
     #[arg(long, default_value = "minor")]
     pub uffd: UffdMode,
     /// Passes over the working set.
@@ -70,6 +73,10 @@ pub struct RunArgs {
     /// mapped gfns agree with PAGEMAP_SCAN of the guest-facing mapping.
     #[arg(long)]
     pub verify: bool,
+    /// Fault all guest RAM in before the guest runs (only with
+    /// --uffd kernel*): the no-fault baseline.
+    #[arg(long)]
+    pub prefault: bool,
     /// Print the JSON report as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -97,6 +104,7 @@ impl RunArgs {
             invalidate: InvalKind::None,
             inval_per_pass: 1,
             verify: false,
+            prefault: false,
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
@@ -301,6 +309,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let subs = Subscribers::new();
     let mut ram = UffdGuestRam::new(args.mem, args.hugepages, args.uffd, subs.clone())?;
     ram.load(0, &image)?;
+    if args.prefault {
+        ram.prefault()?;
+    }
     let ram = Arc::new(ram);
     let size = ram.size();
     let backing = match args.hugepages {

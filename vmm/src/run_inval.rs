@@ -20,7 +20,7 @@
 //! protection change leaves host pages present and the MMU empty there,
 //! which the check allows (the MMU may map less than the host has).
 
-use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
+use crate::guest_ram_uffd::UffdGuestRam;
 use guests::builtin::Zeroed;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
@@ -200,7 +200,7 @@ impl Invalidator {
                 source,
             }
         };
-        let minor = self.ram.mode() == UffdMode::Minor;
+        let minor = self.ram.mode().prefilled();
         let mut mm = self.ram.hostmm();
         match kind {
             InvalKind::None | InvalKind::Mixed => Ok(false),
