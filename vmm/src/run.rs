@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// --uffd kernel*): the no-fault baseline.
     #[arg(long)]
     pub prefault: bool,
+    /// The fault thread busy-polls the userfaultfd instead of sleeping in
+    /// poll(2) (costs a CPU; removes the handler's wake-up latency).
+    #[arg(long)]
+    pub spin_faults: bool,
     /// Print the JSON report as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -105,6 +109,7 @@ impl RunArgs {
             inval_per_pass: 1,
             verify: false,
             prefault: false,
+            spin_faults: false,
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
@@ -336,7 +341,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     )?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone());
+    let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
 
     let result = (|| -> Result<(u64, f64), RunError> {
         let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;

@@ -143,18 +143,24 @@ pub fn handle_fault(
         .map_err(|source| FaultThreadError::Wake { gfn, source })
 }
 
-/// Run the fault loop on a new thread until `stop` is set.
+/// Run the fault loop on a new thread until `stop` is set. With `spin`,
+/// the thread polls the userfaultfd without sleeping (burns a CPU, saves
+/// the handler's wake-up latency).
 pub fn spawn(
     ram: Arc<UffdGuestRam>,
     mmu: Arc<TdpMmu>,
     stop: Arc<AtomicBool>,
+    spin: bool,
 ) -> JoinHandle<Result<FaultReport, FaultThreadError>> {
     std::thread::Builder::new()
         .name("uffd-fault".into())
         .spawn(move || {
             let mut rep = FaultReport::default();
             while !stop.load(Ordering::Acquire) {
-                let ev = ram.uffd().read_event(50).map_err(FaultThreadError::Read)?;
+                let ev = ram
+                    .uffd()
+                    .read_event(if spin { 0 } else { 50 })
+                    .map_err(FaultThreadError::Read)?;
                 match ev {
                     None => {}
                     Some(UffdEvent::Pagefault { address, flags }) => {
