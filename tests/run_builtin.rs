@@ -174,3 +174,21 @@ fn bench_fault_cost() {
         missing / minor.max(1e-3)
     );
 }
+
+#[test]
+fn faults_racing_discards_retry_and_keep_data() {
+    let Some(_g) = ready() else { return };
+    let mut a = args(UffdMode::Minor, InvalKind::None);
+    a.passes = 20;
+    a.race_discard_us = 20;
+    let r = run::run(&a).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.race_invalidations > 0);
+    assert!(r.checksum_ok, "{r:?}");
+    assert_eq!(r.verify_failures, 0, "{:?}", r.verify_mismatches);
+    assert!(r.faults > MEM / (2 << 20), "discarded pages fault again");
+    assert_eq!(r.stats.fault_retries, r.fault_retries);
+    // Discards lose data in MISSING mode: refused.
+    let mut a = args(UffdMode::Missing, InvalKind::None);
+    a.race_discard_us = 20;
+    assert!(run::run(&a).is_err());
+}

@@ -77,6 +77,11 @@ pub struct RunArgs {
     /// --uffd kernel*): the no-fault baseline.
     #[arg(long)]
     pub prefault: bool,
+    /// While the guest runs, discard a random run of huge pages every this
+    /// many microseconds (0: off; only with --uffd minor/kernel-prefilled,
+    /// where the data survives): faults race invalidations and retry.
+    #[arg(long, default_value_t = 0)]
+    pub race_discard_us: u64,
     /// The fault thread busy-polls the userfaultfd instead of sleeping in
     /// poll(2) (costs a CPU; removes the handler's wake-up latency).
     #[arg(long)]
@@ -110,6 +115,7 @@ impl RunArgs {
             verify: false,
             prefault: false,
             spin_faults: false,
+            race_discard_us: 0,
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
@@ -188,6 +194,8 @@ pub struct RunReport {
     pub checksum_ok: bool,
     pub progress_exits: u64,
     pub invalidations: u64,
+    /// Discards that raced the running guest (`--race-discard-us`).
+    pub race_invalidations: u64,
     pub verify_checks: u64,
     pub verify_failures: u64,
     pub verify_mismatches: Vec<String>,
@@ -340,10 +348,26 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         params.ws_size,
     )?;
 
+    let racer = if args.race_discard_us > 0 {
+        if !args.uffd.prefilled() {
+            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
+        }
+        let inv = Invalidator::new(
+            &ram,
+            &tdp,
+            InvalKind::Discard,
+            false,
+            params.ws_base,
+            params.ws_size,
+        )?;
+        Some(inv)
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
 
-    let result = (|| -> Result<(u64, f64), RunError> {
+    let result = (|| -> Result<(u64, f64, u64), RunError> {
         let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
@@ -368,11 +392,28 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         setup_cpl3(&vcpu)?;
 
         let watchdog = Watchdog::start(Duration::from_secs(args.timeout))?;
+        let race_stop = Arc::new(AtomicBool::new(false));
+        let racer = racer.map(|inv| {
+            crate::run_inval::spawn_racer(
+                inv,
+                Duration::from_micros(args.race_discard_us),
+                race_stop.clone(),
+            )
+        });
+        let stop_racer = |racer: Option<std::thread::JoinHandle<_>>| -> Result<u64, RunError> {
+            race_stop.store(true, Ordering::Release);
+            match racer {
+                None => Ok(0),
+                Some(h) => Ok(h.join().map_err(|_| RunError::FaultPanic)??),
+            }
+        };
+        let mut racer = racer;
         let t_run = Instant::now();
         let mut progress = 0u64;
         loop {
             let exit = vcpu.run();
             if watchdog.fired.load(Ordering::Acquire) {
+                let _ = stop_racer(racer.take());
                 return Err(RunError::Timeout(args.timeout));
             }
             match exit {
@@ -413,14 +454,15 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             }
         }
         let run_s = t_run.elapsed().as_secs_f64();
+        let raced = stop_racer(racer.take())?;
         drop(watchdog);
         inval.final_check()?;
-        Ok((progress, run_s))
+        Ok((progress, run_s, raced))
     })();
 
     stop.store(true, Ordering::Release);
     let faults = fault_thread.join().map_err(|_| RunError::FaultPanic)?;
-    let (progress_exits, guest_run_s) = result?;
+    let (progress_exits, guest_run_s, race_invalidations) = result?;
     let faults = faults?;
 
     let result = GuestResult::from_words(ram.read_u64s::<4>(LAYOUT.result)?);
@@ -447,6 +489,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         checksum_ok,
         progress_exits,
         invalidations: inval.count(),
+        race_invalidations,
         verify_checks: inval.checks(),
         verify_failures: inval.failures(),
         verify_mismatches: inval.mismatches.clone(),

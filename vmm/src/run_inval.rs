@@ -83,6 +83,10 @@ pub enum InvalError {
     Refill(#[source] std::io::Error),
     #[error("the working set has no whole huge page to invalidate")]
     NoRoom,
+    #[error(
+        "racing discards need a page cache populated up front (--uffd minor or kernel-prefilled)"
+    )]
+    RaceNeedsPrefill,
 }
 
 /// Runs invalidations and agreement checks; remembers what reads as zero.
@@ -316,6 +320,27 @@ impl Invalidator {
         }
         Ok(())
     }
+}
+
+/// While the guest runs: discard (`MADV_DONTNEED`) a random run of huge
+/// pages every `every` until `stop`, so guest faults race invalidations
+/// (the fault path must retry, invariant 2). Only where discarding keeps
+/// the data (page cache populated up front), so the checksum still holds.
+/// Returns how many discards ran.
+pub fn spawn_racer(
+    mut inv: Invalidator,
+    every: std::time::Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, InvalError>> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let (gs, ge) = inv.pick();
+            inv.apply(InvalKind::Discard, gs, ge, 0)?;
+            inv.count += 1;
+            std::thread::sleep(every);
+        }
+        Ok(inv.count)
+    })
 }
 
 /// Whether the merged, sorted runs cover `[s, e)` entirely.
