@@ -335,7 +335,7 @@ impl UffdGuestRam {
     /// page is in the page cache in both modes).
     pub fn read_u64s<const N: usize>(&self, gpa: u64) -> Result<[u64; N], UffdRamError> {
         self.check(gpa, N as u64 * 8)?;
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(UffdRamError::OutOfRange {
                 gpa,
                 len: N as u64 * 8,
