@@ -5,7 +5,18 @@
 //! while an invalidation races it, then wake the faulting vCPU.
 //!
 //! Fault-to-resume is measured from the moment the fault message is read
-//! to the return of `UFFDIO_WAKE`.
+//! to the return of `UFFDIO_WAKE` (the handler's share; the guest-observed
+//! cost including the kernel's delivery and wake-ups is what
+//! `tests/run_builtin.rs::bench_fault_cost` measures).
+//!
+//! Known limit: `Retry` is retried here, on the fault thread, until the
+//! invalidation ends. That is safe only while no invalidation waits for
+//! this thread. With `UFFD_FEATURE_EVENT_REMOVE` requested it would: a
+//! `madvise` announced through `notifier::ops` holds its range "in progress"
+//! while the kernel blocks it until this thread reads the REMOVE message -
+//! a deadlock (seen when tried). Delivering REMOVE events needs the retry
+//! to leave the loop (read events, re-handle the fault) first; and
+//! `UFFDIO_CONTINUE`/`COPY` then answer `EAGAIN` while an event is pending.
 
 use crate::guest_ram_uffd::UffdGuestRam;
 use mmu::memslot::{Memslot, PAGE_SHIFT};
