@@ -1,3 +1,4 @@
 //! Guest payloads: the Linux image recipe and small built-in test guests.
 
+pub mod builtin;
 pub mod linux;

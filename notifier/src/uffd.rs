@@ -72,6 +72,23 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
 const UFFDIO_API_IOCTL: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = ioc(
     IOC_READ | IOC_WRITE,
@@ -85,14 +102,36 @@ const UFFDIO_WRITEPROTECT: u64 = ioc(
     std::mem::size_of::<UffdioWriteprotect>(),
 );
 
+const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x03,
+    std::mem::size_of::<UffdioCopy>(),
+);
+const UFFDIO_CONTINUE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x07,
+    std::mem::size_of::<UffdioContinue>(),
+);
+
 pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
 pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
+pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFDIO_COPY_MODE_DONTWAKE` / `UFFDIO_CONTINUE_MODE_DONTWAKE`: resolve
+/// without waking the faulting thread (wake later with [`Uffd::wake`]).
+const RESOLVE_MODE_DONTWAKE: u64 = 1 << 0;
+/// `uffd_msg.pagefault.flags`.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -235,20 +274,27 @@ impl Uffd {
 
     /// `UFFDIO_UNREGISTER`.
     pub fn unregister(&self, r: HvaRange) -> Result<()> {
+        self.range_ioctl(UFFDIO_UNREGISTER, r, "ioctl(UFFDIO_UNREGISTER)")
+    }
+
+    /// An ioctl whose argument is one `struct uffdio_range` (`UNREGISTER`,
+    /// `WAKE`).
+    fn range_ioctl(&self, req: u64, r: HvaRange, op: &'static str) -> Result<()> {
         let mut range = UffdioRange {
             start: r.start,
             len: r.len(),
         };
-        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`.
+        // SAFETY: `req` is UFFDIO_UNREGISTER or UFFDIO_WAKE, which read one
+        // `struct uffdio_range`, alive for the call.
         if unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),
-                UFFDIO_UNREGISTER as _,
+                req as _,
                 &mut range as *mut UffdioRange,
             )
         } != 0
         {
-            return Err(Error::last_os("ioctl(UFFDIO_UNREGISTER)"));
+            return Err(Error::last_os(op));
         }
         Ok(())
     }
@@ -274,6 +320,65 @@ impl Uffd {
             return Err(Error::last_os("ioctl(UFFDIO_WRITEPROTECT)"));
         }
         Ok(())
+    }
+
+    /// `UFFDIO_CONTINUE`: map the page-cache pages already present at
+    /// `r` (MINOR mode; no copy). Returns `Ok(false)` if the range was
+    /// already mapped (`EEXIST`). With `wake == false` the faulting thread
+    /// stays asleep until [`wake`](Self::wake).
+    pub fn continue_range(&self, r: HvaRange, wake: bool) -> Result<bool> {
+        let mut c = UffdioContinue {
+            range: UffdioRange {
+                start: r.start,
+                len: r.len(),
+            },
+            mode: if wake { 0 } else { RESOLVE_MODE_DONTWAKE },
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE reads/writes one `struct uffdio_continue`,
+        // alive for the call; it maps pages only inside a registered range.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                UFFDIO_CONTINUE as _,
+                &mut c as *mut UffdioContinue,
+            )
+        };
+        resolve_result(rc, "ioctl(UFFDIO_CONTINUE)")
+    }
+
+    /// `UFFDIO_COPY`: allocate pages at `dst` and fill them from `src`
+    /// (MISSING mode). `Ok(false)` if already mapped (`EEXIST`).
+    pub fn copy(&self, dst: HvaRange, src: &[u8], wake: bool) -> Result<bool> {
+        if (src.len() as u64) < dst.len() {
+            return Err(Error::Unsupported {
+                op: "UFFDIO_COPY",
+                why: "source shorter than the destination range",
+            });
+        }
+        let mut c = UffdioCopy {
+            dst: dst.start,
+            src: src.as_ptr() as u64,
+            len: dst.len(),
+            mode: if wake { 0 } else { RESOLVE_MODE_DONTWAKE },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads/writes one `struct uffdio_copy`; the
+        // kernel reads `len` bytes from `src`, which we checked is that long
+        // and which is borrowed for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                UFFDIO_COPY as _,
+                &mut c as *mut UffdioCopy,
+            )
+        };
+        resolve_result(rc, "ioctl(UFFDIO_COPY)")
+    }
+
+    /// `UFFDIO_WAKE`: wake threads faulting in `r`.
+    pub fn wake(&self, r: HvaRange) -> Result<()> {
+        self.range_ioctl(UFFDIO_WAKE, r, "ioctl(UFFDIO_WAKE)")
     }
 
     /// Wait up to `timeout_ms` for a message; `Ok(None)` on timeout.
@@ -322,6 +427,18 @@ impl Uffd {
         }
         Ok(Some(UffdEvent::decode(&b)))
     }
+}
+
+/// A COPY/CONTINUE return code: mapped now, already mapped, or an error.
+fn resolve_result(rc: libc::c_int, op: &'static str) -> Result<bool> {
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Ok(false);
+    }
+    Err(Error::Syscall { op, source: e })
 }
 
 /// How the event handler runs.
@@ -567,6 +684,9 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_uapi() {
         assert_eq!(UFFDIO_API_IOCTL, 0xc018_aa3f);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);

@@ -1,5 +1,19 @@
 //! The VMM: KVM VM and vCPUs, hugetlb guest RAM, Linux boot, devices, the
 //! event loop and the `vmm` subcommands.
 
+pub mod assist;
+pub mod boot;
+pub mod devices;
+pub mod guest_ram_uffd;
+pub mod gva;
+pub mod kernel;
+pub mod kvm;
+pub mod memory;
 pub mod notifier_check;
+pub mod run;
+pub mod run_inval;
 pub mod soft_lockup;
+pub mod timeline;
+pub mod uffd_fault;
+pub mod x86;
+pub mod zeropage;

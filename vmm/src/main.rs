@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Boot a Linux guest on hugetlb RAM and print the boot timeline.
+    Boot(vmm::boot::BootArgs),
+    /// Run a built-in guest on userfaultfd-served RAM through the project's MMU.
+    Run(vmm::run::RunArgs),
     /// Compare predicted host notifier ranges with the kernel's tracepoint.
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
     /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
@@ -23,6 +27,8 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Boot(args) => vmm::boot::main(args),
+        Cmd::Run(args) => vmm::run::main(args),
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
     }

@@ -1,0 +1,425 @@
+//! `vmm boot`: typed setup errors, the triple-fault / reset / init-killed
+//! paths with tiny crafted ELF kernels (seconds each, every backing), and the
+//! real Debian kernel booted to /init.
+//!
+//! CI boots Linux once (2M hugepages). The 1G and `none` Linux boots run
+//! only with `VMM_BOOT_ALL=1` (minutes each on this project's machines); the
+//! quick crafted-kernel paths cover those backings in every run.
+//! Kernel/initrd for the Linux boots: `VMM_TEST_KERNEL`/`VMM_TEST_INITRD`,
+//! else the provisioned guest image (`vmm::boot::default_image`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use integration_tests::require;
+use vmm::boot::{self, BootArgs, BootError};
+use vmm::kernel::KernelError;
+use vmm::kvm::KvmError;
+use vmm::memory::{HugePages, MemoryError};
+
+/// Tests that change hugetlb pools run one at a time.
+static POOL: Mutex<()> = Mutex::new(());
+
+const KERNEL_PADDR: u64 = 0x100_0000;
+
+fn kvm_ok() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-boot-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// A minimal ELF64 x86-64 executable: one PT_LOAD of `code` at 16 MiB
+/// (memsz `memsz`), entry at its first byte.
+fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
+    let code_off = 0x100u64;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    b.extend_from_slice(&2u16.to_le_bytes()); // e_type EXEC
+    b.extend_from_slice(&62u16.to_le_bytes()); // e_machine x86-64
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&KERNEL_PADDR.to_le_bytes()); // e_entry
+    b.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    b.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    b.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    for v in [
+        code_off,
+        KERNEL_PADDR,
+        KERNEL_PADDR,
+        code.len() as u64,
+        memsz.max(code.len() as u64),
+        0x1000,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.resize(code_off as usize, 0);
+    b.extend_from_slice(code);
+    b
+}
+
+/// Prints `msg` on COM1 (`out dx, al` per byte), then resets via the i8042.
+fn serial_then_reset(msg: &str) -> Vec<u8> {
+    let mut c = vec![0x48, 0x8d, 0x35, 17, 0, 0, 0]; // lea rsi, [rip+17] (msg)
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.extend_from_slice(&[0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]); // lodsb; test; jz +3; out; jmp -8
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // mov al,0xfe; out 0x64,al; hlt
+    c.extend_from_slice(msg.as_bytes());
+    c.push(0);
+    c
+}
+
+fn write(name: &str, bytes: &[u8]) -> PathBuf {
+    let p = scratch(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn args(kernel: &Path, initrd: &Path, hp: HugePages, mem: u64) -> BootArgs {
+    let mut a = BootArgs::new(kernel.to_path_buf(), initrd.to_path_buf());
+    a.hugepages = hp;
+    a.mem = mem;
+    a.quiet = true;
+    a.timeout = 60;
+    a.serial_log = Some(scratch(&format!("serial-{hp}-{mem}.log")));
+    a
+}
+
+fn sysfs(hp: HugePages) -> &'static str {
+    hp.sysfs_dir().unwrap()
+}
+
+fn read_u64(p: &str) -> u64 {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Grows a hugetlb pool so `pages` are free; restores nr_hugepages on drop.
+struct PoolGuard {
+    dir: &'static str,
+    before: u64,
+}
+
+impl PoolGuard {
+    fn reserve(hp: HugePages, pages: u64) -> Result<PoolGuard, String> {
+        let dir = sysfs(hp);
+        let before = read_u64(&format!("{dir}/nr_hugepages"));
+        let free = read_u64(&format!("{dir}/free_hugepages"))
+            .saturating_sub(read_u64(&format!("{dir}/resv_hugepages")));
+        let g = PoolGuard { dir, before };
+        if free < pages {
+            let want = before + pages - free;
+            let _ = std::fs::write(format!("{dir}/nr_hugepages"), want.to_string());
+            let got = read_u64(&format!("{dir}/nr_hugepages"));
+            if got < want {
+                return Err(format!(
+                    "the kernel gave {got} of {want} {hp} hugepages (memory too fragmented for more; \
+                     reserve them at boot with hugepagesz=1G hugepages=N)"
+                ));
+            }
+        }
+        Ok(g)
+    }
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            format!("{}/nr_hugepages", self.dir),
+            self.before.to_string(),
+        );
+    }
+}
+
+#[test]
+fn kvm_device_missing_is_a_typed_error() {
+    let k = write("k-missing-kvm", &tiny_elf(&[0xf4], 0));
+    let mut a = args(&k, &k, HugePages::None, 32 << 20);
+    a.kvm_dev = PathBuf::from("/nonexistent/kvm");
+    let e = boot::run(&a).unwrap_err();
+    assert!(matches!(e, BootError::Kvm(KvmError::Missing(_))), "{e}");
+    a.kvm_dev = PathBuf::from("/dev/null");
+    let e = boot::run(&a).unwrap_err();
+    assert!(matches!(e, BootError::Kvm(KvmError::NotKvm { .. })), "{e}");
+}
+
+#[test]
+fn bad_kernels_and_initrds_are_typed_errors() {
+    if !require("/dev/kvm", kvm_ok()) {
+        return;
+    }
+    let initrd = write("initrd", b"070701");
+    let good = write("k-good", &tiny_elf(&[0xf4], 0));
+    let cases: Vec<(PathBuf, PathBuf, fn(&BootError) -> bool)> = vec![
+        (scratch("no-such-kernel"), initrd.clone(), |e| {
+            matches!(e, BootError::Kernel(KernelError::KernelMissing(_)))
+        }),
+        (write("k-text", &[b'x'; 8192]), initrd.clone(), |e| {
+            matches!(e, BootError::Kernel(KernelError::NotKernel(_)))
+        }),
+        (
+            write("k-trunc", &tiny_elf(&[0x90; 4096], 0)[..0x180]),
+            initrd.clone(),
+            |e| matches!(e, BootError::Kernel(KernelError::Truncated(_))),
+        ),
+        (good.clone(), scratch("no-such-initrd"), |e| {
+            matches!(e, BootError::Kernel(KernelError::InitrdMissing(_)))
+        }),
+    ];
+    for (k, i, ok) in cases {
+        let e = boot::run(&args(&k, &i, HugePages::None, 32 << 20)).unwrap_err();
+        assert!(ok(&e), "{}: unexpected {e}", k.display());
+    }
+}
+
+#[test]
+fn memory_too_small_or_too_large_is_a_typed_error() {
+    if !require("/dev/kvm", kvm_ok()) {
+        return;
+    }
+    let initrd = write("initrd-small", b"070701");
+    // Kernel segment ends at 16 + 64 MiB; the guest has 32 MiB.
+    let big = write("k-big", &tiny_elf(&[0xf4], 64 << 20));
+    let e = boot::run(&args(&big, &initrd, HugePages::None, 32 << 20)).unwrap_err();
+    assert!(
+        matches!(e, BootError::Kernel(KernelError::MemoryTooSmall { .. })),
+        "{e}"
+    );
+    // Kernel fits, kernel + 20 MiB initrd does not.
+    let k = write("k-small", &tiny_elf(&[0xf4], 0));
+    let fat = write("initrd-fat", &vec![0u8; 20 << 20]);
+    let e = boot::run(&args(&k, &fat, HugePages::None, 32 << 20)).unwrap_err();
+    assert!(
+        matches!(e, BootError::Kernel(KernelError::MemoryTooSmall { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--mem"), "{e}");
+    let e = boot::run(&args(&k, &initrd, HugePages::None, 1 << 50)).unwrap_err();
+    assert!(
+        matches!(e, BootError::Memory(MemoryError::LargerThanHost { .. })),
+        "{e}"
+    );
+}
+
+#[test]
+fn not_enough_hugepages_says_free_needed_and_command() {
+    if !require("/dev/kvm", kvm_ok()) || !require("root", is_root()) {
+        return;
+    }
+    let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = sysfs(HugePages::Huge1G);
+    let free = read_u64(&format!("{dir}/free_hugepages"))
+        .saturating_sub(read_u64(&format!("{dir}/resv_hugepages")));
+    let mem = (free + 1) << 30;
+    if mem > vmm::memory::MAX_LOW_RAM {
+        eprintln!("SKIP: {free} free 1G pages, cannot ask for more within the 3 GiB layout");
+        return;
+    }
+    let k = write("k-hp", &tiny_elf(&[0xf4], 0));
+    let e = boot::run(&args(&k, &k, HugePages::Huge1G, mem)).unwrap_err();
+    let BootError::Memory(MemoryError::NotEnoughHugepages {
+        free: f, needed, ..
+    }) = &e
+    else {
+        panic!("unexpected {e}");
+    };
+    assert_eq!((*f, *needed), (free, free + 1));
+    assert!(e.to_string().contains("echo "), "{e}");
+    assert!(
+        e.to_string().contains("hugepages-1048576kB/nr_hugepages"),
+        "{e}"
+    );
+}
+
+/// The quick guest paths on one backing: triple fault (ud2 with an empty
+/// IDT), int3 assist then triple fault, console + i8042 reset, and the
+/// init-killed classification from console lines.
+fn quick_paths(hp: HugePages, mem: u64) {
+    let initrd = write(&format!("initrd-{hp}"), b"070701");
+    let ud2 = write(&format!("k-ud2-{hp}"), &tiny_elf(&[0x0f, 0x0b], 0));
+    let r = boot::run(&args(&ud2, &initrd, hp, mem)).unwrap();
+    assert!(
+        matches!(r.error, Some(BootError::TripleFault { .. })),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(r.json["exit"], "error");
+    assert!(r.json["ms_to_first_run"].is_u64());
+
+    let int3 = write(&format!("k-int3-{hp}"), &tiny_elf(&[0xcc], 0));
+    let r = boot::run(&args(&int3, &initrd, hp, mem)).unwrap();
+    assert!(
+        matches!(r.error, Some(BootError::TripleFault { .. })),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(r.json["assists"]["int3"], 1, "{}", r.json);
+
+    let hello = write(
+        &format!("k-hello-{hp}"),
+        &tiny_elf(&serial_then_reset("hello\n"), 0),
+    );
+    let r = boot::run(&args(&hello, &initrd, hp, mem)).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.json["exit"], "reboot", "{}", r.json);
+    assert_eq!(std::fs::read_to_string(&r.serial_log).unwrap(), "hello\n");
+
+    let killed = write(
+        &format!("k-killed-{hp}"),
+        &tiny_elf(
+            &serial_then_reset(
+                "Run /init as init process\ninit[1]: segfault at ffffffff81c00080\n\
+                 Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\n",
+            ),
+            0,
+        ),
+    );
+    let r = boot::run(&args(&killed, &initrd, hp, mem)).unwrap();
+    assert_eq!(r.json["exit"], "init-killed", "{}", r.json);
+    assert_eq!(r.json["init_reached"], true);
+    assert_eq!(r.json["userland"], false);
+    assert!(
+        r.json["reason"].as_str().unwrap().contains("signal 11"),
+        "{}",
+        r.json
+    );
+}
+
+#[test]
+fn quick_paths_plain_memfd() {
+    if !require("/dev/kvm", kvm_ok()) {
+        return;
+    }
+    quick_paths(HugePages::None, 32 << 20);
+}
+
+#[test]
+fn quick_paths_2m_hugepages() {
+    if !require("/dev/kvm", kvm_ok()) || !require("root (to reserve hugepages)", is_root()) {
+        return;
+    }
+    let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let g = PoolGuard::reserve(HugePages::Huge2M, 16);
+    if !require("16 free 2M hugepages", g.is_ok()) {
+        return;
+    }
+    quick_paths(HugePages::Huge2M, 32 << 20);
+}
+
+#[test]
+fn quick_paths_1g_hugepages() {
+    if !require("/dev/kvm", kvm_ok()) || !require("root (to reserve hugepages)", is_root()) {
+        return;
+    }
+    let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let g = PoolGuard::reserve(HugePages::Huge1G, 1);
+    if let Err(why) = &g {
+        eprintln!("1G hugepages: {why}");
+    }
+    if !require("one free 1G hugepage", g.is_ok()) {
+        return;
+    }
+    quick_paths(HugePages::Huge1G, 1 << 30);
+}
+
+fn linux_image() -> Option<(PathBuf, PathBuf)> {
+    if let (Ok(k), Ok(i)) = (
+        std::env::var("VMM_TEST_KERNEL"),
+        std::env::var("VMM_TEST_INITRD"),
+    ) {
+        return Some((k.into(), i.into()));
+    }
+    match boot::default_image() {
+        Ok(x) => Some(x),
+        Err(e) => {
+            eprintln!("no Linux guest image: {e}");
+            None
+        }
+    }
+}
+
+fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
+    if !require("/dev/kvm", kvm_ok()) || !require("root (to reserve hugepages)", is_root()) {
+        return;
+    }
+    let img = linux_image();
+    if !require("the Linux guest image", img.is_some()) {
+        return;
+    }
+    let (k, i) = img.unwrap();
+    let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let g = if hp == HugePages::None {
+        Ok(None)
+    } else {
+        PoolGuard::reserve(hp, pages).map(Some)
+    };
+    if let Err(why) = &g {
+        eprintln!("{hp} hugepages: {why}");
+    }
+    if !require(&format!("{pages} free {hp} hugepages"), g.is_ok()) {
+        return;
+    }
+    let mut a = args(&k, &i, hp, mem);
+    a.timeout = 1200;
+    a.serial_log = Some(scratch(&format!("linux-{hp}.log")));
+    let r = boot::run(&a).unwrap();
+    eprintln!("{}\n{}", r.text, r.json);
+    assert!(
+        r.error.is_none(),
+        "{:?} (serial log {})",
+        r.error,
+        r.serial_log.display()
+    );
+    assert_eq!(r.json["init_reached"], true, "{}", r.json);
+    if r.json["userland"] == true {
+        assert_eq!(r.json["exit"], "reboot", "{}", r.json);
+    } else {
+        // This project's machines: no system calls from guest user space.
+        assert_eq!(r.json["exit"], "init-killed", "{}", r.json);
+    }
+}
+
+#[test]
+fn boots_debian_to_init_on_2m_hugepages() {
+    boot_linux(HugePages::Huge2M, 256 << 20, 128);
+}
+
+fn boot_all() -> bool {
+    let on = std::env::var("VMM_BOOT_ALL").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("SKIP: set VMM_BOOT_ALL=1 to boot Linux on this backing too (minutes)");
+    }
+    on
+}
+
+#[test]
+fn boots_debian_to_init_on_1g_hugepages() {
+    if boot_all() {
+        boot_linux(HugePages::Huge1G, 1 << 30, 1);
+    }
+}
+
+#[test]
+fn boots_debian_to_init_on_plain_memfd() {
+    if boot_all() {
+        boot_linux(HugePages::None, 256 << 20, 0);
+    }
+}

@@ -1,0 +1,409 @@
+//! Guest RAM served by userfaultfd: one shared hugetlb memfd mapped twice.
+//!
+//! * The **guest-facing** mapping (`MAP_SHARED` of the memfd) is KVM's
+//!   memslot and is registered with userfaultfd, so every first touch by the
+//!   guest (or by KVM on its behalf) arrives at the VMM as a fault.
+//! * The **alias** (another `MAP_SHARED` of the same memfd) is how the VMM
+//!   reaches the page cache without faulting.
+//!
+//! Two modes:
+//! * [`UffdMode::Minor`]: the page cache is populated up front
+//!   (`fallocate`, then the system image written through the alias); the
+//!   guest-facing mapping is registered MINOR and a fault is resolved with
+//!   `UFFDIO_CONTINUE`, which maps the page-cache page: no copy.
+//! * [`UffdMode::Missing`] (Firecracker's way, the baseline): nothing is in
+//!   the page cache; the mapping is registered MISSING and a fault is
+//!   resolved with `UFFDIO_COPY` from a staged buffer (the system image for
+//!   page 0, zeros otherwise), a copy of a whole huge page.
+//!
+//! The guest-facing mapping is a [`HostMm`] region, so the VMM's own
+//! operations on it (`notifier::ops`: protect, discard, punch_hole,
+//! write_protect) announce their invalidations to the [`Subscribers`] the
+//! MMU registered with.
+//!
+//! With 1 GiB pages, MISSING mode copies a whole GiB per fault from a
+//! lazily zeroed source buffer; on this host that did not finish within
+//! two minutes (MINOR with 1 GiB pages works: one CONTINUE of ~25 us).
+//!
+//! Resolution never wakes the faulting thread by itself (DONTWAKE): the
+//! fault handler wakes it after the MMU installed its SPTE.
+
+use crate::memory::{self, HugePages, MemoryError};
+use notifier::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
+use notifier::uffd::{
+    Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+};
+use notifier::{HvaRange, Subscribers};
+use parking_lot::{Mutex, MutexGuard};
+use std::os::fd::RawFd;
+use std::str::FromStr;
+
+/// How guest RAM faults are resolved (`--uffd`). `Kernel*` are baselines
+/// that bypass the project's MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum UffdMode {
+    /// MINOR faults on a pre-populated page cache, `UFFDIO_CONTINUE`.
+    Minor,
+    /// MISSING faults, `UFFDIO_COPY`.
+    Missing,
+    /// Baseline without userfaultfd: the kernel's own hugetlb first touch
+    /// (allocate and zero a huge page). The MMU sees no faults.
+    Kernel,
+    /// Baseline without userfaultfd, page cache populated up front: the
+    /// kernel's own fault maps the page-cache page (what CONTINUE does).
+    KernelPrefilled,
+}
+
+impl UffdMode {
+    /// Whether the page cache is populated up front.
+    pub fn prefilled(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::KernelPrefilled)
+    }
+    /// Whether faults go through userfaultfd (and the MMU).
+    pub fn uses_uffd(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::Missing)
+    }
+}
+
+impl FromStr for UffdMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "minor" => Ok(UffdMode::Minor),
+            "missing" => Ok(UffdMode::Missing),
+            "kernel" | "none" => Ok(UffdMode::Kernel),
+            "kernel-prefilled" => Ok(UffdMode::KernelPrefilled),
+            _ => Err(format!(
+                "unknown uffd mode {s:?}: expected minor, missing, kernel or kernel-prefilled"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for UffdMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UffdMode::Minor => "minor",
+            UffdMode::Missing => "missing",
+            UffdMode::Kernel => "kernel",
+            UffdMode::KernelPrefilled => "kernel-prefilled",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdRamError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("userfaultfd RAM needs hugetlb pages (--hugepages 2M or 1G)")]
+    NotHugetlb,
+    #[error("{op}: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Uffd(#[from] notifier::Error),
+    #[error("prefaulting guest RAM would bypass userfaultfd: only with --uffd kernel*")]
+    PrefaultWithUffd,
+    #[error("host mm lost the guest RAM region")]
+    NoRegion,
+    #[error("gpa range [{gpa:#x}, +{len:#x}) is outside guest RAM of {size:#x} bytes")]
+    OutOfRange { gpa: u64, len: u64, size: u64 },
+}
+
+fn os(op: &'static str) -> UffdRamError {
+    UffdRamError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// One `MAP_SHARED` mapping of the memfd, unmapped on drop.
+struct Mapping {
+    addr: u64,
+    len: u64,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: u64) -> Result<Self, UffdRamError> {
+        // SAFETY: a fresh shared mapping of `len` bytes of our memfd at a
+        // kernel-chosen address; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap(guest RAM memfd alias)"));
+        }
+        Ok(Mapping {
+            addr: p as u64,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`, no longer used.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+/// Guest RAM on a shared hugetlb memfd, guest-facing mapping registered
+/// with userfaultfd. Drop order: the uffd closes before the mappings go
+/// (the alias, then the guest-facing region and the memfd with `hostmm`).
+pub struct UffdGuestRam {
+    uffd: Uffd,
+    mode: UffdMode,
+    hugepages: HugePages,
+    size: u64,
+    /// hva of gpa 0 (the guest-facing region's base).
+    guest_hva: u64,
+    alias: Mapping,
+    region: RegionId,
+    memfd: RawFd,
+    /// MISSING mode: the contents of page 0 (the system image) to COPY.
+    staged_first: Vec<u8>,
+    /// MISSING mode: a huge page of zeros to COPY.
+    zeros: Vec<u8>,
+    hostmm: Mutex<HostMm>,
+}
+
+impl UffdGuestRam {
+    /// `size` bytes of hugetlb RAM (checked against the pool first); the
+    /// VMM's operations on it are announced to `subs`.
+    pub fn new(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        if hp == HugePages::None {
+            return Err(UffdRamError::NotHugetlb);
+        }
+        let size = memory::validate(size, hp)?;
+        let ps = match hp {
+            HugePages::Huge1G => PageSize::Huge1G,
+            _ => PageSize::Huge2M,
+        };
+        let mut hostmm = HostMm::new(subs)?;
+        let region = hostmm.map(
+            Backing::SharedMemfd(ps),
+            size,
+            Placement {
+                align: ps.bytes(),
+                offset: 0,
+            },
+        )?;
+        let (guest_hva, memfd) = {
+            let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
+            (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
+        };
+        if mode.prefilled() {
+            // Populate the page cache: MINOR faults need a page to map.
+            // SAFETY: fallocate on the region's memfd over its whole length.
+            if unsafe { libc::fallocate(memfd, 0, 0, size as libc::off_t) } != 0 {
+                return Err(os("fallocate(guest RAM memfd)"));
+            }
+        }
+        let alias = Mapping::new(memfd, size)?;
+        let (features, reg) = match mode {
+            UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
+            UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
+            UffdMode::Kernel | UffdMode::KernelPrefilled => (0, 0),
+        };
+        // Write-protect mode too, for `notifier::ops` write_protect.
+        let (features, reg) = (
+            features | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            reg | UFFDIO_REGISTER_MODE_WP,
+        );
+        let uffd = Uffd::open(features)?;
+        if mode.uses_uffd() {
+            uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
+        }
+        let page = hp.page_size() as usize;
+        Ok(UffdGuestRam {
+            uffd,
+            mode,
+            hugepages: hp,
+            size,
+            guest_hva,
+            alias,
+            region,
+            memfd,
+            staged_first: Vec::new(),
+            zeros: if mode == UffdMode::Missing {
+                vec![0u8; page]
+            } else {
+                Vec::new()
+            },
+            hostmm: Mutex::new(hostmm),
+        })
+    }
+
+    pub fn mode(&self) -> UffdMode {
+        self.mode
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn hugepages(&self) -> HugePages {
+        self.hugepages
+    }
+    pub fn page_size(&self) -> u64 {
+        self.hugepages.page_size()
+    }
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+    /// The memfd (owned by the host-mm region).
+    pub fn memfd(&self) -> RawFd {
+        self.memfd
+    }
+    /// The guest-facing region in [`HostMm`].
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+    /// The host mm model owning the guest-facing mapping (for
+    /// `notifier::ops` on it).
+    pub fn hostmm(&self) -> MutexGuard<'_, HostMm> {
+        self.hostmm.lock()
+    }
+    /// hva of gpa 0 in the guest-facing mapping (KVM's `userspace_addr`).
+    pub fn guest_hva(&self) -> u64 {
+        self.guest_hva
+    }
+    /// The guest-facing mapping as an hva range.
+    pub fn guest_range(&self) -> HvaRange {
+        HvaRange::new(self.guest_hva, self.guest_hva + self.size)
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<(), UffdRamError> {
+        if gpa.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Put `bytes` at `gpa` before the guest runs: through the alias (MINOR:
+    /// the page cache is there) or staged for the first COPY (MISSING; only
+    /// the first huge page can be staged).
+    pub fn load(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), UffdRamError> {
+        let len = bytes.len() as u64;
+        self.check(gpa, len)?;
+        match self.mode {
+            UffdMode::Minor | UffdMode::Kernel | UffdMode::KernelPrefilled => {
+                // SAFETY: [gpa, gpa+len) is inside the alias (checked), which
+                // lives as long as self; `bytes` cannot overlap it (it is a
+                // borrowed Rust slice, the alias is only reached by pointer).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        (self.alias.addr + gpa) as *mut u8,
+                        bytes.len(),
+                    )
+                };
+            }
+            UffdMode::Missing => {
+                let page = self.page_size();
+                if gpa + len > page {
+                    return Err(UffdRamError::OutOfRange {
+                        gpa,
+                        len,
+                        size: page,
+                    });
+                }
+                if self.staged_first.is_empty() {
+                    self.staged_first = vec![0u8; page as usize];
+                }
+                self.staged_first[gpa as usize..(gpa + len) as usize].copy_from_slice(bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read `n` u64s at `gpa` through the alias (after the guest ran: the
+    /// page is in the page cache in both modes).
+    pub fn read_u64s<const N: usize>(&self, gpa: u64) -> Result<[u64; N], UffdRamError> {
+        self.check(gpa, N as u64 * 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: N as u64 * 8,
+                size: self.size,
+            });
+        }
+        let mut out = [0u64; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: inside the alias (checked), 8-byte aligned (checked;
+            // the mapping is page aligned); a volatile read of shared memory
+            // the guest may have written.
+            *o = unsafe {
+                std::ptr::read_volatile((self.alias.addr + gpa + i as u64 * 8) as *const u64)
+            };
+        }
+        Ok(out)
+    }
+
+    /// The huge page containing `gpa`, as a guest-facing hva range.
+    pub fn page_range(&self, gpa: u64) -> HvaRange {
+        let page = self.page_size();
+        let start = self.guest_hva + (gpa & !(page - 1));
+        HvaRange::new(start, start + page)
+    }
+
+    /// Make the huge page containing `gpa` present in the guest-facing
+    /// mapping without waking the faulting thread: CONTINUE (MINOR) or COPY
+    /// (MISSING). `Ok(false)`: it already was.
+    pub fn populate(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.check(gpa, 1)?;
+        let r = self.page_range(gpa);
+        Ok(match self.mode {
+            UffdMode::Minor => self.uffd.continue_range(r, false)?,
+            UffdMode::Kernel | UffdMode::KernelPrefilled => false,
+            UffdMode::Missing => {
+                let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
+                    &self.staged_first
+                } else {
+                    &self.zeros
+                };
+                self.uffd.copy(r, src, false)?
+            }
+        })
+    }
+
+    /// Fault every huge page of the guest-facing mapping in from here (a
+    /// read per page), so the guest's run has no host faults: the warm
+    /// baseline of the fault-cost benchmark. Only without userfaultfd.
+    pub fn prefault(&self) -> Result<(), UffdRamError> {
+        if self.mode.uses_uffd() {
+            return Err(UffdRamError::PrefaultWithUffd);
+        }
+        let mut a = self.guest_hva;
+        while a < self.guest_hva + self.size {
+            // SAFETY: `a` is inside the guest-facing mapping (RW, owned by
+            // `hostmm` for as long as self lives); a volatile one-byte read.
+            unsafe { std::ptr::read_volatile(a as *const u8) };
+            a += self.page_size();
+        }
+        Ok(())
+    }
+
+    /// Wake whoever faults in the huge page containing `gpa`.
+    pub fn wake(&self, gpa: u64) -> Result<(), UffdRamError> {
+        Ok(self.uffd.wake(self.page_range(gpa))?)
+    }
+}

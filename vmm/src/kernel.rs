@@ -1,0 +1,368 @@
+//! Kernel and initrd images: validation, bzImage payload extraction and
+//! loading with linux-loader (64-bit Linux boot protocol).
+//!
+//! Kernel images are untrusted input: every offset is bounds-checked and a
+//! malformed image is a typed error.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
+
+/// Where the kernel's high memory starts (1 MiB).
+pub const HIMEM_START: u64 = 0x10_0000;
+/// bzImage: offset of the setup header.
+const SETUP_HDR_OFF: usize = 0x1f1;
+/// Linux' legacy LZ4 frame magic (what `lz4 -l` and the kernel build write).
+const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
+/// Legacy LZ4 blocks decompress to at most 8 MiB each.
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+/// Refuse to inflate a payload beyond this (a vmlinux is ~50-100 MiB).
+const MAX_VMLINUX: usize = 512 << 20;
+
+/// Kernel/initrd errors.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The kernel file does not exist.
+    #[error("kernel image {0} does not exist")]
+    KernelMissing(PathBuf),
+    /// The initrd file does not exist.
+    #[error("initrd {0} does not exist")]
+    InitrdMissing(PathBuf),
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither ELF nor bzImage.
+    #[error("{0} is neither an ELF vmlinux nor a bzImage")]
+    NotKernel(PathBuf),
+    /// The image ends before what its headers describe.
+    #[error("kernel image is truncated: {0}")]
+    Truncated(String),
+    /// A well-formed ELF that is not an x86-64 executable.
+    #[error("kernel ELF is not a 64-bit x86-64 executable: {0}")]
+    NotX86_64(String),
+    /// bzImage payload compressed with something we do not extract.
+    #[error(
+        "bzImage payload compression {0:#010x} is not supported (LZ4 only); pass the vmlinux instead"
+    )]
+    UnsupportedCompression(u32),
+    /// The payload is corrupt.
+    #[error("bzImage payload does not decompress: {0}")]
+    Decompress(String),
+    /// linux-loader refused the image.
+    #[error("loading the kernel: {0}")]
+    Load(#[from] linux_loader::loader::Error),
+    /// Kernel (+ initrd) does not fit in guest RAM.
+    #[error(
+        "guest memory too small: {what} needs {needed_mib} MiB of guest RAM, the guest has {mem_mib} MiB (use --mem)"
+    )]
+    MemoryTooSmall {
+        what: &'static str,
+        needed_mib: u64,
+        mem_mib: u64,
+    },
+}
+
+/// A kernel ready to load: an ELF vmlinux and, from a bzImage, its setup header.
+pub struct KernelImage {
+    /// The ELF vmlinux bytes.
+    pub vmlinux: Vec<u8>,
+    /// The bzImage's setup header (None for a bare vmlinux).
+    pub setup_header: Option<setup_header>,
+    /// Highest guest-physical byte a PT_LOAD segment covers (exclusive).
+    pub phys_end: u64,
+}
+
+fn read_file(path: &Path, missing: fn(PathBuf) -> KernelError) -> Result<Vec<u8>, KernelError> {
+    std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            missing(path.to_path_buf())
+        } else {
+            KernelError::Read {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })
+}
+
+fn le_u16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn le_u32(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+fn le_u64(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+fn is_elf(b: &[u8]) -> bool {
+    b.starts_with(b"\x7fELF")
+}
+
+fn is_bzimage(b: &[u8]) -> bool {
+    le_u16(b, 0x1fe) == Some(0xaa55) && b.get(0x202..0x206) == Some(b"HdrS")
+}
+
+/// Check an ELF vmlinux's headers against the file; return the end of its
+/// loaded physical range.
+pub fn validate_elf(b: &[u8]) -> Result<u64, KernelError> {
+    let t = |w: &str| KernelError::Truncated(w.to_string());
+    if b.len() < 64 {
+        return Err(t("ELF header"));
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err(KernelError::NotX86_64(
+            "not ELFCLASS64 little-endian".into(),
+        ));
+    }
+    let machine = le_u16(b, 18).ok_or_else(|| t("e_machine"))?;
+    if machine != 62 {
+        return Err(KernelError::NotX86_64(format!("e_machine {machine}")));
+    }
+    let phoff = le_u64(b, 32).ok_or_else(|| t("e_phoff"))?;
+    let phentsize = le_u16(b, 54).ok_or_else(|| t("e_phentsize"))? as u64;
+    let phnum = le_u16(b, 56).ok_or_else(|| t("e_phnum"))? as u64;
+    if phentsize != 56 {
+        return Err(KernelError::NotX86_64(format!("e_phentsize {phentsize}")));
+    }
+    let ph_end = phnum
+        .checked_mul(56)
+        .and_then(|n| n.checked_add(phoff))
+        .ok_or_else(|| t("program headers"))?;
+    if ph_end > b.len() as u64 {
+        return Err(t("program headers past end of file"));
+    }
+    let mut end = 0u64;
+    let mut loads = 0;
+    for i in 0..phnum {
+        let o = (phoff + i * 56) as usize;
+        let p_type = le_u32(b, o).ok_or_else(|| t("phdr"))?;
+        if p_type != 1 {
+            continue;
+        }
+        loads += 1;
+        let off = le_u64(b, o + 8).ok_or_else(|| t("phdr"))?;
+        let paddr = le_u64(b, o + 24).ok_or_else(|| t("phdr"))?;
+        let filesz = le_u64(b, o + 32).ok_or_else(|| t("phdr"))?;
+        let memsz = le_u64(b, o + 40).ok_or_else(|| t("phdr"))?;
+        let seg_end = off.checked_add(filesz).ok_or_else(|| t("segment"))?;
+        if seg_end > b.len() as u64 {
+            return Err(KernelError::Truncated(format!(
+                "segment {i} ends at byte {seg_end}, file has {}",
+                b.len()
+            )));
+        }
+        let pend = paddr
+            .checked_add(memsz.max(filesz))
+            .ok_or_else(|| t("segment address"))?;
+        end = end.max(pend);
+    }
+    if loads == 0 {
+        return Err(KernelError::NotX86_64("no PT_LOAD segment".into()));
+    }
+    Ok(end)
+}
+
+/// Decompress Linux' legacy-LZ4 payload (blocks of `u32 len` + data, an
+/// optional repeated magic, and the kernel's trailing 4-byte size).
+// TODO(merge): use the guests crate's bzImage extractor once it lands.
+fn lz4_legacy_decompress(p: &[u8]) -> Result<Vec<u8>, KernelError> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; LZ4_LEGACY_BLOCK];
+    let mut pos = 4usize;
+    while pos + 4 <= p.len() {
+        let n = le_u32(p, pos).unwrap_or(0);
+        pos += 4;
+        if n == LZ4_LEGACY_MAGIC {
+            continue;
+        }
+        let n = n as usize;
+        if n == 0 || n > p.len() - pos {
+            break; // the trailing uncompressed-size word
+        }
+        let got = lz4_flex::block::decompress_into(&p[pos..pos + n], &mut buf)
+            .map_err(|e| KernelError::Decompress(e.to_string()))?;
+        out.extend_from_slice(&buf[..got]);
+        if out.len() > MAX_VMLINUX {
+            return Err(KernelError::Decompress(
+                "payload inflates beyond 512 MiB".into(),
+            ));
+        }
+        pos += n;
+    }
+    if out.is_empty() {
+        return Err(KernelError::Decompress("no LZ4 block".into()));
+    }
+    Ok(out)
+}
+
+/// Extract the vmlinux from a bzImage and return it with the setup header.
+pub fn extract_bzimage(b: &[u8]) -> Result<(Vec<u8>, setup_header), KernelError> {
+    let t = |w: &str| KernelError::Truncated(w.to_string());
+    let mut hdr = setup_header::default();
+    let hl = std::mem::size_of::<setup_header>();
+    hdr.as_mut_slice().copy_from_slice(
+        b.get(SETUP_HDR_OFF..SETUP_HDR_OFF + hl)
+            .ok_or_else(|| t("setup header"))?,
+    );
+    let setup_sects = match b[SETUP_HDR_OFF] {
+        0 => 4usize,
+        n => n as usize,
+    };
+    let payload_offset = le_u32(b, 0x248).ok_or_else(|| t("payload_offset"))? as usize;
+    let payload_length = le_u32(b, 0x24c).ok_or_else(|| t("payload_length"))? as usize;
+    let start = (setup_sects + 1) * 512 + payload_offset;
+    let payload = start
+        .checked_add(payload_length)
+        .and_then(|end| b.get(start..end))
+        .ok_or_else(|| t("bzImage payload past end of file"))?;
+    let magic = le_u32(payload, 0).ok_or_else(|| t("payload"))?;
+    if magic != LZ4_LEGACY_MAGIC {
+        return Err(KernelError::UnsupportedCompression(magic));
+    }
+    Ok((lz4_legacy_decompress(payload)?, hdr))
+}
+
+impl KernelImage {
+    /// Read and validate a kernel: an ELF vmlinux or an LZ4 bzImage.
+    pub fn open(path: &Path) -> Result<Self, KernelError> {
+        let b = read_file(path, KernelError::KernelMissing)?;
+        Self::from_bytes(path, b)
+    }
+
+    /// Validate kernel bytes (`path` is for messages).
+    pub fn from_bytes(path: &Path, b: Vec<u8>) -> Result<Self, KernelError> {
+        if is_elf(&b) {
+            let phys_end = validate_elf(&b)?;
+            return Ok(KernelImage {
+                vmlinux: b,
+                setup_header: None,
+                phys_end,
+            });
+        }
+        if is_bzimage(&b) {
+            let (vmlinux, hdr) = extract_bzimage(&b)?;
+            if !is_elf(&vmlinux) {
+                return Err(KernelError::Decompress("payload is not an ELF".into()));
+            }
+            let phys_end = validate_elf(&vmlinux)?;
+            return Ok(KernelImage {
+                vmlinux,
+                setup_header: Some(hdr),
+                phys_end,
+            });
+        }
+        if b.len() < 0x206 && (b.starts_with(b"\x7fEL") || b.len() > 0x1ff) {
+            return Err(KernelError::Truncated(
+                "file shorter than any header".into(),
+            ));
+        }
+        Err(KernelError::NotKernel(path.to_path_buf()))
+    }
+
+    /// Load into guest memory; returns the 64-bit entry point.
+    pub fn load(&self, mem: &GuestMemoryMmap, mem_size: u64) -> Result<GuestAddress, KernelError> {
+        if self.phys_end > mem_size {
+            return Err(KernelError::MemoryTooSmall {
+                what: "the kernel",
+                needed_mib: self.phys_end.div_ceil(1 << 20),
+                mem_mib: mem_size >> 20,
+            });
+        }
+        let r = Elf::load(
+            mem,
+            None,
+            &mut Cursor::new(&self.vmlinux),
+            Some(GuestAddress(HIMEM_START)),
+        )?;
+        Ok(r.kernel_load)
+    }
+}
+
+/// Read the initrd.
+pub fn read_initrd(path: &Path) -> Result<Vec<u8>, KernelError> {
+    read_file(path, KernelError::InitrdMissing)
+}
+
+/// Where the initrd goes: page-aligned at the top of low memory, above the kernel.
+pub fn initrd_addr(
+    initrd_len: u64,
+    mem_size: u64,
+    kernel_end: u64,
+    addr_max: u64,
+) -> Result<u64, KernelError> {
+    let top = mem_size.min(addr_max.saturating_add(1));
+    let too_small = || KernelError::MemoryTooSmall {
+        what: "the kernel + initrd",
+        needed_mib: (kernel_end + initrd_len).div_ceil(1 << 20) + 1,
+        mem_mib: mem_size >> 20,
+    };
+    let addr = top.checked_sub(initrd_len).ok_or_else(too_small)? & !0xfff;
+    if addr < kernel_end {
+        return Err(too_small());
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_a_kernel() {
+        let e = KernelImage::from_bytes(Path::new("x"), vec![0u8; 4096])
+            .err()
+            .unwrap();
+        assert!(matches!(e, KernelError::NotKernel(_)), "{e}");
+    }
+
+    #[test]
+    fn truncated_elf_header() {
+        let e = KernelImage::from_bytes(Path::new("x"), b"\x7fELF\x02\x01".to_vec())
+            .err()
+            .unwrap();
+        assert!(matches!(e, KernelError::Truncated(_)), "{e}");
+    }
+
+    #[test]
+    fn missing_files() {
+        let e = KernelImage::open(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap();
+        assert!(matches!(e, KernelError::KernelMissing(_)), "{e}");
+        let e = read_initrd(Path::new("/nonexistent/initrd")).unwrap_err();
+        assert!(matches!(e, KernelError::InitrdMissing(_)), "{e}");
+    }
+
+    #[test]
+    fn truncated_bzimage_payload() {
+        let mut b = vec![0u8; 0x1000];
+        b[0x1f1] = 1;
+        b[0x1fe] = 0x55;
+        b[0x1ff] = 0xaa;
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        let e = KernelImage::from_bytes(Path::new("x"), b).err().unwrap();
+        assert!(matches!(e, KernelError::Truncated(_)), "{e}");
+    }
+
+    #[test]
+    fn initrd_placement() {
+        assert_eq!(
+            initrd_addr(0x2000, 0x100_0000, 0x80_0000, u64::MAX).unwrap(),
+            0xff_e000
+        );
+        assert!(initrd_addr(0x90_0000, 0x100_0000, 0x80_0000, u64::MAX).is_err());
+        assert_eq!(
+            initrd_addr(0x1000, 0x1_0000_0000, 0, 0x7fff_ffff).unwrap(),
+            0x7fff_f000
+        );
+    }
+}
