@@ -4,7 +4,9 @@
 //! every one, checksum against the model).
 
 use guests::builtin::Pattern;
-use integration_tests::{require, HugepagePool};
+use integration_tests::require;
+use notifier::hostconf::HugepageReservation;
+use notifier::hostmm::PageSize;
 use std::sync::Mutex;
 use vmm::guest_ram_uffd::UffdMode;
 use vmm::memory::HugePages;
@@ -17,11 +19,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const BENCH_MEM: u64 = 512 << 20;
 
-fn ready() -> Option<(std::sync::MutexGuard<'static, ()>, HugepagePool)> {
+fn ready() -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
     ready_for(MEM)
 }
 
-fn ready_for(mem: u64) -> Option<(std::sync::MutexGuard<'static, ()>, HugepagePool)> {
+fn ready_for(mem: u64) -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -33,10 +35,7 @@ fn ready_for(mem: u64) -> Option<(std::sync::MutexGuard<'static, ()>, HugepagePo
         return None;
     }
     let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = HugepagePool::reserve(
-        HugePages::Huge2M.sysfs_dir().unwrap(),
-        mem / HugePages::Huge2M.page_size(),
-    );
+    let pool = HugepageReservation::require(PageSize::Huge2M, mem / PageSize::Huge2M.bytes());
     if !require("free 2M hugepages for guest RAM", pool.is_ok()) {
         return None;
     }
