@@ -465,7 +465,7 @@ impl Symbols {
             *by.entry(self.name(rip)).or_default() += n;
         }
         let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         let mut s = format!("--- guest profile: {total} samples ---\n");
         for (name, n) in v.iter().take(top) {
             s += &format!(
