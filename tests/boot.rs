@@ -378,7 +378,7 @@ fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
         return;
     }
     let mut a = args(&k, &i, hp, mem);
-    a.timeout = 1200;
+    a.timeout = 2400;
     a.serial_log = Some(scratch(&format!("linux-{hp}.log")));
     let r = boot::run(&a).unwrap();
     eprintln!("{}\n{}", r.text, r.json);

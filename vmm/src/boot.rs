@@ -26,6 +26,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::assist::{self, AssistCounts, AssistError};
 use crate::devices::{ExitWatch, IrqTrigger, PioAction, PioBus, SerialOut, StdinInput, COM1_GSI};
+use crate::gva;
 use crate::kernel::{self, KernelError, KernelImage};
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, HugePages, MemoryError};
@@ -37,11 +38,27 @@ use crate::zeropage;
 /// the host emulator cannot run at guest CPL0 (see PLATFORM.md).
 pub const CLEARCPUID: &str = "ssse3,sse4_1,sse4_2,pclmulqdq,aes,avx,avx2,sha_ni,popcnt,rdrand,rdseed,fsgsbase,smap,smep,invpcid,pcid,avx512f";
 
+/// initcalls skipped by default: work a booting guest does not need that
+/// costs minutes of emulated CPL0 time here (found with `--profile-ms`):
+/// ftrace's weak-function check (a kallsyms lookup per ftrace record), the
+/// trace-event enum-map rewrite and tracefs event directories, the blake2s
+/// self-test, and the kfunc registrations whose first call parses and
+/// verifies the whole vmlinux BTF (tcp_cubic's among them: the guest's TCP
+/// falls back to reno).
+pub const INITCALL_BLACKLIST: &str = "ftrace_check_for_weak_functions,trace_eval_init,\
+event_trace_init,blake2s_mod_init,cubictcp_register,bpf_tcp_ca_kfunc_init,\
+bpf_prog_test_run_init,bpf_key_sig_kfuncs_init,kfunc_init";
+
 /// The default kernel command line (chosen by measurement; see README).
+/// `mitigations=off` makes the kernel patch every return/retpoline site
+/// once at boot, instead of running the SRSO/retpoline thunks on every
+/// call and return; `rodata=off` skips the read-only remapping and the W+X
+/// page-table walk.
 pub fn default_cmdline() -> String {
     format!(
         "console=ttyS0 reboot=k panic=-1 nowatchdog init_on_alloc=0 audit=0 apparmor=0 \
-         security=none mitigations=off cryptomgr.notests pci=off clearcpuid={CLEARCPUID}"
+         security=none mitigations=off cryptomgr.notests pci=off rodata=off 8250.nr_uarts=1 \
+         initcall_blacklist={INITCALL_BLACKLIST} clearcpuid={CLEARCPUID}"
     )
 }
 
@@ -266,8 +283,12 @@ struct VcpuCtx {
 }
 
 fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
-    let mut samples = BTreeMap::new();
-    let mut recent = BTreeMap::new();
+    let mut prof = c.sample.clone().map(|syms| Profiler {
+        syms,
+        samples: BTreeMap::new(),
+        recent: BTreeMap::new(),
+        callers: BTreeMap::new(),
+    });
     let mut assists = AssistCounts::default();
     if let Ok(mut t) = c.timeline.lock() {
         t.mark_first_run();
@@ -326,10 +347,16 @@ fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
                     Err(e) => break VcpuStop::Error(e.into()),
                 }
             }
-            Ok(VcpuExit::Intr) => sample(&c.vcpu, &c.sample, &mut samples, &mut recent, &assists),
+            Ok(VcpuExit::Intr) => {
+                if let Some(p) = prof.as_mut() {
+                    p.sample(&c.vcpu, &c.mem, &assists)
+                }
+            }
             Ok(other) => break VcpuStop::Error(BootError::UnexpectedExit(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                sample(&c.vcpu, &c.sample, &mut samples, &mut recent, &assists)
+                if let Some(p) = prof.as_mut() {
+                    p.sample(&c.vcpu, &c.mem, &assists)
+                }
             }
             Err(e) => {
                 break VcpuStop::Error(BootError::Vm {
@@ -343,31 +370,62 @@ fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
     let _ = c.exit_evt.write(1);
     VcpuResult {
         stop,
-        samples,
+        samples: prof.map(|p| p.samples).unwrap_or_default(),
         assists,
         last_rip,
     }
 }
 
-fn sample(
-    vcpu: &VcpuFd,
-    c: &Option<Arc<Symbols>>,
-    samples: &mut BTreeMap<u64, u64>,
-    recent: &mut BTreeMap<u64, u64>,
-    assists: &AssistCounts,
-) {
-    let Some(syms) = c else { return };
-    if let Ok(r) = vcpu.get_regs() {
-        *samples.entry(r.rip).or_default() += 1;
-        *recent.entry(r.rip).or_default() += 1;
+/// Profiling state of the vCPU thread.
+struct Profiler {
+    syms: Arc<Symbols>,
+    samples: BTreeMap<u64, u64>,
+    recent: BTreeMap<u64, u64>,
+    /// Kernel-text addresses found on the guest stack: approximate callers.
+    callers: BTreeMap<String, u64>,
+}
+
+impl Profiler {
+    fn sample(&mut self, vcpu: &VcpuFd, mem: &GuestMemoryMmap, assists: &AssistCounts) {
+        let Ok(r) = vcpu.get_regs() else { return };
+        *self.samples.entry(r.rip).or_default() += 1;
+        *self.recent.entry(r.rip).or_default() += 1;
+        let mut stack = [0u8; 1024];
+        if gva::read(vcpu, mem, r.rsp & !7, &mut stack).is_ok() {
+            let mut seen = Vec::new();
+            for w in stack.chunks_exact(8) {
+                let a = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+                if (0xffff_ffff_8100_0000..0xffff_ffff_c000_0000).contains(&a) {
+                    let n = self.syms.name(a);
+                    if !seen.contains(&n) {
+                        seen.push(n);
+                    }
+                    if seen.len() == 4 {
+                        break;
+                    }
+                }
+            }
+            for n in seen {
+                *self.callers.entry(n).or_default() += 1;
+            }
+        }
         // Live view for long boots: every 40 samples, what the last 40 were.
-        if recent.values().sum::<u64>() >= 40 {
+        if self.recent.values().sum::<u64>() >= 40 {
+            let mut top: Vec<_> = self.callers.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1));
+            let top: Vec<_> = top
+                .iter()
+                .take(8)
+                .map(|(n, c)| format!("{n}:{c}"))
+                .collect();
             eprint!(
-                "{}assists so far: {:?}\n",
-                syms.report(recent, 6),
+                "{}on stack: {}\nassists so far: {:?}\n",
+                self.syms.report(&self.recent, 6),
+                top.join(" "),
                 assists.0
             );
-            recent.clear();
+            self.recent.clear();
+            self.callers.clear();
         }
     }
 }
@@ -413,7 +471,7 @@ impl Symbols {
             *by.entry(self.name(rip)).or_default() += n;
         }
         let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         let mut s = format!("--- guest profile: {total} samples ---\n");
         for (name, n) in v.iter().take(top) {
             s += &format!(

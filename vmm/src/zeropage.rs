@@ -29,8 +29,10 @@ pub fn boot_params(
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
 ) -> boot_params {
-    let mut p = boot_params::default();
-    p.hdr = hdr.unwrap_or_default();
+    let mut p = boot_params {
+        hdr: hdr.unwrap_or_default(),
+        ..Default::default()
+    };
     p.hdr.boot_flag = 0xaa55;
     p.hdr.header = 0x5372_6448; // "HdrS"
     if p.hdr.version == 0 {
