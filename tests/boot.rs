@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use integration_tests::require;
+use notifier::hostconf::HugepageReservation;
+use notifier::hostmm::PageSize;
 use vmm::boot::{self, BootArgs, BootError};
 use vmm::kernel::KernelError;
 use vmm::kvm::KvmError;
@@ -101,52 +103,14 @@ fn args(kernel: &Path, initrd: &Path, hp: HugePages, mem: u64) -> BootArgs {
     a
 }
 
-fn sysfs(hp: HugePages) -> &'static str {
-    hp.sysfs_dir().unwrap()
-}
-
-fn read_u64(p: &str) -> u64 {
-    std::fs::read_to_string(p)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Grows a hugetlb pool so `pages` are free; restores nr_hugepages on drop.
-struct PoolGuard {
-    dir: &'static str,
-    before: u64,
-}
-
-impl PoolGuard {
-    fn reserve(hp: HugePages, pages: u64) -> Result<PoolGuard, String> {
-        let dir = sysfs(hp);
-        let before = read_u64(&format!("{dir}/nr_hugepages"));
-        let free = read_u64(&format!("{dir}/free_hugepages"))
-            .saturating_sub(read_u64(&format!("{dir}/resv_hugepages")));
-        let g = PoolGuard { dir, before };
-        if free < pages {
-            let want = before + pages - free;
-            let _ = std::fs::write(format!("{dir}/nr_hugepages"), want.to_string());
-            let got = read_u64(&format!("{dir}/nr_hugepages"));
-            if got < want {
-                return Err(format!(
-                    "the kernel gave {got} of {want} {hp} hugepages (memory too fragmented for more; \
-                     reserve them at boot with hugepagesz=1G hugepages=N)"
-                ));
-            }
-        }
-        Ok(g)
-    }
-}
-
-impl Drop for PoolGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::write(
-            format!("{}/nr_hugepages", self.dir),
-            self.before.to_string(),
-        );
-    }
+/// Grows the hugetlb pool of `hp` so `pages` are free, for the guard's
+/// lifetime (the notifier crate's reservation: free minus reserved pages).
+fn reserve(hp: HugePages, pages: u64) -> Result<HugepageReservation, String> {
+    let size = match hp {
+        HugePages::Huge1G => PageSize::Huge1G,
+        _ => PageSize::Huge2M,
+    };
+    HugepageReservation::require(size, pages).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -225,9 +189,7 @@ fn not_enough_hugepages_says_free_needed_and_command() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = sysfs(HugePages::Huge1G);
-    let free = read_u64(&format!("{dir}/free_hugepages"))
-        .saturating_sub(read_u64(&format!("{dir}/resv_hugepages")));
+    let free = notifier::hostconf::free_hugepages(PageSize::Huge1G);
     let mem = (free + 1) << 30;
     if mem > vmm::memory::MAX_LOW_RAM {
         eprintln!("SKIP: {free} free 1G pages, cannot ask for more within the 3 GiB layout");
@@ -317,7 +279,7 @@ fn quick_paths_2m_hugepages() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let g = PoolGuard::reserve(HugePages::Huge2M, 16);
+    let g = reserve(HugePages::Huge2M, 16);
     if !require("16 free 2M hugepages", g.is_ok()) {
         return;
     }
@@ -330,7 +292,7 @@ fn quick_paths_1g_hugepages() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let g = PoolGuard::reserve(HugePages::Huge1G, 1);
+    let g = reserve(HugePages::Huge1G, 1);
     if let Err(why) = &g {
         eprintln!("1G hugepages: {why}");
     }
@@ -369,7 +331,7 @@ fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
     let g = if hp == HugePages::None {
         Ok(None)
     } else {
-        PoolGuard::reserve(hp, pages).map(Some)
+        reserve(hp, pages).map(Some)
     };
     if let Err(why) = &g {
         eprintln!("{hp} hugepages: {why}");

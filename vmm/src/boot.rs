@@ -64,7 +64,7 @@ pub fn default_cmdline() -> String {
 
 /// The marker line the project's initramfs prints from /init.
 // TODO(merge): use guests::linux::INIT_MARKER.
-pub const DEFAULT_INIT_MARKER: &str = "VMM-INIT-MARKER";
+pub const DEFAULT_INIT_MARKER: &str = guests::linux::INIT_MARKER;
 
 /// TSS address (three pages below the 4 GiB boundary, as Firecracker).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -176,9 +176,11 @@ pub enum BootError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// No kernel given and no default image.
-    #[error("no --kernel/--initrd given and no provisioned guest image: {0}")]
-    NoDefaultImage(String),
+    /// No kernel given, and the default image could not be provisioned.
+    #[error(
+        "no --kernel/--initrd given and the default Linux image could not be provisioned: {0}"
+    )]
+    Provision(#[from] guests::linux::RecipeError),
     /// Bad command line.
     #[error("kernel command line: {0}")]
     Cmdline(String),
@@ -227,15 +229,11 @@ pub struct BootReport {
     pub serial_log: PathBuf,
 }
 
-/// Locate the default guest image.
-///
-/// TODO(merge): `guests::linux::provision(&guests::linux::ProvisionOptions::default())`
-/// returning `LinuxImage { vmlinux, initramfs, .. }`; the guests crate on
-/// this branch has no recipe yet.
+/// The default guest image: the pinned Debian kernel and the project's
+/// initramfs, provisioned (downloaded, verified, extracted) on first use.
 pub fn default_image() -> Result<(PathBuf, PathBuf), BootError> {
-    Err(BootError::NoDefaultImage(
-        "the guests crate has no Linux recipe on this branch; pass --kernel and --initrd".into(),
-    ))
+    let image = guests::linux::provision(&guests::linux::ProvisionOptions::default())?;
+    Ok((image.vmlinux, image.initramfs))
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BootError {

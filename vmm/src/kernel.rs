@@ -15,12 +15,6 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 pub const HIMEM_START: u64 = 0x10_0000;
 /// bzImage: offset of the setup header.
 const SETUP_HDR_OFF: usize = 0x1f1;
-/// Linux' legacy LZ4 frame magic (what `lz4 -l` and the kernel build write).
-const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
-/// Legacy LZ4 blocks decompress to at most 8 MiB each.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
-/// Refuse to inflate a payload beyond this (a vmlinux is ~50-100 MiB).
-const MAX_VMLINUX: usize = 512 << 20;
 
 /// Kernel/initrd errors.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +41,9 @@ pub enum KernelError {
     /// A well-formed ELF that is not an x86-64 executable.
     #[error("kernel ELF is not a 64-bit x86-64 executable: {0}")]
     NotX86_64(String),
-    /// bzImage payload compressed with something we do not extract.
-    #[error(
-        "bzImage payload compression {0:#010x} is not supported (LZ4 only); pass the vmlinux instead"
-    )]
-    UnsupportedCompression(u32),
-    /// The payload is corrupt.
-    #[error("bzImage payload does not decompress: {0}")]
-    Decompress(String),
+    /// The bzImage cannot be turned into a vmlinux.
+    #[error("bzImage: {0}")]
+    BzImage(#[from] guests::linux::bzimage::BzImageError),
     /// linux-loader refused the image.
     #[error("loading the kernel: {0}")]
     Load(#[from] linux_loader::loader::Error),
@@ -170,64 +159,18 @@ pub fn validate_elf(b: &[u8]) -> Result<u64, KernelError> {
     Ok(end)
 }
 
-/// Decompress Linux' legacy-LZ4 payload (blocks of `u32 len` + data, an
-/// optional repeated magic, and the kernel's trailing 4-byte size).
-// TODO(merge): use the guests crate's bzImage extractor once it lands.
-fn lz4_legacy_decompress(p: &[u8]) -> Result<Vec<u8>, KernelError> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; LZ4_LEGACY_BLOCK];
-    let mut pos = 4usize;
-    while pos + 4 <= p.len() {
-        let n = le_u32(p, pos).unwrap_or(0);
-        pos += 4;
-        if n == LZ4_LEGACY_MAGIC {
-            continue;
-        }
-        let n = n as usize;
-        if n == 0 || n > p.len() - pos {
-            break; // the trailing uncompressed-size word
-        }
-        let got = lz4_flex::block::decompress_into(&p[pos..pos + n], &mut buf)
-            .map_err(|e| KernelError::Decompress(e.to_string()))?;
-        out.extend_from_slice(&buf[..got]);
-        if out.len() > MAX_VMLINUX {
-            return Err(KernelError::Decompress(
-                "payload inflates beyond 512 MiB".into(),
-            ));
-        }
-        pos += n;
-    }
-    if out.is_empty() {
-        return Err(KernelError::Decompress("no LZ4 block".into()));
-    }
-    Ok(out)
-}
-
-/// Extract the vmlinux from a bzImage and return it with the setup header.
+/// Extract the vmlinux from a bzImage (the guests crate's extractor: setup
+/// header, payload, LZ4-legacy, ELF check) and return it with the setup
+/// header the zero page starts from.
 pub fn extract_bzimage(b: &[u8]) -> Result<(Vec<u8>, setup_header), KernelError> {
-    let t = |w: &str| KernelError::Truncated(w.to_string());
+    let vmlinux = guests::linux::bzimage::extract_vmlinux(b)?;
     let mut hdr = setup_header::default();
     let hl = std::mem::size_of::<setup_header>();
     hdr.as_mut_slice().copy_from_slice(
         b.get(SETUP_HDR_OFF..SETUP_HDR_OFF + hl)
-            .ok_or_else(|| t("setup header"))?,
+            .ok_or_else(|| KernelError::Truncated("setup header".into()))?,
     );
-    let setup_sects = match b[SETUP_HDR_OFF] {
-        0 => 4usize,
-        n => n as usize,
-    };
-    let payload_offset = le_u32(b, 0x248).ok_or_else(|| t("payload_offset"))? as usize;
-    let payload_length = le_u32(b, 0x24c).ok_or_else(|| t("payload_length"))? as usize;
-    let start = (setup_sects + 1) * 512 + payload_offset;
-    let payload = start
-        .checked_add(payload_length)
-        .and_then(|end| b.get(start..end))
-        .ok_or_else(|| t("bzImage payload past end of file"))?;
-    let magic = le_u32(payload, 0).ok_or_else(|| t("payload"))?;
-    if magic != LZ4_LEGACY_MAGIC {
-        return Err(KernelError::UnsupportedCompression(magic));
-    }
-    Ok((lz4_legacy_decompress(payload)?, hdr))
+    Ok((vmlinux.bytes, hdr))
 }
 
 impl KernelImage {
@@ -249,9 +192,6 @@ impl KernelImage {
         }
         if is_bzimage(&b) {
             let (vmlinux, hdr) = extract_bzimage(&b)?;
-            if !is_elf(&vmlinux) {
-                return Err(KernelError::Decompress("payload is not an ELF".into()));
-            }
             let phys_end = validate_elf(&vmlinux)?;
             return Ok(KernelImage {
                 vmlinux,
@@ -350,7 +290,13 @@ mod tests {
         b[0x202..0x206].copy_from_slice(b"HdrS");
         b[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
         let e = KernelImage::from_bytes(Path::new("x"), b).err().unwrap();
-        assert!(matches!(e, KernelError::Truncated(_)), "{e}");
+        assert!(
+            matches!(
+                e,
+                KernelError::BzImage(guests::linux::bzimage::BzImageError::Truncated(_))
+            ),
+            "{e}"
+        );
     }
 
     #[test]
