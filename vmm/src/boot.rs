@@ -63,7 +63,6 @@ pub fn default_cmdline() -> String {
 }
 
 /// The marker line the project's initramfs prints from /init.
-// TODO(merge): use guests::linux::INIT_MARKER.
 pub const DEFAULT_INIT_MARKER: &str = guests::linux::INIT_MARKER;
 
 /// TSS address (three pages below the 4 GiB boundary, as Firecracker).
