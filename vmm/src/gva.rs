@@ -1,42 +1,76 @@
-//! Guest-virtual access for the VMM: GVA -> GPA and bounds-checked reads
-//! and writes of guest RAM through it.
-//!
-//! The translation is ONE function (`gva_to_gpa`) so it can be swapped for
-//! the shared software walker (`mmu::guest_walk`) when that lands.
+//! Guest-virtual access for the VMM: GVA -> GPA through the project's own
+//! walk of the guest's page tables (`mmu::guest_walk`, the walker the
+//! shadow MMU uses), and bounds-checked reads and writes of guest RAM
+//! through it. Guest page tables are untrusted: each entry is read once,
+//! the walk is bounded, and a pointer outside guest RAM is a typed error.
 
 use kvm_ioctls::VcpuFd;
+use mmu::guest_walk::{walk_x86, AccessKind, GuestPhysMem, MemError, WalkError, X86Paging};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PAGE: u64 = 4096;
+const CR0_WP: u64 = 1 << 16;
+const CR4_SMEP: u64 = 1 << 20;
+const EFER_NXE: u64 = 1 << 11;
 
 /// Guest-virtual access errors.
 #[derive(Debug, thiserror::Error)]
 pub enum GvaError {
-    /// KVM_TRANSLATE failed.
-    #[error("KVM_TRANSLATE of gva {gva:#x}: {source}")]
-    Translate {
+    /// KVM_GET_SREGS failed (no CR3 to walk from).
+    #[error("reading the vCPU's control registers: {0}")]
+    Sregs(#[source] kvm_ioctls::Error),
+    /// The guest page tables do not translate the gva for this access.
+    #[error("gva {gva:#x}: {source}")]
+    Walk {
         gva: u64,
         #[source]
-        source: kvm_ioctls::Error,
+        source: WalkError,
     },
-    /// The gva is not mapped in the guest page tables.
-    #[error("gva {0:#x} is not mapped by the guest page tables")]
-    Unmapped(u64),
     /// The gpa is outside guest RAM.
     #[error("gpa {gpa:#x} (+{len}) is outside guest RAM")]
     OutsideRam { gpa: u64, len: usize },
 }
 
-/// Translate a guest-virtual address with the vCPU's current page tables.
-// TODO(merge): swap for mmu::guest_walk (software walk of guest page tables).
-pub fn gva_to_gpa(vcpu: &VcpuFd, gva: u64) -> Result<u64, GvaError> {
-    let t = vcpu
-        .translate_gva(gva)
-        .map_err(|source| GvaError::Translate { gva, source })?;
-    if t.valid == 0 {
-        return Err(GvaError::Unmapped(gva));
+/// Guest RAM as the walker reads it: bounds-checked 8-byte reads through
+/// vm-memory. The VMM only looks at guest page tables (no A/D updates), so
+/// a compare-exchange is never issued; one that were would be refused.
+struct WalkMem<'a>(&'a GuestMemoryMmap);
+
+impl GuestPhysMem for WalkMem<'_> {
+    fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        if gpa % 8 != 0 {
+            return Err(MemError::Misaligned { gpa });
+        }
+        self.0
+            .read_obj::<u64>(GuestAddress(gpa))
+            .map_err(|_| MemError::OutsideRam { gpa })
     }
-    Ok(t.physical_address)
+
+    fn cmpxchg_u64(&self, _gpa: u64, _old: u64, _new: u64) -> Result<bool, MemError> {
+        Ok(false)
+    }
+}
+
+/// The vCPU's paging mode, read once per access (KVM_GET_SREGS).
+fn paging(vcpu: &VcpuFd) -> Result<X86Paging, GvaError> {
+    let sregs = vcpu.get_sregs().map_err(GvaError::Sregs)?;
+    let mut p = X86Paging::new(sregs.cr3);
+    p.cr0_wp = sregs.cr0 & CR0_WP != 0;
+    p.smep = sregs.cr4 & CR4_SMEP != 0;
+    p.efer_nx = sregs.efer & EFER_NXE != 0;
+    Ok(p)
+}
+
+/// Translate a guest-virtual address for a supervisor access.
+fn translate(
+    mem: &GuestMemoryMmap,
+    paging: &X86Paging,
+    gva: u64,
+    access: AccessKind,
+) -> Result<u64, GvaError> {
+    walk_x86(&WalkMem(mem), paging, gva, access, false)
+        .map(|t| t.gpa)
+        .map_err(|source| GvaError::Walk { gva, source })
 }
 
 /// Split `[gva, gva+len)` at page boundaries: (gva, offset in buf, len).
@@ -61,8 +95,9 @@ pub fn read(
     gva: u64,
     buf: &mut [u8],
 ) -> Result<(), GvaError> {
+    let paging = paging(vcpu)?;
     for (va, off, n) in chunks(gva, buf.len()) {
-        let gpa = gva_to_gpa(vcpu, va)?;
+        let gpa = translate(mem, &paging, va, AccessKind::READ)?;
         mem.read_slice(&mut buf[off..off + n], GuestAddress(gpa))
             .map_err(|_| GvaError::OutsideRam { gpa, len: n })?;
     }
@@ -77,9 +112,14 @@ pub fn read_prefix(
     gva: u64,
     buf: &mut [u8],
 ) -> Result<usize, GvaError> {
+    let paging = paging(vcpu)?;
+    let fetch = AccessKind {
+        fetch: true,
+        ..AccessKind::READ
+    };
     let mut got = 0;
     for (va, off, n) in chunks(gva, buf.len()) {
-        let r = gva_to_gpa(vcpu, va).and_then(|gpa| {
+        let r = translate(mem, &paging, va, fetch).and_then(|gpa| {
             mem.read_slice(&mut buf[off..off + n], GuestAddress(gpa))
                 .map_err(|_| GvaError::OutsideRam { gpa, len: n })
         });
@@ -94,9 +134,10 @@ pub fn read_prefix(
 
 /// Write `buf` at `gva`. All pages are translated before any byte is written.
 pub fn write(vcpu: &VcpuFd, mem: &GuestMemoryMmap, gva: u64, buf: &[u8]) -> Result<(), GvaError> {
+    let paging = paging(vcpu)?;
     let mut plan = Vec::new();
     for (va, off, n) in chunks(gva, buf.len()) {
-        plan.push((gva_to_gpa(vcpu, va)?, off, n));
+        plan.push((translate(mem, &paging, va, AccessKind::WRITE)?, off, n));
     }
     for (gpa, off, n) in plan {
         mem.write_slice(&buf[off..off + n], GuestAddress(gpa))
@@ -108,6 +149,55 @@ pub fn write(vcpu: &VcpuFd, mem: &GuestMemoryMmap, gva: u64, buf: &[u8]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 4 MiB of guest RAM with PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000
+    /// mapping gva 0xffff_8000_0020_0000 (PML4 index 256) to gpa 0x20_0000
+    /// with one 2 MiB page.
+    fn guest() -> (GuestMemoryMmap, X86Paging) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        mem.write_obj(0x2003u64, GuestAddress(0x1000 + 256 * 8))
+            .unwrap();
+        mem.write_obj(0x3003u64, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x20_0083u64, GuestAddress(0x3000 + 8))
+            .unwrap();
+        (mem, X86Paging::new(0x1000))
+    }
+
+    #[test]
+    fn walks_the_guest_tables() {
+        let (mem, p) = guest();
+        let gpa = translate(&mem, &p, 0xffff_8000_0020_1234, AccessKind::READ).unwrap();
+        assert_eq!(gpa, 0x20_1234);
+        let e = translate(&mem, &p, 0xffff_8000_0040_0000, AccessKind::READ).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GvaError::Walk {
+                    source: WalkError::NotPresent { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_table_pointer_outside_guest_ram_is_a_typed_error() {
+        let (mem, p) = guest();
+        // The PD pointer now points 1 GiB past the end of guest RAM.
+        mem.write_obj(0x4000_3003u64, GuestAddress(0x2000)).unwrap();
+        let e = translate(&mem, &p, 0xffff_8000_0020_0000, AccessKind::READ).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GvaError::Walk {
+                    source: WalkError::OutsideRam { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 
     #[test]
     fn chunks_split_at_pages() {
