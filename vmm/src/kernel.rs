@@ -288,6 +288,7 @@ mod tests {
         b[0x1fe] = 0x55;
         b[0x1ff] = 0xaa;
         b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
         b[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
         let e = KernelImage::from_bytes(Path::new("x"), b).err().unwrap();
         assert!(
