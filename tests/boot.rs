@@ -385,3 +385,40 @@ fn boots_debian_to_init_on_plain_memfd() {
         boot_linux(HugePages::None, 256 << 20, 0);
     }
 }
+
+#[test]
+fn reserve_hugepages_grows_the_pool_for_the_run_and_restores_it() {
+    if !require("/dev/kvm", kvm_ok()) || !require("root (to grow the pool)", is_root()) {
+        return;
+    }
+    let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let nr = || {
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Eight 2 MiB pages more than a new mapping can get right now.
+    let pages = notifier::hostconf::free_hugepages(PageSize::Huge2M) + 8;
+    let mem = pages * (2 << 20);
+    if mem > vmm::memory::MAX_LOW_RAM {
+        eprintln!("SKIP: {pages} pages would exceed the 3 GiB low-RAM layout");
+        return;
+    }
+    let before = nr();
+    let initrd = write("initrd-reserve", b"070701");
+    let hello = write("k-reserve", &tiny_elf(&serial_then_reset("hello\n"), 0));
+    let mut a = args(&hello, &initrd, HugePages::Huge2M, mem);
+    // Without the flag: the typed error that says how to reserve them.
+    let e = boot::run(&a).unwrap_err();
+    assert!(
+        matches!(e, BootError::Memory(MemoryError::NotEnoughHugepages { .. })),
+        "{e}"
+    );
+    // With it: the run gets its RAM, and the pool is back afterwards.
+    a.reserve_hugepages = true;
+    let r = boot::run(&a).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.json["exit"], "reboot", "{}", r.json);
+    assert_eq!(nr(), before, "nr_hugepages restored");
+}

@@ -33,6 +33,8 @@ use crate::memory::{GuestRam, HugePages, MemoryError};
 use crate::timeline::{Exit, Timeline};
 use crate::x86::{self, CpuError, CMDLINE_ADDR, CMDLINE_MAX};
 use crate::zeropage;
+use notifier::hostconf::HugepageReservation;
+use notifier::hostmm::PageSize;
 
 /// `clearcpuid=` list: host-passthrough CPUID features whose instructions
 /// the host emulator cannot run at guest CPL0 (see PLATFORM.md).
@@ -99,6 +101,11 @@ pub struct BootArgs {
     /// Guest RAM backing: 2M, 1G (hugetlb memfd) or none (plain memfd).
     #[arg(long, default_value = "2M")]
     pub hugepages: HugePages,
+    /// As root, grow the hugetlb pool so the guest RAM fits, for this run
+    /// only (nr_hugepages is lowered again at exit). Without it a short pool
+    /// is an error that says how to reserve the pages.
+    #[arg(long)]
+    pub reserve_hugepages: bool,
     /// Replace the default kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
@@ -139,6 +146,7 @@ impl BootArgs {
             initrd: Some(initrd),
             mem: 256 << 20,
             hugepages: HugePages::Huge2M,
+            reserve_hugepages: false,
             cmdline: None,
             append: None,
             serial_log: None,
@@ -162,6 +170,9 @@ pub enum BootError {
     /// Guest RAM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// `--reserve-hugepages` could not grow the pool.
+    #[error("--reserve-hugepages: {0}")]
+    Reserve(#[source] notifier::Error),
     /// Kernel/initrd.
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -490,6 +501,22 @@ fn run_dir_log() -> PathBuf {
 
 /// Boot a guest. Setup problems are `Err`; a boot that ran returns a report
 /// (whose `error` says if it ended in a runtime error).
+/// `--reserve-hugepages`: grow the pool so the guest RAM fits. A pool the
+/// kernel cannot grow far enough is left to `GuestRam::new`, whose error
+/// says how many pages are free and needed.
+fn reserve_pool(args: &BootArgs) -> Result<Option<HugepageReservation>, BootError> {
+    let size = match args.hugepages {
+        _ if !args.reserve_hugepages => return Ok(None),
+        HugePages::None => return Ok(None),
+        HugePages::Huge2M => PageSize::Huge2M,
+        HugePages::Huge1G => PageSize::Huge1G,
+    };
+    let pages = crate::memory::rounded_size(args.mem, args.hugepages) / args.hugepages.page_size();
+    HugepageReservation::reserve(size, pages)
+        .map(Some)
+        .map_err(BootError::Reserve)
+}
+
 pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     let start = Instant::now();
     let kvm = kvm::open(&args.kvm_dev)?;
@@ -504,6 +531,9 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     let image = KernelImage::open(&kernel_path)?;
     let initrd = kernel::read_initrd(&initrd_path)?;
 
+    // Declared before the RAM so it is dropped after it: the pool shrinks
+    // back only once the guest's pages are gone.
+    let _pool = reserve_pool(args)?;
     let ram = GuestRam::new(args.mem, args.hugepages)?;
     let mem = ram.mem.clone();
 
