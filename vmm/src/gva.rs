@@ -38,7 +38,7 @@ struct WalkMem<'a>(&'a GuestMemoryMmap);
 
 impl GuestPhysMem for WalkMem<'_> {
     fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Misaligned { gpa });
         }
         self.0

@@ -224,18 +224,13 @@ fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
     let ucs = seg(builtin::SEL_USER_CS >> 3, 3);
     let uds = seg(builtin::SEL_USER_DS >> 3, 3);
     let tss = seg(builtin::SEL_TSS >> 3, 0);
-    sregs.gdt.base = LAYOUT.gdt;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cs = ucs;
-    sregs.ss = uds;
-    sregs.ds = uds;
-    sregs.es = uds;
-    sregs.fs = uds;
-    sregs.gs = uds;
-    sregs.tr = tss;
-    sregs.cr3 = LAYOUT.pml4;
+    x86::set_long_mode_segments(
+        &mut sregs,
+        (LAYOUT.gdt, gdt.len()),
+        (0, 0),
+        [ucs, uds, tss],
+        LAYOUT.pml4,
+    );
     sregs.cr4 = 0x20; // PAE
     sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
     sregs.efer = 0x500; // LME | LMA

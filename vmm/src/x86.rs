@@ -2,7 +2,7 @@
 //! layout, GDT, identity page tables, registers, boot MSRs, LAPIC LVTs and
 //! the CPUID this host can really run.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -77,6 +77,32 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
+/// The part of long-mode entry state every guest shares: the GDT (`base`,
+/// `entries`) and IDT (`base`, `limit`) registers, `code` in CS, `data` in
+/// SS and every data segment, `tss` in TR, and CR3. CR0/CR4/EFER stay with
+/// the caller (the kernel entry adds bits to KVM's reset state; the
+/// built-in guest sets its own).
+pub fn set_long_mode_segments(
+    sregs: &mut kvm_sregs,
+    gdt: (u64, usize),
+    idt: (u64, u16),
+    [code, data, tss]: [kvm_segment; 3],
+    cr3: u64,
+) {
+    sregs.gdt.base = gdt.0;
+    sregs.gdt.limit = (gdt.1 * 8 - 1) as u16;
+    sregs.idt.base = idt.0;
+    sregs.idt.limit = idt.1;
+    sregs.cs = code;
+    sregs.ss = data;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.tr = tss;
+    sregs.cr3 = cr3;
+}
+
 /// Write GDT, IDT and identity page tables (first 1 GiB, 2 MiB pages); set
 /// sregs for long mode, regs for the kernel entry, the FPU, boot MSRs.
 pub fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) -> Result<(), CpuError> {
@@ -105,18 +131,13 @@ pub fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) -> Result<()
     let code = segment_from_gdt(gdt[1], 1);
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-    sregs.idt.base = IDT_ADDR;
-    sregs.idt.limit = 7;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
-    sregs.cr3 = PML4_ADDR;
+    set_long_mode_segments(
+        &mut sregs,
+        (GDT_ADDR, gdt.len()),
+        (IDT_ADDR, 7),
+        [code, data, tss],
+        PML4_ADDR,
+    );
     sregs.cr4 |= 0x20; // PAE
     sregs.cr0 |= 0x8000_0001 | 0x10; // PG | PE | ET
     sregs.efer |= 0x500; // LME | LMA
