@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod kvm;
 pub mod memory;
 pub mod notifier_check;
+pub mod plot;
 pub mod run;
 pub mod run_inval;
 pub mod soft_lockup;
