@@ -48,10 +48,7 @@ pub struct Histogram<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Written {
     pub svg: PathBuf,
-    /// `None` when no font was found to draw the PNG's text (see
-    /// `png_skipped`).
-    pub png: Option<PathBuf>,
-    pub png_skipped: Option<String>,
+    pub png: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +59,6 @@ pub enum PlotError {
     Draw { path: PathBuf, reason: String },
     #[error("no TrueType font to draw text with (tried {tried}; install fonts-dejavu-core or set VMM_PLOT_FONT)")]
     NoFont { tried: String },
-    #[error("plots are not implemented yet")]
-    NotYet,
 }
 
 const SIZE: (u32, u32) = (960, 600);
@@ -199,11 +194,7 @@ where
         png_draw(&root).map_err(draw_err(&png))?;
         root.present().map_err(draw_err(&png))?;
     }
-    Ok(Written {
-        svg,
-        png: Some(png),
-        png_skipped: None,
-    })
+    Ok(Written { svg, png })
 }
 
 /// Write `<stem>.svg` and `<stem>.png` of a line chart. Points that a log
@@ -403,7 +394,7 @@ mod tests {
         let svg = std::fs::read_to_string(&w.svg).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
         assert!(svg.contains(title), "the SVG names its title");
-        let png = std::fs::read(w.png.as_ref().unwrap()).unwrap();
+        let png = std::fs::read(&w.png).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 1000);
     }
