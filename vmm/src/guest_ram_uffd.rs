@@ -26,12 +26,24 @@
 //! two minutes (MINOR with 1 GiB pages works: one CONTINUE of ~25 us).
 //!
 //! Resolution never wakes the faulting thread by itself (DONTWAKE): the
-//! fault handler wakes it after the MMU installed its SPTE.
+//! fault handler wakes it after the MMU installed its SPTE - unless the
+//! handler asks for [`UffdGuestRam::populate_and_wake`] (see
+//! `uffd_fault` for why waking first is correct here).
+//!
+//! Non-cooperative events: unless built with `events: false`
+//! ([`UffdGuestRam::with_events`]), the userfaultfd also asks for
+//! `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`, so a
+//! `madvise(DONTNEED/REMOVE)`, `munmap` or `mremap` of guest RAM by *any*
+//! thread - not only through [`HostMm`] - reaches the fault thread, which
+//! delivers it to [`UffdGuestRam::subscribers`]. Such a madvise blocks in
+//! the kernel until the message is read, and `UFFDIO_CONTINUE`/`COPY`
+//! answer `EAGAIN` meanwhile ([`UffdRamError::is_again`]).
 
 use crate::memory::{self, HugePages, MemoryError};
 use notifier::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
 use notifier::uffd::{
     Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
     UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
 use notifier::{HvaRange, Subscribers};
@@ -114,6 +126,20 @@ pub enum UffdRamError {
     OutOfRange { gpa: u64, len: u64, size: u64 },
 }
 
+impl UffdRamError {
+    /// `EAGAIN` from `UFFDIO_CONTINUE`/`COPY`: a non-cooperative event
+    /// (REMOVE, UNMAP, REMAP) is pending on the userfaultfd; read it and
+    /// retry.
+    pub fn is_again(&self) -> bool {
+        matches!(self, UffdRamError::Uffd(notifier::Error::Syscall { source, .. })
+            if source.raw_os_error() == Some(libc::EAGAIN))
+    }
+}
+
+/// The non-cooperative events guest RAM asks for.
+pub const EVENT_FEATURES: u64 =
+    UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+
 fn os(op: &'static str) -> UffdRamError {
     UffdRamError::Os {
         op,
@@ -176,16 +202,33 @@ pub struct UffdGuestRam {
     /// MISSING mode: a huge page of zeros to COPY.
     zeros: Vec<u8>,
     hostmm: Mutex<HostMm>,
+    /// Where host invalidations of guest RAM are delivered.
+    subs: Subscribers,
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP.
+    events: bool,
 }
 
 impl UffdGuestRam {
     /// `size` bytes of hugetlb RAM (checked against the pool first); the
-    /// VMM's operations on it are announced to `subs`.
+    /// VMM's operations on it are announced to `subs`, and so are the
+    /// userfaultfd's REMOVE/UNMAP/REMAP events (by the fault thread).
     pub fn new(
         size: u64,
         hp: HugePages,
         mode: UffdMode,
         subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        Self::with_events(size, hp, mode, subs, true)
+    }
+
+    /// [`Self::new`], choosing whether the userfaultfd asks for the
+    /// non-cooperative events ([`EVENT_FEATURES`]).
+    pub fn with_events(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+        events: bool,
     ) -> Result<Self, UffdRamError> {
         if hp == HugePages::None {
             return Err(UffdRamError::NotHugetlb);
@@ -195,7 +238,7 @@ impl UffdGuestRam {
             HugePages::Huge1G => PageSize::Huge1G,
             _ => PageSize::Huge2M,
         };
-        let mut hostmm = HostMm::new(subs)?;
+        let mut hostmm = HostMm::new(subs.clone())?;
         let region = hostmm.map(
             Backing::SharedMemfd(ps),
             size,
@@ -226,6 +269,13 @@ impl UffdGuestRam {
             features | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
             reg | UFFDIO_REGISTER_MODE_WP,
         );
+        // Events only where the range is registered (with uffd modes).
+        let events = events && mode.uses_uffd();
+        let features = if events {
+            features | EVENT_FEATURES
+        } else {
+            features
+        };
         let uffd = Uffd::open(features)?;
         if mode.uses_uffd() {
             uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
@@ -247,7 +297,18 @@ impl UffdGuestRam {
                 Vec::new()
             },
             hostmm: Mutex::new(hostmm),
+            subs,
+            events,
         })
+    }
+
+    /// The subscriber list host invalidations of guest RAM go to.
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.subs
+    }
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP events.
+    pub fn events(&self) -> bool {
+        self.events
     }
 
     pub fn mode(&self) -> UffdMode {
@@ -369,10 +430,21 @@ impl UffdGuestRam {
     /// mapping without waking the faulting thread: CONTINUE (MINOR) or COPY
     /// (MISSING). `Ok(false)`: it already was.
     pub fn populate(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, false)
+    }
+
+    /// [`Self::populate`] and wake the faulting thread in the same ioctl.
+    /// The kernel wakes only when it mapped the page: on `Ok(false)`
+    /// (already present) the caller still has to [`Self::wake`].
+    pub fn populate_and_wake(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, true)
+    }
+
+    fn resolve(&self, gpa: u64, wake: bool) -> Result<bool, UffdRamError> {
         self.check(gpa, 1)?;
         let r = self.page_range(gpa);
         Ok(match self.mode {
-            UffdMode::Minor => self.uffd.continue_range(r, false)?,
+            UffdMode::Minor => self.uffd.continue_range(r, wake)?,
             UffdMode::Kernel | UffdMode::KernelPrefilled => false,
             UffdMode::Missing => {
                 let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
@@ -380,7 +452,7 @@ impl UffdGuestRam {
                 } else {
                     &self.zeros
                 };
-                self.uffd.copy(r, src, false)?
+                self.uffd.copy(r, src, wake)?
             }
         })
     }

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod devices;
 pub mod guest_ram_uffd;
 pub mod gva;
+pub mod host_events;
 pub mod kernel;
 pub mod kvm;
 pub mod memory;
