@@ -8,8 +8,11 @@ use integration_tests::require;
 use notifier::hostconf::HugepageReservation;
 use notifier::hostmm::PageSize;
 use std::sync::Mutex;
+use std::time::Duration;
 use vmm::guest_ram_uffd::UffdMode;
+use vmm::host_events::EventSources;
 use vmm::memory::HugePages;
+use vmm::run::RunReport;
 use vmm::run::{self, RunArgs, RunError};
 use vmm::run_inval::InvalKind;
 
@@ -101,6 +104,17 @@ fn invalidations_interleaved_keep_agreement_and_data() {
                 // Removed pages come back through the MMU's fault path.
                 assert!(r.faults > MEM / (2 << 20), "{mode} {kind:?}: {}", r.faults);
             }
+            // The kernel-side sources ran alongside (default `--events auto`).
+            let u = r.events.uffd.expect("uffd events requested");
+            if kind == InvalKind::Discard {
+                // Every madvise raised a REMOVE the fault thread read.
+                assert!(u.remove >= r.invalidations, "{mode}: {u:?}");
+                assert_eq!(u.delivered.in_guest_ram, u.remove);
+            }
+            if require("the kvm tracepoint (tracefs)", r.events.trace.is_some()) {
+                let t = r.events.trace.unwrap();
+                assert!(t.in_guest_ram >= r.invalidations, "{mode} {kind:?}: {t:?}");
+            }
         }
     }
 }
@@ -186,8 +200,123 @@ fn faults_racing_discards_retry_and_keep_data() {
     assert_eq!(r.verify_failures, 0, "{:?}", r.verify_mismatches);
     assert!(r.faults > MEM / (2 << 20), "discarded pages fault again");
     assert_eq!(r.stats.fault_retries, r.fault_retries);
+    // Each racing madvise blocked until the fault thread read its REMOVE,
+    // also while faults in its range were parked: no deadlock.
+    let u = r.events.uffd.expect("uffd events");
+    assert!(u.remove >= r.race_invalidations, "{u:?}");
     // Discards lose data in MISSING mode: refused.
     let mut a = args(UffdMode::Missing, InvalKind::None);
     a.race_discard_us = 20;
     assert!(run::run(&a).is_err());
+}
+
+/// Run in a thread; a run that does not finish in `limit` is a deadlock.
+fn run_bounded(a: RunArgs, limit: Duration) -> Result<RunReport, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let what = format!(
+        "{} {:?} bystander {} us",
+        a.uffd, a.invalidate, a.bystander_us
+    );
+    std::thread::spawn(move || {
+        let _ = tx.send(run::run(&a).map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: no result within {limit:?} (deadlock?)"),
+    }
+}
+
+/// A bystander thread issues raw madvise(MADV_DONTNEED / MADV_REMOVE) and
+/// raw mprotect on guest RAM - not through the VMM's host-mm model, so no
+/// `Delivery::Before` announcement - while the guest runs and the VMM's own
+/// invalidations are interleaved. The MMU is zapped through the
+/// userfaultfd REMOVE messages and the tracepoint, the agreement check
+/// holds after every boundary, the checksum counts the pages MADV_REMOVE
+/// zeroed, and nothing deadlocks (a madvise blocked on its REMOVE while a
+/// fault retries in the same range is the case the fault thread must get
+/// out of).
+#[test]
+fn bystander_raw_invalidations_reach_the_mmu() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Mixed);
+        a.bystander_us = 200;
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let b = r.events.bystander.clone().expect("bystander ran");
+        let u = r.events.uffd.expect("uffd events");
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert_eq!(b.boundary_removes, 10, "{mode}: one per boundary");
+        assert_eq!(
+            b.zap_timeouts, 0,
+            "{mode}: the MMU was zapped after each raw op"
+        );
+        assert!(b.zaps_proven > 0, "{mode}: {b:?}");
+        assert!(
+            b.concurrent_discards > 0 && b.concurrent_protects > 0,
+            "{b:?}"
+        );
+        // Every raw madvise reached the fault thread as a REMOVE, and some
+        // found SPTEs the VMM had not zapped itself.
+        assert!(
+            u.remove >= b.boundary_removes + b.concurrent_discards,
+            "{u:?} {b:?}"
+        );
+        assert!(u.delivered.zapping > 0, "{mode}: {u:?}");
+        assert_eq!(r.verify_checks, r.invalidations + 1 + b.boundary_removes);
+        if require("the kvm tracepoint (tracefs)", r.events.trace.is_some()) {
+            let t = r.events.trace.unwrap();
+            assert!(
+                t.zapping > 0,
+                "{mode}: raw mprotects zapped via the tracepoint: {t:?}"
+            );
+        }
+    }
+}
+
+/// Each source alone still zaps the MMU for raw invalidations: the
+/// tracepoint alone (no uffd events: MADV_REMOVE is seen only there) and
+/// the userfaultfd alone (mprotect is then seen by nobody, which the
+/// presence check cannot tell - it leaves the pages present).
+#[test]
+fn each_event_source_alone() {
+    let Some(_g) = ready() else { return };
+    for (src, mode) in [("trace", UffdMode::Minor), ("uffd", UffdMode::Missing)] {
+        let mut a = args(mode, InvalKind::None);
+        a.bystander_us = 300;
+        a.events = src.parse::<EventSources>().unwrap();
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{src}: {e}"));
+        let b = r.events.bystander.clone().unwrap();
+        assert_eq!(r.verify_failures, 0, "{src}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{src}: {r:?}");
+        assert_eq!(b.zap_timeouts, 0, "{src}: {b:?}");
+        match src {
+            "trace" => {
+                assert!(r.events.uffd.is_none());
+                assert!(r.events.trace.is_some(), "{:?}", r.events.trace_unavailable);
+                assert!(r.events.trace.unwrap().zapping > 0);
+            }
+            _ => {
+                assert!(r.events.trace.is_none());
+                assert!(r.events.uffd.unwrap().delivered.zapping > 0);
+            }
+        }
+    }
+}
+
+/// Waking the vCPU in the resolving ioctl (before the SPTE install) and a
+/// busy-polling fault thread change nothing the guest or the MMU can tell.
+#[test]
+fn wake_early_and_spin_keep_every_page_in_the_mmu() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Discard);
+        a.wake_early = true;
+        a.spin_faults = true;
+        a.fault_cpu = Some(0);
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        assert_eq!(r.stats.pf_fixed + r.spurious, r.faults, "{mode}: {r:?}");
+    }
 }

@@ -363,7 +363,7 @@ impl Raw {
         let was = self.mapped(gs, ge);
         Self::madvise(r, libc::MADV_REMOVE, "madvise(MADV_REMOVE)")?;
         self.rep.boundary_removes += 1;
-        if self.ram.events() {
+        if self.ram.events() || self.trace {
             self.wait_zapped(gs, ge, was);
         }
         let zeroed = vec![Zeroed {
