@@ -195,9 +195,10 @@ pub enum EventsError {
 }
 
 /// The tracepoint source pumped on its own thread while the guest runs.
+/// Dropping it stops the thread too (and so removes the tracefs instance).
 pub struct TracePump {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<SourceCounts, EventsError>>,
+    handle: Option<JoinHandle<Result<SourceCounts, EventsError>>>,
 }
 
 impl TracePump {
@@ -229,13 +230,28 @@ impl TracePump {
                 Ok(counts)
             })
             .map_err(|_| EventsError::Panic)?;
-        Ok(TracePump { stop, handle })
+        Ok(TracePump {
+            stop,
+            handle: Some(handle),
+        })
     }
 
     /// Stop after a last drain; what was delivered.
-    pub fn finish(self) -> Result<SourceCounts, EventsError> {
+    pub fn finish(mut self) -> Result<SourceCounts, EventsError> {
         self.stop.store(true, Ordering::Release);
-        self.handle.join().map_err(|_| EventsError::Panic)?
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
+            None => Err(EventsError::Panic),
+        }
+    }
+}
+
+impl Drop for TracePump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -270,9 +286,10 @@ enum Request {
 }
 
 /// Raw madvise/mprotect on guest RAM from another thread. See the module docs.
+/// Dropping it stops the thread.
 pub struct Bystander {
     tx: mpsc::Sender<Request>,
-    handle: JoinHandle<Result<BystanderReport, EventsError>>,
+    handle: Option<JoinHandle<Result<BystanderReport, EventsError>>>,
 }
 
 /// How long a boundary operation waits for the MMU to be zapped.
@@ -428,7 +445,10 @@ impl Bystander {
                 Ok(raw.rep)
             })
             .expect("spawning the bystander thread");
-        Bystander { tx, handle }
+        Bystander {
+            tx,
+            handle: Some(handle),
+        }
     }
 
     /// At a pass boundary (vCPU stopped): run the boundary operations and
@@ -447,9 +467,21 @@ impl Bystander {
     }
 
     /// Stop and report.
-    pub fn finish(self) -> Result<BystanderReport, EventsError> {
+    pub fn finish(mut self) -> Result<BystanderReport, EventsError> {
         let _ = self.tx.send(Request::Stop);
-        self.handle.join().map_err(|_| EventsError::Panic)?
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
+            None => Err(EventsError::Panic),
+        }
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Stop);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
