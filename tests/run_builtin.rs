@@ -20,8 +20,6 @@ const MEM: u64 = 64 << 20;
 /// One run at a time: runs share the hugetlb pool.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const BENCH_MEM: u64 = 512 << 20;
-
 fn ready() -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
     ready_for(MEM)
 }
@@ -131,61 +129,6 @@ fn bad_arguments_are_typed_errors() {
     a.hugepages = HugePages::None;
     let e = run::run(&a).unwrap_err();
     assert!(e.to_string().contains("hugetlb"), "{e}");
-}
-
-/// Benchmark (run with `--ignored --nocapture`): guest-observed cost per
-/// huge-page first touch, MINOR+CONTINUE vs MISSING+COPY vs the kernel's
-/// own hugetlb fault (fresh page, and page-cache page), each as the median
-/// guest run time minus the median of a run with all RAM prefaulted, over
-/// the number of huge pages; printed with ratios against the kernel's own.
-#[test]
-#[ignore]
-fn bench_fault_cost() {
-    let Some(_g) = ready_for(BENCH_MEM) else {
-        return;
-    };
-    let reps = 7;
-    let pages = (BENCH_MEM / (2 << 20)) as f64;
-    let median = |mode: UffdMode, prefault: bool, spin: bool| -> (f64, f64) {
-        let mut t = Vec::new();
-        let mut p50 = Vec::new();
-        for _ in 0..reps {
-            let mut a = RunArgs::new(BENCH_MEM, mode);
-            a.passes = 1;
-            a.prefault = prefault;
-            a.spin_faults = spin;
-            let r = run::run(&a).unwrap_or_else(|e| panic!("{mode}: {e}"));
-            assert!(r.checksum_ok);
-            t.push(r.guest_run_s);
-            p50.push(r.fault_to_resume_us.p50);
-        }
-        t.sort_by(f64::total_cmp);
-        p50.sort_by(f64::total_cmp);
-        (t[reps / 2], p50[reps / 2])
-    };
-    let (warm, _) = median(UffdMode::KernelPrefilled, true, false);
-    let per_fault = |mode, spin| {
-        let (t, p50) = median(mode, false, spin);
-        (((t - warm) / pages * 1e6).max(0.0), p50)
-    };
-    let (kernel, _) = per_fault(UffdMode::Kernel, false);
-    let (kernel_pc, _) = per_fault(UffdMode::KernelPrefilled, false);
-    let (minor, minor_p50) = per_fault(UffdMode::Minor, false);
-    let (minor_spin, _) = per_fault(UffdMode::Minor, true);
-    let (missing, missing_p50) = per_fault(UffdMode::Missing, false);
-    println!("guest-observed cost per 2M first touch ({BENCH_MEM} bytes, median of {reps}):");
-    println!("  kernel own (fresh page)       {kernel:8.1} us");
-    println!("  kernel own (page-cache page)  {kernel_pc:8.1} us");
-    println!("  MINOR+CONTINUE                {minor:8.1} us (handler p50 {minor_p50:.1} us)");
-    println!("  MINOR+CONTINUE, spinning fault thread {minor_spin:8.1} us");
-    println!("  MISSING+COPY                  {missing:8.1} us (handler p50 {missing_p50:.1} us)");
-    println!(
-        "  CONTINUE / kernel page-cache fault {:.2}x (spinning {:.2}x); CONTINUE / kernel fresh {:.2}x; COPY / CONTINUE {:.1}x",
-        minor / kernel_pc.max(1e-3),
-        minor_spin / kernel_pc.max(1e-3),
-        minor / kernel.max(1e-3),
-        missing / minor.max(1e-3)
-    );
 }
 
 #[test]

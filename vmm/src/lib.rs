@@ -2,6 +2,7 @@
 //! event loop and the `vmm` subcommands.
 
 pub mod assist;
+pub mod bench;
 pub mod boot;
 pub mod devices;
 pub mod guest_ram_uffd;
