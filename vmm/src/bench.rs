@@ -119,6 +119,8 @@ pub struct VariantResult {
     pub per_fault_us: f64,
     /// Median of the runs' handler share p50 (read to wake), us.
     pub handler_p50_us: f64,
+    /// Median of the runs' CONTINUE/COPY ioctl p50, us.
+    pub populate_p50_us: f64,
     pub faults: u64,
 }
 
@@ -195,6 +197,7 @@ pub fn fault_cost(a: &FaultCostArgs) -> Result<FaultCostReport, BenchError> {
     let pages = RunArgs::new(a.mem, UffdMode::Minor).params().ws_size / page;
     let mut run_s = vec![Vec::new(); VARIANTS.len()];
     let mut p50 = vec![Vec::new(); VARIANTS.len()];
+    let mut pop = vec![Vec::new(); VARIANTS.len()];
     let mut faults = vec![0u64; VARIANTS.len()];
     for _ in 0..a.reps {
         for (i, var) in VARIANTS.iter().enumerate() {
@@ -207,6 +210,7 @@ pub fn fault_cost(a: &FaultCostArgs) -> Result<FaultCostReport, BenchError> {
             }
             run_s[i].push(r.guest_run_s);
             p50[i].push(r.fault_to_resume_us.p50);
+            pop[i].push(r.populate_us.p50);
             faults[i] = r.faults;
         }
     }
@@ -225,6 +229,7 @@ pub fn fault_cost(a: &FaultCostArgs) -> Result<FaultCostReport, BenchError> {
                     ((t - warm) / pages as f64 * 1e6).max(0.0)
                 },
                 handler_p50_us: median(&mut p50[i]),
+                populate_p50_us: median(&mut pop[i]),
                 faults: faults[i],
             }
         })
@@ -274,16 +279,17 @@ pub fn main(args: BenchArgs) -> ExitCode {
                 if r.pinned { ", pinned" } else { "" }
             );
             println!(
-                "| variant | guest run (ms) | per first touch (us) | handler p50 (us) | faults |"
+                "| variant | guest run (ms) | per first touch (us) | handler p50 (us) | CONTINUE/COPY p50 (us) | faults |"
             );
-            println!("|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|");
             for v in &r.results {
                 println!(
-                    "| {} | {:.2} | {:.1} | {:.1} | {} |",
+                    "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
                     v.variant.name,
                     v.run_s * 1e3,
                     v.per_fault_us,
                     v.handler_p50_us,
+                    v.populate_p50_us,
                     v.faults
                 );
             }

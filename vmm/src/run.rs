@@ -214,6 +214,8 @@ pub struct RunReport {
     pub already_present: u64,
     pub spurious: u64,
     pub fault_to_resume_us: LatencyUs,
+    /// Time in UFFDIO_CONTINUE/COPY per fault attempt.
+    pub populate_us: LatencyUs,
     pub stats: MmuStatsSnapshot,
     pub result: GuestResult,
     pub expected_checksum: u64,
@@ -599,6 +601,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         already_present: faults.already_present,
         spurious: faults.spurious,
         fault_to_resume_us: LatencyUs::from_ns(&faults.fault_to_resume_ns),
+        populate_us: LatencyUs::from_ns(&faults.populate_ns),
         stats: ctx.stats.snapshot(),
         result,
         expected_checksum,

@@ -119,6 +119,10 @@ pub struct FaultReport {
     pub spurious: u64,
     /// Fault-to-resume per fault, ns.
     pub fault_to_resume_ns: Vec<u64>,
+    /// Time in CONTINUE/COPY per attempt, ns (the rest of the handler's
+    /// share is the MMU and the wake, which on a busy machine includes
+    /// being preempted by the woken vCPU thread).
+    pub populate_ns: Vec<u64>,
     /// Non-cooperative events read and delivered.
     pub events: UffdEventCounts,
 }
@@ -198,15 +202,18 @@ fn try_fault(
     let already = std::cell::Cell::new(false);
     let woken = std::cell::Cell::new(false);
     let again = std::cell::Cell::new(false);
+    let populate_ns = std::cell::Cell::new(0u64);
     // __kvm_faultin_pfn: make the host page present and name its pfn; the
     // memfd page index is the pfn (gpa == memfd offset).
     let resolver = |_slot: &Memslot, gfn: u64, _hva: u64, _write: bool| {
         let gpa = gfn << PAGE_SHIFT;
+        let t0 = Instant::now();
         let r = if wake_early {
             ram.populate_and_wake(gpa)
         } else {
             ram.populate(gpa)
         };
+        populate_ns.set(populate_ns.get() + t0.elapsed().as_nanos() as u64);
         match r {
             Ok(mapped) => {
                 already.set(already.get() | !mapped);
@@ -226,7 +233,9 @@ fn try_fault(
             }
         }
     };
-    match mmu.page_fault(gfn, write, &resolver) {
+    let outcome = mmu.page_fault(gfn, write, &resolver);
+    rep.populate_ns.push(populate_ns.get());
+    match outcome {
         Ok(FaultOutcome::Retry) => {
             rep.fault_retries += 1;
             return Ok(Attempt::Retry);
