@@ -387,19 +387,22 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         params.ws_size,
     )?;
 
-    let racer = if args.race_discard_us > 0 {
-        if !args.uffd.prefilled() {
-            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
-        }
-        let inv = Invalidator::new(
+    // A discard-picking invalidator over the working set, not verifying.
+    let discarder = || {
+        Invalidator::new(
             &ram,
             &tdp,
             InvalKind::Discard,
             false,
             params.ws_base,
             params.ws_size,
-        )?;
-        Some(inv)
+        )
+    };
+    let racer = if args.race_discard_us > 0 {
+        if !args.uffd.prefilled() {
+            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
+        }
+        Some(discarder()?)
     } else {
         None
     };
@@ -408,14 +411,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         ..EventsReport::default()
     };
     let bystander_picker = if args.bystander_us > 0 {
-        Some(Invalidator::new(
-            &ram,
-            &tdp,
-            InvalKind::Discard,
-            false,
-            params.ws_base,
-            params.ws_size,
-        )?)
+        Some(discarder()?)
     } else {
         None
     };
