@@ -263,3 +263,55 @@ fn wake_early_and_spin_keep_every_page_in_the_mmu() {
         assert_eq!(r.stats.pf_fixed + r.spurious, r.faults, "{mode}: {r:?}");
     }
 }
+
+/// MISSING mode on 1 GiB pages: one 1 GiB `UFFDIO_COPY` whose source is
+/// resident, so it needs no second gigantic page (a non-resident source
+/// makes the kernel copy through a temporary huge page outside the
+/// reservation: ENOMEM with a pool sized for the guest, which used to
+/// leave the vCPU asleep in its fault until the watchdog).
+#[test]
+fn missing_mode_on_1g_pages_needs_one_page() {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !require("/dev/kvm", kvm) || !require("root (to reserve hugepages)", root) {
+        return;
+    }
+    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = HugepageReservation::require(PageSize::Huge1G, 1);
+    if !require("one free 1G hugepage", pool.is_ok()) {
+        return;
+    }
+    // Hold every other free 1G page, so a COPY needing a temporary one fails.
+    let spare = notifier::hostconf::free_hugepages(PageSize::Huge1G).saturating_sub(1);
+    // SAFETY: memfd_create with a static NUL-terminated name; checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"hold-1g".as_ptr(),
+            libc::MFD_HUGETLB | libc::MFD_HUGE_1GB | libc::MFD_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own from here on.
+    let _hold = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if spare > 0 {
+        // SAFETY: fallocate on our own memfd.
+        let rc = unsafe { libc::fallocate(fd, 0, 0, (spare << 30) as libc::off_t) };
+        assert_eq!(rc, 0, "holding {spare} spare 1G pages");
+    }
+    assert_eq!(notifier::hostconf::free_hugepages(PageSize::Huge1G), 1);
+    let mut a = RunArgs::new(1 << 30, UffdMode::Missing);
+    a.hugepages = HugePages::Huge1G;
+    a.passes = 1;
+    a.stride = 2 << 20;
+    a.timeout = 60;
+    a.events = "none".parse().unwrap();
+    let r = run_bounded(a, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.checksum_ok, "{r:?}");
+    assert_eq!(r.faults, 1);
+    assert_eq!(r.stats.pages_1g, 1);
+}

@@ -193,6 +193,8 @@ pub enum RunError {
     Signal(String),
     #[error(transparent)]
     Events(#[from] host_events::EventsError),
+    #[error("the fault thread stopped")]
+    FaultStopped,
     #[error("the fault thread did not settle within 2 s")]
     Unsettled,
 }
@@ -293,7 +295,9 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(timeout: Duration) -> Result<Self, RunError> {
+    /// Kick after `timeout`, or as soon as `abort` is set (e.g. the fault
+    /// thread died and the vCPU sleeps in a fault nobody will resolve).
+    fn start(timeout: Duration, abort: Arc<AtomicBool>) -> Result<Self, RunError> {
         static ONCE: std::sync::Once = std::sync::Once::new();
         let mut err = None;
         ONCE.call_once(|| {
@@ -314,7 +318,7 @@ impl Watchdog {
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + timeout;
             while !s.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || abort.load(Ordering::Acquire) {
                     f.store(true, Ordering::Release);
                     // Keep kicking: a signal can land just before KVM_RUN.
                     // SAFETY: `target` is the vCPU thread, alive until
@@ -466,7 +470,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
         setup_cpl3(&vcpu)?;
 
-        let watchdog = Watchdog::start(Duration::from_secs(args.timeout))?;
+        let watchdog = Watchdog::start(Duration::from_secs(args.timeout), settle.failed())?;
         let race_stop = Arc::new(AtomicBool::new(false));
         let racer = racer.map(|inv| {
             crate::run_inval::spawn_racer(
@@ -496,6 +500,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         let mut progress = 0u64;
         loop {
             let exit = vcpu.run();
+            if settle.failed().load(Ordering::Acquire) {
+                return Err(RunError::FaultStopped);
+            }
             if watchdog.fired.load(Ordering::Acquire) {
                 let _ = stop_racer(racer.take());
                 if let Some(b) = bystander.take() {
@@ -571,8 +578,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         .join()
         .map_err(|_| RunError::FaultPanic)?;
     let trace = trace.map(TracePump::finish).transpose();
+    let faults = faults?; // the root cause when the run stopped for it
     let (progress_exits, guest_run_s, race_invalidations) = result?;
-    let faults = faults?;
     events.trace = trace?;
     events.uffd = ram.events().then_some(faults.events);
     events.uffd_eagain = faults.eagain;

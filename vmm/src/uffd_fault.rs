@@ -145,9 +145,17 @@ pub struct FaultOptions {
 pub struct FaultProgress {
     /// Reads of the userfaultfd that found nothing, with no fault parked.
     idle_reads: AtomicU64,
+    /// Set when the thread stopped on an error: whoever faults now sleeps
+    /// until someone gives up on it.
+    failed: Arc<AtomicBool>,
 }
 
 impl FaultProgress {
+    /// The flag set when the thread stopped on an error.
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
+    }
+
     /// Wait until the thread has been idle once after this call: every
     /// message read before the call (e.g. the REMOVE of a madvise that
     /// already returned) has been handled and its invalidation delivered.
@@ -312,7 +320,18 @@ pub fn spawn_with(
     let prog = progress.clone();
     let handle = std::thread::Builder::new()
         .name("uffd-fault".into())
-        .spawn(move || fault_loop(&ram, &mmu, &stop, opts, &prog))
+        .spawn(move || {
+            let r = fault_loop(&ram, &mmu, &stop, opts, &prog);
+            if r.is_err() {
+                prog.failed.store(true, Ordering::Release);
+                // Nobody resolves faults any more: unregistering wakes the
+                // threads asleep in one (a vCPU inside KVM's guest
+                // page-table walk does not even see signals) and lets the
+                // kernel serve the rest itself, so the run can stop.
+                let _ = ram.uffd().unregister(ram.guest_range());
+            }
+            r
+        })
         .expect("spawning the uffd fault thread");
     FaultThread { handle, progress }
 }
