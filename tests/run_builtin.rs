@@ -315,3 +315,27 @@ fn missing_mode_on_1g_pages_needs_one_page() {
     assert_eq!(r.faults, 1);
     assert_eq!(r.stats.pages_1g, 1);
 }
+
+/// Fault-around maps pages ahead of the guest through the same fault path:
+/// with the VMM's invalidations and a bystander's raw ones interleaved, the
+/// agreement check and the checksum still hold, and fewer faults reach the
+/// fault thread than pages the MMU maps.
+#[test]
+fn fault_around_keeps_agreement() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Mixed);
+        a.fault_around = 4;
+        a.bystander_us = 300;
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert!(r.prefetched > 0, "{mode}: {r:?}");
+        // Every fault read ends Fixed or Spurious; prefetches add Fixed.
+        assert_eq!(
+            r.stats.pf_fixed,
+            r.faults - r.spurious + r.prefetched,
+            "{mode}"
+        );
+    }
+}

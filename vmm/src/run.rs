@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Pin the fault thread to this CPU.
     #[arg(long)]
     pub fault_cpu: Option<usize>,
+    /// After resolving a fault, map this many following huge pages ahead
+    /// (populate + SPTE) while the vCPU runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub fault_around: u64,
     /// Kernel-side invalidation sources feeding the MMU while the guest
     /// runs: auto (each where available), none, or a list of uffd
     /// (REMOVE/UNMAP/REMAP messages) and trace (kvm:kvm_unmap_hva_range).
@@ -137,6 +141,7 @@ impl RunArgs {
             race_discard_us: 0,
             wake_early: false,
             fault_cpu: None,
+            fault_around: 0,
             events: EventSources::default(),
             bystander_us: 0,
             json: false,
@@ -212,6 +217,8 @@ pub struct RunReport {
     pub hugepages: String,
     pub params: Params,
     pub faults: u64,
+    /// Huge pages mapped ahead by `--fault-around`.
+    pub prefetched: u64,
     pub fault_retries: u64,
     pub already_present: u64,
     pub spurious: u64,
@@ -440,6 +447,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             spin: args.spin_faults,
             wake_early: args.wake_early,
             cpu: args.fault_cpu,
+            fault_around: args.fault_around,
         },
     );
     let settle = fault_thread.progress.clone();
@@ -600,6 +608,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         hugepages: args.hugepages.to_string(),
         params,
         faults: faults.faults,
+        prefetched: faults.prefetched,
         fault_retries: faults.fault_retries,
         already_present: faults.already_present,
         spurious: faults.spurious,

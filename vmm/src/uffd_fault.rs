@@ -125,6 +125,8 @@ pub struct FaultReport {
     pub populate_ns: Vec<u64>,
     /// Non-cooperative events read and delivered.
     pub events: UffdEventCounts,
+    /// Huge pages mapped ahead by fault-around (no fault of their own).
+    pub prefetched: u64,
 }
 
 /// How the fault thread runs.
@@ -138,6 +140,9 @@ pub struct FaultOptions {
     pub wake_early: bool,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
+    /// After waking a vCPU, map this many following huge pages ahead
+    /// (populate + SPTE, nobody to wake), while the vCPU runs.
+    pub fault_around: u64,
 }
 
 /// What the thread publishes while it runs.
@@ -195,6 +200,7 @@ fn try_fault(
     hva: u64,
     write: bool,
     wake_early: bool,
+    ahead: u64,
     rep: &mut FaultReport,
 ) -> Result<Attempt, FaultThreadError> {
     let base = ram.guest_hva();
@@ -259,11 +265,71 @@ fn try_fault(
     if already.get() {
         rep.already_present += 1;
     }
+    // Fault-around, host half: make the next pages present before the
+    // wake, so the resumed vCPU does not fault on them; their SPTEs come
+    // after the wake ([`fault_around`]).
+    let ps = ram.page_size();
+    for page in (gpa / ps + 1..).take(ahead as usize) {
+        let g = page * ps;
+        if g >= ram.size() {
+            break;
+        }
+        if mmu.lookup(g >> PAGE_SHIFT).is_none() && ram.populate(g).is_err() {
+            break;
+        }
+    }
     if !woken.get() {
         ram.wake(gpa)
             .map_err(|source| FaultThreadError::Wake { gfn, source })?;
     }
     Ok(Attempt::Done)
+}
+
+/// Fault-around, MMU half (after the wake): map up to `n` huge pages after
+/// the one at `hva` that the MMU does not map yet (made present before the
+/// wake by [`try_fault`]; MMU ⊆ host holds meanwhile), through the same
+/// fault path (sequence protocol,
+/// populate without waking). Anything in the way - an invalidation in
+/// progress (`Retry`), a pending event (`EAGAIN`), an error - just ends
+/// the prefetch: the guest's own fault will come for that page.
+fn fault_around(ram: &UffdGuestRam, mmu: &TdpMmu, hva: u64, n: u64, rep: &mut FaultReport) {
+    let ps = ram.page_size();
+    let Some(gpa) = hva.checked_sub(ram.guest_hva()) else {
+        return;
+    };
+    let level = match ram.hugepages() {
+        crate::memory::HugePages::Huge1G => PageLevel::L1G,
+        _ => PageLevel::L2M,
+    };
+    let resolver = |_slot: &Memslot, gfn: u64, _hva: u64, _write: bool| {
+        let gpa = gfn << PAGE_SHIFT;
+        ram.populate(gpa)
+            .map(|_| HostPage {
+                pfn: gfn,
+                level,
+                writable: true,
+            })
+            .map_err(|e| ResolveError::Host {
+                hva: ram.guest_hva() + gpa,
+                reason: e.to_string(),
+            })
+    };
+    let first = gpa / ps + 1;
+    for page in first..first + n {
+        let gpa = page * ps;
+        if gpa >= ram.size() {
+            break;
+        }
+        let gfn = gpa >> PAGE_SHIFT;
+        if mmu.lookup(gfn).is_some() {
+            continue;
+        }
+        match mmu.page_fault(gfn, false, &resolver) {
+            Ok(FaultOutcome::Fixed(_)) => rep.prefetched += 1,
+            Ok(FaultOutcome::Spurious(_)) => {}
+            Ok(FaultOutcome::Retry) | Err(_) => break,
+        }
+    }
 }
 
 /// Resolve one fault at `hva` to the end, retrying in place. Only for
@@ -276,7 +342,7 @@ pub fn handle_fault(
     write: bool,
     rep: &mut FaultReport,
 ) -> Result<(), FaultThreadError> {
-    while let Attempt::Retry = try_fault(ram, mmu, hva, write, false, rep)? {
+    while let Attempt::Retry = try_fault(ram, mmu, hva, write, false, 0, rep)? {
         std::thread::yield_now();
     }
     Ok(())
@@ -388,10 +454,19 @@ fn fault_loop(
                 let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
                 // The common case first: nothing parked, resolve right away.
                 if parked.is_empty() {
-                    match try_fault(ram, mmu, address, write, opts.wake_early, &mut rep)? {
+                    match try_fault(
+                        ram,
+                        mmu,
+                        address,
+                        write,
+                        opts.wake_early,
+                        opts.fault_around,
+                        &mut rep,
+                    )? {
                         Attempt::Done => {
                             rep.fault_to_resume_ns
                                 .push(read_at.elapsed().as_nanos() as u64);
+                            fault_around(ram, mmu, address, opts.fault_around, &mut rep);
                             continue;
                         }
                         Attempt::Retry => {}
@@ -420,10 +495,19 @@ fn fault_loop(
         let mut progressed = false;
         for _ in 0..n {
             let Some(p) = parked.pop_front() else { break };
-            match try_fault(ram, mmu, p.hva, p.write, opts.wake_early, &mut rep)? {
+            match try_fault(
+                ram,
+                mmu,
+                p.hva,
+                p.write,
+                opts.wake_early,
+                opts.fault_around,
+                &mut rep,
+            )? {
                 Attempt::Done => {
                     rep.fault_to_resume_ns
                         .push(p.read_at.elapsed().as_nanos() as u64);
+                    fault_around(ram, mmu, p.hva, opts.fault_around, &mut rep);
                     progressed = true;
                 }
                 Attempt::Retry => parked.push_back(p),
