@@ -503,6 +503,76 @@ pub struct EventsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mmu::memslot::{Memslot, Memslots};
+    use mmu::spte::PageLevel;
+    use mmu::tdp::{FaultOutcome, HostPage, ResolveError};
+    use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+
+    const HVA: u64 = 0x7000_0000_0000;
+    const M2: u64 = 2 << 20;
+
+    /// 16 MiB of guest RAM at `HVA`, every 2M page mapped by the MMU.
+    fn mapped_mmu() -> (Subscribers, Arc<TdpMmu>) {
+        let slot = Memslot::new(0, 0, (16 * M2) >> PAGE_SHIFT, HVA, PageLevel::L2M).unwrap();
+        let ctx = MmuContext::new(Memslots::new(vec![slot], 1).unwrap(), RemoteTlb::new(None));
+        let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+        let n = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
+        n.add_mmu(tdp.clone());
+        let subs = Subscribers::new();
+        subs.register(n);
+        let host = |_: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
+            Ok(HostPage {
+                pfn: gfn,
+                level: PageLevel::L2M,
+                writable: true,
+            })
+        };
+        for p in 0..16 {
+            let out = tdp.page_fault((p * M2) >> PAGE_SHIFT, true, &host).unwrap();
+            assert!(matches!(out, FaultOutcome::Fixed(PageLevel::L2M)));
+        }
+        (subs, tdp)
+    }
+
+    #[test]
+    fn uffd_events_zap_what_they_cover() {
+        let (subs, tdp) = mapped_mmu();
+        let mut c = UffdEventCounts::default();
+        let r = |a: u64, b: u64| (HVA + a * M2, HVA + b * M2);
+        let (s1, e1) = r(2, 4);
+        let (s2, e2) = r(12, 13);
+        let (s3, e3) = r(32, 33);
+        for ev in [
+            UffdEvent::Unmap { start: s1, end: e1 },
+            UffdEvent::Remap {
+                from: HVA + 8 * M2,
+                to: 0x7100_0000_0000,
+                len: M2,
+            },
+            UffdEvent::Remove { start: s2, end: e2 },
+            // Outside guest RAM: delivered, zaps nothing.
+            UffdEvent::Remove { start: s3, end: e3 },
+            // Not an invalidation.
+            UffdEvent::Pagefault {
+                address: HVA,
+                flags: 0,
+            },
+        ] {
+            deliver_uffd_event(&subs, &tdp, &ev, None, &mut c);
+        }
+        let mapped: Vec<u64> = tdp
+            .mapped_leaves()
+            .iter()
+            .map(|l| (l.gfn << PAGE_SHIFT) / M2)
+            .collect();
+        let want: Vec<u64> = (0..16).filter(|p| ![2, 3, 8, 12].contains(p)).collect();
+        assert_eq!(mapped, want);
+        assert_eq!((c.unmap, c.remap, c.remove, c.other), (1, 1, 2, 0));
+        assert_eq!(c.delivered.events, 4);
+        assert_eq!(c.delivered.in_guest_ram, 3);
+        assert_eq!(c.delivered.zapping, 3);
+        assert_eq!(c.delivered.leaves_zapped, 4);
+    }
 
     #[test]
     fn sources_parse() {

@@ -7,7 +7,10 @@
 //! doorbells (MMIO stores). Faults on guest RAM are served by
 //! [`crate::uffd_fault`]. Between passes (the vCPU stopped in a progress
 //! exit), [`crate::run_inval`] can run host invalidations and the
-//! MMU-vs-pagemap agreement check.
+//! MMU-vs-pagemap agreement check. While it runs, the kernel-side sources
+//! of [`crate::host_events`] (userfaultfd REMOVE/UNMAP/REMAP, the
+//! `kvm:kvm_unmap_hva_range` tracepoint) deliver invalidations the VMM did
+//! not issue itself, e.g. a `--bystander-us` thread's raw madvise/mprotect.
 
 use crate::boot::parse_size;
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
