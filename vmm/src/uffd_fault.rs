@@ -446,6 +446,12 @@ fn fault_loop(
             None => {
                 if parked.is_empty() {
                     progress.idle_reads.fetch_add(1, Ordering::Release);
+                    if opts.spin {
+                        // Busy-poll, but give the CPU to anyone runnable
+                        // (on a machine with fewer free CPUs than
+                        // spinners, the vCPU thread).
+                        std::thread::yield_now();
+                    }
                 }
             }
             Some(UffdEvent::Pagefault { address, flags }) => {
