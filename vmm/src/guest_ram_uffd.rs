@@ -31,8 +31,8 @@
 //! fault, so the run hung until the watchdog (what an earlier session saw
 //! as "a 1 GiB COPY that did not finish in two minutes"). Hence the zeros
 //! come from a read-only `MAP_POPULATE` anonymous mapping (every page the
-//! shared zero page: resident, no memory cost), the staged first page is
-//! a writable `MAP_POPULATE` one, and a fault thread that fails now stops
+//! shared zero page: resident, no memory cost), every staged page goes
+//! through [`make_resident`], and a fault thread that fails now stops
 //! the run (where the vCPU is not stuck in the kernel for good: see
 //! `uffd_fault`).
 //! Measured here with both pages free: a 1 GiB COPY from a lazily zeroed
@@ -197,37 +197,51 @@ impl Drop for Mapping {
     }
 }
 
-/// A resident COPY source: a private anonymous `MAP_POPULATE` mapping.
-/// Read-only, every page is the shared zero page (zeros that cost no
-/// memory); writable, every page is allocated up front.
-struct CopySource {
+/// Make every page of a COPY source buffer resident (write the value each
+/// page already holds, including the last, possibly partial, page): see
+/// the module docs. Every staged COPY source must go through this.
+pub fn make_resident(buf: &mut [u8]) {
+    let start = buf.as_ptr() as usize;
+    let len = buf.len();
+    // One byte in every 4 KiB page the buffer touches.
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: `off < len`: a valid element of `buf`, which we borrow
+        // mutably; volatile so the store of its own value is kept.
+        unsafe {
+            let p = buf.as_mut_ptr().add(off);
+            std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+        }
+        off = ((start + off) / 4096 + 1) * 4096 - start;
+    }
+}
+
+/// A read-only private anonymous `MAP_POPULATE` mapping: every page is the
+/// shared zero page, so a resident COPY source of zeros that costs no
+/// memory.
+struct ZeroSource {
     addr: u64,
     len: usize,
 }
 
-impl CopySource {
-    fn new(len: usize, writable: bool) -> Result<Self, UffdRamError> {
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh private anonymous mapping at a kernel-chosen
-        // address; the result is checked.
+impl ZeroSource {
+    fn new(len: usize) -> Result<Self, UffdRamError> {
+        // SAFETY: a fresh private anonymous read-only mapping at a
+        // kernel-chosen address; the result is checked.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                prot,
+                libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(os("mmap(COPY source)"));
+            return Err(os("mmap(COPY zero source)"));
         }
-        Ok(CopySource {
+        Ok(ZeroSource {
             addr: p as u64,
             len,
         })
@@ -235,20 +249,13 @@ impl CopySource {
 
     fn as_slice(&self) -> &[u8] {
         // SAFETY: `len` readable bytes at `addr`, mapped until drop (which
-        // needs `&mut self`, so not while this borrow lives); writes only
-        // go through `as_mut_slice`, which needs `&mut self`.
+        // needs `&mut self`, so not while this borrow lives); nothing
+        // writes them (PROT_READ).
         unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
-    }
-
-    /// Only for a writable source.
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, exclusively borrowed; the mapping is
-        // writable (only `staged_first` calls this, created writable).
-        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
     }
 }
 
-impl Drop for CopySource {
+impl Drop for ZeroSource {
     fn drop(&mut self) {
         // SAFETY: exactly the mapping created in `new`, no longer borrowed.
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
@@ -269,9 +276,9 @@ pub struct UffdGuestRam {
     region: RegionId,
     memfd: RawFd,
     /// MISSING mode: the contents of page 0 (the system image) to COPY.
-    staged_first: Option<CopySource>,
+    staged_first: Vec<u8>,
     /// MISSING mode: a huge page of zeros to COPY (resident).
-    zeros: Option<CopySource>,
+    zeros: Option<ZeroSource>,
     hostmm: Mutex<HostMm>,
     /// Where host invalidations of guest RAM are delivered.
     subs: Subscribers,
@@ -361,9 +368,9 @@ impl UffdGuestRam {
             alias,
             region,
             memfd,
-            staged_first: None,
+            staged_first: Vec::new(),
             zeros: if mode == UffdMode::Missing {
-                Some(CopySource::new(page, false)?)
+                Some(ZeroSource::new(page)?)
             } else {
                 None
             },
@@ -458,14 +465,11 @@ impl UffdGuestRam {
                         size: page,
                     });
                 }
-                if self.staged_first.is_none() {
-                    // Resident in full (see the module docs: COPY from a
-                    // non-resident source needs a second huge page).
-                    self.staged_first = Some(CopySource::new(page as usize, true)?);
+                if self.staged_first.is_empty() {
+                    self.staged_first = vec![0u8; page as usize];
+                    make_resident(&mut self.staged_first);
                 }
-                if let Some(st) = self.staged_first.as_mut() {
-                    st.as_mut_slice()[gpa as usize..(gpa + len) as usize].copy_from_slice(bytes);
-                }
+                self.staged_first[gpa as usize..(gpa + len) as usize].copy_from_slice(bytes);
             }
         }
         Ok(())
@@ -522,14 +526,11 @@ impl UffdGuestRam {
             UffdMode::Minor => self.uffd.continue_range(r, wake)?,
             UffdMode::Kernel | UffdMode::KernelPrefilled => false,
             UffdMode::Missing => {
-                let staged = self
-                    .staged_first
-                    .as_ref()
-                    .filter(|_| r.start == self.guest_hva);
-                let src = staged
-                    .or(self.zeros.as_ref())
-                    .map(CopySource::as_slice)
-                    .unwrap_or(&[]);
+                let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
+                    &self.staged_first[..]
+                } else {
+                    self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[])
+                };
                 self.uffd.copy(r, src, wake)?
             }
         })
