@@ -260,7 +260,13 @@ fn wake_early_and_spin_keep_every_page_in_the_mmu() {
         let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert!(r.checksum_ok, "{mode}: {r:?}");
         assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
-        assert_eq!(r.stats.pf_fixed + r.spurious, r.faults, "{mode}: {r:?}");
+        // A fault whose page was discarded after its vCPU had resumed is
+        // dropped, not re-populated (that would undo the discard).
+        assert_eq!(
+            r.stats.pf_fixed + r.spurious + r.abandoned,
+            r.faults,
+            "{mode}: {r:?}"
+        );
     }
 }
 

@@ -222,6 +222,9 @@ pub struct RunReport {
     pub faults: u64,
     /// Huge pages mapped ahead by `--fault-around`.
     pub prefetched: u64,
+    /// Wake-early faults dropped because their page was removed after the
+    /// vCPU had resumed (see `uffd_fault::FaultReport::abandoned`).
+    pub abandoned: u64,
     pub fault_retries: u64,
     pub already_present: u64,
     pub spurious: u64,
@@ -612,6 +615,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         params,
         faults: faults.faults,
         prefetched: faults.prefetched,
+        abandoned: faults.abandoned,
         fault_retries: faults.fault_retries,
         already_present: faults.already_present,
         spurious: faults.spurious,

@@ -127,6 +127,11 @@ pub struct FaultReport {
     pub events: UffdEventCounts,
     /// Huge pages mapped ahead by fault-around (no fault of their own).
     pub prefetched: u64,
+    /// Wake-early faults whose vCPU had already resumed and whose host page
+    /// an invalidation removed before the SPTE could be installed: dropped
+    /// (the MMU may map less than the host; the guest faults again if it
+    /// touches the page).
+    pub abandoned: u64,
 }
 
 /// How the fault thread runs.
@@ -187,7 +192,24 @@ pub struct FaultThread {
 /// One fault attempt's outcome.
 enum Attempt {
     Done,
-    Retry,
+    /// Come back later; `woken`: this attempt already woke the vCPU.
+    Retry {
+        woken: bool,
+    },
+    /// Dropped (see [`FaultReport::abandoned`]).
+    Abandoned,
+}
+
+/// How an attempt makes the host page present.
+#[derive(Clone, Copy)]
+enum Resolve<'a> {
+    /// CONTINUE/COPY; with `wake`, the same ioctl wakes the vCPU.
+    Populate { wake: bool },
+    /// A re-attempt of a fault whose vCPU an earlier attempt already woke
+    /// (wake-early): the guest ran on, and an invalidation may have removed
+    /// the page since, on purpose (a discard). Populating it again would
+    /// undo that; map only what the host still has.
+    PresentOnly(&'a std::cell::RefCell<Option<Pagemap>>),
 }
 
 /// Try to resolve the fault at `hva` once: the MMU fault path with
@@ -199,7 +221,7 @@ fn try_fault(
     mmu: &TdpMmu,
     hva: u64,
     write: bool,
-    wake_early: bool,
+    how: Resolve<'_>,
     ahead: u64,
     rep: &mut FaultReport,
 ) -> Result<Attempt, FaultThreadError> {
@@ -216,17 +238,32 @@ fn try_fault(
     let already = std::cell::Cell::new(false);
     let woken = std::cell::Cell::new(false);
     let again = std::cell::Cell::new(false);
+    let gone = std::cell::Cell::new(false);
     let populate_ns = std::cell::Cell::new(0u64);
     // __kvm_faultin_pfn: make the host page present and name its pfn; the
     // memfd page index is the pfn (gpa == memfd offset).
     let resolver = |_slot: &Memslot, gfn: u64, _hva: u64, _write: bool| {
         let gpa = gfn << PAGE_SHIFT;
         let t0 = Instant::now();
-        let r = if wake_early {
-            ram.populate_and_wake(gpa)
-        } else {
-            ram.populate(gpa)
+        let r = match how {
+            Resolve::Populate { wake: true } => ram.populate_and_wake(gpa),
+            Resolve::Populate { wake: false } => ram.populate(gpa),
+            Resolve::PresentOnly(pm) => {
+                let present = pm
+                    .borrow_mut()
+                    .as_mut()
+                    .is_some_and(|pm| pm.any_present(ram.page_range(gpa)).unwrap_or(false));
+                gone.set(!present);
+                Ok(false)
+            }
         };
+        if gone.get() {
+            return Err(ResolveError::Host {
+                hva: ram.guest_hva() + gpa,
+                reason: "removed since the vCPU resumed".into(),
+            });
+        }
+        let wake_early = matches!(how, Resolve::Populate { wake: true });
         populate_ns.set(populate_ns.get() + t0.elapsed().as_nanos() as u64);
         match r {
             Ok(mapped) => {
@@ -252,13 +289,17 @@ fn try_fault(
     match outcome {
         Ok(FaultOutcome::Retry) => {
             rep.fault_retries += 1;
-            return Ok(Attempt::Retry);
+            return Ok(Attempt::Retry { woken: woken.get() });
         }
         Ok(FaultOutcome::Spurious(_)) => rep.spurious += 1,
         Ok(FaultOutcome::Fixed(_)) => {}
         Err(_) if again.get() => {
             rep.eagain += 1;
-            return Ok(Attempt::Retry);
+            return Ok(Attempt::Retry { woken: woken.get() });
+        }
+        Err(_) if gone.get() => {
+            rep.abandoned += 1;
+            return Ok(Attempt::Abandoned);
         }
         Err(source) => return Err(FaultThreadError::Mmu { gfn, source }),
     }
@@ -278,7 +319,7 @@ fn try_fault(
             break;
         }
     }
-    if !woken.get() {
+    if !woken.get() && !matches!(how, Resolve::PresentOnly(_)) {
         ram.wake(gpa)
             .map_err(|source| FaultThreadError::Wake { gfn, source })?;
     }
@@ -342,7 +383,15 @@ pub fn handle_fault(
     write: bool,
     rep: &mut FaultReport,
 ) -> Result<(), FaultThreadError> {
-    while let Attempt::Retry = try_fault(ram, mmu, hva, write, false, 0, rep)? {
+    while let Attempt::Retry { .. } = try_fault(
+        ram,
+        mmu,
+        hva,
+        write,
+        Resolve::Populate { wake: false },
+        0,
+        rep,
+    )? {
         std::thread::yield_now();
     }
     Ok(())
@@ -353,6 +402,8 @@ struct Parked {
     hva: u64,
     write: bool,
     read_at: Instant,
+    /// An attempt already woke the vCPU (wake-early).
+    woken: bool,
 }
 
 /// Run the fault loop on a new thread until `stop` is set. With `spin`,
@@ -430,7 +481,7 @@ fn fault_loop(
     }
     let mut rep = FaultReport::default();
     let mut parked: VecDeque<Parked> = VecDeque::new();
-    let mut pagemap = Pagemap::open().ok();
+    let pagemap = std::cell::RefCell::new(Pagemap::open().ok());
     while !stop.load(Ordering::Acquire) {
         // Sleep in poll(2) only when nothing is parked.
         let timeout = if opts.spin || !parked.is_empty() {
@@ -459,29 +510,33 @@ fn fault_loop(
                 rep.faults += 1;
                 let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
                 // The common case first: nothing parked, resolve right away.
+                let mut woken = false;
                 if parked.is_empty() {
                     match try_fault(
                         ram,
                         mmu,
                         address,
                         write,
-                        opts.wake_early,
+                        Resolve::Populate {
+                            wake: opts.wake_early,
+                        },
                         opts.fault_around,
                         &mut rep,
                     )? {
-                        Attempt::Done => {
+                        Attempt::Done | Attempt::Abandoned => {
                             rep.fault_to_resume_ns
                                 .push(read_at.elapsed().as_nanos() as u64);
                             fault_around(ram, mmu, address, opts.fault_around, &mut rep);
                             continue;
                         }
-                        Attempt::Retry => {}
+                        Attempt::Retry { woken: w } => woken = w,
                     }
                 }
                 parked.push_back(Parked {
                     hva: address,
                     write,
                     read_at,
+                    woken,
                 });
                 continue; // read whatever else is there first
             }
@@ -490,7 +545,7 @@ fn fault_loop(
                     ram.subscribers(),
                     mmu,
                     &ev,
-                    pagemap.as_mut(),
+                    pagemap.borrow_mut().as_mut(),
                     &mut rep.events,
                 );
                 continue;
@@ -500,23 +555,28 @@ fn fault_loop(
         let n = parked.len();
         let mut progressed = false;
         for _ in 0..n {
-            let Some(p) = parked.pop_front() else { break };
-            match try_fault(
-                ram,
-                mmu,
-                p.hva,
-                p.write,
-                opts.wake_early,
-                opts.fault_around,
-                &mut rep,
-            )? {
+            let Some(mut p) = parked.pop_front() else {
+                break;
+            };
+            let how = if p.woken {
+                Resolve::PresentOnly(&pagemap)
+            } else {
+                Resolve::Populate {
+                    wake: opts.wake_early,
+                }
+            };
+            match try_fault(ram, mmu, p.hva, p.write, how, opts.fault_around, &mut rep)? {
                 Attempt::Done => {
                     rep.fault_to_resume_ns
                         .push(p.read_at.elapsed().as_nanos() as u64);
                     fault_around(ram, mmu, p.hva, opts.fault_around, &mut rep);
                     progressed = true;
                 }
-                Attempt::Retry => parked.push_back(p),
+                Attempt::Abandoned => progressed = true,
+                Attempt::Retry { woken } => {
+                    p.woken |= woken;
+                    parked.push_back(p);
+                }
             }
         }
         if !parked.is_empty() && !progressed {
