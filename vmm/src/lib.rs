@@ -9,6 +9,7 @@ pub mod gva;
 pub mod kernel;
 pub mod kvm;
 pub mod memory;
+pub mod nested_run;
 pub mod notifier_check;
 pub mod plot;
 pub mod run;

@@ -22,6 +22,8 @@ enum Cmd {
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
     /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
     SoftLockup(vmm::soft_lockup::SoftLockupArgs),
+    /// Nested TDP, real plane: the built-in L1-hypervisor guest's EPT tables shadowed, host invalidations with a watchdog.
+    NestedRun(vmm::nested_run::NestedRunArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,5 +33,6 @@ fn main() -> ExitCode {
         Cmd::Run(args) => vmm::run::main(args),
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
+        Cmd::NestedRun(a) => vmm::nested_run::main(a),
     }
 }

@@ -28,6 +28,19 @@ pub enum OnOff {
     Off,
 }
 
+impl OnOff {
+    /// The zap's yield policy: yield after `max_units` rmap heads or
+    /// `slice_us` (on), or never (off: KVM before 6.12).
+    pub fn policy(self, max_units: u64, slice_us: u64) -> YieldPolicy {
+        match self {
+            OnOff::On => YieldPolicy::default()
+                .with_max_units(max_units)
+                .with_slice(Duration::from_micros(slice_us)),
+            OnOff::Off => YieldPolicy::never().with_max_units(max_units),
+        }
+    }
+}
+
 /// Arguments of `vmm soft-lockup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoftLockupArgs {
@@ -126,12 +139,7 @@ impl Scenario {
         if a.max_units == 0 || a.watchdog_ms == 0 {
             return Err(SoftLockupError::BadYieldArgs);
         }
-        let policy = match a.yield_mode {
-            OnOff::On => YieldPolicy::default()
-                .with_max_units(a.max_units)
-                .with_slice(Duration::from_micros(a.slice_us)),
-            OnOff::Off => YieldPolicy::never().with_max_units(a.max_units),
-        };
+        let policy = a.yield_mode.policy(a.max_units, a.slice_us);
         Ok(Self {
             model,
             zap: (0, range >> 12),
@@ -253,7 +261,10 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
     Ok(report(sc, &model, &rep, wd, checked, ctx.stats.snapshot()))
 }
 
-fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+/// The soft-lockup detector's stand-in: once the zap publishes that it
+/// started, need `mmu_lock` every `period` until the zap is done; report
+/// the worst wait.
+pub fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
     let lock = &ctx.mmu_lock;
     let mut r = WatchdogReport::default();
     while !progress.started.load(Ordering::Acquire) {
