@@ -85,6 +85,10 @@ pub struct NestedRunArgs {
     /// write-tracked gfns' contents.
     #[arg(long)]
     pub silent: bool,
+    /// Negative control: ignore the L1's EPT stores (announced or not), so
+    /// the stale-translation check must find them.
+    #[arg(long, hide = true)]
+    pub ignore_table_writes: bool,
     /// Bytes of L1 RAM (from gpa 0) mprotected per vmlaunch (default: all).
     #[arg(long, value_parser = parse_size)]
     pub protect: Option<u64>,
@@ -125,6 +129,7 @@ impl NestedRunArgs {
             edit_fraction: 0.25,
             edits: 3,
             silent: false,
+            ignore_table_writes: false,
             protect: None,
             yield_mode: OnOff::On,
             blind: false,
@@ -289,6 +294,7 @@ struct NestedPlane {
     params: L1hvParams,
     protect: HvaRange,
     watchdog_period: Duration,
+    ignore_table_writes: bool,
     /// Contents of every write-tracked gfn as last shadowed.
     snapshots: HashMap<u64, Box<[u64; 512]>>,
     r: NestedRunReport,
@@ -346,6 +352,7 @@ impl NestedPlane {
     fn table_write(&mut self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
         match &self.mmu {
+            _ if self.ignore_table_writes => {}
             Some(m) if m.is_write_tracked(gfn) => {
                 self.r.table_write_faults += 1;
                 self.r.shadow_pages_zapped_by_writes += m.guest_table_write(gfn);
@@ -363,6 +370,7 @@ impl NestedPlane {
         let changed: Vec<u64> = self
             .snapshots
             .iter()
+            .filter(|_| !self.ignore_table_writes)
             .filter(|(gfn, snap)| {
                 self.ram
                     .read_u64s::<512>(**gfn << PAGE_SHIFT)
@@ -618,6 +626,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         params,
         protect: HvaRange::new(ram.guest_hva(), ram.guest_hva() + protect_bytes),
         watchdog_period: Duration::from_millis(args.watchdog_ms),
+        ignore_table_writes: args.ignore_table_writes,
         snapshots: HashMap::new(),
         r: NestedRunReport {
             mem_mib: args.mem >> 20,
