@@ -372,6 +372,21 @@ fn skip_unless_mapped0(a: &mut CodeAssembler, skip: CodeLabel) -> Result<(), Ice
     a.jae(skip)
 }
 
+/// Write the leaf of L2 page `rbx` (rdi = its entry's gpa afterwards).
+fn write_leaf(
+    a: &mut CodeAssembler,
+    leaf_slot: CodeLabel,
+    leaf_value: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(rdi, rbx)?;
+    a.mov(rcx, r9)?;
+    a.shl(rdi, cl)?;
+    a.call(leaf_slot)?;
+    a.mov(rdi, rax)?;
+    a.call(leaf_value)?;
+    a.mov(qword_ptr(rdi), rax)
+}
+
 /// Registers: rbx = L2 page i, r8 = npages, r9 = shift, r10 = density
 /// threshold, r11 = data_base, r12 = root, r13 = next free table, r14 =
 /// table pool end, r15 = generation, rbp = leaf flags; rax, rcx, rdx, rsi,
@@ -407,13 +422,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.cmp(rbx, r8)?;
     a.jae(build_done)?;
     skip_unless_mapped0(&mut a, build_next)?;
-    a.mov(rdi, rbx)?;
-    a.mov(rcx, r9)?;
-    a.shl(rdi, cl)?;
-    a.call(leaf_slot)?;
-    a.mov(rdi, rax)?;
-    a.call(leaf_value)?;
-    a.mov(qword_ptr(rdi), rax)?;
+    write_leaf(&mut a, leaf_slot, leaf_value)?;
     a.set_label(&mut build_next)?;
     a.inc(rbx)?;
     a.jmp(build_loop)?;
@@ -445,13 +454,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.cmp(rbx, r8)?;
     a.jae(launch)?;
     skip_unless_mapped0(&mut a, edit_next)?;
-    a.mov(rdi, rbx)?;
-    a.mov(rcx, r9)?;
-    a.shl(rdi, cl)?;
-    a.call(leaf_slot)?;
-    a.mov(rdi, rax)?;
-    a.call(leaf_value)?;
-    a.mov(qword_ptr(rdi), rax)?;
+    write_leaf(&mut a, leaf_slot, leaf_value)?;
     a.mov(rsi, params)?;
     a.cmp(pw(w::ANNOUNCE), 0)?;
     a.je(edit_next)?;

@@ -580,7 +580,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
     let params = args.config().params()?;
     let image = l1hv::system_image(&params, args.mem)?;
     let protect_bytes = args.protect.unwrap_or(args.mem);
-    if protect_bytes == 0 || protect_bytes % (2 << 20) != 0 || protect_bytes > args.mem {
+    if protect_bytes == 0 || !protect_bytes.is_multiple_of(2 << 20) || protect_bytes > args.mem {
         return Err(NestedRunError::BadProtect(protect_bytes));
     }
     let kvm = crate::kvm::open(&args.kvm_dev).map_err(RunError::from)?;
