@@ -188,6 +188,9 @@ pub struct NestedRunReport {
     pub l2_bytes: u64,
     pub l2_page: String,
     pub l2_pages: u64,
+    /// L2 gpas whose accesses are simulated (one per L2 page, or per 2 MiB
+    /// of a 1 GiB L2 page).
+    pub l2_samples: u64,
     pub density: f64,
     pub announce: bool,
     pub yield_on: bool,
@@ -300,11 +303,13 @@ struct NestedPlane {
     r: NestedRunReport,
 }
 
-/// L2 gpas the VMM simulates accesses to: one per L2 page (at a varying
-/// offset inside large pages).
+/// L2 gpas the VMM simulates accesses to: one per L2 page, or per 2 MiB
+/// (the host page size) of a 1 GiB L2 page, at a varying 4 KiB offset
+/// inside large pages.
 fn sample_gpas(p: &L1hvParams) -> impl Iterator<Item = u64> + '_ {
-    let ps = p.page.bytes();
-    (0..p.npages).map(move |i| (i * ps) | ((i << PAGE_SHIFT) & (ps - 1)))
+    let step = p.page.bytes().min(2 << 20);
+    let n = (p.npages << p.page.shift()) / step;
+    (0..n).map(move |k| (k * step) | ((k << PAGE_SHIFT) & (step - 1)))
 }
 
 impl NestedPlane {
@@ -633,6 +638,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
             l2_bytes: args.l2,
             l2_page: args.l2_page.to_string(),
             l2_pages: params.npages,
+            l2_samples: sample_gpas(&params).count() as u64,
             density: args.density,
             announce: params.announce,
             yield_on: args.yield_mode == OnOff::On,
