@@ -140,3 +140,20 @@ fn ignoring_the_l1s_edits_leaves_stale_translations() {
     assert_eq!(r.stale_after_invalidation, 0);
     assert!(!r.ok());
 }
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    use vmm::nested_run::NestedRunError;
+    let mut a = args(L2Page::Size4K, OnOff::On);
+    a.protect = Some(3 << 20);
+    assert!(matches!(run(&a), Err(NestedRunError::BadProtect(_))));
+    let mut a = args(L2Page::Size4K, OnOff::On);
+    a.l2 = MEM * 4;
+    assert!(matches!(run(&a), Err(NestedRunError::Guest(_))));
+    let mut a = args(L2Page::Size4K, OnOff::On);
+    a.density = 0.0;
+    assert!(matches!(run(&a), Err(NestedRunError::Guest(_))));
+    let mut a = args(L2Page::Size4K, OnOff::On);
+    a.watchdog_ms = 0;
+    assert!(matches!(run(&a), Err(NestedRunError::BadYieldArgs)));
+}
