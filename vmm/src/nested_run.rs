@@ -211,6 +211,8 @@ pub struct NestedRunReport {
     pub l2_faults: u64,
     /// Simulated L2 accesses to unmapped pages (an EPT violation for L1).
     pub l2_ept_violations: u64,
+    /// Simulated L2 accesses the L1 mapped outside its RAM (L2 MMIO).
+    pub l2_mmio_accesses: u64,
     pub translations_checked: u64,
     /// Shadow translations that disagreed with the reference walk after
     /// faulting (must be 0).
@@ -466,6 +468,9 @@ impl NestedPlane {
                     Ok(_) => {}
                     // An EPT violation/misconfig L1 would handle.
                     Err(FaultError::Guest(_)) => self.r.l2_ept_violations += 1,
+                    // L1 mapped the L2 page to a gpa outside its RAM: MMIO
+                    // for L2, which this VMM does not emulate.
+                    Err(FaultError::NoMemslot { .. }) => self.r.l2_mmio_accesses += 1,
                     Err(err) => return Err(NestedRunError::Fault { gpa, err }),
                 }
                 break;
