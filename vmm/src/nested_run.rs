@@ -38,12 +38,14 @@
 //! (`table_write_faults`); a store to an untracked gfn would not have
 //! faulted (`untracked_table_writes`).
 
+use crate::assist::gpr64;
 use crate::boot::parse_size;
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
 use crate::memory::HugePages;
 use crate::run::{self, RunError, Watchdog};
-use crate::soft_lockup::{watchdog, OnOff, WatchdogReport};
+use crate::soft_lockup::{watchdog_until, OnOff, WatchdogReport};
 use guests::l1hv::{self, L1hvConfig, L1hvError, L1hvParams, L2Page};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use kvm_ioctls::VcpuExit;
 use mmu::guest_walk::{walk_ept, AccessKind, EptPaging, GuestPhysMem, MemError, PAGE_SHIFT};
 use mmu::memslot::{Memslot, Memslots};
@@ -51,12 +53,14 @@ use mmu::nested::NestedMmu;
 use mmu::shadow::{FaultError, FaultOutcome, NotifierZap, WalkMode, ZapProgress, ZapReport};
 use mmu::spte::PageLevel;
 use mmu::tdp::HostPage;
+use mmu::yielder::YieldReport;
 use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use notifier::subscriber::{Invalidation, InvalidationSubscriber};
 use notifier::{HvaRange, Subscribers};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,10 +85,13 @@ pub struct NestedRunArgs {
     /// EPT edit rounds after the first vmlaunch.
     #[arg(long, default_value_t = 3)]
     pub edits: u64,
-    /// The L1 does not announce its EPT stores: the VMM finds them by the
-    /// write-tracked gfns' contents.
-    #[arg(long)]
-    pub silent: bool,
+    /// How the VMM learns of the L1's stores to its EPT tables: trap (the
+    /// table pool's huge pages are write-protected in the host, a store
+    /// exits with a memory fault and is emulated: KVM's way), announce (the
+    /// L1 rings a doorbell with each entry's gpa), contents (the L1 says
+    /// nothing; the VMM compares the write-tracked gfns at each vmlaunch).
+    #[arg(long, value_enum, default_value = "trap")]
+    pub write_track: WriteTrack,
     /// Negative control: ignore the L1's EPT stores (announced or not), so
     /// the stale-translation check must find them.
     #[arg(long, hide = true)]
@@ -132,7 +139,7 @@ impl NestedRunArgs {
             density: 0.5,
             edit_fraction: 0.25,
             edits: 3,
-            silent: false,
+            write_track: WriteTrack::Trap,
             ignore_table_writes: false,
             protect: None,
             yield_mode: OnOff::On,
@@ -154,9 +161,17 @@ impl NestedRunArgs {
             page: self.l2_page,
             density: self.density,
             edit_fraction: self.edit_fraction,
-            announce: !self.silent,
+            announce: self.write_track == WriteTrack::Announce,
         }
     }
+}
+
+/// How the L1's EPT-table stores reach the VMM (`--write-track`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum WriteTrack {
+    Trap,
+    Announce,
+    Contents,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +200,14 @@ pub enum NestedRunError {
     Watchdog,
     #[error("the control word at {0:#x} kept changing while the guest was stopped")]
     ControlWord(u64),
+    #[error("memory fault at rip {rip:#x} not an 8-byte register store into the write-protected EPT table pool: {what}")]
+    UnexpectedFault { rip: u64, what: String },
+    #[error("{what}: {source}")]
+    Vcpu {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// The `--json` summary. The zap figures are those of `vmm soft-lockup`
@@ -200,6 +223,7 @@ pub struct NestedRunReport {
     pub l2_samples: u64,
     pub density: f64,
     pub announce: bool,
+    pub write_track: String,
     pub yield_on: bool,
     pub walk: String,
     pub protect_bytes: u64,
@@ -228,10 +252,14 @@ pub struct NestedRunReport {
     /// Most guest EPT table gfns shadowed at once, and write-tracked.
     pub ept_tables_shadowed: u64,
     pub write_tracked_gfns: u64,
-    /// Announced EPT stores to write-tracked gfns (KVM: write faults).
+    /// EPT stores (trapped or announced) to write-tracked gfns: KVM's write
+    /// faults on write-protected guest tables.
     pub table_write_faults: u64,
-    /// Announced EPT stores to gfns not tracked (any more): no fault.
+    /// EPT stores to gfns not tracked (any more): KVM would not fault (with
+    /// `trap`, the 2 MiB host protection traps them anyway).
     pub untracked_table_writes: u64,
+    /// Stores trapped by the host write protection and emulated.
+    pub table_write_traps: u64,
     /// Write-tracked gfns found changed without an announcement.
     pub unannounced_writes_detected: u64,
     pub shadow_pages_zapped_by_writes: u64,
@@ -293,12 +321,28 @@ impl GuestPhysMem for L1Mem {
     }
 }
 
+/// Registered after the [`KvmMmuNotifier`]: keeps the yield report of
+/// each `invalidate_range_start` (one per notified range) for the figures.
+struct YieldRecorder {
+    notifier: Arc<KvmMmuNotifier>,
+    reports: parking_lot::Mutex<Vec<YieldReport>>,
+}
+
+impl InvalidationSubscriber for YieldRecorder {
+    fn invalidate_range_start(&self, _inv: &Invalidation) {
+        if let Some(r) = self.notifier.last_report() {
+            self.reports.lock().push(r);
+        }
+    }
+    fn invalidate_range_end(&self, _inv: &Invalidation) {}
+}
+
 /// The VMM's side of the L1: its nested MMU and what the checks found.
 struct NestedPlane {
     ram: Arc<UffdGuestRam>,
     mem: Arc<L1Mem>,
     ctx: Arc<MmuContext>,
-    notifier: Arc<KvmMmuNotifier>,
+    yields: Arc<YieldRecorder>,
     progress: Arc<ZapProgress>,
     walk: WalkMode,
     backing: PageLevel,
@@ -307,6 +351,10 @@ struct NestedPlane {
     protect: HvaRange,
     watchdog_period: Duration,
     ignore_table_writes: bool,
+    write_track: WriteTrack,
+    /// The huge pages holding the L1's EPT table pool (host-write-protected
+    /// with `--write-track trap`).
+    pool: HvaRange,
     /// Contents of every write-tracked gfn as last shadowed.
     snapshots: HashMap<u64, Box<[u64; 512]>>,
     r: NestedRunReport,
@@ -350,7 +398,7 @@ impl NestedPlane {
             progress: Some(self.progress.clone()),
         });
         let mmu = Arc::new(mmu);
-        self.notifier.add_mmu(mmu.clone());
+        self.yields.notifier.add_mmu(mmu.clone());
         self.mmu = Some(mmu.clone());
         mmu
     }
@@ -425,7 +473,11 @@ impl NestedPlane {
             .max(tracked.iter().filter(|&&g| mmu.is_write_tracked(g)).count() as u64);
         // 4. Host invalidation of L1 RAM.
         self.invalidate(&mmu, &paging)?;
-        // 5. L2 touches its pages again; remember what was shadowed.
+        // 5. (`trap`: write-protect the table pool in the host, before the
+        // tables are shadowed again: a host invalidation of a range zaps
+        // the shadow pages of the guest tables in it.) L2 touches its pages
+        // again; remember what was shadowed.
+        self.protect_pool(&mmu)?;
         self.fault_all(&mmu, &paging)?;
         self.check_translations(&mmu, &paging, None);
         self.snapshots.clear();
@@ -503,26 +555,41 @@ impl NestedPlane {
         }
     }
 
-    /// One `mprotect` of the protected range through `notifier::ops`, with
-    /// the watchdog waiting on `mmu_lock` while the zap runs.
-    fn watched_protect(&mut self, mmu: &NestedMmu, prot: i32) -> Result<(), NestedRunError> {
+    /// One `mprotect` of `range` through `notifier::ops`, with the watchdog
+    /// waiting on `mmu_lock` while the zap runs; its figures go into the
+    /// report if `record`.
+    fn watched_protect(
+        &mut self,
+        mmu: &NestedMmu,
+        range: HvaRange,
+        prot: i32,
+        record: bool,
+    ) -> Result<(), NestedRunError> {
         self.progress.started.store(false, Ordering::Release);
         self.progress.done.store(false, Ordering::Release);
+        let over = Arc::new(AtomicBool::new(false));
         let wd = {
-            let (ctx, progress, period) = (
+            let (ctx, progress, period, over) = (
                 self.ctx.clone(),
                 self.progress.clone(),
                 self.watchdog_period,
+                over.clone(),
             );
-            std::thread::spawn(move || watchdog(&ctx, &progress, period))
+            std::thread::spawn(move || {
+                watchdog_until(&ctx, &progress, period, || over.load(Ordering::Acquire))
+            })
         };
-        let res = self.ram.hostmm().protect(self.protect, prot);
-        // A failed (or zap-less) operation: let the watchdog go.
-        if !self.progress.started.swap(true, Ordering::AcqRel) {
-            self.progress.done.store(true, Ordering::Release);
-        }
+        // One zap per VMA the kernel notifies (the pool's protection splits
+        // L1's VMA in three); the watchdog runs over all of them.
+        let res = self.ram.hostmm().protect(range, prot);
+        over.store(true, Ordering::Release);
         let wd: WatchdogReport = wd.join().map_err(|_| NestedRunError::Watchdog)?;
         let notes = res?;
+        if !record {
+            mmu.take_notifier_reports();
+            self.yields.reports.lock().clear();
+            return Ok(());
+        }
         self.r.invalidations += 1;
         self.r.notified_ranges += notes.len() as u64;
         let r = &mut self.r;
@@ -530,7 +597,7 @@ impl NestedPlane {
         r.watchdog_worst_wait_entries = r.watchdog_worst_wait_entries.max(wd.worst_wait_entries);
         r.watchdog_worst_wait_work = r.watchdog_worst_wait_work.max(wd.worst_wait_work);
         r.watchdog_acquisitions += wd.acquisitions;
-        if let Some(y) = self.notifier.last_report() {
+        for y in std::mem::take(&mut *self.yields.reports.lock()) {
             r.max_stretch_ns = r.max_stretch_ns.max(y.longest.ns);
             r.max_stretch_entries = r.max_stretch_entries.max(y.longest.units);
             r.yields += y.yields;
@@ -548,7 +615,7 @@ impl NestedPlane {
 
     /// 4.: protect the range read-only (the zap), check, and restore RW.
     fn invalidate(&mut self, mmu: &NestedMmu, paging: &EptPaging) -> Result<(), NestedRunError> {
-        self.watched_protect(mmu, libc::PROT_READ)?;
+        self.watched_protect(mmu, self.protect, libc::PROT_READ, true)?;
         let base = self.ram.guest_hva();
         let (g0, g1) = (
             (self.protect.start - base) >> PAGE_SHIFT,
@@ -566,7 +633,64 @@ impl NestedPlane {
                 }
             }
         }
-        self.watched_protect(mmu, libc::PROT_READ | libc::PROT_WRITE)
+        self.watched_protect(mmu, self.protect, libc::PROT_READ | libc::PROT_WRITE, true)
+    }
+
+    /// `--write-track trap`: write-protect the table pool in the host, so
+    /// the L1's next EPT store faults.
+    fn protect_pool(&mut self, mmu: &NestedMmu) -> Result<(), NestedRunError> {
+        if self.write_track == WriteTrack::Trap {
+            self.watched_protect(mmu, self.pool, libc::PROT_READ, false)?;
+        }
+        Ok(())
+    }
+
+    /// A store the host write protection trapped (`x86_emulate_instruction`
+    /// for a write to a write-protected guest table): decode the L1's
+    /// instruction, perform the store through the VMM's mapping, step over
+    /// it, and handle it as the write fault it is.
+    fn emulate_table_store(&mut self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), NestedRunError> {
+        let vcpu_err = |what| move |source| NestedRunError::Vcpu { what, source };
+        let mut regs = vcpu.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?;
+        let rip = regs.rip;
+        let bad = |what: String| NestedRunError::UnexpectedFault { rip, what };
+        // The L1 runs on identity page tables: its rip is a gpa.
+        let base = rip & !7;
+        let words = self
+            .ram
+            .read_u64s::<3>(base)
+            .map_err(|e| bad(e.to_string()))?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let code = &bytes[(rip - base) as usize..];
+        let insn = Decoder::with_ip(64, code, rip, DecoderOptions::NONE).decode();
+        let is_store = insn.mnemonic() == Mnemonic::Mov
+            && insn.op_count() == 2
+            && insn.op0_kind() == OpKind::Memory
+            && insn.op1_kind() == OpKind::Register
+            && insn.op1_register().is_gpr64();
+        if !is_store {
+            return Err(bad(format!("{:?} {:?}", insn.mnemonic(), insn.code())));
+        }
+        let addr = insn
+            .virtual_address(0, 0, |r, _, _| match r {
+                Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+                r => gpr64(&regs, r),
+            })
+            .ok_or_else(|| bad("address".into()))?;
+        let value = gpr64(&regs, insn.op1_register()).ok_or_else(|| bad("source".into()))?;
+        let (p0, p1) = (
+            self.pool.start - self.ram.guest_hva(),
+            self.pool.end - self.ram.guest_hva(),
+        );
+        if !(p0..p1).contains(&addr) || !addr.is_multiple_of(8) {
+            return Err(bad(format!("store to {addr:#x}")));
+        }
+        store(&self.ram, addr, value)?;
+        regs.rip += insn.len() as u64;
+        vcpu.set_regs(&regs).map_err(vcpu_err("KVM_SET_REGS"))?;
+        self.r.table_write_traps += 1;
+        self.table_write(addr);
+        Ok(())
     }
 }
 
@@ -625,6 +749,11 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
     let policy: YieldPolicy = args.yield_mode.policy(args.max_units, args.slice_us);
     let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), policy));
     subs.register(notifier.clone());
+    let yields = Arc::new(YieldRecorder {
+        notifier,
+        reports: Default::default(),
+    });
+    subs.register(yields.clone());
     let walk = if args.blind {
         WalkMode::Blind
     } else {
@@ -634,7 +763,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         mem: Arc::new(L1Mem(ram.clone())),
         ram: ram.clone(),
         ctx: ctx.clone(),
-        notifier,
+        yields,
         progress: Arc::new(ZapProgress {
             hold_until_contended: true,
             ..Default::default()
@@ -646,6 +775,14 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         protect: HvaRange::new(ram.guest_hva(), ram.guest_hva() + protect_bytes),
         watchdog_period: Duration::from_millis(args.watchdog_ms),
         ignore_table_writes: args.ignore_table_writes,
+        write_track: args.write_track,
+        pool: {
+            let (b, e) = (
+                params.table_base,
+                params.table_end.div_ceil(2 << 20) * (2 << 20),
+            );
+            HvaRange::new(ram.guest_hva() + b, ram.guest_hva() + e.min(args.mem))
+        },
         snapshots: HashMap::new(),
         r: NestedRunReport {
             mem_mib: args.mem >> 20,
@@ -655,6 +792,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
             l2_samples: sample_gpas(&params).count() as u64,
             density: args.density,
             announce: params.announce,
+            write_track: format!("{:?}", args.write_track),
             yield_on: args.yield_mode == OnOff::On,
             walk: format!("{walk:?}"),
             protect_bytes,
@@ -699,6 +837,14 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
                     }
                 }
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+                // A store to the write-protected table pool (KVM: -EFAULT,
+                // with KVM_EXIT_MEMORY_FAULT where the kernel fills it in).
+                Ok(VcpuExit::MemoryFault { .. }) if args.write_track == WriteTrack::Trap => {
+                    plane.emulate_table_store(&vcpu)?
+                }
+                Err(e) if e.errno() == libc::EFAULT && args.write_track == WriteTrack::Trap => {
+                    plane.emulate_table_store(&vcpu)?
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
                     let exit = format!("{other:?}");
@@ -777,11 +923,11 @@ fn main_one(args: &NestedRunArgs) -> ExitCode {
         Ok(r) => {
             let ms = |ns: u64| ns as f64 / 1e6;
             println!(
-                "nested-run: L1 {} MiB, L2 {} MiB of {} pages ({} pages, density {}), {} vmlaunches, {} edit rounds, announce {}; \
-                 {} L2 faults ({} EPT violations), {} EPT tables shadowed, {} write-tracked, {} table write faults, {} silent writes found; \
+                "nested-run: L1 {} MiB, L2 {} MiB of {} pages ({} pages, density {}), {} vmlaunches, {} edit rounds, write-track {}; \
+                 {} L2 faults ({} EPT violations), {} EPT tables shadowed, {} write-tracked, {} table write faults ({} stores trapped), {} silent writes found; \
                  {} translations checked: {} mismatches, {} model mismatches, {} stale ({} after edits, {} after invalidation)",
-                r.mem_mib, r.l2_bytes >> 20, r.l2_page, r.l2_pages, r.density, r.vmlaunches, r.edit_rounds, r.announce,
-                r.l2_faults, r.l2_ept_violations, r.ept_tables_shadowed, r.write_tracked_gfns, r.table_write_faults,
+                r.mem_mib, r.l2_bytes >> 20, r.l2_page, r.l2_pages, r.density, r.vmlaunches, r.edit_rounds, r.write_track,
+                r.l2_faults, r.l2_ept_violations, r.ept_tables_shadowed, r.write_tracked_gfns, r.table_write_faults, r.table_write_traps,
                 r.unannounced_writes_detected, r.translations_checked, r.translation_mismatches, r.model_mismatches,
                 r.stale_translations, r.stale_after_edits, r.stale_after_invalidation
             );

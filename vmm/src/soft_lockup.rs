@@ -265,13 +265,28 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
 /// started, need `mmu_lock` every `period` until the zap is done; report
 /// the worst wait.
 pub fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+    watchdog_until(ctx, progress, period, || {
+        progress.done.load(Ordering::Acquire)
+    })
+}
+
+/// [`watchdog`] over an operation that may zap several times (one zap per
+/// notifier range): from the first zap's start until `over()` says the
+/// operation is over. A zap that starts while the watchdog waits counts
+/// its work from its own start.
+pub fn watchdog_until(
+    ctx: &MmuContext,
+    progress: &ZapProgress,
+    period: Duration,
+    over: impl Fn() -> bool,
+) -> WatchdogReport {
     let lock = &ctx.mmu_lock;
     let mut r = WatchdogReport::default();
-    while !progress.started.load(Ordering::Acquire) {
+    while !progress.started.load(Ordering::Acquire) && !over() {
         std::hint::spin_loop();
     }
     loop {
-        let done = progress.done.load(Ordering::Acquire);
+        let done = over();
         let (u0, y0) = (
             progress.heads_visited.load(Ordering::Acquire),
             progress.yields.load(Ordering::Acquire),
@@ -286,11 +301,11 @@ pub fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> W
         drop(g);
         r.acquisitions += 1;
         r.worst_wait_ns = r.worst_wait_ns.max(waited);
-        let entries = u1.saturating_sub(u0);
+        // (A new zap restarted the counters: its own work.)
+        let entries = if u1 >= u0 { u1 - u0 } else { u1 };
+        let yields = if y1 >= y0 { y1 - y0 } else { y1 };
         r.worst_wait_entries = r.worst_wait_entries.max(entries);
-        r.worst_wait_work = r
-            .worst_wait_work
-            .max(entries.saturating_sub(y1.saturating_sub(y0)));
+        r.worst_wait_work = r.worst_wait_work.max(entries.saturating_sub(yields));
         if done {
             return r;
         }
