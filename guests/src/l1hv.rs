@@ -26,15 +26,14 @@
 //!    the window, so targets stay distinct); then vmlaunch again.
 //!
 //! **Write tracking.** KVM write-protects the gfns of shadowed guest tables
-//! and learns of each write from the write fault. On this host the guest's
-//! stores are not trapped (no such protection reaches a CPL3 store here), so
-//! the guest *announces* each EPT-entry store with an 8-byte store of the
-//! entry's gpa to [`EPT_WRITE_MMIO`] (when [`L1hvParams::announce`] is set):
-//! the VMM handles it as KVM handles the write fault. The VMM does not
-//! trust the announcements: at every vmlaunch it also compares the contents
-//! of every write-tracked gfn with what it shadowed (see the VMM's
-//! `nested_run`), which catches an L1 that writes silently
-//! (`announce = false` exercises that path).
+//! and learns of each write from the write fault. The program needs no help
+//! for that: its tables live in their own huge pages (the pool, from
+//! [`L1hvParams::table_base`]), which the VMM can write-protect in the host
+//! so each store traps (the VMM's `nested_run --write-track trap`). It can
+//! also *announce* each EPT-entry store with an 8-byte store of the entry's
+//! gpa to [`EPT_WRITE_MMIO`] ([`L1hvParams::announce`]), for a VMM that
+//! does not trap; and a VMM that trusts neither compares the tracked gfns'
+//! contents at each vmlaunch.
 //!
 //! [`L1hvParams`] has the same computation in Rust ([`L1hvParams::entry`],
 //! [`L1hvParams::l1_gpa`]), so the VMM can check what the guest built.

@@ -27,16 +27,32 @@
 //!    zap), with the soft-lockup watchdog of [`crate::soft_lockup`] waiting
 //!    on `mmu_lock`; after it, no shadow translation may map the range
 //!    (`stale_after_invalidation`).
-//! 5. Re-fault L2 (the tables are shadowed and write-tracked again), take a
-//!    snapshot of every write-tracked gfn, and write the next generation (0:
-//!    stop) into the guest's control word.
+//! 5. (`trap`: write-protect the table pool in the host.) Re-fault L2 (the
+//!    tables are shadowed and write-tracked again), take a snapshot of every
+//!    write-tracked gfn, and write the next generation (0: stop) into the
+//!    guest's control word.
 //!
-//! Between vmlaunches the guest edits its tables and announces each store
-//! (an MMIO store of the entry's gpa): the VMM treats it as KVM treats a
-//! write fault on a write-protected guest table (`kvm_mmu_track_write`:
-//! zap the gfn's shadow pages) if the gfn is write-tracked
-//! (`table_write_faults`); a store to an untracked gfn would not have
-//! faulted (`untracked_table_writes`).
+//! Between vmlaunches the guest edits its tables. How the VMM learns of
+//! each store (`--write-track`):
+//! - `trap` (default, KVM's way): the huge pages of the L1's EPT table pool
+//!   are write-protected in the host (`mprotect(PROT_READ)` through
+//!   `notifier::ops`, before the tables are shadowed again), so a store to
+//!   them cannot be mapped writable by KVM: `KVM_RUN` fails with `EFAULT`
+//!   (on this host without a `KVM_EXIT_MEMORY_FAULT` exit reason). The VMM
+//!   decodes the instruction at the L1's rip (iced-x86; it must be an
+//!   8-byte register store into the pool), performs the store through its
+//!   own mapping, steps over it, and handles it as KVM handles a write fault
+//!   on a write-protected guest table (`kvm_mmu_track_write`: zap the gfn's
+//!   shadow pages) if the gfn is write-tracked (`table_write_faults`). The
+//!   host protects 2 MiB at a time, so stores to gfns no longer tracked trap
+//!   too (`untracked_table_writes`: KVM would not have faulted).
+//! - `announce`: the L1 follows each store with an MMIO store of the
+//!   entry's gpa; handled the same way.
+//! - `contents`: the L1 says nothing and nothing traps; at the next
+//!   vmlaunch every write-tracked gfn whose contents differ from the
+//!   snapshot taken when it was shadowed is handled as written
+//!   (`unannounced_writes_detected`). This check runs in every mode: the L1
+//!   is untrusted.
 
 use crate::assist::gpr64;
 use crate::boot::parse_size;
