@@ -13,7 +13,9 @@ use guests::l1hv::L2Page;
 use integration_tests::{require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
 use std::sync::{Mutex, MutexGuard};
-use vmm::nested_run::{run, NestedRunArgs, NestedRunReport, WriteTrack};
+use vmm::guest_ram_uffd::UffdRamError;
+use vmm::memory::MemoryError;
+use vmm::nested_run::{run, NestedRunArgs, NestedRunError, NestedRunReport, WriteTrack};
 use vmm::soft_lockup::OnOff;
 
 const MEM: u64 = 256 << 20;
@@ -45,8 +47,26 @@ fn args(page: L2Page, yield_mode: OnOff) -> NestedRunArgs {
     a
 }
 
+/// `run`, again (a few times) when other users of the machine took the
+/// free hugepages between our reservation and the run.
+fn run_retrying(a: &NestedRunArgs) -> NestedRunReport {
+    let mut _pool = None;
+    for attempt in 0.. {
+        match run(a) {
+            Err(NestedRunError::Ram(UffdRamError::Memory(MemoryError::NotEnoughHugepages {
+                ..
+            }))) if attempt < 5 => {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                _pool = require_hugepages_2m(MEM);
+            }
+            r => return r.unwrap_or_else(|e| panic!("{a:?}: {e}")),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 fn go(a: &NestedRunArgs) -> NestedRunReport {
-    let r = run(a).unwrap_or_else(|e| panic!("{a:?}: {e}"));
+    let r = run_retrying(a);
     eprintln!(
         "{} yield={}: {} faults, {} tables shadowed, {} write faults, {} silent; stretch {} ns / {} heads, {} yields, watchdog {} ns / {} heads / {} work, zap {} ns, {} heads",
         r.l2_page, r.yield_on, r.l2_faults, r.ept_tables_shadowed, r.table_write_faults,
@@ -146,7 +166,7 @@ fn ignoring_the_l1s_edits_leaves_stale_translations() {
     // checks the tracked gfns keeps translations the L1 removed or moved.
     let mut a = args(L2Page::Size4K, OnOff::On);
     a.ignore_table_writes = true;
-    let r = run(&a).unwrap_or_else(|e| panic!("{e}"));
+    let r = run_retrying(&a);
     assert!(r.stale_after_edits > 0, "{r:?}");
     assert_eq!(r.stale_after_invalidation, 0);
     assert!(!r.ok());
@@ -154,7 +174,6 @@ fn ignoring_the_l1s_edits_leaves_stale_translations() {
 
 #[test]
 fn bad_arguments_are_typed_errors() {
-    use vmm::nested_run::NestedRunError;
     let mut a = args(L2Page::Size4K, OnOff::On);
     a.protect = Some(3 << 20);
     assert!(matches!(run(&a), Err(NestedRunError::BadProtect(_))));
