@@ -71,6 +71,8 @@ use mmu::spte::PageLevel;
 use mmu::tdp::HostPage;
 use mmu::yielder::YieldReport;
 use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use notifier::hostconf::HugepageReservation;
+use notifier::hostmm::PageSize;
 use notifier::subscriber::{Invalidation, InvalidationSubscriber};
 use notifier::{HvaRange, Subscribers};
 use std::collections::HashMap;
@@ -86,6 +88,10 @@ pub struct NestedRunArgs {
     /// L1 guest RAM (2 MiB hugetlb).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub mem: u64,
+    /// As root, grow the 2 MiB hugetlb pool so L1's RAM fits, for this run
+    /// only (lowered again at exit).
+    #[arg(long)]
+    pub reserve_hugepages: bool,
     /// L2 guest-physical size.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub l2: u64,
@@ -150,6 +156,7 @@ impl NestedRunArgs {
     pub fn new(mem: u64, l2: u64, l2_page: L2Page) -> Self {
         Self {
             mem,
+            reserve_hugepages: false,
             l2,
             l2_page,
             density: 0.5,
@@ -743,6 +750,16 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         return Err(NestedRunError::BadProtect(protect_bytes));
     }
     let kvm = crate::kvm::open(&args.kvm_dev).map_err(RunError::from)?;
+    // (A pool the kernel cannot grow far enough is left to the RAM's own
+    // check, whose error says how many pages are free and needed.)
+    let _pool = if args.reserve_hugepages {
+        Some(HugepageReservation::reserve(
+            PageSize::Huge2M,
+            args.mem.div_ceil(PageSize::Huge2M.bytes()),
+        )?)
+    } else {
+        None
+    };
     let subs = Subscribers::new();
     // Prefilled hugetlb memfd, no userfaultfd: real KVM faults L1's RAM in
     // itself; the project's MMU here is the nested one.
