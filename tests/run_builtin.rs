@@ -4,9 +4,8 @@
 //! every one, checksum against the model).
 
 use guests::builtin::Pattern;
-use integration_tests::require;
+use integration_tests::{require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmm::guest_ram_uffd::UffdMode;
@@ -25,22 +24,12 @@ fn ready() -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> 
 }
 
 fn ready_for(mem: u64) -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !require("/dev/kvm", kvm) || !require("root (to reserve hugepages)", root) {
+    if !require_kvm_root() {
         return None;
     }
     let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = HugepageReservation::require(PageSize::Huge2M, mem / PageSize::Huge2M.bytes());
-    if !require("free 2M hugepages for guest RAM", pool.is_ok()) {
-        return None;
-    }
-    Some((lock, pool.unwrap()))
+    let pool = require_hugepages_2m(mem)?;
+    Some((lock, pool))
 }
 
 fn args(mode: UffdMode, kind: InvalKind) -> RunArgs {

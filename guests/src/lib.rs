@@ -1,4 +1,5 @@
 //! Guest payloads: the Linux image recipe and small built-in test guests.
 
 pub mod builtin;
+pub mod l1hv;
 pub mod linux;

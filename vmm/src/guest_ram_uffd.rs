@@ -498,6 +498,31 @@ impl UffdGuestRam {
         Ok(out)
     }
 
+    /// Atomically replace `old` with `new` at `gpa` through the alias (a
+    /// page-table walker's A/D update); `Ok(false)` if the value changed.
+    pub fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, UffdRamError> {
+        self.check(gpa, 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: 8,
+                size: self.size,
+            });
+        }
+        // SAFETY: inside the alias (checked), 8-byte aligned (checked; the
+        // mapping is page aligned), a MAP_SHARED mapping that lives as long
+        // as self; other writers (the guest) only ever race at the hardware
+        // level, which an atomic access tolerates.
+        let a = unsafe { &*((self.alias.addr + gpa) as *const std::sync::atomic::AtomicU64) };
+        Ok(a.compare_exchange(
+            old,
+            new,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .is_ok())
+    }
+
     /// The huge page containing `gpa`, as a guest-facing hva range.
     pub fn page_range(&self, gpa: u64) -> HvaRange {
         let page = self.page_size();

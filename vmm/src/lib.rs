@@ -11,6 +11,7 @@ pub mod host_events;
 pub mod kernel;
 pub mod kvm;
 pub mod memory;
+pub mod nested_run;
 pub mod notifier_check;
 pub mod plot;
 pub mod run;

@@ -24,6 +24,8 @@ enum Cmd {
     SoftLockup(vmm::soft_lockup::SoftLockupArgs),
     /// Benchmarks measured side by side with their baseline (fault-cost).
     Bench(vmm::bench::BenchArgs),
+    /// Nested TDP, real plane: the built-in L1-hypervisor guest's EPT tables shadowed, host invalidations with a watchdog.
+    NestedRun(vmm::nested_run::NestedRunArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,5 +36,6 @@ fn main() -> ExitCode {
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
         Cmd::Bench(a) => vmm::bench::main(a),
+        Cmd::NestedRun(a) => vmm::nested_run::main(a),
     }
 }

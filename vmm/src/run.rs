@@ -263,10 +263,56 @@ impl RunReport {
     }
 }
 
+/// A VM whose memslot 0 is `ram`'s guest-facing mapping at gpa 0, and its
+/// vCPU 0 set up for a built-in CPL3 guest ([`setup_cpl3`]).
+///
+/// # Safety
+/// `ram` must outlive the returned VM (KVM maps its guest-facing mapping).
+pub unsafe fn builtin_vm(
+    kvm: &kvm_ioctls::Kvm,
+    ram: &UffdGuestRam,
+) -> Result<(kvm_ioctls::VmFd, VcpuFd), RunError> {
+    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.guest_hva(),
+    };
+    // SAFETY: the guest-facing mapping covers `ram.size()` bytes at
+    // `guest_hva` and is owned by `ram`, which outlives the VM (the
+    // caller's promise).
+    unsafe { vm.set_user_memory_region(region) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    let vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    x86::filter_cpuid(&mut cpuid);
+    vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
+    setup_cpl3(&vcpu)?;
+    Ok((vm, vcpu))
+}
+
+/// [`RunError::Exit`] for an exit the guest should not have caused, with
+/// the vCPU's state.
+pub fn unexpected_exit(vcpu: &VcpuFd, mut exit: String) -> RunError {
+    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+        exit += &format!(
+            " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, rsp {:#x})",
+            r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, r.rsp
+        );
+    }
+    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+    RunError::Exit { exit, rip }
+}
+
 /// The segment/paging state for the built-in guest: long mode, CPL3 code
 /// and stack segments, the busy 64-bit TSS, CR3 at the identity tables,
 /// interrupts off (the guest talks through MMIO doorbells).
-fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
+pub fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
     let gdt = builtin::gdt();
     let mut sregs = vcpu.get_sregs().map_err(vm_err("KVM_GET_SREGS"))?;
     let seg = |i: u16, rpl: u16| {
@@ -301,16 +347,16 @@ fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
 extern "C" fn watchdog_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Interrupts KVM_RUN on the creating thread after a deadline.
-struct Watchdog {
+pub struct Watchdog {
     stop: Arc<AtomicBool>,
-    fired: Arc<AtomicBool>,
+    pub fired: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Watchdog {
     /// Kick after `timeout`, or as soon as `abort` is set (e.g. the fault
     /// thread died and the vCPU sleeps in a fault nobody will resolve).
-    fn start(timeout: Duration, abort: Arc<AtomicBool>) -> Result<Self, RunError> {
+    pub fn start(timeout: Duration, abort: Arc<AtomicBool>) -> Result<Self, RunError> {
         static ONCE: std::sync::Once = std::sync::Once::new();
         let mut err = None;
         ONCE.call_once(|| {
@@ -461,28 +507,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let mut bystander_report = None;
 
     let result = (|| -> Result<(u64, f64, u64), RunError> {
-        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: ram.guest_hva(),
-        };
-        // SAFETY: the guest-facing mapping covers `size` bytes at
-        // `guest_hva` and is owned by `ram`, which outlives the VM (the VM
-        // is dropped at the end of this closure, `ram` after it).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        x86::filter_cpuid(&mut cpuid);
-        vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-        setup_cpl3(&vcpu)?;
+        // SAFETY: `ram` outlives the VM (the VM is dropped at the end of
+        // this closure, `ram` after it).
+        let (_vm, mut vcpu) = unsafe { builtin_vm(&kvm, &ram) }?;
 
         let watchdog = Watchdog::start(Duration::from_secs(args.timeout), settle.failed())?;
         let race_stop = Arc::new(AtomicBool::new(false));
@@ -554,15 +581,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
-                    let mut exit = format!("{other:?}");
-                    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-                        exit += &format!(
-                            " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, rsp {:#x})",
-                            r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, r.rsp
-                        );
-                    }
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(RunError::Exit { exit, rip });
+                    let exit = format!("{other:?}");
+                    return Err(unexpected_exit(&vcpu, exit));
                 }
                 Err(e) => {
                     let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
