@@ -4,8 +4,9 @@
 //! every one, checksum against the model).
 
 use guests::builtin::Pattern;
-use integration_tests::{require_hugepages_2m, require_kvm_root};
+use integration_tests::{require, require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
+use notifier::hostmm::PageSize;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmm::guest_ram_uffd::UffdMode;
@@ -266,14 +267,7 @@ fn wake_early_and_spin_keep_every_page_in_the_mmu() {
 /// leave the vCPU asleep in its fault until the watchdog).
 #[test]
 fn missing_mode_on_1g_pages_needs_one_page() {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !require("/dev/kvm", kvm) || !require("root (to reserve hugepages)", root) {
+    if !require_kvm_root() {
         return;
     }
     let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
