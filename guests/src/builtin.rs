@@ -371,7 +371,23 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
 /// the program.
 pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> {
     params.validate(mem)?;
+    image_with(&program()?, &params.to_page(), mem)
+}
+
+/// The system page for any program assembled for [`LAYOUT`]: GDT, TSS,
+/// `params` words at `LAYOUT.params`, identity page tables for `mem`
+/// bytes (at least 4 GiB, so the doorbells are mapped), `code` at
+/// `LAYOUT.code`.
+pub fn image_with(code: &[u8], params: &[u64], mem: u64) -> Result<Vec<u8>, BuiltinError> {
+    if mem == 0 || mem > MAX_MEM || !mem.is_multiple_of(SYSTEM_SIZE) {
+        return Err(BuiltinError::Mem(mem));
+    }
     let l = LAYOUT;
+    if (params.len() as u64) * 8 > l.result - l.params || l.code + code.len() as u64 > l.stack_top {
+        return Err(BuiltinError::Asm(
+            "program or params do not fit the system page".into(),
+        ));
+    }
     let mut img = vec![0u8; SYSTEM_SIZE as usize];
     let put = |img: &mut [u8], gpa: u64, v: u64| {
         let o = gpa as usize;
@@ -384,7 +400,7 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     put(&mut img, l.tss + 4, l.stack_top);
     img[(l.tss + 0x66) as usize..(l.tss + 0x68) as usize]
         .copy_from_slice(&((TSS_LIMIT + 1) as u16).to_le_bytes());
-    for (i, w) in params.to_page().iter().enumerate() {
+    for (i, w) in params.iter().enumerate() {
         put(&mut img, l.params + i as u64 * 8, *w);
     }
     const P_RW_US: u64 = 0x7;
@@ -398,9 +414,8 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     for i in 0..gib * 512 {
         put(&mut img, pd0 + i * 8, (i * SYSTEM_SIZE) | P_RW_US | 0x80);
     }
-    let code = program()?;
     let o = l.code as usize;
-    img[o..o + code.len()].copy_from_slice(&code);
+    img[o..o + code.len()].copy_from_slice(code);
     Ok(img)
 }
 

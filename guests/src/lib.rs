@@ -2,3 +2,4 @@
 
 pub mod builtin;
 pub mod linux;
+pub mod probe;

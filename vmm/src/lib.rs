@@ -3,6 +3,7 @@
 
 pub mod assist;
 pub mod boot;
+pub mod builtin_vm;
 pub mod devices;
 pub mod guest_ram_uffd;
 pub mod gva;

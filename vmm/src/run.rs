@@ -10,14 +10,14 @@
 //! MMU-vs-pagemap agreement check.
 
 use crate::boot::parse_size;
+use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
+use crate::kvm;
 use crate::memory::HugePages;
 use crate::run_inval::{InvalKind, Invalidator};
 use crate::uffd_fault::{self, FaultThreadError, LatencyUs};
-use crate::{kvm, x86};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
 use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
@@ -148,14 +148,6 @@ pub enum RunError {
     Ram(#[from] UffdRamError),
     #[error(transparent)]
     Memslot(#[from] mmu::memslot::MemslotError),
-    #[error("{what}: {source}")]
-    Vm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Cpu(#[from] x86::CpuError),
     #[error("fault thread: {0}")]
     Fault(#[from] FaultThreadError),
     #[error("fault thread panicked")]
@@ -166,12 +158,8 @@ pub enum RunError {
     Timeout(u64),
     #[error("invalidation: {0}")]
     Inval(#[from] crate::run_inval::InvalError),
-    #[error("signal handler: {0}")]
-    Signal(String),
-}
-
-fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RunError {
-    move |source| RunError::Vm { what, source }
+    #[error(transparent)]
+    Setup(#[from] BuiltinVmError),
 }
 
 /// The `--json` summary.
@@ -207,100 +195,6 @@ impl RunReport {
     /// Whether the run is a success.
     pub fn ok(&self) -> bool {
         self.checksum_ok && self.verify_failures == 0 && self.result.done
-    }
-}
-
-/// The segment/paging state for the built-in guest: long mode, CPL3 code
-/// and stack segments, the busy 64-bit TSS, CR3 at the identity tables,
-/// interrupts off (the guest talks through MMIO doorbells).
-fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
-    let gdt = builtin::gdt();
-    let mut sregs = vcpu.get_sregs().map_err(vm_err("KVM_GET_SREGS"))?;
-    let seg = |i: u16, rpl: u16| {
-        let mut s = x86::segment_from_gdt(gdt[i as usize], i);
-        s.selector |= rpl;
-        s
-    };
-    let ucs = seg(builtin::SEL_USER_CS >> 3, 3);
-    let uds = seg(builtin::SEL_USER_DS >> 3, 3);
-    let tss = seg(builtin::SEL_TSS >> 3, 0);
-    x86::set_long_mode_segments(
-        &mut sregs,
-        (LAYOUT.gdt, gdt.len()),
-        (0, 0),
-        [ucs, uds, tss],
-        LAYOUT.pml4,
-    );
-    sregs.cr4 = 0x20; // PAE
-    sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-    sregs.efer = 0x500; // LME | LMA
-    vcpu.set_sregs(&sregs).map_err(vm_err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: LAYOUT.code,
-        rsp: LAYOUT.stack_top,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(vm_err("KVM_SET_REGS"))?;
-    Ok(())
-}
-
-extern "C" fn watchdog_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Interrupts KVM_RUN on the creating thread after a deadline.
-struct Watchdog {
-    stop: Arc<AtomicBool>,
-    fired: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn start(timeout: Duration) -> Result<Self, RunError> {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        let mut err = None;
-        ONCE.call_once(|| {
-            err = vmm_sys_util::signal::register_signal_handler(
-                vmm_sys_util::signal::SIGRTMIN() + 1,
-                watchdog_handler,
-            )
-            .err();
-        });
-        if let Some(e) = err {
-            return Err(RunError::Signal(e.to_string()));
-        }
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
-        let stop = Arc::new(AtomicBool::new(false));
-        let fired = Arc::new(AtomicBool::new(false));
-        let (s, f) = (stop.clone(), fired.clone());
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while !s.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
-                    f.store(true, Ordering::Release);
-                    // Keep kicking: a signal can land just before KVM_RUN.
-                    // SAFETY: `target` is the vCPU thread, alive until
-                    // `stop` is set (Watchdog is dropped on that thread
-                    // before it exits); the signal has a no-op handler.
-                    unsafe { libc::pthread_kill(target, vmm_sys_util::signal::SIGRTMIN() + 1) };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Ok(Watchdog {
-            stop,
-            fired,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -363,29 +257,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
 
     let result = (|| -> Result<(u64, f64, u64), RunError> {
-        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: ram.guest_hva(),
-        };
-        // SAFETY: the guest-facing mapping covers `size` bytes at
-        // `guest_hva` and is owned by `ram`, which outlives the VM (the VM
-        // is dropped at the end of this closure, `ram` after it).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        x86::filter_cpuid(&mut cpuid);
-        vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-        setup_cpl3(&vcpu)?;
-
+        let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
         let watchdog = Watchdog::start(Duration::from_secs(args.timeout))?;
         let race_stop = Arc::new(AtomicBool::new(false));
         let racer = racer.map(|inv| {
@@ -406,8 +278,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         let t_run = Instant::now();
         let mut progress = 0u64;
         loop {
-            let exit = vcpu.run();
-            if watchdog.fired.load(Ordering::Acquire) {
+            let exit = bvm.vcpu.run();
+            if watchdog.fired() {
                 let _ = stop_racer(racer.take());
                 return Err(RunError::Timeout(args.timeout));
             }
@@ -429,18 +301,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
-                    let mut exit = format!("{other:?}");
-                    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-                        exit += &format!(
-                            " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, rsp {:#x})",
-                            r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, r.rsp
-                        );
-                    }
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let what = format!("{other:?}");
+                    let (exit, rip) = bvm.describe_exit(what);
                     return Err(RunError::Exit { exit, rip });
                 }
                 Err(e) => {
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = bvm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                     return Err(RunError::Exit {
                         exit: format!("KVM_RUN: {e}"),
                         rip,
