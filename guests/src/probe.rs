@@ -196,12 +196,27 @@ fn emit_gap(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// The control words: a new epoch (in rax) goes to `publish`, `stop` to
+/// `stop`; otherwise fall through.
+fn emit_control(
+    a: &mut CodeAssembler,
+    publish: CodeLabel,
+    stop: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(rax, qword_ptr(rsi + ctl::EPOCH))?;
+    a.cmp(rax, rbx)?;
+    a.jne(publish)?;
+    a.mov(rax, qword_ptr(rsi + ctl::STOP))?;
+    a.test(rax, rax)?;
+    a.jnz(stop)?;
+    Ok(())
+}
+
 fn assemble() -> Result<Vec<u8>, IcedError> {
     let l = LAYOUT;
     let mut a = CodeAssembler::new(64)?;
     let mut new_pass = a.create_label();
     let mut slot = a.create_label();
-    let mut check = a.create_label();
     let mut pass_done = a.create_label();
     let mut idle = a.create_label();
     let mut publish = a.create_label();
@@ -214,7 +229,9 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     // rcx: slots until the next control check.
     a.mov(rsi, l.params)?;
     a.mov(rdi, l.result)?;
-    a.mov(rbx, qword_ptr(rsi + ctl::EPOCH))?;
+    // Epoch 0 is the boot window: the first epoch the VMM writes closes
+    // it, however early it is written.
+    a.xor(ebx, ebx)?;
     a.xor(r12, r12)?;
     a.xor(r13, r13)?;
     a.xor(r14, r14)?;
@@ -248,32 +265,20 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.dec(rcx)?;
     a.jnz(slot)?;
     a.mov(rcx, qword_ptr(rsi + ctl::CHECK_EVERY))?;
-    a.set_label(&mut check)?;
-    a.mov(rax, qword_ptr(rsi + ctl::EPOCH))?;
-    a.cmp(rax, rbx)?;
-    a.jne(publish)?;
-    a.mov(rax, qword_ptr(rsi + ctl::STOP))?;
-    a.test(rax, rax)?;
-    a.jnz(stop)?;
-    a.cmp(r8, r9)?;
-    a.jb(slot)?;
-    a.jmp(new_pass)?;
+    emit_control(&mut a, publish, stop)?;
+    a.jmp(slot)?;
 
     a.set_label(&mut pass_done)?;
     a.inc(rbp)?;
     a.inc(qword_ptr(rdi + res::PASSES_TOTAL))?;
-    a.jmp(check)?;
+    emit_control(&mut a, publish, stop)?;
+    a.jmp(new_pass)?;
 
     // Idle: the gap loop without touches; the control words every round,
     // and back to touching when the mode changes.
     a.set_label(&mut idle)?;
     emit_gap(&mut a)?;
-    a.mov(rax, qword_ptr(rsi + ctl::EPOCH))?;
-    a.cmp(rax, rbx)?;
-    a.jne(publish)?;
-    a.mov(rax, qword_ptr(rsi + ctl::STOP))?;
-    a.test(rax, rax)?;
-    a.jnz(stop)?;
+    emit_control(&mut a, publish, stop)?;
     a.mov(rax, qword_ptr(rsi + ctl::MODE))?;
     a.test(rax, rax)?;
     a.jnz(new_pass)?;

@@ -358,6 +358,23 @@ impl UffdGuestRam {
         Ok(out)
     }
 
+    /// Write one u64 at `gpa` through the alias while the guest runs (the
+    /// latency probe's control words).
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), UffdRamError> {
+        self.check(gpa, 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: 8,
+                size: self.size,
+            });
+        }
+        // SAFETY: inside the alias (checked), 8-byte aligned (checked); a
+        // volatile store to shared memory the guest reads concurrently.
+        unsafe { std::ptr::write_volatile((self.alias.addr + gpa) as *mut u64, v) };
+        Ok(())
+    }
+
     /// The huge page containing `gpa`, as a guest-facing hva range.
     pub fn page_range(&self, gpa: u64) -> HvaRange {
         let page = self.page_size();

@@ -9,6 +9,7 @@ pub mod guest_ram_uffd;
 pub mod gva;
 pub mod kernel;
 pub mod kvm;
+pub mod latency;
 pub mod memory;
 pub mod notifier_check;
 pub mod plot;

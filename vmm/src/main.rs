@@ -22,6 +22,8 @@ enum Cmd {
     NotifierCheck(vmm::notifier_check::NotifierCheckArgs),
     /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
     SoftLockup(vmm::soft_lockup::SoftLockupArgs),
+    /// Invalidation latency per layer (host, kernel, guest, MMU) on the built-in probe guest.
+    Latency(vmm::latency::LatencyArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,5 +33,6 @@ fn main() -> ExitCode {
         Cmd::Run(args) => vmm::run::main(args),
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
+        Cmd::Latency(a) => vmm::latency::main(a),
     }
 }
