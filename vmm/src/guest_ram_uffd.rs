@@ -25,6 +25,12 @@
 //! lazily zeroed source buffer; on this host that did not finish within
 //! two minutes (MINOR with 1 GiB pages works: one CONTINUE of ~25 us).
 //!
+//! [`UffdGuestRam::new_private`] is the `MAP_PRIVATE` variant (MISSING
+//! only): no memfd and no alias; the VMM reaches guest RAM through the
+//! guest-facing mapping itself (its pages fault through the same
+//! userfaultfd), and no file operation (hole punch, page-cache refill)
+//! applies.
+//!
 //! Resolution never wakes the faulting thread by itself (DONTWAKE): the
 //! fault handler wakes it after the MMU installed its SPTE.
 
@@ -168,8 +174,10 @@ pub struct UffdGuestRam {
     size: u64,
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
-    alias: Mapping,
+    /// `None` for private RAM (reached through the guest-facing mapping).
+    alias: Option<Mapping>,
     region: RegionId,
+    /// -1 for private RAM.
     memfd: RawFd,
     /// MISSING mode: the contents of page 0 (the system image) to COPY.
     staged_first: Vec<u8>,
@@ -187,6 +195,33 @@ impl UffdGuestRam {
         mode: UffdMode,
         subs: Subscribers,
     ) -> Result<Self, UffdRamError> {
+        Self::build(size, hp, mode, subs, true)
+    }
+
+    /// Private hugetlb RAM (`MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB`):
+    /// MISSING faults resolved with `UFFDIO_COPY`, or (`uffd` false) the
+    /// kernel's own first touch ([`UffdMode::Kernel`]).
+    pub fn new_private(
+        size: u64,
+        hp: HugePages,
+        uffd: bool,
+        subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        let mode = if uffd {
+            UffdMode::Missing
+        } else {
+            UffdMode::Kernel
+        };
+        Self::build(size, hp, mode, subs, false)
+    }
+
+    fn build(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+        shared: bool,
+    ) -> Result<Self, UffdRamError> {
         if hp == HugePages::None {
             return Err(UffdRamError::NotHugetlb);
         }
@@ -196,8 +231,13 @@ impl UffdGuestRam {
             _ => PageSize::Huge2M,
         };
         let mut hostmm = HostMm::new(subs)?;
+        let backing = if shared {
+            Backing::SharedMemfd(ps)
+        } else {
+            Backing::PrivateHugetlb(ps)
+        };
         let region = hostmm.map(
-            Backing::SharedMemfd(ps),
+            backing,
             size,
             Placement {
                 align: ps.bytes(),
@@ -206,7 +246,11 @@ impl UffdGuestRam {
         )?;
         let (guest_hva, memfd) = {
             let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
-            (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
+            match (shared, r.memfd()) {
+                (true, Some(fd)) => (r.base, fd),
+                (false, _) => (r.base, -1),
+                (true, None) => return Err(UffdRamError::NoRegion),
+            }
         };
         if mode.prefilled() {
             // Populate the page cache: MINOR faults need a page to map.
@@ -215,7 +259,11 @@ impl UffdGuestRam {
                 return Err(os("fallocate(guest RAM memfd)"));
             }
         }
-        let alias = Mapping::new(memfd, size)?;
+        let alias = if shared {
+            Some(Mapping::new(memfd, size)?)
+        } else {
+            None
+        };
         let (features, reg) = match mode {
             UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
             UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
@@ -265,7 +313,16 @@ impl UffdGuestRam {
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
     }
-    /// The memfd (owned by the host-mm region).
+    /// Whether the RAM is a shared memfd (private: no file, no alias).
+    pub fn is_shared(&self) -> bool {
+        self.alias.is_some()
+    }
+    /// Where the VMM reaches gpa 0: the alias, or (private RAM) the
+    /// guest-facing mapping.
+    fn access_base(&self) -> u64 {
+        self.alias.as_ref().map_or(self.guest_hva, |a| a.addr)
+    }
+    /// The memfd (owned by the host-mm region); -1 for private RAM.
     pub fn memfd(&self) -> RawFd {
         self.memfd
     }
@@ -312,7 +369,7 @@ impl UffdGuestRam {
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
-                        (self.alias.addr + gpa) as *mut u8,
+                        (self.access_base() + gpa) as *mut u8,
                         bytes.len(),
                     )
                 };
@@ -348,11 +405,14 @@ impl UffdGuestRam {
         }
         let mut out = [0u64; N];
         for (i, o) in out.iter_mut().enumerate() {
-            // SAFETY: inside the alias (checked), 8-byte aligned (checked;
+            // SAFETY: inside the alias or, for private RAM, the guest-facing
+            // mapping (checked; both cover `size` bytes and live as long as
+            // self; a missing private page faults through the userfaultfd
+            // like the guest's own touch), 8-byte aligned (checked;
             // the mapping is page aligned); a volatile read of shared memory
             // the guest may have written.
             *o = unsafe {
-                std::ptr::read_volatile((self.alias.addr + gpa + i as u64 * 8) as *const u64)
+                std::ptr::read_volatile((self.access_base() + gpa + i as u64 * 8) as *const u64)
             };
         }
         Ok(out)
@@ -369,9 +429,10 @@ impl UffdGuestRam {
                 size: self.size,
             });
         }
-        // SAFETY: inside the alias (checked), 8-byte aligned (checked); a
+        // SAFETY: inside the alias or, for private RAM, the guest-facing
+        // mapping (checked; see `read_u64s`), 8-byte aligned (checked); a
         // volatile store to shared memory the guest reads concurrently.
-        unsafe { std::ptr::write_volatile((self.alias.addr + gpa) as *mut u64, v) };
+        unsafe { std::ptr::write_volatile((self.access_base() + gpa) as *mut u64, v) };
         Ok(())
     }
 

@@ -86,7 +86,7 @@ impl Session {
         kvm: &Kvm,
         mem: u64,
         hp: HugePages,
-        mode: UffdMode,
+        shared: bool,
         project_mmu: bool,
         stall_tsc: u64,
         timeout: Duration,
@@ -102,7 +102,14 @@ impl Session {
         };
         let image = probe::system_image(&params, mem)?;
         let subs = Subscribers::new();
-        let mut ram = UffdGuestRam::new(mem, hp, mode, subs.clone())?;
+        // The project: MINOR faults on a shared memfd, MISSING+COPY on
+        // private RAM; plain KVM: the kernel's own faults.
+        let mut ram = match (shared, project_mmu) {
+            (true, true) => UffdGuestRam::new(mem, hp, UffdMode::Minor, subs.clone())?,
+            (true, false) => UffdGuestRam::new(mem, hp, UffdMode::KernelPrefilled, subs.clone())?,
+            (false, uffd) => UffdGuestRam::new_private(mem, hp, uffd, subs.clone())?,
+        };
+        let mode = ram.mode();
         ram.load(0, &image)?;
         let ram = Arc::new(ram);
         let mmu = if project_mmu {
