@@ -78,11 +78,16 @@ fn quick_pass_has_every_layer() {
             "{name}: probe silent"
         );
         assert!(layers.contains(&"mmu"), "{name}: no mmu layer");
+        assert!(
+            layers.contains(&"mmu_shadow"),
+            "{name}: no shadow MMU layer"
+        );
         assert!(layers.contains(&"kernel"), "{name}: no kernel layer");
         if op == "numa_hint" {
             // task_numa_work skips hugetlb: a measured no-op.
             assert_eq!(s["kernel"]["ranges_total"], 0, "{name}");
             assert_eq!(s["mmu"]["zaps"], 0, "{name}");
+            assert_eq!(s["mmu_shadow"]["zaps"], 0, "{name}");
             assert!(!layers.contains(&"host"), "{name}: no syscall to time");
         } else {
             assert!(layers.contains(&"host"), "{name}: no host layer");

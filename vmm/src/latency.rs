@@ -222,6 +222,21 @@ pub struct MmuLayer {
     pub restore: Option<Figure>,
 }
 
+/// The shadow MMU's zaps (rmap walk) for the operation's syscall.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShadowLayer {
+    /// Total zap time per iteration.
+    #[serde(flatten)]
+    pub fig: Figure,
+    /// Most rmap heads visited by one iteration's zaps.
+    pub rmaps: u64,
+    /// Most shadow pages zapped by one iteration's zaps.
+    pub shadow_pages: u64,
+    pub max_stretch_us: f64,
+    pub yields: u64,
+    pub zaps: u64,
+}
+
 /// Plain KVM against the project, in the same run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Compare {
@@ -246,7 +261,10 @@ pub struct ScenarioReport {
     pub host: Option<HostLayer>,
     pub kernel: Option<KernelLayer>,
     pub guest: Option<GuestLayer>,
+    /// The project's TDP MMU.
     pub mmu: Option<MmuLayer>,
+    /// The project's shadow MMU (guest page tables shadowed, rmap zaps).
+    pub mmu_shadow: Option<ShadowLayer>,
     pub compare: Option<Compare>,
     pub note: Option<String>,
     #[serde(skip)]
@@ -547,6 +565,18 @@ fn summarize(
             restore: (!restore.is_empty()).then(|| Figure::of(&restore)),
         }
     });
+    let shadows: Vec<_> = smp.iter().filter_map(|x| x.shadow).collect();
+    let mmu_shadow = (!shadows.is_empty()).then(|| {
+        layers.push("mmu_shadow");
+        ShadowLayer {
+            fig: Figure::of(&shadows.iter().map(|x| x.total_ns).collect::<Vec<_>>()),
+            rmaps: shadows.iter().map(|x| x.rmaps).max().unwrap_or(0),
+            shadow_pages: shadows.iter().map(|x| x.shadow_pages).max().unwrap_or(0),
+            max_stretch_us: shadows.iter().map(|x| x.longest_ns).max().unwrap_or(0) as f64 / 1000.0,
+            yields: shadows.iter().map(|x| x.yields).sum(),
+            zaps: shadows.iter().map(|x| x.zaps).sum(),
+        }
+    });
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let compare = plain.and_then(|p| {
         let h = host.as_ref()?;
@@ -580,6 +610,7 @@ fn summarize(
         kernel,
         guest,
         mmu,
+        mmu_shadow,
         compare,
         note: m.note,
         samples: m.samples,
@@ -607,11 +638,6 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         &mut rep,
         "guest layer of a Linux guest",
         "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer",
-    );
-    skip(
-        &mut rep,
-        "mmu layer: shadow MMU",
-        "the probe's RAM is mapped by the project's TDP MMU only (the shadow MMU needs guest page tables it shadows: not wired to this guest)",
     );
     let kvm = crate::kvm::open(&args.kvm_dev)?;
     let mut tracer = match Tracer::open() {
@@ -853,6 +879,16 @@ pub fn table(rep: &LatencyReport) -> String {
                 ),
             );
         }
+        if let Some(m) = &s.mmu_shadow {
+            row(
+                "shadow",
+                &m.fig,
+                format!(
+                    "{} rmaps, {} shadow pages, stretch {:.1} us, {} yields",
+                    m.rmaps, m.shadow_pages, m.max_stretch_us, m.yields
+                ),
+            );
+        }
         if let Some(n) = &s.note {
             t += &format!("{:<w$} note: {n}\n", "");
         }
@@ -918,6 +954,9 @@ fn plots(dir: &std::path::Path, rep: &mut LatencyReport) -> Vec<String> {
         }));
         series.push(layer("guest", &|s| s.guest.as_ref().map(|g| g.fig.p50)));
         series.push(layer("mmu", &|s| s.mmu.as_ref().map(|m| m.fig.p50)));
+        series.push(layer("mmu_shadow", &|s| {
+            s.mmu_shadow.as_ref().map(|m| m.fig.p50)
+        }));
         series.retain(|s| !s.points.is_empty());
         let title = format!("{c}: mprotect RO, populated RAM: p50 vs range size");
         let stem = dir.join(format!("{c}-protect-vs-size"));
@@ -968,6 +1007,14 @@ fn plots(dir: &std::path::Path, rep: &mut LatencyReport) -> Vec<String> {
             us(s.samples
                 .iter()
                 .filter_map(|x| x.mmu)
+                .map(|m| m.total_ns)
+                .collect()),
+        ));
+        samples.push((
+            "mmu_shadow".to_string(),
+            us(s.samples
+                .iter()
+                .filter_map(|x| x.shadow)
                 .map(|m| m.total_ns)
                 .collect()),
         ));

@@ -100,6 +100,12 @@ pub struct MmuSample {
     /// Units of zap work (leaves visited).
     pub units: u64,
     pub yields: u64,
+    /// Shadow MMU: rmap heads visited.
+    pub rmaps: u64,
+    /// Shadow MMU: shadow pages (of guest page tables) zapped, with the
+    /// children they orphaned (a range over the probe's page tables drops
+    /// the whole hierarchy).
+    pub shadow_pages: u64,
 }
 
 /// One iteration.
@@ -125,6 +131,8 @@ pub struct Sample {
     pub guest_stall_ns: u64,
     pub mmu: Option<MmuSample>,
     pub restore_mmu: Option<MmuSample>,
+    /// The shadow MMU's zaps for the operation's syscall.
+    pub shadow: Option<MmuSample>,
 }
 
 /// The tracepoint source with what is needed to attribute its events.
@@ -167,17 +175,37 @@ fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-fn mmu_sample(s: &Session) -> Option<MmuSample> {
-    let m = s.mmu.as_ref()?;
+fn fold(zaps: Vec<mmu::yielder::YieldReport>) -> MmuSample {
     let mut out = MmuSample::default();
-    for r in m.zaps.take() {
+    for r in zaps {
         out.zaps += 1;
         out.total_ns += r.total_ns;
         out.longest_ns = out.longest_ns.max(r.longest.ns);
         out.units += r.units;
         out.yields += r.yields;
     }
+    out
+}
+
+/// The TDP MMU's zaps since the last call.
+fn mmu_sample(s: &Session) -> Option<MmuSample> {
+    Some(fold(s.mmu.as_ref()?.zaps.take()))
+}
+
+/// The shadow MMU's zaps since the last call, with the rmaps they walked.
+fn shadow_sample(s: &Session) -> Option<MmuSample> {
+    let m = s.mmu.as_ref()?;
+    let mut out = fold(m.shadow_zaps.take());
+    for r in m.shadow.take_notifier_reports() {
+        out.rmaps += r.rmap_heads_visited;
+        out.shadow_pages += r.shadow_pages_zapped;
+    }
     Some(out)
+}
+
+/// Forget zaps not caused by a measured syscall.
+fn discard_zaps(s: &Session) {
+    let _ = (mmu_sample(s), shadow_sample(s));
 }
 
 /// Run the operation's syscall(s) once; returns (host ns, restore ns).
@@ -227,16 +255,12 @@ pub fn prepare(s: &mut Session, state: State) -> Result<(), LatencyError> {
                     source: e,
                 })?;
         }
-        if let Some(m) = &s.mmu {
-            m.zaps.take();
-        }
+        discard_zaps(s);
         s.set_mode(state.probe_mode())?;
     }
     s.wait_passes(2)?;
     s.remap_mmu(0, s.mem())?;
-    if let Some(m) = &s.mmu {
-        m.zaps.take();
-    }
+    discard_zaps(s);
     Ok(())
 }
 
@@ -247,9 +271,7 @@ pub fn iteration(
     sc: &Scenario,
 ) -> Result<Sample, LatencyError> {
     s.remap_mmu(sc.gs, sc.ge)?;
-    if let Some(m) = &s.mmu {
-        m.zaps.take();
-    }
+    discard_zaps(s);
     let mut tr = tr;
     let tid = gettid();
     let mut marks = None;
@@ -262,12 +284,15 @@ pub fn iteration(
     let t0 = mono_ns();
     let host_ns = run_op(s, sc, false)?;
     let mmu = mmu_sample(s);
+    let shadow = shadow_sample(s);
     if let Some(t) = tr.as_deref_mut() {
         marks = Some((t.mark()?, 0));
     }
     let (restore_ns, restore_mmu) = if has_restore(sc.op) {
         let ns = run_op(s, sc, true)?;
-        (Some(ns), mmu_sample(s))
+        let r = mmu_sample(s);
+        discard_zaps(s);
+        (Some(ns), r)
     } else {
         (None, None)
     };
@@ -288,6 +313,7 @@ pub fn iteration(
         guest_stall_ns: ns(w.stall_sum_tsc),
         mmu,
         restore_mmu,
+        shadow,
         ..Sample::default()
     };
     if let (Some(t), Some((m1, m2))) = (tr, marks) {
@@ -321,9 +347,7 @@ pub fn numa_window(
     control: HvaRange,
     len: Duration,
 ) -> Result<(Sample, u64), LatencyError> {
-    if let Some(m) = &s.mmu {
-        m.zaps.take();
-    }
+    discard_zaps(s);
     let mut tr = tr;
     if let Some(t) = tr.as_deref_mut() {
         let m0 = t.mark()?;
@@ -338,6 +362,7 @@ pub fn numa_window(
         guest_stalls: w.stall_count,
         guest_stall_ns: ns(w.stall_sum_tsc),
         mmu: mmu_sample(s),
+        shadow: shadow_sample(s),
         ..Sample::default()
     };
     let mut on_control = 0;

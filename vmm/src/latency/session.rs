@@ -11,11 +11,13 @@ use crate::uffd_fault::{self, FaultReport};
 use guests::builtin::LAYOUT;
 use guests::probe::{self, ctl, res, ProbeMode, ProbeParams, ProbeWindow};
 use kvm_ioctls::{Kvm, VcpuExit};
+use mmu::guest_walk::{AccessKind, SparseGuestMem, X86Paging};
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
+use mmu::shadow::{FaultOutcome as ShadowOutcome, ShadowMmu};
 use mmu::spte::PageLevel;
-use mmu::tdp::TdpMmu;
+use mmu::tdp::{HostPage, TdpMmu};
 use mmu::yielder::YieldReport;
-use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, SecondaryMmu, YieldPolicy};
 use notifier::{Invalidation, InvalidationSubscriber, Subscribers};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +34,18 @@ pub struct ZapRecorder {
 }
 
 impl ZapRecorder {
+    /// Register a new notifier for `mmu` on `ctx` with `subs`.
+    fn register(subs: &Subscribers, ctx: Arc<MmuContext>, mmu: Arc<dyn SecondaryMmu>) -> Arc<Self> {
+        let notifier = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
+        notifier.add_mmu(mmu);
+        let z = Arc::new(ZapRecorder {
+            notifier,
+            reports: Mutex::new(Vec::new()),
+        });
+        subs.register(z.clone());
+        z
+    }
+
     /// The zaps since the last call.
     pub fn take(&self) -> Vec<YieldReport> {
         std::mem::take(&mut *self.reports.lock())
@@ -58,10 +72,16 @@ pub struct VcpuStats {
     pub exits: u64,
 }
 
-/// The project's MMU for one session.
+/// The project's MMUs for one session, each on its own context and
+/// notifier so their zaps are measured apart: the TDP MMU (gpa -> host
+/// page), and the shadow MMU (guest virtual -> host page, through the
+/// probe's identity page tables), whose zaps walk the rmaps the way this
+/// host's KVM (shadow paging) does.
 pub struct ProjectMmu {
     pub tdp: Arc<TdpMmu>,
     pub zaps: Arc<ZapRecorder>,
+    pub shadow: Arc<ShadowMmu<X86Paging>>,
+    pub shadow_zaps: Arc<ZapRecorder>,
 }
 
 pub struct Session {
@@ -120,14 +140,28 @@ impl Session {
             let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
             let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
             let tdp = Arc::new(TdpMmu::new(ctx.clone()));
-            let notifier = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
-            notifier.add_mmu(tdp.clone());
-            let zaps = Arc::new(ZapRecorder {
-                notifier,
-                reports: Mutex::new(Vec::new()),
-            });
-            subs.register(zaps.clone());
-            Some(ProjectMmu { tdp, zaps })
+            let zaps = ZapRecorder::register(&subs, ctx, tdp.clone());
+            let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
+            let sctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+            let shadow = Arc::new(
+                ShadowMmu::<X86Paging>::new(sctx.clone(), page_tables(&image, mem)).with_host(
+                    Arc::new(move |_: &Memslot, gfn: u64, _: u64, _: bool| {
+                        // gpa == memfd offset: the gfn names the host page.
+                        Ok(HostPage {
+                            pfn: gfn,
+                            level,
+                            writable: true,
+                        })
+                    }),
+                ),
+            );
+            let shadow_zaps = ZapRecorder::register(&subs, sctx, shadow.clone());
+            Some(ProjectMmu {
+                tdp,
+                zaps,
+                shadow,
+                shadow_zaps,
+            })
         } else {
             None
         };
@@ -303,6 +337,7 @@ impl Session {
             return Ok(());
         };
         let mut rep = FaultReport::default();
+        let paging = X86Paging::new(LAYOUT.pml4);
         for gpa in self.touched_pages(gs, ge) {
             uffd_fault::handle_fault(
                 &self.ram,
@@ -312,6 +347,25 @@ impl Session {
                 &mut rep,
             )
             .map_err(|e| LatencyError::Guest(format!("re-mapping gpa {gpa:#x}: {e}")))?;
+            // The shadow MMU: the probe's identity mapping (gva == gpa); a
+            // user write, except on the system page, which holds the guest
+            // page tables (write-tracked: read access there).
+            let access = AccessKind {
+                write: gpa != 0,
+                user: true,
+                fetch: false,
+            };
+            for _ in 0..1000 {
+                match m.shadow.page_fault(&paging, gpa, access) {
+                    Ok(ShadowOutcome::Retry) => std::thread::yield_now(),
+                    Ok(_) => break,
+                    Err(e) => {
+                        return Err(LatencyError::Guest(format!(
+                            "shadow fault at gva {gpa:#x}: {e}"
+                        )))
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -346,6 +400,27 @@ impl Drop for Session {
             let _ = self.shutdown();
         }
     }
+}
+
+/// The probe's page tables (a copy of the system image's: the probe never
+/// writes them) as the shadow MMU's view of guest memory.
+fn page_tables(image: &[u8], mem: u64) -> Arc<SparseGuestMem> {
+    let m = SparseGuestMem::new(mem);
+    let gib = mem.div_ceil(1 << 30).max(4);
+    let end = (LAYOUT.pml4 + (2 + gib) * 0x1000).min(image.len() as u64);
+    let mut gpa = LAYOUT.pml4;
+    while gpa + 8 <= end {
+        let o = gpa as usize;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&image[o..o + 8]);
+        let v = u64::from_le_bytes(w);
+        if v != 0 {
+            // In range and aligned by construction.
+            let _ = m.write_u64(gpa, v);
+        }
+        gpa += 8;
+    }
+    Arc::new(m)
 }
 
 /// Run the probe until it rings the done doorbell. EFAULT from KVM_RUN (a
