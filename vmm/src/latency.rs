@@ -617,6 +617,35 @@ fn summarize(
     }
 }
 
+/// Start a session once `pages` huge pages are free: the pool is shared
+/// with other users of the machine, so a shortfall (or ENOSPC while
+/// populating) is waited out a few times before giving up.
+fn start_retrying(
+    ps: PageSize,
+    pages: u64,
+    start: impl Fn() -> Result<Session, LatencyError>,
+) -> Result<(Session, Option<HugepageReservation>), LatencyError> {
+    let mut attempt = 0;
+    loop {
+        let pool = HugepageReservation::reserve(ps, pages).ok();
+        let t0 = Instant::now();
+        while notifier::hostconf::free_hugepages(ps) < pages
+            && t0.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        match start() {
+            Ok(s) => return Ok((s, pool)),
+            Err(LatencyError::Ram(_)) if attempt < 3 => {
+                attempt += 1;
+                drop(pool);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Run `vmm latency`. Errors only for what makes the whole run
 /// impossible; what cannot run is listed in `skipped`.
 pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
@@ -738,9 +767,10 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     for ((c, mem, ps), scs) in plan.iter().zip(per_config) {
         let name = c.name();
         let pages = mem.div_ceil(ps.bytes());
-        let _pool = HugepageReservation::reserve(*ps, pages).ok();
         let project = (|| -> Result<Vec<Measured>, LatencyError> {
-            let mut s = Session::start(&kvm, *mem, c.hp, c.shared, true, stall_tsc, timeout)?;
+            let (mut s, _pool) = start_retrying(*ps, pages, || {
+                Session::start(&kvm, *mem, c.hp, c.shared, true, stall_tsc, timeout)
+            })?;
             let m = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name)?;
             rep.efault_retries += s.efaults();
             s.stop()?;
@@ -760,7 +790,9 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
                 .cloned()
                 .collect();
             let r = (|| -> Result<Vec<Measured>, LatencyError> {
-                let mut s = Session::start(&kvm, *mem, c.hp, c.shared, false, stall_tsc, timeout)?;
+                let (mut s, _pool) = start_retrying(*ps, pages, || {
+                    Session::start(&kvm, *mem, c.hp, c.shared, false, stall_tsc, timeout)
+                })?;
                 let label = format!("{name} plain");
                 let m = run_session(
                     &mut s,
