@@ -18,7 +18,18 @@
 //!   the syscall and closes after the probe re-touched its working set
 //!   twice, and its stalls (gaps above 2 us: refaults);
 //! * **mmu**: the project's TDP zaps the syscall caused (total time,
-//!   longest non-yield stretch, leaves visited, yields).
+//!   longest non-yield stretch, leaves visited, yields);
+//! * **mmu_shadow**: the project's shadow MMU (the probe's identity page
+//!   tables shadowed) for the same syscall: rmap heads walked, shadow pages
+//!   zapped (a range over the system page drops the shadowed page tables).
+//!
+//! Before each iteration the VMM maps what the probe touches in both
+//! project MMUs (a protection change leaves the host pages present, so
+//! only KVM refaults, not userfaultfd). A guest store while the host has
+//! the RAM read-only makes `KVM_RUN` answer EFAULT; the vCPU thread
+//! re-enters (counted in `efault_retries`). Punch-hole and MADV_REMOVE
+//! are followed, untimed, by re-filling the page cache (the probe's next
+//! touch must be a MINOR fault); the probe's window includes that.
 //!
 //! `--compare` repeats each configuration on plain KVM (no userfaultfd, no
 //! project MMU) and reports project/plain ratios.
