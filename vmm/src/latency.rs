@@ -1122,3 +1122,63 @@ pub fn main(args: LatencyArgs) -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse() {
+        let c = Config::parse("private-1G").unwrap();
+        assert!(!c.shared);
+        assert_eq!(c.hp, HugePages::Huge1G);
+        assert_eq!(c.name(), "private-1G");
+        assert_eq!(Config::parse(" shared-2m").unwrap().name(), "shared-2M");
+        for bad in ["shared", "anon-2M", "shared-4K", ""] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn figures_and_table() {
+        let f = Figure::of(&[1000, 2000, 3000]);
+        assert_eq!((f.p50, f.max), (2.0, 3.0));
+        let sc = measure::Scenario {
+            op: Op::Protect,
+            state: measure::State::Populated,
+            gs: 0,
+            ge: 2 << 20,
+            size: "2M".into(),
+        };
+        let smp = Sample {
+            host_ns: 5000,
+            ranges: 2,
+            notify_to_return_ns: Some(3000),
+            guest_max_gap_ns: Some(9000),
+            mmu: Some(measure::MmuSample {
+                zaps: 1,
+                total_ns: 1000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let m = Measured {
+            sc,
+            samples: vec![smp; 3],
+            note: None,
+        };
+        let r = summarize("shared-2M", m, true, true, None);
+        assert_eq!(r.layers, vec!["host", "kernel", "guest", "mmu"]);
+        assert_eq!(r.kernel.as_ref().unwrap().iterations_without_range, 0);
+        let rep = LatencyReport {
+            scenarios: vec![r],
+            ..Default::default()
+        };
+        let t = table(&rep);
+        assert!(t.contains("shared-2M/protect/2M/populated"), "{t}");
+        assert!(t.contains("kernel"));
+        let v = serde_json::to_value(&rep).unwrap();
+        assert_eq!(v["scenarios"][0]["host"]["p50"], 5.0);
+        assert_eq!(v["scenarios"][0]["kernel"]["ranges"], 2);
+    }
+}

@@ -480,3 +480,45 @@ pub fn scenarios(
     });
     (out, skipped)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+    const G: u64 = 1 << 30;
+
+    #[test]
+    fn shared_2m_plan_covers_every_operation() {
+        let (scs, skipped) = scenarios(2 * G, 2 * M, true, true);
+        // protect: 3 sizes x 3 states; 4 range operations x 2 sizes; NUMA.
+        assert_eq!(scs.len(), 9 + 8 + 1);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let whole = scs.iter().find(|s| s.size == "whole").unwrap();
+        assert_eq!((whole.gs, whole.ge), (0, 2 * G));
+        let g = scs.iter().find(|s| s.size == "1G").unwrap();
+        assert_eq!(g.range_bytes(), G);
+        // States are grouped, so each is prepared once.
+        let states: Vec<State> = scs.iter().map(|s| s.state).collect();
+        let changes = states.windows(2).filter(|w| w[0] != w[1]).count();
+        assert_eq!(changes, 3);
+    }
+
+    #[test]
+    fn private_and_1g_plans_say_what_they_leave_out() {
+        let (scs, skipped) = scenarios(512 * M, 2 * M, false, false);
+        assert!(scs
+            .iter()
+            .all(|s| !matches!(s.op, Op::PunchHole | Op::DiscardRemove | Op::WriteProtect)));
+        assert!(scs.iter().all(|s| s.size != "1G"));
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        let (scs, skipped) = scenarios(2 * G, G, true, true);
+        assert!(scs.iter().all(|s| s.size != "2M"));
+        assert!(skipped.iter().any(|(w, _)| w.contains("2M")));
+        // Every range is aligned to the page size.
+        for s in scs {
+            assert_eq!(s.gs % G, 0, "{}", s.name());
+            assert_eq!(s.ge % G, 0, "{}", s.name());
+        }
+    }
+}
