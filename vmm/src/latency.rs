@@ -13,7 +13,8 @@
 //! * **kernel**: the `kvm:kvm_unmap_hva_range` ranges this thread caused
 //!   over guest RAM during that syscall (sentinels around it), and, with the
 //!   instance's `trace_clock` set to `mono`, the time from the first notifier
-//!   to the syscall's return;
+//!   to the syscall's return (trace_pipe prints microseconds: 1 us
+//!   resolution); `samples.json` keeps each record's range and offset;
 //! * **guest**: the probe's longest TSC gap in a window that opens before
 //!   the syscall and closes after the probe re-touched its working set
 //!   twice, and its stalls (gaps above 2 us: refaults);

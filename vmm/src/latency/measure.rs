@@ -108,8 +108,20 @@ pub struct MmuSample {
     pub shadow_pages: u64,
 }
 
+/// One `kvm_unmap_hva_range` record of a measured syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TraceRange {
+    /// The range as guest-physical addresses (hva - guest RAM base; a
+    /// range may start below gpa 0 or end above RAM: printed as the kernel
+    /// gave it, offset by the base).
+    pub gpa_start: i64,
+    pub gpa_end: i64,
+    /// After the syscall's entry (trace clock mono), ns.
+    pub at_ns: Option<u64>,
+}
+
 /// One iteration.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Sample {
     /// The operation's syscall (CLOCK_MONOTONIC around it; it includes
     /// real KVM's zap and, unless plain KVM, the project's MMU zap).
@@ -133,6 +145,8 @@ pub struct Sample {
     pub restore_mmu: Option<MmuSample>,
     /// The shadow MMU's zaps for the operation's syscall.
     pub shadow: Option<MmuSample>,
+    /// The tracepoint's records for the operation's syscall.
+    pub trace: Vec<TraceRange>,
 }
 
 /// The tracepoint source with what is needed to attribute its events.
@@ -323,6 +337,15 @@ pub fn iteration(
         let second: Vec<TraceEvent> = t.drain(m2)?.into_iter().filter(ours).collect();
         sample.ranges = first.len() as u64;
         sample.restore_ranges = second.len() as u64;
+        let base = s.ram.guest_hva() as i64;
+        sample.trace = first
+            .iter()
+            .map(|e| TraceRange {
+                gpa_start: e.range.start as i64 - base,
+                gpa_end: e.range.end as i64 - base,
+                at_ns: (t.mono && e.timestamp_ns >= t0).then(|| e.timestamp_ns - t0),
+            })
+            .collect();
         if t.mono {
             if let Some(f) = first.iter().map(|e| e.timestamp_ns).min() {
                 let t1 = t0 + host_ns;
