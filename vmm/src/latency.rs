@@ -297,6 +297,8 @@ pub struct LatencyReport {
     /// KVM_RUN EFAULT re-entries (guest stores while RAM was read-only).
     pub efault_retries: u64,
     pub trace_clock_mono: bool,
+    /// Per session: the guest's TSC against the host's.
+    pub tsc: Vec<(String, session::TscCheck)>,
     pub plots: Vec<String>,
     pub elapsed_s: f64,
 }
@@ -784,6 +786,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
             let (mut s, _pool) = start_retrying(*ps, pages, || {
                 Session::start(&kvm, *mem, c.hp, c.shared, true, stall_tsc, timeout)
             })?;
+            rep.tsc.push((name.clone(), s.tsc_check));
             let m = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name)?;
             rep.efault_retries += s.efaults();
             s.stop()?;

@@ -95,6 +95,18 @@ pub struct Session {
     vcpu_thread: Option<JoinHandle<Result<VcpuStats, String>>>,
     vcpu_alive: Arc<AtomicBool>,
     efaults: Arc<AtomicU64>,
+    /// Guest TSC minus host TSC, and the uncertainty (host ticks between
+    /// the epoch write and the acknowledgement the guest stamped).
+    pub tsc_check: TscCheck,
+}
+
+/// Whether the guest's `rdtsc` reads the host's TSC (PVM runs guest CPL3
+/// natively: it should, unless KVM applies an offset). Only deltas are
+/// used; this is reported.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TscCheck {
+    pub guest_minus_host_ticks: i64,
+    pub uncertainty_ticks: u64,
 }
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -198,9 +210,25 @@ impl Session {
             vcpu_thread: Some(vcpu_thread),
             vcpu_alive,
             efaults,
+            tsc_check: TscCheck::default(),
         };
         // The first window: the guest is up once it acknowledges.
         s.close_window()?;
+        // The tightest of a few acknowledgements bounds the offset.
+        let mut best: Option<TscCheck> = None;
+        for _ in 0..8 {
+            let before = mmu::clock::now();
+            let w = s.close_window()?;
+            let after = mmu::clock::now();
+            let c = TscCheck {
+                guest_minus_host_ticks: w.tsc as i64 - (before / 2 + after / 2) as i64,
+                uncertainty_ticks: after.saturating_sub(before) / 2,
+            };
+            if best.is_none_or(|b| c.uncertainty_ticks < b.uncertainty_ticks) {
+                best = Some(c);
+            }
+        }
+        s.tsc_check = best.unwrap_or_default();
         Ok(s)
     }
 
