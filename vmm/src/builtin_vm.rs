@@ -132,7 +132,9 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn start(timeout: Duration) -> Result<Self, BuiltinVmError> {
+    /// Kick after `timeout`, or as soon as `abort` is set (e.g. the fault
+    /// thread died and the vCPU sleeps in a fault nobody will resolve).
+    pub fn start(timeout: Duration, abort: Arc<AtomicBool>) -> Result<Self, BuiltinVmError> {
         static ONCE: std::sync::Once = std::sync::Once::new();
         let mut err = None;
         ONCE.call_once(|| {
@@ -153,7 +155,7 @@ impl Watchdog {
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + timeout;
             while !s.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || abort.load(Ordering::Acquire) {
                     f.store(true, Ordering::Release);
                     // Keep kicking: a signal can land just before KVM_RUN.
                     // SAFETY: `target` is the vCPU thread, alive until

@@ -2,11 +2,13 @@
 //! event loop and the `vmm` subcommands.
 
 pub mod assist;
+pub mod bench;
 pub mod boot;
 pub mod builtin_vm;
 pub mod devices;
 pub mod guest_ram_uffd;
 pub mod gva;
+pub mod host_events;
 pub mod kernel;
 pub mod kvm;
 pub mod latency;

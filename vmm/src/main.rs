@@ -24,6 +24,8 @@ enum Cmd {
     SoftLockup(vmm::soft_lockup::SoftLockupArgs),
     /// Invalidation latency per layer (host, kernel, guest, MMU) on the built-in probe guest.
     Latency(vmm::latency::LatencyArgs),
+    /// Benchmarks measured side by side with their baseline (fault-cost).
+    Bench(vmm::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,5 +36,6 @@ fn main() -> ExitCode {
         Cmd::NotifierCheck(a) => vmm::notifier_check::run(&a),
         Cmd::SoftLockup(a) => vmm::soft_lockup::main(&a),
         Cmd::Latency(a) => vmm::latency::main(a),
+        Cmd::Bench(a) => vmm::bench::main(a),
     }
 }

@@ -7,15 +7,19 @@
 //! doorbells (MMIO stores). Faults on guest RAM are served by
 //! [`crate::uffd_fault`]. Between passes (the vCPU stopped in a progress
 //! exit), [`crate::run_inval`] can run host invalidations and the
-//! MMU-vs-pagemap agreement check.
+//! MMU-vs-pagemap agreement check. While it runs, the kernel-side sources
+//! of [`crate::host_events`] (userfaultfd REMOVE/UNMAP/REMAP, the
+//! `kvm:kvm_unmap_hva_range` tracepoint) deliver invalidations the VMM did
+//! not issue itself, e.g. a `--bystander-us` thread's raw madvise/mprotect.
 
 use crate::boot::parse_size;
 use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
+use crate::host_events::{self, Bystander, EventSources, EventsReport, TracePump};
 use crate::kvm;
 use crate::memory::HugePages;
 use crate::run_inval::{InvalKind, Invalidator};
-use crate::uffd_fault::{self, FaultThreadError, LatencyUs};
+use crate::uffd_fault::{self, FaultOptions, FaultThreadError, LatencyUs};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
 use kvm_ioctls::VcpuExit;
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
@@ -86,6 +90,28 @@ pub struct RunArgs {
     /// poll(2) (costs a CPU; removes the handler's wake-up latency).
     #[arg(long)]
     pub spin_faults: bool,
+    /// Resolve faults with a CONTINUE/COPY that wakes the vCPU itself,
+    /// before the MMU installs its SPTE (one ioctl instead of two).
+    #[arg(long)]
+    pub wake_early: bool,
+    /// Pin the fault thread to this CPU.
+    #[arg(long)]
+    pub fault_cpu: Option<usize>,
+    /// After resolving a fault, map this many following huge pages ahead
+    /// (populate + SPTE) while the vCPU runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub fault_around: u64,
+    /// Kernel-side invalidation sources feeding the MMU while the guest
+    /// runs: auto (each where available), none, or a list of uffd
+    /// (REMOVE/UNMAP/REMAP messages) and trace (kvm:kvm_unmap_hva_range).
+    #[arg(long, default_value = "auto")]
+    pub events: EventSources,
+    /// A bystander thread issues raw madvise/mprotect on guest RAM (not
+    /// through the VMM's host-mm model) every this many microseconds while
+    /// the guest runs, and MADV_REMOVE + mprotect(PROT_READ) at pass
+    /// boundaries (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub bystander_us: u64,
     /// Print the JSON report as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -116,6 +142,11 @@ impl RunArgs {
             prefault: false,
             spin_faults: false,
             race_discard_us: 0,
+            wake_early: false,
+            fault_cpu: None,
+            fault_around: 0,
+            events: EventSources::default(),
+            bystander_us: 0,
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
@@ -160,6 +191,12 @@ pub enum RunError {
     Inval(#[from] crate::run_inval::InvalError),
     #[error(transparent)]
     Setup(#[from] BuiltinVmError),
+    #[error(transparent)]
+    Events(#[from] host_events::EventsError),
+    #[error("the fault thread stopped")]
+    FaultStopped,
+    #[error("the fault thread did not settle within 2 s")]
+    Unsettled,
 }
 
 /// The `--json` summary.
@@ -171,10 +208,14 @@ pub struct RunReport {
     pub hugepages: String,
     pub params: Params,
     pub faults: u64,
+    /// Huge pages mapped ahead by `--fault-around`.
+    pub prefetched: u64,
     pub fault_retries: u64,
     pub already_present: u64,
     pub spurious: u64,
     pub fault_to_resume_us: LatencyUs,
+    /// Time in UFFDIO_CONTINUE/COPY per fault attempt.
+    pub populate_us: LatencyUs,
     pub stats: MmuStatsSnapshot,
     pub result: GuestResult,
     pub expected_checksum: u64,
@@ -187,6 +228,8 @@ pub struct RunReport {
     pub verify_checks: u64,
     pub verify_failures: u64,
     pub verify_mismatches: Vec<String>,
+    /// Kernel-side invalidation sources and the bystander.
+    pub events: EventsReport,
     pub guest_run_s: f64,
     pub total_s: f64,
 }
@@ -194,7 +237,14 @@ pub struct RunReport {
 impl RunReport {
     /// Whether the run is a success.
     pub fn ok(&self) -> bool {
-        self.checksum_ok && self.verify_failures == 0 && self.result.done
+        self.checksum_ok
+            && self.verify_failures == 0
+            && self.result.done
+            && self
+                .events
+                .bystander
+                .as_ref()
+                .is_none_or(|b| b.zap_timeouts == 0)
     }
 }
 
@@ -209,7 +259,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let kvm = kvm::open(&args.kvm_dev)?;
 
     let subs = Subscribers::new();
-    let mut ram = UffdGuestRam::new(args.mem, args.hugepages, args.uffd, subs.clone())?;
+    let mut ram = UffdGuestRam::with_events(
+        args.mem,
+        args.hugepages,
+        args.uffd,
+        subs.clone(),
+        args.events.uffd,
+    )?;
     ram.load(0, &image)?;
     if args.prefault {
         ram.prefault()?;
@@ -237,28 +293,65 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         params.ws_size,
     )?;
 
-    let racer = if args.race_discard_us > 0 {
-        if !args.uffd.prefilled() {
-            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
-        }
-        let inv = Invalidator::new(
+    // A discard-picking invalidator over the working set, not verifying.
+    let discarder = || {
+        Invalidator::new(
             &ram,
             &tdp,
             InvalKind::Discard,
             false,
             params.ws_base,
             params.ws_size,
-        )?;
-        Some(inv)
+        )
+    };
+    let racer = if args.race_discard_us > 0 {
+        if !args.uffd.prefilled() {
+            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
+        }
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let mut events = EventsReport {
+        sources: Some(args.events),
+        ..EventsReport::default()
+    };
+    let bystander_picker = if args.bystander_us > 0 {
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let trace = if args.events.trace {
+        match TracePump::start(subs.clone(), tdp.clone(), Duration::from_millis(2)) {
+            Ok(p) => Some(p),
+            Err(e) if args.events.auto => {
+                events.trace_unavailable = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         None
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
+    let fault_thread = uffd_fault::spawn_with(
+        ram.clone(),
+        tdp.clone(),
+        stop.clone(),
+        FaultOptions {
+            spin: args.spin_faults,
+            wake_early: args.wake_early,
+            cpu: args.fault_cpu,
+            fault_around: args.fault_around,
+        },
+    );
+    let settle = fault_thread.progress.clone();
+    let mut bystander_zeroed = Vec::new();
+    let mut bystander_report = None;
 
     let result = (|| -> Result<(u64, f64, u64), RunError> {
         let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
-        let watchdog = Watchdog::start(Duration::from_secs(args.timeout))?;
+        let watchdog = Watchdog::start(Duration::from_secs(args.timeout), settle.failed())?;
         let race_stop = Arc::new(AtomicBool::new(false));
         let racer = racer.map(|inv| {
             crate::run_inval::spawn_racer(
@@ -275,12 +368,27 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             }
         };
         let mut racer = racer;
+        let mut bystander = bystander_picker.map(|picker| {
+            Bystander::start(
+                ram.clone(),
+                tdp.clone(),
+                picker,
+                Duration::from_micros(args.bystander_us),
+                trace.is_some(),
+            )
+        });
         let t_run = Instant::now();
         let mut progress = 0u64;
         loop {
             let exit = bvm.vcpu.run();
+            if settle.failed().load(Ordering::Acquire) {
+                return Err(RunError::FaultStopped);
+            }
             if watchdog.fired() {
                 let _ = stop_racer(racer.take());
+                if let Some(b) = bystander.take() {
+                    let _ = b.finish();
+                }
                 return Err(RunError::Timeout(args.timeout));
             }
             match exit {
@@ -292,7 +400,19 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                         w[..n].copy_from_slice(&data[..n]);
                         let passes_done = u64::from(u32::from_le_bytes(w));
                         if passes_done < params.passes {
+                            if let Some(b) = &bystander {
+                                // Raw invalidations behind the VMM's back;
+                                // the check runs once their events landed.
+                                bystander_zeroed.extend(b.pause_at_boundary(passes_done)?);
+                                if !settle.settle(Duration::from_secs(2)) {
+                                    return Err(RunError::Unsettled);
+                                }
+                                inval.verify_now()?;
+                            }
                             inval.between_passes(passes_done, args.inval_per_pass)?;
+                            if let Some(b) = &bystander {
+                                b.resume();
+                            }
                         }
                     } else if addr == LAYOUT.done_mmio {
                         break;
@@ -316,18 +436,34 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
         let run_s = t_run.elapsed().as_secs_f64();
         let raced = stop_racer(racer.take())?;
+        if let Some(b) = bystander.take() {
+            bystander_report = Some(b.finish()?);
+            if !settle.settle(Duration::from_secs(2)) {
+                return Err(RunError::Unsettled);
+            }
+        }
         drop(watchdog);
         inval.final_check()?;
         Ok((progress, run_s, raced))
     })();
 
     stop.store(true, Ordering::Release);
-    let faults = fault_thread.join().map_err(|_| RunError::FaultPanic)?;
+    let faults = fault_thread
+        .handle
+        .join()
+        .map_err(|_| RunError::FaultPanic)?;
+    let trace = trace.map(TracePump::finish).transpose();
+    let faults = faults?; // the root cause when the run stopped for it
     let (progress_exits, guest_run_s, race_invalidations) = result?;
-    let faults = faults?;
+    events.trace = trace?;
+    events.uffd = ram.events().then_some(faults.events);
+    events.uffd_eagain = faults.eagain;
+    events.bystander = bystander_report;
 
     let result = GuestResult::from_words(ram.read_u64s::<4>(LAYOUT.result)?);
-    let (expected_checksum, expected_touches) = builtin::expected(&params, inval.zeroed())?;
+    let mut zeroed = inval.zeroed().to_vec();
+    zeroed.extend(bystander_zeroed);
+    let (expected_checksum, expected_touches) = builtin::expected(&params, &zeroed)?;
     let checksum_ok = result.done
         && result.checksum == expected_checksum
         && result.touches == expected_touches
@@ -339,10 +475,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         hugepages: args.hugepages.to_string(),
         params,
         faults: faults.faults,
+        prefetched: faults.prefetched,
         fault_retries: faults.fault_retries,
         already_present: faults.already_present,
         spurious: faults.spurious,
         fault_to_resume_us: LatencyUs::from_ns(&faults.fault_to_resume_ns),
+        populate_us: LatencyUs::from_ns(&faults.populate_ns),
         stats: ctx.stats.snapshot(),
         result,
         expected_checksum,
@@ -354,6 +492,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         verify_checks: inval.checks(),
         verify_failures: inval.failures(),
         verify_mismatches: inval.mismatches.clone(),
+        events,
         guest_run_s,
         total_s: t_start.elapsed().as_secs_f64(),
     })
@@ -387,6 +526,40 @@ pub fn main(args: RunArgs) -> ExitCode {
                 r.stats.pf_taken,
                 r.stats.pf_fixed,
             );
+            let e = &r.events;
+            if let Some(u) = &e.uffd {
+                println!(
+                    "uffd events: {} remove, {} unmap, {} remap ({} EAGAIN retries); \
+                     {} in guest RAM, {} zapped SPTEs ({} leaves)",
+                    u.remove,
+                    u.unmap,
+                    u.remap,
+                    e.uffd_eagain,
+                    u.delivered.in_guest_ram,
+                    u.delivered.zapping,
+                    u.delivered.leaves_zapped
+                );
+            }
+            match (&e.trace, &e.trace_unavailable) {
+                (Some(t), _) => println!(
+                    "tracepoint: {} invalidations, {} in guest RAM, {} zapped SPTEs ({} leaves)",
+                    t.events, t.in_guest_ram, t.zapping, t.leaves_zapped
+                ),
+                (None, Some(why)) => println!("tracepoint: unavailable ({why})"),
+                _ => {}
+            }
+            if let Some(b) = &e.bystander {
+                println!(
+                    "bystander: {} discards + {} mprotect pairs while running, {} MADV_REMOVE + \
+                     {} mprotect(PROT_READ) at boundaries; {} zaps proven, {} zap timeouts",
+                    b.concurrent_discards,
+                    b.concurrent_protects,
+                    b.boundary_removes,
+                    b.boundary_protects,
+                    b.zaps_proven,
+                    b.zap_timeouts
+                );
+            }
             if args.json {
                 match serde_json::to_string(&r) {
                     Ok(s) => println!("{s}"),

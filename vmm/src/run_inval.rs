@@ -152,7 +152,7 @@ impl Invalidator {
 
     /// A pseudo-random run of 1..=4 huge pages inside the working set, as a
     /// gpa range.
-    fn pick(&mut self) -> (u64, u64) {
+    pub fn pick(&mut self) -> (u64, u64) {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -259,6 +259,12 @@ impl Invalidator {
 
     /// The agreement check (also run at the end of a verified run).
     pub fn final_check(&mut self) -> Result<(), InvalError> {
+        self.verify_now()
+    }
+
+    /// The agreement check now, when verifying (e.g. after invalidations
+    /// someone else made).
+    pub fn verify_now(&mut self) -> Result<(), InvalError> {
         if self.verify {
             self.check(None)?;
         }

@@ -137,8 +137,15 @@ impl Session {
         // The project: MINOR faults on a shared memfd, MISSING+COPY on
         // private RAM; plain KVM: the kernel's own faults.
         let mut ram = match (shared, project_mmu) {
-            (true, true) => UffdGuestRam::new(mem, hp, UffdMode::Minor, subs.clone())?,
-            (true, false) => UffdGuestRam::new(mem, hp, UffdMode::KernelPrefilled, subs.clone())?,
+            // No non-cooperative events: the VMM's own operations
+            // announce their ranges, and a REMOVE zap from the fault
+            // thread would land in another measurement.
+            (true, true) => {
+                UffdGuestRam::with_events(mem, hp, UffdMode::Minor, subs.clone(), false)?
+            }
+            (true, false) => {
+                UffdGuestRam::with_events(mem, hp, UffdMode::KernelPrefilled, subs.clone(), false)?
+            }
             (false, uffd) => UffdGuestRam::new_private(mem, hp, uffd, subs.clone())?,
         };
         let mode = ram.mode();
@@ -458,7 +465,8 @@ fn vcpu_loop(
     timeout: Duration,
     efaults: &AtomicU64,
 ) -> Result<VcpuStats, String> {
-    let watchdog = Watchdog::start(timeout).map_err(|e| e.to_string())?;
+    let watchdog =
+        Watchdog::start(timeout, Arc::new(AtomicBool::new(false))).map_err(|e| e.to_string())?;
     let mut st = VcpuStats::default();
     loop {
         let exit = bvm.vcpu.run();
