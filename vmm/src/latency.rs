@@ -700,16 +700,6 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let mut plan = Vec::new();
     for c in configs {
         let name = c.name();
-        if !c.shared && c.hp == HugePages::Huge1G {
-            skip(
-                &mut rep,
-                name,
-                "private RAM is served by MISSING faults + UFFDIO_COPY of a whole page: with 1 GiB pages \
-                 the system page's COPY works but the probe made no pass within 10 s after it \
-                 (tried 2026-11-24; the cause is not found yet)",
-            );
-            continue;
-        }
         let mem = if c.hp == HugePages::Huge1G {
             2 << 30
         } else {
