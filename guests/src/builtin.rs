@@ -388,14 +388,12 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
 /// caller (a multiple of 2 MiB, at most [`MAX_MEM`]).
 pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8>, BuiltinError> {
     check_mem(mem)?;
-    if params.len() > 512 || code.len() as u64 > LAYOUT.stack_top - 0x1000 - LAYOUT.code {
-        return Err(BuiltinError::Asm(format!(
-            "{} params words / {} code bytes do not fit the system page",
-            params.len(),
-            code.len()
-        )));
-    }
     let l = LAYOUT;
+    if (params.len() as u64) * 8 > l.result - l.params || l.code + code.len() as u64 > l.stack_top {
+        return Err(BuiltinError::Asm(
+            "program or params do not fit the system page".into(),
+        ));
+    }
     let mut img = vec![0u8; SYSTEM_SIZE as usize];
     let put = |img: &mut [u8], gpa: u64, v: u64| {
         let o = gpa as usize;

@@ -3,3 +3,4 @@
 pub mod builtin;
 pub mod l1hv;
 pub mod linux;
+pub mod probe;

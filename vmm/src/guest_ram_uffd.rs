@@ -38,6 +38,12 @@
 //! Measured here with both pages free: a 1 GiB COPY from a lazily zeroed
 //! buffer took ~0.6 s (the fallback path), from the populated one ~0.3 s.
 //!
+//! [`UffdGuestRam::new_private`] is the `MAP_PRIVATE` variant (MISSING
+//! only): no memfd and no alias; the VMM reaches guest RAM through the
+//! guest-facing mapping itself (its pages fault through the same
+//! userfaultfd), and no file operation (hole punch, page-cache refill)
+//! applies.
+//!
 //! Resolution never wakes the faulting thread by itself (DONTWAKE): the
 //! fault handler wakes it after the MMU installed its SPTE - unless the
 //! handler asks for [`UffdGuestRam::populate_and_wake`] (see
@@ -272,8 +278,10 @@ pub struct UffdGuestRam {
     size: u64,
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
-    alias: Mapping,
+    /// `None` for private RAM (reached through the guest-facing mapping).
+    alias: Option<Mapping>,
     region: RegionId,
+    /// -1 for private RAM.
     memfd: RawFd,
     /// MISSING mode: the contents of page 0 (the system image) to COPY.
     staged_first: Vec<u8>,
@@ -308,6 +316,35 @@ impl UffdGuestRam {
         subs: Subscribers,
         events: bool,
     ) -> Result<Self, UffdRamError> {
+        Self::build(size, hp, mode, subs, events, true)
+    }
+
+    /// Private hugetlb RAM (`MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB`):
+    /// MISSING faults resolved with `UFFDIO_COPY`, or (`uffd` false) the
+    /// kernel's own first touch ([`UffdMode::Kernel`]); no non-cooperative
+    /// events (the VMM's own operations announce their ranges).
+    pub fn new_private(
+        size: u64,
+        hp: HugePages,
+        uffd: bool,
+        subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        let mode = if uffd {
+            UffdMode::Missing
+        } else {
+            UffdMode::Kernel
+        };
+        Self::build(size, hp, mode, subs, false, false)
+    }
+
+    fn build(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+        events: bool,
+        shared: bool,
+    ) -> Result<Self, UffdRamError> {
         if hp == HugePages::None {
             return Err(UffdRamError::NotHugetlb);
         }
@@ -317,8 +354,13 @@ impl UffdGuestRam {
             _ => PageSize::Huge2M,
         };
         let mut hostmm = HostMm::new(subs.clone())?;
+        let backing = if shared {
+            Backing::SharedMemfd(ps)
+        } else {
+            Backing::PrivateHugetlb(ps)
+        };
         let region = hostmm.map(
-            Backing::SharedMemfd(ps),
+            backing,
             size,
             Placement {
                 align: ps.bytes(),
@@ -327,7 +369,11 @@ impl UffdGuestRam {
         )?;
         let (guest_hva, memfd) = {
             let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
-            (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
+            match (shared, r.memfd()) {
+                (true, Some(fd)) => (r.base, fd),
+                (false, _) => (r.base, -1),
+                (true, None) => return Err(UffdRamError::NoRegion),
+            }
         };
         if mode.prefilled() {
             // Populate the page cache: MINOR faults need a page to map.
@@ -336,7 +382,11 @@ impl UffdGuestRam {
                 return Err(os("fallocate(guest RAM memfd)"));
             }
         }
-        let alias = Mapping::new(memfd, size)?;
+        let alias = if shared {
+            Some(Mapping::new(memfd, size)?)
+        } else {
+            None
+        };
         let (features, reg) = match mode {
             UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
             UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
@@ -404,7 +454,16 @@ impl UffdGuestRam {
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
     }
-    /// The memfd (owned by the host-mm region).
+    /// Whether the RAM is a shared memfd (private: no file, no alias).
+    pub fn is_shared(&self) -> bool {
+        self.alias.is_some()
+    }
+    /// Where the VMM reaches gpa 0: the alias, or (private RAM) the
+    /// guest-facing mapping.
+    fn access_base(&self) -> u64 {
+        self.alias.as_ref().map_or(self.guest_hva, |a| a.addr)
+    }
+    /// The memfd (owned by the host-mm region); -1 for private RAM.
     pub fn memfd(&self) -> RawFd {
         self.memfd
     }
@@ -451,7 +510,7 @@ impl UffdGuestRam {
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
-                        (self.alias.addr + gpa) as *mut u8,
+                        (self.access_base() + gpa) as *mut u8,
                         bytes.len(),
                     )
                 };
@@ -488,19 +547,22 @@ impl UffdGuestRam {
         }
         let mut out = [0u64; N];
         for (i, o) in out.iter_mut().enumerate() {
-            // SAFETY: inside the alias (checked), 8-byte aligned (checked;
+            // SAFETY: inside the alias or, for private RAM, the guest-facing
+            // mapping (checked; both cover `size` bytes and live as long as
+            // self; a missing private page faults through the userfaultfd
+            // like the guest's own touch), 8-byte aligned (checked;
             // the mapping is page aligned); a volatile read of shared memory
             // the guest may have written.
             *o = unsafe {
-                std::ptr::read_volatile((self.alias.addr + gpa + i as u64 * 8) as *const u64)
+                std::ptr::read_volatile((self.access_base() + gpa + i as u64 * 8) as *const u64)
             };
         }
         Ok(out)
     }
 
-    /// Atomically replace `old` with `new` at `gpa` through the alias (a
-    /// page-table walker's A/D update); `Ok(false)` if the value changed.
-    pub fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, UffdRamError> {
+    /// The aligned u64 at `gpa`, inside guest RAM, in the VMM's view (the
+    /// alias, or for private RAM the guest-facing mapping).
+    fn word(&self, gpa: u64) -> Result<u64, UffdRamError> {
         self.check(gpa, 8)?;
         if !gpa.is_multiple_of(8) {
             return Err(UffdRamError::OutOfRange {
@@ -509,11 +571,18 @@ impl UffdGuestRam {
                 size: self.size,
             });
         }
-        // SAFETY: inside the alias (checked), 8-byte aligned (checked; the
-        // mapping is page aligned), a MAP_SHARED mapping that lives as long
-        // as self; other writers (the guest) only ever race at the hardware
-        // level, which an atomic access tolerates.
-        let a = unsafe { &*((self.alias.addr + gpa) as *const std::sync::atomic::AtomicU64) };
+        Ok(self.access_base() + gpa)
+    }
+
+    /// Atomically replace `old` with `new` at `gpa` (a page-table walker's
+    /// A/D update); `Ok(false)` if the value changed.
+    pub fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: `word` checked that the 8 bytes are inside a mapping of
+        // `size` bytes that lives as long as self, 8-byte aligned (the
+        // mapping is page aligned); other writers (the guest) only race at
+        // the hardware level, which an atomic access tolerates.
+        let a = unsafe { &*(addr as *const std::sync::atomic::AtomicU64) };
         Ok(a.compare_exchange(
             old,
             new,
@@ -521,6 +590,16 @@ impl UffdGuestRam {
             std::sync::atomic::Ordering::SeqCst,
         )
         .is_ok())
+    }
+
+    /// Write one u64 at `gpa` while the guest runs (the latency probe's
+    /// control words).
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: as in `cmpxchg_u64` (checked, aligned, lives as long as
+        // self); a volatile store to memory the guest reads concurrently.
+        unsafe { std::ptr::write_volatile(addr as *mut u64, v) };
+        Ok(())
     }
 
     /// The huge page containing `gpa`, as a guest-facing hva range.

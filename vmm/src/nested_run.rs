@@ -56,9 +56,10 @@
 
 use crate::assist::gpr64;
 use crate::boot::parse_size;
+use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
 use crate::memory::HugePages;
-use crate::run::{self, RunError, Watchdog};
+use crate::run::RunError;
 use crate::soft_lockup::{watchdog_until, OnOff, WatchdogReport};
 use guests::l1hv::{self, L1hvConfig, L1hvError, L1hvParams, L2Page};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
@@ -201,6 +202,8 @@ pub enum WriteTrack {
 pub enum NestedRunError {
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Setup(#[from] BuiltinVmError),
     #[error(transparent)]
     Ram(#[from] UffdRamError),
     #[error(transparent)]
@@ -834,9 +837,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
     };
 
     let guest_run_s = {
-        // SAFETY: `ram` (an Arc held by this function and `plane`) outlives
-        // the VM, which is dropped at the end of this block.
-        let (_vm, mut vcpu) = unsafe { run::builtin_vm(&kvm, &ram) }?;
+        let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
         let timer = Watchdog::start(
             Duration::from_secs(args.timeout),
             Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -845,8 +846,8 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         let mut t_run = Instant::now();
         let mut gen = 0u64;
         loop {
-            let exit = vcpu.run();
-            if timer.fired.load(Ordering::Acquire) {
+            let exit = bvm.vcpu.run();
+            if timer.fired() {
                 return Err(RunError::Timeout(args.timeout).into());
             }
             match exit {
@@ -876,18 +877,20 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
                 // A store to the write-protected table pool (KVM: -EFAULT,
                 // with KVM_EXIT_MEMORY_FAULT where the kernel fills it in).
                 Ok(VcpuExit::MemoryFault { .. }) if args.write_track == WriteTrack::Trap => {
-                    plane.emulate_table_store(&vcpu)?
+                    plane.emulate_table_store(&bvm.vcpu)?
                 }
                 Err(e) if e.errno() == libc::EFAULT && args.write_track == WriteTrack::Trap => {
-                    plane.emulate_table_store(&vcpu)?
+                    plane.emulate_table_store(&bvm.vcpu)?
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
-                    let exit = format!("{other:?}");
-                    return Err(run::unexpected_exit(&vcpu, exit).into());
+                    let what = format!("{other:?}");
+                    let (exit, rip) = bvm.describe_exit(what);
+                    return Err(RunError::Exit { exit, rip }.into());
                 }
                 Err(e) => {
-                    return Err(run::unexpected_exit(&vcpu, format!("KVM_RUN: {e}")).into());
+                    let (exit, rip) = bvm.describe_exit(format!("KVM_RUN: {e}"));
+                    return Err(RunError::Exit { exit, rip }.into());
                 }
             }
         }

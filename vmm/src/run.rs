@@ -13,15 +13,15 @@
 //! not issue itself, e.g. a `--bystander-us` thread's raw madvise/mprotect.
 
 use crate::boot::parse_size;
+use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
 use crate::host_events::{self, Bystander, EventSources, EventsReport, TracePump};
+use crate::kvm;
 use crate::memory::HugePages;
 use crate::run_inval::{InvalKind, Invalidator};
 use crate::uffd_fault::{self, FaultOptions, FaultThreadError, LatencyUs};
-use crate::{kvm, x86};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
 use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
@@ -179,14 +179,6 @@ pub enum RunError {
     Ram(#[from] UffdRamError),
     #[error(transparent)]
     Memslot(#[from] mmu::memslot::MemslotError),
-    #[error("{what}: {source}")]
-    Vm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Cpu(#[from] x86::CpuError),
     #[error("fault thread: {0}")]
     Fault(#[from] FaultThreadError),
     #[error("fault thread panicked")]
@@ -197,18 +189,14 @@ pub enum RunError {
     Timeout(u64),
     #[error("invalidation: {0}")]
     Inval(#[from] crate::run_inval::InvalError),
-    #[error("signal handler: {0}")]
-    Signal(String),
+    #[error(transparent)]
+    Setup(#[from] BuiltinVmError),
     #[error(transparent)]
     Events(#[from] host_events::EventsError),
     #[error("the fault thread stopped")]
     FaultStopped,
     #[error("the fault thread did not settle within 2 s")]
     Unsettled,
-}
-
-fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RunError {
-    move |source| RunError::Vm { what, source }
 }
 
 /// The `--json` summary.
@@ -260,148 +248,6 @@ impl RunReport {
                 .bystander
                 .as_ref()
                 .is_none_or(|b| b.zap_timeouts == 0)
-    }
-}
-
-/// A VM whose memslot 0 is `ram`'s guest-facing mapping at gpa 0, and its
-/// vCPU 0 set up for a built-in CPL3 guest ([`setup_cpl3`]).
-///
-/// # Safety
-/// `ram` must outlive the returned VM (KVM maps its guest-facing mapping).
-pub unsafe fn builtin_vm(
-    kvm: &kvm_ioctls::Kvm,
-    ram: &UffdGuestRam,
-) -> Result<(kvm_ioctls::VmFd, VcpuFd), RunError> {
-    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(0xfffb_d000)
-        .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.guest_hva(),
-    };
-    // SAFETY: the guest-facing mapping covers `ram.size()` bytes at
-    // `guest_hva` and is owned by `ram`, which outlives the VM (the
-    // caller's promise).
-    unsafe { vm.set_user_memory_region(region) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    let vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    x86::filter_cpuid(&mut cpuid);
-    vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-    setup_cpl3(&vcpu)?;
-    Ok((vm, vcpu))
-}
-
-/// [`RunError::Exit`] for an exit the guest should not have caused, with
-/// the vCPU's state.
-pub fn unexpected_exit(vcpu: &VcpuFd, mut exit: String) -> RunError {
-    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-        exit += &format!(
-            " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, rsp {:#x})",
-            r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, r.rsp
-        );
-    }
-    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-    RunError::Exit { exit, rip }
-}
-
-/// The segment/paging state for the built-in guest: long mode, CPL3 code
-/// and stack segments, the busy 64-bit TSS, CR3 at the identity tables,
-/// interrupts off (the guest talks through MMIO doorbells).
-pub fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
-    let gdt = builtin::gdt();
-    let mut sregs = vcpu.get_sregs().map_err(vm_err("KVM_GET_SREGS"))?;
-    let seg = |i: u16, rpl: u16| {
-        let mut s = x86::segment_from_gdt(gdt[i as usize], i);
-        s.selector |= rpl;
-        s
-    };
-    let ucs = seg(builtin::SEL_USER_CS >> 3, 3);
-    let uds = seg(builtin::SEL_USER_DS >> 3, 3);
-    let tss = seg(builtin::SEL_TSS >> 3, 0);
-    x86::set_long_mode_segments(
-        &mut sregs,
-        (LAYOUT.gdt, gdt.len()),
-        (0, 0),
-        [ucs, uds, tss],
-        LAYOUT.pml4,
-    );
-    sregs.cr4 = 0x20; // PAE
-    sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-    sregs.efer = 0x500; // LME | LMA
-    vcpu.set_sregs(&sregs).map_err(vm_err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: LAYOUT.code,
-        rsp: LAYOUT.stack_top,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(vm_err("KVM_SET_REGS"))?;
-    Ok(())
-}
-
-extern "C" fn watchdog_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Interrupts KVM_RUN on the creating thread after a deadline.
-pub struct Watchdog {
-    stop: Arc<AtomicBool>,
-    pub fired: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    /// Kick after `timeout`, or as soon as `abort` is set (e.g. the fault
-    /// thread died and the vCPU sleeps in a fault nobody will resolve).
-    pub fn start(timeout: Duration, abort: Arc<AtomicBool>) -> Result<Self, RunError> {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        let mut err = None;
-        ONCE.call_once(|| {
-            err = vmm_sys_util::signal::register_signal_handler(
-                vmm_sys_util::signal::SIGRTMIN() + 1,
-                watchdog_handler,
-            )
-            .err();
-        });
-        if let Some(e) = err {
-            return Err(RunError::Signal(e.to_string()));
-        }
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
-        let stop = Arc::new(AtomicBool::new(false));
-        let fired = Arc::new(AtomicBool::new(false));
-        let (s, f) = (stop.clone(), fired.clone());
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while !s.load(Ordering::Acquire) {
-                if Instant::now() >= deadline || abort.load(Ordering::Acquire) {
-                    f.store(true, Ordering::Release);
-                    // Keep kicking: a signal can land just before KVM_RUN.
-                    // SAFETY: `target` is the vCPU thread, alive until
-                    // `stop` is set (Watchdog is dropped on that thread
-                    // before it exits); the signal has a no-op handler.
-                    unsafe { libc::pthread_kill(target, vmm_sys_util::signal::SIGRTMIN() + 1) };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Ok(Watchdog {
-            stop,
-            fired,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -507,10 +353,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let mut bystander_report = None;
 
     let result = (|| -> Result<(u64, f64, u64), RunError> {
-        // SAFETY: `ram` outlives the VM (the VM is dropped at the end of
-        // this closure, `ram` after it).
-        let (_vm, mut vcpu) = unsafe { builtin_vm(&kvm, &ram) }?;
-
+        let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
         let watchdog = Watchdog::start(Duration::from_secs(args.timeout), settle.failed())?;
         let race_stop = Arc::new(AtomicBool::new(false));
         let racer = racer.map(|inv| {
@@ -540,11 +383,11 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         let t_run = Instant::now();
         let mut progress = 0u64;
         loop {
-            let exit = vcpu.run();
+            let exit = bvm.vcpu.run();
             if settle.failed().load(Ordering::Acquire) {
                 return Err(RunError::FaultStopped);
             }
-            if watchdog.fired.load(Ordering::Acquire) {
+            if watchdog.fired() {
                 let _ = stop_racer(racer.take());
                 if let Some(b) = bystander.take() {
                     let _ = b.finish();
@@ -581,11 +424,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
-                    let exit = format!("{other:?}");
-                    return Err(unexpected_exit(&vcpu, exit));
+                    let what = format!("{other:?}");
+                    let (exit, rip) = bvm.describe_exit(what);
+                    return Err(RunError::Exit { exit, rip });
                 }
                 Err(e) => {
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = bvm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                     return Err(RunError::Exit {
                         exit: format!("KVM_RUN: {e}"),
                         rip,
