@@ -232,6 +232,27 @@ pub fn vmm_view(ram: &UffdGuestRam) -> Result<GuestMemoryMmap, RunLinuxError> {
     GuestMemoryMmap::from_regions(vec![region]).map_err(|e| view(e.to_string()))
 }
 
+/// The TDP MMU for `ram` (memslot 0 = its guest-facing mapping at gpa 0,
+/// leaves the size of its huge pages), subscribed to the host
+/// invalidations announced on `subs`: Subscribers -> KvmMmuNotifier -> TDP
+/// zap.
+pub fn tdp_mmu_for(
+    ram: &UffdGuestRam,
+    subs: &Subscribers,
+) -> Result<(Arc<MmuContext>, Arc<TdpMmu>), mmu::memslot::MemslotError> {
+    let backing = match ram.hugepages() {
+        HugePages::Huge1G => PageLevel::L1G,
+        _ => PageLevel::L2M,
+    };
+    let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), backing)?;
+    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+    let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), YieldPolicy::default()));
+    notifier.add_mmu(tdp.clone());
+    subs.register(notifier);
+    Ok((ctx, tdp))
+}
+
 /// Boot the Linux guest on userfaultfd-served RAM through the TDP MMU.
 /// Setup problems are `Err`; a boot that ran returns a report.
 pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
@@ -258,18 +279,7 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
     }
     let ram = Arc::new(ram);
     let size = ram.size();
-    let backing = match args.hugepages {
-        HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
-    let slot = Memslot::new(0, 0, size >> PAGE_SHIFT, ram.guest_hva(), backing)?;
-    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
-    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
-    // Host invalidations of the guest-facing mapping reach the MMU:
-    // Subscribers -> KvmMmuNotifier -> TDP zap.
-    let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), YieldPolicy::default()));
-    notifier.add_mmu(tdp.clone());
-    subs.register(notifier);
+    let (ctx, tdp) = tdp_mmu_for(&ram, &subs)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
