@@ -62,21 +62,24 @@ fn args(kernel: PathBuf, initrd: PathBuf, mem: u64, mode: UffdMode) -> RunArgs {
 }
 
 #[test]
-fn missing_mode_and_between_pass_invalidations_are_typed_errors() {
+fn between_pass_invalidations_and_missing_races_are_typed_errors() {
     let k = scratch("none");
-    let mut a = args(k.clone(), k, 32 << 20, UffdMode::Missing);
-    let e = run_linux::run(&a).unwrap_err();
-    assert!(matches!(e, RunLinuxError::MissingUnsupported), "{e}");
-    a.uffd = UffdMode::Minor;
+    let mut a = args(k.clone(), k, 32 << 20, UffdMode::Minor);
     a.invalidate = InvalKind::Discard;
     let e = run_linux::run(&a).unwrap_err();
     assert!(matches!(e, RunLinuxError::Invalidate(_)), "{e}");
+    a.invalidate = InvalKind::None;
+    a.uffd = UffdMode::Missing;
+    a.race_discard_us = 100;
+    let e = run_linux::run(&a).unwrap_err();
+    assert!(matches!(e, RunLinuxError::Inval(_)), "{e}");
 }
 
 /// A crafted kernel that prints and resets, on each mode: the loader's
-/// writes through the VMM's view reach the guest, the guest's touches fault
+/// writes (through the VMM's view, or staged for MISSING) reach the guest, the guest's touches fault
 /// through the MMU (MINOR) or the kernel (baselines), and the MMU agrees
 /// with the host page tables at the end.
+/// (MISSING: the kernel's page is staged, so its bytes arrive by COPY.)
 #[test]
 fn crafted_kernel_runs_on_uffd_ram_through_the_mmu() {
     const MEM: u64 = 32 << 20;
@@ -85,7 +88,12 @@ fn crafted_kernel_runs_on_uffd_ram_through_the_mmu() {
     std::fs::write(&k, tiny_elf(&serial_then_reset("hello\n"), 0)).unwrap();
     let i = scratch("initrd-hello");
     std::fs::write(&i, b"070701").unwrap();
-    for mode in [UffdMode::Minor, UffdMode::Kernel, UffdMode::KernelPrefilled] {
+    for mode in [
+        UffdMode::Minor,
+        UffdMode::Missing,
+        UffdMode::Kernel,
+        UffdMode::KernelPrefilled,
+    ] {
         let r = run_linux::run(&args(k.clone(), i.clone(), MEM, mode))
             .unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert!(r.boot.error.is_none(), "{mode}: {:?}", r.boot.error);
@@ -97,7 +105,7 @@ fn crafted_kernel_runs_on_uffd_ram_through_the_mmu() {
         );
         assert_eq!(r.verify_checks, 1, "{mode}");
         assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
-        if mode == UffdMode::Minor {
+        if mode.uses_uffd() {
             // At least the boot tables' page and the kernel's page.
             assert!(r.faults >= 2, "{mode}: {}", r.json);
             assert!(r.stats.pf_fixed >= 2, "{mode}: {}", r.json);

@@ -219,6 +219,9 @@ pub enum BootError {
     /// SIGINT/SIGTERM.
     #[error("interrupted by a signal (guest rip {rip:#x})")]
     Interrupted { rip: u64 },
+    /// Handing the loader's staging memory over to guest RAM.
+    #[error("staging guest RAM: {0}")]
+    Staging(String),
     /// Thread/eventfd/event-manager plumbing.
     #[error("VMM plumbing: {0}")]
     Plumbing(String),
@@ -566,6 +569,19 @@ pub struct BootMemory {
     pub size: u64,
     /// Backing page size (for the report).
     pub hugepages: HugePages,
+    /// Where the loader writes instead of `mem`, if anywhere.
+    pub staging: Option<Staging>,
+}
+
+/// Scratch memory the loader writes (kernel, initramfs, command line, zero
+/// page, boot page tables) when guest RAM must not take the VMM's writes
+/// before the guest runs (userfaultfd MISSING: a page the VMM wrote would
+/// never fault). `commit` hands the contents over before the first KVM_RUN.
+pub struct Staging {
+    /// The scratch memory (gpa 0, the guest RAM's size).
+    pub mem: GuestMemoryMmap,
+    /// Moves what the loader wrote into guest RAM's first faults.
+    pub commit: Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), String>>,
 }
 
 /// Boot a guest on plain hugetlb (or memfd) RAM. Setup problems are `Err`;
@@ -586,6 +602,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         slot_hva: host as u64,
         size: ram.size,
         hugepages: ram.hugepages,
+        staging: None,
     };
     boot_on(args, inputs, memory, &mut |_| {})
 }
@@ -597,7 +614,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
 pub fn boot_on(
     args: &BootArgs,
     inputs: BootInputs,
-    ram: BootMemory,
+    mut ram: BootMemory,
     on_tick: &mut dyn FnMut(&Timeline),
 ) -> Result<BootReport, BootError> {
     let BootInputs {
@@ -607,6 +624,11 @@ pub fn boot_on(
         initrd,
     } = inputs;
     let mem = ram.mem.clone();
+    // What the loader writes through (the staging memory, if any).
+    let load = ram
+        .staging
+        .as_ref()
+        .map_or_else(|| mem.clone(), |s| s.mem.clone());
 
     let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(TSS_ADDR)
@@ -630,10 +652,10 @@ pub fn boot_on(
     unsafe { vm.set_user_memory_region(region) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
     // Kernel, initrd, command line, zero page.
-    let entry = image.load(&mem, ram.size)?;
+    let entry = image.load(&load, ram.size)?;
     let addr_max = zeropage::initrd_addr_max(image.setup_header.as_ref());
     let initrd_addr = kernel::initrd_addr(initrd.len() as u64, ram.size, image.phys_end, addr_max)?;
-    vm_memory::Bytes::write_slice(&mem, &initrd, GuestAddress(initrd_addr))
+    vm_memory::Bytes::write_slice(&load, &initrd, GuestAddress(initrd_addr))
         .map_err(|e| BootError::Plumbing(format!("writing initrd: {e}")))?;
     let mut line = args.cmdline.clone().unwrap_or_else(default_cmdline);
     if let Some(a) = &args.append {
@@ -644,7 +666,7 @@ pub fn boot_on(
     cmdline
         .insert_str(&line)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(&mem, GuestAddress(CMDLINE_ADDR), &cmdline)
+    load_cmdline(&load, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let params = zeropage::boot_params(
         image.setup_header,
@@ -652,7 +674,7 @@ pub fn boot_on(
         line.len() + 1,
         Some((initrd_addr, initrd.len() as u64)),
     );
-    zeropage::write(&mem, &params).map_err(|e| BootError::Plumbing(format!("zero page: {e}")))?;
+    zeropage::write(&load, &params).map_err(|e| BootError::Plumbing(format!("zero page: {e}")))?;
     drop(image);
     drop(initrd);
 
@@ -663,8 +685,12 @@ pub fn boot_on(
         .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
     x86::filter_cpuid(&mut cpuid);
     vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-    x86::setup_vcpu(&vcpu, &mem, entry.0)?;
+    x86::setup_vcpu(&vcpu, &load, entry.0)?;
     x86::setup_lapic(&vcpu)?;
+    if let Some(s) = ram.staging.take() {
+        (s.commit)(&s.mem).map_err(BootError::Staging)?;
+    }
+    drop(load);
 
     // Devices.
     let log_path = args.serial_log.clone().unwrap_or_else(run_dir_log);

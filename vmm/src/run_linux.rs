@@ -16,13 +16,15 @@
 //! [`boot::boot_on`]: the same VM, devices, assist and timeline as
 //! `vmm boot`, with the memory backing as a parameter.
 //!
-//! Modes: `--uffd minor` (page cache filled up front, faults resolved with
-//! `UFFDIO_CONTINUE`), and the baselines `kernel` / `kernel-prefilled`
-//! (no userfaultfd, the MMU sees no faults). `--uffd missing` is refused
-//! with [`RunLinuxError::MissingUnsupported`]: the loader writes the page
-//! cache directly, which MISSING faults would never see.
+//! Modes: `--uffd minor` (page cache filled up front, the loader writes it
+//! through the VMM's view, faults resolved with `UFFDIO_CONTINUE`),
+//! `--uffd missing` (nothing in the page cache: the loader writes a staging
+//! memory whose non-zero huge pages become the first `UFFDIO_COPY` of each,
+//! see [`staging_for`]; every other page is COPYed as zeros), and the
+//! baselines `kernel` / `kernel-prefilled` (no userfaultfd, the MMU sees no
+//! faults).
 
-use crate::boot::{self, BootArgs, BootError, BootInputs, BootMemory, BootReport};
+use crate::boot::{self, BootArgs, BootError, BootInputs, BootMemory, BootReport, Staging};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
 use crate::memory::HugePages;
 use crate::run::RunArgs;
@@ -42,7 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// The `vmm run` options that only `--guest linux` uses.
 #[derive(clap::Args, Debug, Clone)]
@@ -114,11 +116,6 @@ impl LinuxArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunLinuxError {
-    #[error(
-        "--guest linux supports --uffd minor, kernel and kernel-prefilled, not missing: \
-         the loader writes the kernel through the page cache, which MISSING faults never see"
-    )]
-    MissingUnsupported,
     #[error("--guest linux does not run --invalidate {0:?} (between-pass invalidations are for the builtin guest); try --race-discard-us")]
     Invalidate(InvalKind),
     #[error(transparent)]
@@ -253,13 +250,40 @@ pub fn tdp_mmu_for(
     Ok((ctx, tdp))
 }
 
+/// MISSING mode: the loader writes into anonymous scratch memory (pages
+/// allocated on first write); before the vCPU runs, every huge page of it
+/// that is not all zeros is staged in `ram` for its first `UFFDIO_COPY`.
+/// Pages left out fault in as zeros, as the kernel's own first touch would
+/// give. So every page the guest touches arrives as a fault.
+pub fn staging_for(ram: &Arc<UffdGuestRam>) -> Result<Staging, RunLinuxError> {
+    let size = usize::try_from(ram.size()).map_err(|_| RunLinuxError::View("size".into()))?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| RunLinuxError::View(format!("staging memory: {e}")))?;
+    let ram = ram.clone();
+    let commit = move |mem: &GuestMemoryMmap| -> Result<(), String> {
+        let page = ram.page_size();
+        let mut buf = vec![0u8; page as usize];
+        let mut gpa = 0;
+        while gpa < ram.size() {
+            mem.read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|e| format!("reading staged gpa {gpa:#x}: {e}"))?;
+            if buf.iter().any(|&b| b != 0) {
+                ram.stage(gpa, &buf).map_err(|e| e.to_string())?;
+            }
+            gpa += page;
+        }
+        Ok(())
+    };
+    Ok(Staging {
+        mem,
+        commit: Box::new(commit),
+    })
+}
+
 /// Boot the Linux guest on userfaultfd-served RAM through the TDP MMU.
 /// Setup problems are `Err`; a boot that ran returns a report.
 pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
     let t_start = Instant::now();
-    if args.uffd == UffdMode::Missing {
-        return Err(RunLinuxError::MissingUnsupported);
-    }
     if args.invalidate != InvalKind::None {
         return Err(RunLinuxError::Invalidate(args.invalidate));
     }
@@ -300,6 +324,10 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
         slot_hva: ram.guest_hva(),
         size,
         hugepages: args.hugepages,
+        staging: match args.uffd {
+            UffdMode::Missing => Some(staging_for(&ram)?),
+            _ => None,
+        },
     };
     let mut at_init: Option<(Mapped, MmuStatsSnapshot)> = None;
     let mut on_tick = |t: &Timeline| {
