@@ -581,8 +581,11 @@ pub struct Staging {
     /// The scratch memory (gpa 0, the guest RAM's size).
     pub mem: GuestMemoryMmap,
     /// Moves what the loader wrote into guest RAM's first faults.
-    pub commit: Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), String>>,
+    pub commit: StagingCommit,
 }
+
+/// [`Staging::commit`]: takes the staging memory, says what went wrong.
+pub type StagingCommit = Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), String>>;
 
 /// Boot a guest on plain hugetlb (or memfd) RAM. Setup problems are `Err`;
 /// a boot that ran returns a report (whose `error` says if it ended in a
