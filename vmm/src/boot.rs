@@ -1,6 +1,10 @@
 //! `vmm boot`: boot a Linux guest (ELF vmlinux or LZ4 bzImage + initrd) on
 //! hugetlb guest RAM and report the boot timeline.
 //!
+//! The memory backing is a parameter of [`boot_on`] ([`BootMemory`]: the
+//! VMM's view, KVM's memslot hva, optional loader staging): [`run`] boots
+//! on plain hugetlb RAM, `crate::run_linux` on userfaultfd-served RAM.
+//!
 //! Threads: the vCPU thread runs KVM_RUN and handles port I/O, resets,
 //! emulation failures and profiling samples; the main thread runs the
 //! event-manager loop (stdin -> serial, the vCPU-exit eventfd), the timeout
