@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use integration_tests::require;
+use integration_tests::{linux_image, require, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
 use notifier::hostmm::PageSize;
 use vmm::boot::{self, BootArgs, BootError};
@@ -21,8 +21,6 @@ use vmm::memory::{HugePages, MemoryError};
 
 /// Tests that change hugetlb pools run one at a time.
 static POOL: Mutex<()> = Mutex::new(());
-
-const KERNEL_PADDR: u64 = 0x100_0000;
 
 fn kvm_ok() -> bool {
     std::fs::OpenOptions::new()
@@ -41,50 +39,6 @@ fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vmm-boot-tests-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
-}
-
-/// A minimal ELF64 x86-64 executable: one PT_LOAD of `code` at 16 MiB
-/// (memsz `memsz`), entry at its first byte.
-fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
-    let code_off = 0x100u64;
-    let mut b = Vec::new();
-    b.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    b.extend_from_slice(&2u16.to_le_bytes()); // e_type EXEC
-    b.extend_from_slice(&62u16.to_le_bytes()); // e_machine x86-64
-    b.extend_from_slice(&1u32.to_le_bytes());
-    b.extend_from_slice(&KERNEL_PADDR.to_le_bytes()); // e_entry
-    b.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    b.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    b.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    b.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    b.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    for v in [
-        code_off,
-        KERNEL_PADDR,
-        KERNEL_PADDR,
-        code.len() as u64,
-        memsz.max(code.len() as u64),
-        0x1000,
-    ] {
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    b.resize(code_off as usize, 0);
-    b.extend_from_slice(code);
-    b
-}
-
-/// Prints `msg` on COM1 (`out dx, al` per byte), then resets via the i8042.
-fn serial_then_reset(msg: &str) -> Vec<u8> {
-    let mut c = vec![0x48, 0x8d, 0x35, 17, 0, 0, 0]; // lea rsi, [rip+17] (msg)
-    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend_from_slice(&[0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]); // lodsb; test; jz +3; out; jmp -8
-    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // mov al,0xfe; out 0x64,al; hlt
-    c.extend_from_slice(msg.as_bytes());
-    c.push(0);
-    c
 }
 
 fn write(name: &str, bytes: &[u8]) -> PathBuf {
@@ -300,22 +254,6 @@ fn quick_paths_1g_hugepages() {
         return;
     }
     quick_paths(HugePages::Huge1G, 1 << 30);
-}
-
-fn linux_image() -> Option<(PathBuf, PathBuf)> {
-    if let (Ok(k), Ok(i)) = (
-        std::env::var("VMM_TEST_KERNEL"),
-        std::env::var("VMM_TEST_INITRD"),
-    ) {
-        return Some((k.into(), i.into()));
-    }
-    match boot::default_image() {
-        Ok(x) => Some(x),
-        Err(e) => {
-            eprintln!("no Linux guest image: {e}");
-            None
-        }
-    }
 }
 
 fn boot_linux(hp: HugePages, mem: u64, pages: u64) {

@@ -1,6 +1,10 @@
 //! `vmm boot`: boot a Linux guest (ELF vmlinux or LZ4 bzImage + initrd) on
 //! hugetlb guest RAM and report the boot timeline.
 //!
+//! The memory backing is a parameter of [`boot_on`] ([`BootMemory`]: the
+//! VMM's view, KVM's memslot hva, optional loader staging): [`run`] boots
+//! on plain hugetlb RAM, `crate::run_linux` on userfaultfd-served RAM.
+//!
 //! Threads: the vCPU thread runs KVM_RUN and handles port I/O, resets,
 //! emulation failures and profiling samples; the main thread runs the
 //! event-manager loop (stdin -> serial, the vCPU-exit eventfd), the timeout
@@ -219,6 +223,9 @@ pub enum BootError {
     /// SIGINT/SIGTERM.
     #[error("interrupted by a signal (guest rip {rip:#x})")]
     Interrupted { rip: u64 },
+    /// Handing the loader's staging memory over to guest RAM.
+    #[error("staging guest RAM: {0}")]
+    Staging(String),
     /// Thread/eventfd/event-manager plumbing.
     #[error("VMM plumbing: {0}")]
     Plumbing(String),
@@ -499,43 +506,136 @@ fn run_dir_log() -> PathBuf {
     PathBuf::from(format!("/tmp/vmm-runs/boot-{ts}-{}", std::process::id())).join("serial.log")
 }
 
-/// Boot a guest. Setup problems are `Err`; a boot that ran returns a report
-/// (whose `error` says if it ended in a runtime error).
-/// `--reserve-hugepages`: grow the pool so the guest RAM fits. A pool the
-/// kernel cannot grow far enough is left to `GuestRam::new`, whose error
-/// says how many pages are free and needed.
-fn reserve_pool(args: &BootArgs) -> Result<Option<HugepageReservation>, BootError> {
-    let size = match args.hugepages {
-        _ if !args.reserve_hugepages => return Ok(None),
+/// `--reserve-hugepages`: grow the pool so `mem` bytes of `hp` RAM fit. A
+/// pool the kernel cannot grow far enough is left to the RAM's own check,
+/// whose error says how many pages are free and needed.
+pub fn reserve_pool(
+    reserve: bool,
+    mem: u64,
+    hp: HugePages,
+) -> Result<Option<HugepageReservation>, BootError> {
+    let size = match hp {
+        _ if !reserve => return Ok(None),
         HugePages::None => return Ok(None),
         HugePages::Huge2M => PageSize::Huge2M,
         HugePages::Huge1G => PageSize::Huge1G,
     };
-    let pages = crate::memory::rounded_size(args.mem, args.hugepages) / args.hugepages.page_size();
+    let pages = crate::memory::rounded_size(mem, hp) / hp.page_size();
     HugepageReservation::reserve(size, pages)
         .map(Some)
         .map_err(BootError::Reserve)
 }
 
+/// What a boot needs before its guest RAM exists: /dev/kvm, the kernel
+/// image and the initramfs (all checked), and the clock the timeline
+/// starts from.
+pub struct BootInputs {
+    start: Instant,
+    kvm: kvm_ioctls::Kvm,
+    image: KernelImage,
+    initrd: Vec<u8>,
+}
+
+impl BootInputs {
+    /// Open /dev/kvm, the kernel (default: the provisioned image) and the
+    /// initramfs.
+    pub fn prepare(args: &BootArgs) -> Result<Self, BootError> {
+        let start = Instant::now();
+        let kvm = kvm::open(&args.kvm_dev)?;
+        let (kernel_path, initrd_path) = match (&args.kernel, &args.initrd) {
+            (Some(k), Some(i)) => (k.clone(), i.clone()),
+            (k, i) => {
+                let (dk, di) = default_image()?;
+                (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
+            }
+        };
+        let image = KernelImage::open(&kernel_path)?;
+        let initrd = kernel::read_initrd(&initrd_path)?;
+        Ok(BootInputs {
+            start,
+            kvm,
+            image,
+            initrd,
+        })
+    }
+}
+
+/// Guest RAM as a boot uses it: the VMM's own view and KVM's memslot.
+pub struct BootMemory {
+    /// What the VMM reads and writes: the loader, the vCPU's boot tables,
+    /// the emulation assist and the profiler.
+    pub mem: GuestMemoryMmap,
+    /// The hva KVM's memslot 0 maps at gpa 0. It may be another mapping of
+    /// the same memory than `mem` (userfaultfd-served RAM: only the guest
+    /// faults on it); the caller keeps it mapped until the boot returns.
+    pub slot_hva: u64,
+    /// Size in bytes (both mappings).
+    pub size: u64,
+    /// Backing page size (for the report).
+    pub hugepages: HugePages,
+    /// Where the loader writes instead of `mem`, if anywhere.
+    pub staging: Option<Staging>,
+}
+
+/// Scratch memory the loader writes (kernel, initramfs, command line, zero
+/// page, boot page tables) when guest RAM must not take the VMM's writes
+/// before the guest runs (userfaultfd MISSING: a page the VMM wrote would
+/// never fault). `commit` hands the contents over before the first KVM_RUN.
+pub struct Staging {
+    /// The scratch memory (gpa 0, the guest RAM's size).
+    pub mem: GuestMemoryMmap,
+    /// Moves what the loader wrote into guest RAM's first faults.
+    pub commit: StagingCommit,
+}
+
+/// [`Staging::commit`]: takes the staging memory, says what went wrong.
+pub type StagingCommit = Box<dyn FnOnce(&GuestMemoryMmap) -> Result<(), String>>;
+
+/// Boot a guest on plain hugetlb (or memfd) RAM. Setup problems are `Err`;
+/// a boot that ran returns a report (whose `error` says if it ended in a
+/// runtime error).
 pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
-    let start = Instant::now();
-    let kvm = kvm::open(&args.kvm_dev)?;
-
-    let (kernel_path, initrd_path) = match (&args.kernel, &args.initrd) {
-        (Some(k), Some(i)) => (k.clone(), i.clone()),
-        (k, i) => {
-            let (dk, di) = default_image()?;
-            (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
-        }
-    };
-    let image = KernelImage::open(&kernel_path)?;
-    let initrd = kernel::read_initrd(&initrd_path)?;
-
+    let inputs = BootInputs::prepare(args)?;
     // Declared before the RAM so it is dropped after it: the pool shrinks
     // back only once the guest's pages are gone.
-    let _pool = reserve_pool(args)?;
+    let _pool = reserve_pool(args.reserve_hugepages, args.mem, args.hugepages)?;
     let ram = GuestRam::new(args.mem, args.hugepages)?;
+    let host = ram
+        .mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| BootError::Plumbing(e.to_string()))?;
+    let memory = BootMemory {
+        mem: ram.mem.clone(),
+        slot_hva: host as u64,
+        size: ram.size,
+        hugepages: ram.hugepages,
+        staging: None,
+    };
+    boot_on(args, inputs, memory, &mut |_| {})
+}
+
+/// Boot on `ram`: create the VM (memslot 0 = `ram.slot_hva`), load the
+/// kernel, initramfs, command line and zero page through `ram.mem`, run the
+/// vCPU and the event loop until reset, error, timeout or signal.
+/// `on_tick` sees the timeline from the main thread every tick (~200 ms).
+pub fn boot_on(
+    args: &BootArgs,
+    inputs: BootInputs,
+    mut ram: BootMemory,
+    on_tick: &mut dyn FnMut(&Timeline),
+) -> Result<BootReport, BootError> {
+    let BootInputs {
+        start,
+        kvm,
+        image,
+        initrd,
+    } = inputs;
     let mem = ram.mem.clone();
+    // What the loader writes through (the staging memory, if any).
+    let load = ram
+        .staging
+        .as_ref()
+        .map_or_else(|| mem.clone(), |s| s.mem.clone());
 
     let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(TSS_ADDR)
@@ -546,25 +646,23 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(vm_err("KVM_CREATE_PIT2"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| BootError::Plumbing(e.to_string()))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
         memory_size: ram.size,
-        userspace_addr: host as u64,
+        userspace_addr: ram.slot_hva,
     };
-    // SAFETY: the region maps `ram.size` bytes at `host`, owned by `ram`
-    // (kept alive through `mem`, an Arc'd clone) for longer than the VM.
+    // SAFETY: `ram.slot_hva` maps `ram.size` bytes of guest RAM that the
+    // caller keeps mapped until this function returns; the VM is dropped
+    // before that.
     unsafe { vm.set_user_memory_region(region) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
     // Kernel, initrd, command line, zero page.
-    let entry = image.load(&mem, ram.size)?;
+    let entry = image.load(&load, ram.size)?;
     let addr_max = zeropage::initrd_addr_max(image.setup_header.as_ref());
     let initrd_addr = kernel::initrd_addr(initrd.len() as u64, ram.size, image.phys_end, addr_max)?;
-    vm_memory::Bytes::write_slice(&mem, &initrd, GuestAddress(initrd_addr))
+    vm_memory::Bytes::write_slice(&load, &initrd, GuestAddress(initrd_addr))
         .map_err(|e| BootError::Plumbing(format!("writing initrd: {e}")))?;
     let mut line = args.cmdline.clone().unwrap_or_else(default_cmdline);
     if let Some(a) = &args.append {
@@ -575,7 +673,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     cmdline
         .insert_str(&line)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(&mem, GuestAddress(CMDLINE_ADDR), &cmdline)
+    load_cmdline(&load, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let params = zeropage::boot_params(
         image.setup_header,
@@ -583,8 +681,9 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         line.len() + 1,
         Some((initrd_addr, initrd.len() as u64)),
     );
-    zeropage::write(&mem, &params).map_err(|e| BootError::Plumbing(format!("zero page: {e}")))?;
+    zeropage::write(&load, &params).map_err(|e| BootError::Plumbing(format!("zero page: {e}")))?;
     drop(image);
+    drop(initrd);
 
     // vCPU.
     let vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
@@ -593,8 +692,12 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
     x86::filter_cpuid(&mut cpuid);
     vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-    x86::setup_vcpu(&vcpu, &mem, entry.0)?;
+    x86::setup_vcpu(&vcpu, &load, entry.0)?;
     x86::setup_lapic(&vcpu)?;
+    if let Some(s) = ram.staging.take() {
+        (s.commit)(&s.mem).map_err(BootError::Staging)?;
+    }
+    drop(load);
 
     // Devices.
     let log_path = args.serial_log.clone().unwrap_or_else(run_dir_log);
@@ -675,6 +778,9 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
                 let _ = handle.kill(SIGRTMIN());
             }
         }
+        if let Ok(t) = timeline.lock() {
+            on_tick(&t);
+        }
         let now = Instant::now();
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if now >= deadline || interrupted || stop.load(Ordering::SeqCst) {
@@ -717,7 +823,7 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
         &assists,
         serde_json::json!({
             "mem_mib": ram.size >> 20,
-            "hugepages": args.hugepages.to_string(),
+            "hugepages": ram.hugepages.to_string(),
             "cmdline": line,
             "serial_log": log_path,
         }),

@@ -67,6 +67,7 @@ use notifier::uffd::{
 };
 use notifier::{HvaRange, Subscribers};
 use parking_lot::{Mutex, MutexGuard};
+use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::str::FromStr;
 
@@ -283,8 +284,9 @@ pub struct UffdGuestRam {
     region: RegionId,
     /// -1 for private RAM.
     memfd: RawFd,
-    /// MISSING mode: the contents of page 0 (the system image) to COPY.
-    staged_first: Vec<u8>,
+    /// MISSING mode: huge pages with contents (by huge-page-aligned gpa)
+    /// for their first COPY; every other page is COPYed from `zeros`.
+    staged: Mutex<BTreeMap<u64, Box<[u8]>>>,
     /// MISSING mode: a huge page of zeros to COPY (resident).
     zeros: Option<ZeroSource>,
     hostmm: Mutex<HostMm>,
@@ -418,7 +420,7 @@ impl UffdGuestRam {
             alias,
             region,
             memfd,
-            staged_first: Vec::new(),
+            staged: Mutex::new(BTreeMap::new()),
             zeros: if mode == UffdMode::Missing {
                 Some(ZeroSource::new(page)?)
             } else {
@@ -496,10 +498,16 @@ impl UffdGuestRam {
         Ok(())
     }
 
-    /// Put `bytes` at `gpa` before the guest runs: through the alias (MINOR:
-    /// the page cache is there) or staged for the first COPY (MISSING; only
-    /// the first huge page can be staged).
+    /// Put `bytes` at `gpa` before the guest runs: see [`Self::stage`].
     pub fn load(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), UffdRamError> {
+        self.stage(gpa, bytes)
+    }
+
+    /// Put `bytes` at `gpa` before the guest touches them: through the
+    /// alias (MINOR and the baselines: the page cache is there), or staged
+    /// for the first COPY of each huge page they span (MISSING: writing the
+    /// page cache would make the guest's first touch no fault at all).
+    pub fn stage(&self, gpa: u64, bytes: &[u8]) -> Result<(), UffdRamError> {
         let len = bytes.len() as u64;
         self.check(gpa, len)?;
         match self.mode {
@@ -517,21 +525,26 @@ impl UffdGuestRam {
             }
             UffdMode::Missing => {
                 let page = self.page_size();
-                if gpa + len > page {
-                    return Err(UffdRamError::OutOfRange {
-                        gpa,
-                        len,
-                        size: page,
-                    });
+                let mut staged = self.staged.lock();
+                let mut at = gpa;
+                while at < gpa + len {
+                    let base = at & !(page - 1);
+                    let end = (base + page).min(gpa + len);
+                    let dst = staged
+                        .entry(base)
+                        .or_insert_with(|| vec![0u8; page as usize].into_boxed_slice());
+                    let src = &bytes[(at - gpa) as usize..(end - gpa) as usize];
+                    dst[(at - base) as usize..(end - base) as usize].copy_from_slice(src);
+                    at = end;
                 }
-                if self.staged_first.is_empty() {
-                    self.staged_first = vec![0u8; page as usize];
-                    make_resident(&mut self.staged_first);
-                }
-                self.staged_first[gpa as usize..(gpa + len) as usize].copy_from_slice(bytes);
             }
         }
         Ok(())
+    }
+
+    /// MISSING mode: how many huge pages are staged for their first COPY.
+    pub fn staged_pages(&self) -> usize {
+        self.staged.lock().len()
     }
 
     /// Read `n` u64s at `gpa` through the alias (after the guest ran: the
@@ -630,12 +643,26 @@ impl UffdGuestRam {
             UffdMode::Minor => self.uffd.continue_range(r, wake)?,
             UffdMode::Kernel | UffdMode::KernelPrefilled => false,
             UffdMode::Missing => {
-                let src = if r.start == self.guest_hva && !self.staged_first.is_empty() {
-                    &self.staged_first[..]
-                } else {
-                    self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[])
+                // A staged page is COPYed once; after that the page cache
+                // has it (a page discarded later faults back as zeros, as
+                // the kernel's own first touch would give). The source
+                // must be resident: hugetlb COPYs with page faults off, and
+                // a non-resident source makes the kernel copy through a
+                // second, unreserved huge page (ENOMEM with a tight pool).
+                let base = r.start - self.guest_hva;
+                let mut staged = self.staged.lock();
+                let mapped = match staged.get_mut(&base) {
+                    Some(b) => {
+                        make_resident(b);
+                        self.uffd.copy(r, b, wake)?
+                    }
+                    None => {
+                        let zeros = self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[]);
+                        self.uffd.copy(r, zeros, wake)?
+                    }
                 };
-                self.uffd.copy(r, src, wake)?
+                staged.remove(&base);
+                mapped
             }
         })
     }

@@ -18,6 +18,7 @@ pub mod notifier_check;
 pub mod plot;
 pub mod run;
 pub mod run_inval;
+pub mod run_linux;
 pub mod soft_lockup;
 pub mod timeline;
 pub mod uffd_fault;

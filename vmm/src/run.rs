@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 /// Arguments of `vmm run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// The guest: only `builtin` so far.
+    /// The guest: `builtin`, or `linux` (the `vmm boot` guest; see `crate::run_linux`).
     #[arg(long, default_value = "builtin")]
     pub guest: String,
     /// Guest RAM size (e.g. 256M, 2G; bare numbers are MiB).
@@ -121,6 +121,8 @@ pub struct RunArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_dev: PathBuf,
+    #[command(flatten)]
+    pub linux: crate::run_linux::LinuxArgs,
 }
 
 impl RunArgs {
@@ -150,6 +152,7 @@ impl RunArgs {
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
+            linux: Default::default(),
         }
     }
 
@@ -169,7 +172,7 @@ impl RunArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("unknown guest {0:?}: only `builtin` is available")]
+    #[error("unknown guest {0:?}: `builtin` or `linux`")]
     UnknownGuest(String),
     #[error(transparent)]
     Kvm(#[from] kvm::KvmError),
@@ -504,6 +507,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
 
 /// `vmm run`: print a summary (and the JSON line with `--json`).
 pub fn main(args: RunArgs) -> ExitCode {
+    if args.guest == "linux" {
+        return crate::run_linux::main(&args);
+    }
     match run(&args) {
         Ok(r) => {
             let l = r.fault_to_resume_us;
