@@ -72,6 +72,35 @@ fn parse_ts(tok: &str) -> Option<u64> {
     Some(secs * 1_000_000_000 + ns)
 }
 
+/// Remove the `notifier-<pid>-<n>` instances whose process is gone: a
+/// process killed before its [`TraceSource`] dropped (a timed-out test)
+/// leaves its instance behind with the event still enabled, costing every
+/// later invalidation a trace record. Best effort: errors are ignored.
+fn reap_dead_instances(instances: &Path) {
+    let Ok(dir) = std::fs::read_dir(instances) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = instance_pid(&name.to_string_lossy()) else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let _ = std::fs::write(e.path().join(EVENT).join("enable"), "0");
+        let _ = std::fs::remove_dir(e.path());
+    }
+}
+
+/// The pid in an instance name `notifier-<pid>-<n>`.
+fn instance_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("notifier-")?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 fn parse_hex(tok: &str) -> Option<u64> {
     u64::from_str_radix(tok.trim().trim_start_matches("0x"), 16).ok()
 }
@@ -251,6 +280,7 @@ impl TraceSource {
                 });
             }
         };
+        reap_dead_instances(&root.join("instances"));
         let name = format!(
             "notifier-{}-{}",
             std::process::id(),
@@ -391,6 +421,15 @@ impl Drop for TraceSource {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn instance_names_give_their_pid() {
+        assert_eq!(instance_pid("notifier-4549-0"), Some(4549));
+        assert_eq!(instance_pid("notifier-12-34"), Some(12));
+        assert_eq!(instance_pid("notifier-x-0"), None);
+        assert_eq!(instance_pid("notifier-12"), None);
+        assert_eq!(instance_pid("other-12-0"), None);
+    }
+
     use super::*;
 
     #[test]
