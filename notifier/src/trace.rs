@@ -421,6 +421,8 @@ impl Drop for TraceSource {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn instance_names_give_their_pid() {
         assert_eq!(instance_pid("notifier-4549-0"), Some(4549));
@@ -430,7 +432,6 @@ mod tests {
         assert_eq!(instance_pid("other-12-0"), None);
     }
 
-    use super::*;
 
     #[test]
     fn missing_tracefs_is_a_typed_error() {
