@@ -119,3 +119,117 @@ fn quick_pass_has_every_layer() {
         assert!(t.contains(s["name"].as_str().unwrap()));
     }
 }
+
+/// `vmm latency --guest linux --quick`: the Debian guest boots on
+/// MMU-served RAM; once its kernel has faulted some RAM in, every
+/// populated-state scenario is measured on it with host, kernel and MMU
+/// figures, and the guest layer is listed as unavailable with the reason.
+/// About a minute (a 30 s warm-up, then the scenarios).
+#[test]
+fn linux_guest_quick_pass() {
+    if !ready() {
+        return;
+    }
+    let Some(_pool) = integration_tests::require_hugepages_2m(512 << 20) else {
+        return;
+    };
+    let Some((kernel, _initrd)) = integration_tests::linux_image() else {
+        assert!(
+            !integration_tests::in_ci(),
+            "CI=true but no Linux guest image"
+        );
+        return;
+    };
+    assert!(kernel.exists(), "{}", kernel.display());
+    drop(_pool);
+    let mut a = LatencyArgs::new();
+    a.guest = "linux".into();
+    a.quick = true;
+    a.mem = 512 << 20;
+    a.numa_window_ms = 2000;
+    a.timeout = 600;
+    let rep = latency::run(&a).expect("vmm latency --guest linux --quick");
+    let v = serde_json::to_value(&rep).unwrap();
+    assert_eq!(v["guest"], "linux");
+    let skipped = v["skipped"].as_array().unwrap();
+    let why = |what: &str| {
+        skipped
+            .iter()
+            .filter(|s| s["what"].as_str().unwrap_or("").contains(what))
+            .map(|s| s["why"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    // The guest layer is unavailable, and says why.
+    let g = why("guest layer");
+    assert!(
+        g.iter()
+            .any(|w| w.contains("PVM") && w.contains("user space")),
+        "{skipped:?}"
+    );
+    let traced = why("kernel layer").is_empty();
+    assert!(
+        require("tracefs (kvm_unmap_hva_range)", traced),
+        "{:?}",
+        why("kernel layer")
+    );
+    let scenarios = v["scenarios"].as_array().unwrap();
+    let mut ops = std::collections::BTreeSet::new();
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap();
+        let op = s["op"].as_str().unwrap();
+        assert_eq!(s["state"], "populated", "{name}");
+        ops.insert(op.to_string());
+        let layers: Vec<&str> = s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        assert!(!layers.contains(&"guest"), "{name}: a guest layer");
+        assert!(s["guest"].is_null(), "{name}");
+        assert!(layers.contains(&"kernel"), "{name}: no kernel layer");
+        assert!(layers.contains(&"mmu"), "{name}: no mmu layer");
+        for l in &layers {
+            for q in ["p50", "p99", "max"] {
+                let x = s[l][q].as_f64();
+                assert!(x.is_some_and(|x| x >= 0.0), "{name}: {l}.{q} missing: {s}");
+            }
+        }
+        if op == "numa_hint" {
+            assert_eq!(s["kernel"]["ranges_total"], 0, "{name}");
+            continue;
+        }
+        assert!(layers.contains(&"host"), "{name}: no host layer");
+        // The guest's RAM is in KVM's memslot: the kernel notified it for
+        // every syscall; over the whole RAM the project's MMU zapped what
+        // the booting kernel had faulted in (a 2M range may hold nothing
+        // it touched yet).
+        assert_eq!(
+            s["kernel"]["iterations_without_range"], 0,
+            "{name}: a syscall without a tracepoint range"
+        );
+        if s["size"] == "whole" {
+            assert!(
+                s["mmu"]["zaps"].as_u64().unwrap() >= 1,
+                "{name}: no MMU zap"
+            );
+            assert!(
+                s["mmu"]["leaves"].as_u64().unwrap() >= 1,
+                "{name}: nothing mapped"
+            );
+        }
+    }
+    // The guest was booting while measured.
+    let note = scenarios[0]["note"].as_str().unwrap_or("");
+    assert!(note.contains("guest running during"), "{note}");
+    for want in [
+        "protect",
+        "discard_dontneed",
+        "discard_remove",
+        "punch_hole",
+        "write_protect",
+        "numa_hint",
+    ] {
+        assert!(ops.contains(want), "missing scenario {want}: {ops:?}");
+    }
+}
