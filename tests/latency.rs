@@ -18,6 +18,46 @@ fn ready() -> bool {
     require("/dev/kvm", kvm) && require("root (hugepages, tracefs, numa_balancing)", root)
 }
 
+/// Why the report skipped what names `what`.
+fn why_skipped(v: &serde_json::Value, what: &str) -> Vec<String> {
+    v["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["what"].as_str().unwrap_or("").contains(what))
+        .map(|s| s["why"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// A scenario's layers, each with p50 <= max figures.
+fn checked_layers(s: &serde_json::Value) -> Vec<&str> {
+    let name = s["name"].as_str().unwrap();
+    let layers: Vec<&str> = s["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    for l in &layers {
+        for q in ["p50", "p99", "max"] {
+            let x = s[l][q].as_f64();
+            assert!(x.is_some_and(|x| x >= 0.0), "{name}: {l}.{q} missing: {s}");
+        }
+        assert!(s[l]["max"].as_f64() >= s[l]["p50"].as_f64(), "{name}: {l}");
+    }
+    layers
+}
+
+/// The kernel layer ran ([`require`]d: tracefs and the kvm tracepoint).
+fn traced(v: &serde_json::Value) -> bool {
+    let why = why_skipped(v, "kernel layer");
+    assert!(
+        require("tracefs (kvm_unmap_hva_range)", why.is_empty()),
+        "{why:?}"
+    );
+    why.is_empty()
+}
+
 #[test]
 fn quick_pass_has_every_layer() {
     if !ready() {
@@ -32,13 +72,6 @@ fn quick_pass_has_every_layer() {
     let rep = latency::run(&a).expect("vmm latency --quick");
     let v = serde_json::to_value(&rep).unwrap();
     let skipped = v["skipped"].as_array().unwrap();
-    let why = |what: &str| {
-        skipped
-            .iter()
-            .filter(|s| s["what"].as_str().unwrap_or("").contains(what))
-            .map(|s| s["why"].to_string())
-            .collect::<Vec<_>>()
-    };
     let scenarios = v["scenarios"].as_array().unwrap();
     assert!(
         require(
@@ -47,30 +80,15 @@ fn quick_pass_has_every_layer() {
         ),
         "nothing measured: {skipped:?}"
     );
-    let traced = why("kernel layer").is_empty();
-    assert!(
-        require("tracefs (kvm_unmap_hva_range)", traced),
-        "{:?}",
-        why("kernel layer")
-    );
+    if !traced(&v) {
+        return;
+    }
     let mut ops = std::collections::BTreeSet::new();
     for s in scenarios {
         let name = s["name"].as_str().unwrap();
         let op = s["op"].as_str().unwrap();
         ops.insert(format!("{op}/{}", s["state"].as_str().unwrap()));
-        let layers: Vec<&str> = s["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap())
-            .collect();
-        for l in &layers {
-            for q in ["p50", "p99", "max"] {
-                let x = s[l][q].as_f64();
-                assert!(x.is_some_and(|x| x >= 0.0), "{name}: {l}.{q} missing: {s}");
-            }
-            assert!(s[l]["max"].as_f64() >= s[l]["p50"].as_f64(), "{name}: {l}");
-        }
+        let layers = checked_layers(s);
         // The guest probe reported in every scenario.
         assert!(layers.contains(&"guest"), "{name}: no guest layer");
         assert!(
@@ -152,13 +170,7 @@ fn linux_guest_quick_pass() {
     let v = serde_json::to_value(&rep).unwrap();
     assert_eq!(v["guest"], "linux");
     let skipped = v["skipped"].as_array().unwrap();
-    let why = |what: &str| {
-        skipped
-            .iter()
-            .filter(|s| s["what"].as_str().unwrap_or("").contains(what))
-            .map(|s| s["why"].as_str().unwrap_or("").to_string())
-            .collect::<Vec<_>>()
-    };
+    let why = |what: &str| why_skipped(&v, what);
     // The guest layer is unavailable, and says why.
     let g = why("guest layer");
     assert!(
@@ -166,12 +178,9 @@ fn linux_guest_quick_pass() {
             .any(|w| w.contains("PVM") && w.contains("user space")),
         "{skipped:?}"
     );
-    let traced = why("kernel layer").is_empty();
-    assert!(
-        require("tracefs (kvm_unmap_hva_range)", traced),
-        "{:?}",
-        why("kernel layer")
-    );
+    if !traced(&v) {
+        return;
+    }
     let scenarios = v["scenarios"].as_array().unwrap();
     let mut ops = std::collections::BTreeSet::new();
     for s in scenarios {
@@ -179,22 +188,11 @@ fn linux_guest_quick_pass() {
         let op = s["op"].as_str().unwrap();
         assert_eq!(s["state"], "populated", "{name}");
         ops.insert(op.to_string());
-        let layers: Vec<&str> = s["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap())
-            .collect();
+        let layers = checked_layers(s);
         assert!(!layers.contains(&"guest"), "{name}: a guest layer");
         assert!(s["guest"].is_null(), "{name}");
         assert!(layers.contains(&"kernel"), "{name}: no kernel layer");
         assert!(layers.contains(&"mmu"), "{name}: no mmu layer");
-        for l in &layers {
-            for q in ["p50", "p99", "max"] {
-                let x = s[l][q].as_f64();
-                assert!(x.is_some_and(|x| x >= 0.0), "{name}: {l}.{q} missing: {s}");
-            }
-        }
         if op == "numa_hint" {
             assert_eq!(s["kernel"]["ranges_total"], 0, "{name}");
             continue;

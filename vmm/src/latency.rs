@@ -129,6 +129,15 @@ impl LatencyArgs {
         }
     }
 
+    /// Progress steps of one scenario.
+    fn steps(&self, sc: &Scenario) -> u64 {
+        if sc.op == Op::NumaHint {
+            self.numa_windows() as u64
+        } else {
+            self.iterations() as u64
+        }
+    }
+
     fn numa_windows(&self) -> u32 {
         if self.quick {
             1
@@ -684,28 +693,13 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         .filter(|s| !s.trim().is_empty())
         .map(Config::parse)
         .collect::<Result<_, _>>()?;
-    let mut rep = LatencyReport {
-        guest: args.guest.clone(),
-        ..Default::default()
-    };
-    skip(
-        &mut rep,
-        "guest layer of a Linux guest",
-        "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer",
+    let mut rep = new_report(
+        args,
+        "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer \
+         (`--guest linux` measures the host, kernel and MMU layers on a booting Linux guest)",
     );
     let kvm = crate::kvm::open(&args.kvm_dev)?;
-    let mut tracer = match Tracer::open() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            skip(
-                &mut rep,
-                "kernel layer (kvm_unmap_hva_range tracepoint)",
-                e.to_string(),
-            );
-            None
-        }
-    };
-    rep.trace_clock_mono = tracer.as_ref().is_some_and(|t| t.mono);
+    let mut tracer = open_tracer(&mut rep);
     let stall_tsc = mmu::clock::ticks(Duration::from_micros(2));
     // Plan: the scenarios of each configuration that can run.
     let mut plan = Vec::new();
@@ -755,16 +749,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         for (what, why) in skipped {
             skip(&mut rep, format!("{} {what}", c.name()), why);
         }
-        let n: u64 = scs
-            .iter()
-            .map(|s| {
-                if s.op == Op::NumaHint {
-                    args.numa_windows() as u64
-                } else {
-                    args.iterations() as u64
-                }
-            })
-            .sum();
+        let n: u64 = scs.iter().map(|s| args.steps(s)).sum();
         total += n * if args.compare { 2 } else { 1 };
         per_config.push(scs);
     }
@@ -848,6 +833,35 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     Ok(rep)
 }
 
+/// An empty report for `args.guest`, the Linux guest's layer skipped with
+/// `why`.
+fn new_report(args: &LatencyArgs, why: &str) -> LatencyReport {
+    let mut rep = LatencyReport {
+        guest: args.guest.clone(),
+        ..Default::default()
+    };
+    skip(&mut rep, "guest layer of a Linux guest", why);
+    rep
+}
+
+/// The kernel layer's tracepoint source, or why there is none (skipped).
+fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
+    match Tracer::open() {
+        Ok(t) => {
+            rep.trace_clock_mono = t.mono;
+            Some(t)
+        }
+        Err(e) => {
+            skip(
+                rep,
+                "kernel layer (kvm_unmap_hva_range tracepoint)",
+                e.to_string(),
+            );
+            None
+        }
+    }
+}
+
 fn progress_bar(total: u64) -> indicatif::ProgressBar {
     if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new(total);
@@ -867,15 +881,7 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 /// scenarios on that RAM while it boots, stop it. See [`linux`].
 fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let t_start = Instant::now();
-    let mut rep = LatencyReport {
-        guest: args.guest.clone(),
-        ..Default::default()
-    };
-    skip(
-        &mut rep,
-        "guest layer of a Linux guest",
-        linux::NO_GUEST_LAYER,
-    );
+    let mut rep = new_report(args, linux::NO_GUEST_LAYER);
     skip(
         &mut rep,
         "mmu_shadow layer of a Linux guest",
@@ -891,18 +897,7 @@ fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         "private-2M, shared-1G, private-1G",
         "--guest linux runs on shared 2 MiB RAM served by uffd MINOR faults (as `vmm run --guest linux`)",
     );
-    let mut tracer = match Tracer::open() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            skip(
-                &mut rep,
-                "kernel layer (kvm_unmap_hva_range tracepoint)",
-                e.to_string(),
-            );
-            None
-        }
-    };
-    rep.trace_clock_mono = tracer.as_ref().is_some_and(|t| t.mono);
+    let mut tracer = open_tracer(&mut rep);
     let name = "linux-shared-2M".to_string();
     let mem = args.mem;
     let ps = PageSize::Huge2M;
@@ -911,23 +906,14 @@ fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         skip(&mut rep, format!("{name} {what}"), why);
     }
     scs.retain(|s| s.state == measure::State::Populated);
-    let total: u64 = scs
-        .iter()
-        .map(|s| {
-            if s.op == Op::NumaHint {
-                args.numa_windows() as u64
-            } else {
-                args.iterations() as u64
-            }
-        })
-        .sum();
+    let total: u64 = scs.iter().map(|s| args.steps(s)).sum();
     let (mut s, _pool) = start_retrying(ps, mem.div_ceil(ps.bytes()), || {
         linux::LinuxSession::start(mem, args.kvm_dev.clone(), Duration::from_secs(args.timeout))
     })?;
     let (warm, enough) = if args.quick {
-        (args.warmup.unwrap_or(30), mem / 8 >> 20)
+        (args.warmup.unwrap_or(30), (mem / 8) >> 20)
     } else {
-        (args.warmup.unwrap_or(90), mem / 4 >> 20)
+        (args.warmup.unwrap_or(90), (mem / 4) >> 20)
     };
     let warm = Duration::from_secs(warm);
     let progress = progress_bar(total);
