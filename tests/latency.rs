@@ -7,6 +7,11 @@
 use integration_tests::require;
 use vmm::latency::{self, LatencyArgs};
 
+/// The tests of this file one at a time: each sets and restores
+/// `kernel.numa_balancing` (interleaved, a restore could leave it on) and
+/// reserves hugepages.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn ready() -> bool {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
@@ -60,6 +65,7 @@ fn traced(v: &serde_json::Value) -> bool {
 
 #[test]
 fn quick_pass_has_every_layer() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !ready() {
         return;
     }
@@ -145,6 +151,7 @@ fn quick_pass_has_every_layer() {
 /// About a minute (a 30 s warm-up, then the scenarios).
 #[test]
 fn linux_guest_quick_pass() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !ready() {
         return;
     }

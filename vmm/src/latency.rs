@@ -34,6 +34,10 @@
 //!
 //! `--compare` repeats each configuration on plain KVM (no userfaultfd, no
 //! project MMU) and reports project/plain ratios.
+//!
+//! `--guest linux` runs the populated-state scenarios on the Linux guest's
+//! RAM while its kernel boots (host, kernel and MMU layers; no guest layer
+//! on this host): see [`linux`].
 
 pub mod linux;
 pub mod measure;
