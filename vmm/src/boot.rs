@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -295,6 +295,8 @@ struct VcpuCtx {
     exit_evt: EventFd,
     sample: Option<Arc<Symbols>>,
     verbose_assists: bool,
+    /// Re-enter `KVM_RUN` on EFAULT (counted here) instead of stopping.
+    efaults: Option<Arc<AtomicU64>>,
 }
 
 fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
@@ -372,6 +374,14 @@ fn vcpu_loop(mut c: VcpuCtx) -> VcpuResult {
                 if let Some(p) = prof.as_mut() {
                     p.sample(&c.vcpu, &c.mem, &assists)
                 }
+            }
+            Err(e) if e.errno() == libc::EFAULT && c.efaults.is_some() => {
+                // A guest store to RAM the VMM made read-only for a moment
+                // (BootHooks::efault_retries): re-enter.
+                if let Some(n) = &c.efaults {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::yield_now();
             }
             Err(e) => {
                 break VcpuStop::Error(BootError::Vm {
@@ -621,9 +631,45 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
 pub fn boot_on(
     args: &BootArgs,
     inputs: BootInputs,
-    mut ram: BootMemory,
+    ram: BootMemory,
     on_tick: &mut dyn FnMut(&Timeline),
 ) -> Result<BootReport, BootError> {
+    boot_with(
+        args,
+        inputs,
+        ram,
+        BootHooks {
+            on_tick: &mut |t| {
+                on_tick(t);
+                false
+            },
+            efault_retries: None,
+        },
+    )
+}
+
+/// What a caller of [`boot_with`] adds to a boot.
+pub struct BootHooks<'a> {
+    /// Sees the timeline every tick; returning true stops the guest (the
+    /// report's error then says it was stopped).
+    pub on_tick: &'a mut dyn FnMut(&Timeline) -> bool,
+    /// When set, `KVM_RUN` answering EFAULT (a guest store to RAM the VMM
+    /// made read-only for a moment) is counted here and re-entered instead
+    /// of ending the boot.
+    pub efault_retries: Option<Arc<AtomicU64>>,
+}
+
+/// [`boot_on`] with [`BootHooks`].
+pub fn boot_with(
+    args: &BootArgs,
+    inputs: BootInputs,
+    mut ram: BootMemory,
+    hooks: BootHooks,
+) -> Result<BootReport, BootError> {
+    let BootHooks {
+        on_tick,
+        efault_retries,
+    } = hooks;
     let BootInputs {
         start,
         kvm,
@@ -756,6 +802,7 @@ pub fn boot_on(
         exit_evt,
         sample: (args.profile_ms > 0).then(|| Arc::new(Symbols::load(args.system_map.as_deref()))),
         verbose_assists: !args.quiet,
+        efaults: efault_retries,
     };
     let handle = std::thread::Builder::new()
         .name("vcpu0".into())
@@ -779,7 +826,10 @@ pub fn boot_on(
             }
         }
         if let Ok(t) = timeline.lock() {
-            on_tick(&t);
+            if on_tick(&t) {
+                stop.store(true, Ordering::SeqCst);
+                let _ = handle.kill(SIGRTMIN());
+            }
         }
         let now = Instant::now();
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);

@@ -34,7 +34,12 @@
 //!
 //! `--compare` repeats each configuration on plain KVM (no userfaultfd, no
 //! project MMU) and reports project/plain ratios.
+//!
+//! `--guest linux` runs the populated-state scenarios on the Linux guest's
+//! RAM while its kernel boots (host, kernel and MMU layers; no guest layer
+//! on this host): see [`linux`].
 
+pub mod linux;
 pub mod measure;
 pub mod session;
 
@@ -42,7 +47,7 @@ use crate::boot::parse_size;
 use crate::guest_ram_uffd::UffdRamError;
 use crate::memory::HugePages;
 use crate::uffd_fault::LatencyUs;
-use measure::{Op, Sample, Scenario, Tracer};
+use measure::{Op, Sample, Scenario, Target, Tracer};
 use notifier::hostconf::{HugepageReservation, SysctlGuard};
 use notifier::hostmm::PageSize;
 use notifier::HvaRange;
@@ -57,7 +62,9 @@ use std::time::{Duration, Instant};
 /// Arguments of `vmm latency`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LatencyArgs {
-    /// The guest: only `builtin` (the CPL3 probe) on this host.
+    /// The guest: `builtin` (the CPL3 probe) or `linux` (the Debian guest
+    /// while its kernel boots: host, kernel and MMU layers; no guest layer
+    /// on this host).
     #[arg(long, default_value = "builtin")]
     pub guest: String,
     /// Guest RAM on 2 MiB pages (1 GiB-page configurations use 2 GiB).
@@ -86,6 +93,11 @@ pub struct LatencyArgs {
     /// Write report.json, samples.json, table.txt and the plots here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// --guest linux: let the guest kernel fault its RAM in for this many
+    /// seconds before the scenarios start (default 90, --quick 30; sooner
+    /// once a quarter of RAM - an eighth with --quick - is mapped).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// Give up on a configuration after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -107,6 +119,7 @@ impl LatencyArgs {
             numa_window_ms: 3000,
             json: false,
             out: None,
+            warmup: None,
             timeout: 1800,
             kvm_dev: "/dev/kvm".into(),
         }
@@ -117,6 +130,15 @@ impl LatencyArgs {
             3
         } else {
             self.iterations.max(1)
+        }
+    }
+
+    /// Progress steps of one scenario.
+    fn steps(&self, sc: &Scenario) -> u64 {
+        if sc.op == Op::NumaHint {
+            self.numa_windows() as u64
+        } else {
+            self.iterations() as u64
         }
     }
 
@@ -159,7 +181,7 @@ pub enum LatencyError {
     Trace(#[from] notifier::Error),
     #[error(transparent)]
     Inval(#[from] crate::run_inval::InvalError),
-    #[error("unknown guest {0:?}: only `builtin` runs on this host (a Linux guest cannot run user space under PVM)")]
+    #[error("unknown guest {0:?}: `builtin` or `linux`")]
     UnknownGuest(String),
     #[error("unknown configuration {0:?}: shared-2M, private-2M, shared-1G, private-1G")]
     Config(String),
@@ -430,7 +452,7 @@ struct Measured {
 
 /// Run every scenario on one session.
 fn run_session(
-    s: &mut Session,
+    s: &mut dyn Target,
     tr: &mut Option<Tracer>,
     scs: &[Scenario],
     args: &LatencyArgs,
@@ -443,7 +465,7 @@ fn run_session(
     for sc in scs {
         progress.set_message(format!("{label} {}", sc.name()));
         if state != Some(sc.state) {
-            measure::prepare(s, sc.state)?;
+            s.prepare(sc.state)?;
             state = Some(sc.state);
         }
         if sc.op == Op::NumaHint {
@@ -634,11 +656,11 @@ fn summarize(
 /// Start a session once `pages` huge pages are free: the pool is shared
 /// with other users of the machine, so a shortfall (or ENOSPC while
 /// populating) is waited out a few times before giving up.
-fn start_retrying(
+fn start_retrying<S>(
     ps: PageSize,
     pages: u64,
-    start: impl Fn() -> Result<Session, LatencyError>,
-) -> Result<(Session, Option<HugepageReservation>), LatencyError> {
+    start: impl Fn() -> Result<S, LatencyError>,
+) -> Result<(S, Option<HugepageReservation>), LatencyError> {
     let mut attempt = 0;
     loop {
         let pool = HugepageReservation::reserve(ps, pages).ok();
@@ -664,8 +686,10 @@ fn start_retrying(
 /// impossible; what cannot run is listed in `skipped`.
 pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let t_start = Instant::now();
-    if args.guest != "builtin" {
-        return Err(LatencyError::UnknownGuest(args.guest.clone()));
+    match args.guest.as_str() {
+        "builtin" => {}
+        "linux" => return run_linux(args),
+        other => return Err(LatencyError::UnknownGuest(other.into())),
     }
     let configs: Vec<Config> = args
         .configs
@@ -673,28 +697,13 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         .filter(|s| !s.trim().is_empty())
         .map(Config::parse)
         .collect::<Result<_, _>>()?;
-    let mut rep = LatencyReport {
-        guest: args.guest.clone(),
-        ..Default::default()
-    };
-    skip(
-        &mut rep,
-        "guest layer of a Linux guest",
-        "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer",
+    let mut rep = new_report(
+        args,
+        "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer \
+         (`--guest linux` measures the host, kernel and MMU layers on a booting Linux guest)",
     );
     let kvm = crate::kvm::open(&args.kvm_dev)?;
-    let mut tracer = match Tracer::open() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            skip(
-                &mut rep,
-                "kernel layer (kvm_unmap_hva_range tracepoint)",
-                e.to_string(),
-            );
-            None
-        }
-    };
-    rep.trace_clock_mono = tracer.as_ref().is_some_and(|t| t.mono);
+    let mut tracer = open_tracer(&mut rep);
     let stall_tsc = mmu::clock::ticks(Duration::from_micros(2));
     // Plan: the scenarios of each configuration that can run.
     let mut plan = Vec::new();
@@ -744,30 +753,11 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         for (what, why) in skipped {
             skip(&mut rep, format!("{} {what}", c.name()), why);
         }
-        let n: u64 = scs
-            .iter()
-            .map(|s| {
-                if s.op == Op::NumaHint {
-                    args.numa_windows() as u64
-                } else {
-                    args.iterations() as u64
-                }
-            })
-            .sum();
+        let n: u64 = scs.iter().map(|s| args.steps(s)).sum();
         total += n * if args.compare { 2 } else { 1 };
         per_config.push(scs);
     }
-    let progress = if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(total);
-        if let Ok(st) = indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} {msg}",
-        ) {
-            pb.set_style(st.progress_chars("=> "));
-        }
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let progress = progress_bar(total);
     let timeout = Duration::from_secs(args.timeout);
     for ((c, mem, ps), scs) in plan.iter().zip(per_config) {
         let name = c.name();
@@ -842,6 +832,128 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         }
     }
     progress.finish_and_clear();
+    drop(tracer);
+    rep.elapsed_s = t_start.elapsed().as_secs_f64();
+    Ok(rep)
+}
+
+/// An empty report for `args.guest`, the Linux guest's layer skipped with
+/// `why`.
+fn new_report(args: &LatencyArgs, why: &str) -> LatencyReport {
+    let mut rep = LatencyReport {
+        guest: args.guest.clone(),
+        ..Default::default()
+    };
+    skip(&mut rep, "guest layer of a Linux guest", why);
+    rep
+}
+
+/// The kernel layer's tracepoint source, or why there is none (skipped).
+fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
+    match Tracer::open() {
+        Ok(t) => {
+            rep.trace_clock_mono = t.mono;
+            Some(t)
+        }
+        Err(e) => {
+            skip(
+                rep,
+                "kernel layer (kvm_unmap_hva_range tracepoint)",
+                e.to_string(),
+            );
+            None
+        }
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(st) = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} {msg}",
+        ) {
+            pb.set_style(st.progress_chars("=> "));
+        }
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// `--guest linux`: boot the Linux guest on MMU-served shared 2M RAM
+/// (uffd MINOR), let its kernel fault RAM in, run the populated-state
+/// scenarios on that RAM while it boots, stop it. See [`linux`].
+fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
+    let t_start = Instant::now();
+    let mut rep = new_report(args, linux::NO_GUEST_LAYER);
+    skip(
+        &mut rep,
+        "mmu_shadow layer of a Linux guest",
+        linux::NO_SHADOW_LAYER,
+    );
+    skip(
+        &mut rep,
+        "shared-2M sparse, empty",
+        "the VMM cannot make a booting kernel's RAM sparse or empty without discarding its working set",
+    );
+    skip(
+        &mut rep,
+        "private-2M, shared-1G, private-1G",
+        "--guest linux runs on shared 2 MiB RAM served by uffd MINOR faults (as `vmm run --guest linux`)",
+    );
+    let mut tracer = open_tracer(&mut rep);
+    let name = "linux-shared-2M".to_string();
+    let mem = args.mem;
+    let ps = PageSize::Huge2M;
+    let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true);
+    for (what, why) in skipped {
+        skip(&mut rep, format!("{name} {what}"), why);
+    }
+    scs.retain(|s| s.state == measure::State::Populated);
+    let total: u64 = scs.iter().map(|s| args.steps(s)).sum();
+    let (mut s, _pool) = start_retrying(ps, mem.div_ceil(ps.bytes()), || {
+        linux::LinuxSession::start(mem, args.kvm_dev.clone(), Duration::from_secs(args.timeout))
+    })?;
+    let (warm, enough) = if args.quick {
+        (args.warmup.unwrap_or(30), (mem / 8) >> 20)
+    } else {
+        (args.warmup.unwrap_or(90), (mem / 4) >> 20)
+    };
+    let warm = Duration::from_secs(warm);
+    let progress = progress_bar(total);
+    progress.set_message(format!("{name}: the guest kernel faults its RAM in"));
+    let w = s.warm_up(warm, enough)?;
+    let measured = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name);
+    let still_running = s.running();
+    rep.efault_retries += s.efaults();
+    let log = s.serial_log.clone();
+    let exit = s.stop();
+    progress.finish_and_clear();
+    let measured = measured?;
+    let exit = exit?;
+    let mono = rep.trace_clock_mono;
+    let mut first = true;
+    for m in measured {
+        let mut r = summarize(&name, m, tracer.is_some(), mono, None);
+        if first {
+            first = false;
+            let note = format!(
+                "linux guest: measured from {:.0} s into its boot, {} MiB of {} MiB faulted in through the MMU ({} leaves); guest {} during the scenarios, then stopped ({exit}); last console line {:?}; serial log {}",
+                w.seconds,
+                w.mapped_mib,
+                mem >> 20,
+                w.leaves,
+                if still_running { "running" } else { "NOT running" },
+                linux::last_line(&log),
+                log.display()
+            );
+            r.note = Some(match r.note {
+                Some(n) => format!("{note}; {n}"),
+                None => note,
+            });
+        }
+        rep.scenarios.push(r);
+    }
     drop(tracer);
     rep.elapsed_s = t_start.elapsed().as_secs_f64();
     Ok(rep)
@@ -1056,7 +1168,11 @@ fn plots(dir: &std::path::Path, rep: &mut LatencyReport) -> Vec<String> {
                 .map(|m| m.total_ns)
                 .collect()),
         ));
-        samples.retain(|(_, v)| !v.is_empty());
+        samples.retain(|(_, v)| v.iter().any(|&x| x > 0.0));
+        if samples.is_empty() {
+            // A measured no-op (NUMA hinting without a guest layer).
+            continue;
+        }
         let stem = dir.join(format!("hist-{}", s.name.replace('/', "-")));
         let title = format!("{}: latency histogram", s.name);
         match plot::histogram(

@@ -4,11 +4,43 @@
 
 use super::session::Session;
 use super::LatencyError;
-use guests::probe::ProbeMode;
+use crate::guest_ram_uffd::UffdGuestRam;
+use guests::probe::{ProbeMode, ProbeWindow};
 use notifier::ops::Discard;
 use notifier::trace::{TraceEvent, TraceSource};
 use notifier::HvaRange;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// What the scenarios run on: guest RAM with the project's MMUs, and the
+/// guest layer where there is one (the built-in probe: [`Session`]; the
+/// Linux guest: [`super::linux::LinuxSession`], no guest layer).
+pub trait Target {
+    fn ram(&self) -> &Arc<UffdGuestRam>;
+    fn mem(&self) -> u64 {
+        self.ram().size()
+    }
+    /// The TDP MMU's zaps since the last call (None: no project MMU).
+    fn tdp_zaps(&self) -> Option<Vec<mmu::yielder::YieldReport>>;
+    /// The shadow MMU's zaps since the last call, with the rmaps they
+    /// walked (None: no shadow MMU).
+    fn shadow_sample(&self) -> Option<MmuSample>;
+    /// Map what the guest touches in `[gs, ge)` in the project's MMUs.
+    fn remap_mmu(&self, gs: u64, ge: u64) -> Result<(), LatencyError>;
+    /// Close the guest layer's window and open the next (None: the target
+    /// has no guest layer).
+    fn close_window(&mut self) -> Result<Option<ProbeWindow>, LatencyError>;
+    /// After an operation: let the guest touch its RAM again.
+    fn settle(&mut self) -> Result<(), LatencyError>;
+    /// Put guest RAM into `state` (outside any measurement).
+    fn prepare(&mut self, state: State) -> Result<(), LatencyError>;
+    /// Before an operation that drops the page cache of `[gs, ge)` (hole
+    /// punch, MADV_REMOVE): keep what the guest needs back (untimed).
+    fn before_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError>;
+    /// After it: re-fill the page cache so the next touch is a MINOR
+    /// fault again (untimed).
+    fn after_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError>;
+}
 
 /// The VMM's operation on guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -189,7 +221,7 @@ fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-fn fold(zaps: Vec<mmu::yielder::YieldReport>) -> MmuSample {
+pub(super) fn fold(zaps: Vec<mmu::yielder::YieldReport>) -> MmuSample {
     let mut out = MmuSample::default();
     for r in zaps {
         out.zaps += 1;
@@ -202,29 +234,22 @@ fn fold(zaps: Vec<mmu::yielder::YieldReport>) -> MmuSample {
 }
 
 /// The TDP MMU's zaps since the last call.
-fn mmu_sample(s: &Session) -> Option<MmuSample> {
-    Some(fold(s.mmu.as_ref()?.zaps.take()))
+fn mmu_sample(s: &dyn Target) -> Option<MmuSample> {
+    s.tdp_zaps().map(fold)
 }
 
-/// The shadow MMU's zaps since the last call, with the rmaps they walked.
-fn shadow_sample(s: &Session) -> Option<MmuSample> {
-    let m = s.mmu.as_ref()?;
-    let mut out = fold(m.shadow_zaps.take());
-    for r in m.shadow.take_notifier_reports() {
-        out.rmaps += r.rmap_heads_visited;
-        out.shadow_pages += r.shadow_pages_zapped;
-    }
-    Some(out)
+fn shadow_sample(s: &dyn Target) -> Option<MmuSample> {
+    s.shadow_sample()
 }
 
 /// Forget zaps not caused by a measured syscall.
-fn discard_zaps(s: &Session) {
+pub(super) fn discard_zaps(s: &dyn Target) {
     let _ = (mmu_sample(s), shadow_sample(s));
 }
 
 /// Run the operation's syscall(s) once; returns (host ns, restore ns).
-fn run_op(s: &Session, sc: &Scenario, restore: bool) -> Result<u64, LatencyError> {
-    let ram = &s.ram;
+fn run_op(s: &dyn Target, sc: &Scenario, restore: bool) -> Result<u64, LatencyError> {
+    let ram = s.ram();
     let base = ram.guest_hva();
     let r = HvaRange::new(base + sc.gs, base + sc.ge);
     let mut mm = ram.hostmm();
@@ -252,7 +277,7 @@ fn has_restore(op: Op) -> bool {
 
 /// Put guest RAM into `state` (outside any measurement): discard the
 /// working set and let the probe touch what the state keeps.
-pub fn prepare(s: &mut Session, state: State) -> Result<(), LatencyError> {
+pub(super) fn prepare(s: &mut Session, state: State) -> Result<(), LatencyError> {
     if state != State::Populated || s.mode() != ProbeMode::All {
         s.set_mode(ProbeMode::Idle)?;
         let ram = s.ram.clone();
@@ -273,14 +298,14 @@ pub fn prepare(s: &mut Session, state: State) -> Result<(), LatencyError> {
         s.set_mode(state.probe_mode())?;
     }
     s.wait_passes(2)?;
-    s.remap_mmu(0, s.mem())?;
+    Target::remap_mmu(s, 0, s.mem())?;
     discard_zaps(s);
     Ok(())
 }
 
 /// One measured iteration of `sc` (not NUMA hinting: see [`numa_window`]).
 pub fn iteration(
-    s: &mut Session,
+    s: &mut dyn Target,
     tr: Option<&mut Tracer>,
     sc: &Scenario,
 ) -> Result<Sample, LatencyError> {
@@ -292,6 +317,10 @@ pub fn iteration(
     if let Some(t) = tr.as_deref_mut() {
         let m0 = t.mark()?;
         t.drain(m0)?;
+    }
+    let drops = matches!(sc.op, Op::PunchHole | Op::DiscardRemove);
+    if drops {
+        s.before_drop(sc.gs, sc.ge)?;
     }
     // Open the window; the guest restarts its pass.
     s.close_window()?;
@@ -313,31 +342,28 @@ pub fn iteration(
     if let (Some(t), Some(m)) = (tr.as_deref_mut(), marks.as_mut()) {
         m.1 = t.mark()?;
     }
-    if matches!(sc.op, Op::PunchHole | Op::DiscardRemove) && s.ram.mode().prefilled() {
-        crate::run_inval::refill(&s.ram, sc.gs, sc.ge)?;
+    if drops {
+        s.after_drop(sc.gs, sc.ge)?;
     }
-    s.wait_passes(2)?;
+    s.settle()?;
     let w = s.close_window()?;
-    let ns = |t: u64| mmu::clock::nanos(t);
     let mut sample = Sample {
         host_ns,
         restore_ns,
-        guest_max_gap_ns: Some(ns(w.max_gap_tsc)),
-        guest_stalls: w.stall_count,
-        guest_stall_ns: ns(w.stall_sum_tsc),
         mmu,
         restore_mmu,
         shadow,
         ..Sample::default()
     };
+    guest_window(&mut sample, w);
     if let (Some(t), Some((m1, m2))) = (tr, marks) {
-        let guest = s.ram.guest_range();
+        let guest = s.ram().guest_range();
         let ours = |e: &TraceEvent| e.tid == tid && e.range.overlaps(&guest);
         let first: Vec<TraceEvent> = t.drain(m1)?.into_iter().filter(ours).collect();
         let second: Vec<TraceEvent> = t.drain(m2)?.into_iter().filter(ours).collect();
         sample.ranges = first.len() as u64;
         sample.restore_ranges = second.len() as u64;
-        let base = s.ram.guest_hva() as i64;
+        let base = s.ram().guest_hva() as i64;
         sample.trace = first
             .iter()
             .map(|e| TraceRange {
@@ -365,7 +391,7 @@ pub fn iteration(
 /// sample for guest RAM and the tracepoint ranges seen on the control
 /// region (proof the scanner ran).
 pub fn numa_window(
-    s: &mut Session,
+    s: &mut dyn Target,
     tr: Option<&mut Tracer>,
     control: HvaRange,
     len: Duration,
@@ -379,22 +405,19 @@ pub fn numa_window(
     s.close_window()?;
     std::thread::sleep(len);
     let w = s.close_window()?;
-    let ns = |t: u64| mmu::clock::nanos(t);
     let mut sample = Sample {
-        guest_max_gap_ns: Some(ns(w.max_gap_tsc)),
-        guest_stalls: w.stall_count,
-        guest_stall_ns: ns(w.stall_sum_tsc),
         mmu: mmu_sample(s),
         shadow: shadow_sample(s),
         ..Sample::default()
     };
+    guest_window(&mut sample, w);
     let mut on_control = 0;
     if let Some(t) = tr {
         let m = t.mark()?;
         let ev = t.drain(m)?;
         let pid = std::process::id() as i32;
         let tids = our_tids(pid);
-        let guest = s.ram.guest_range();
+        let guest = s.ram().guest_range();
         sample.ranges = ev
             .iter()
             .filter(|e| tids.contains(&e.tid) && e.range.overlaps(&guest))
@@ -405,6 +428,15 @@ pub fn numa_window(
             .count() as u64;
     }
     Ok((sample, on_control))
+}
+
+/// The guest layer's figures from its window, if it has one.
+fn guest_window(sample: &mut Sample, w: Option<ProbeWindow>) {
+    let Some(w) = w else { return };
+    let ns = |t: u64| mmu::clock::nanos(t);
+    sample.guest_max_gap_ns = Some(ns(w.max_gap_tsc));
+    sample.guest_stalls = w.stall_count;
+    sample.guest_stall_ns = ns(w.stall_sum_tsc);
 }
 
 fn our_tids(_pid: i32) -> Vec<i32> {

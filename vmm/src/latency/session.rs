@@ -3,6 +3,7 @@
 //! probe guest running on its own vCPU thread, driven through its control
 //! words.
 
+use super::measure::{self, MmuSample, State, Target};
 use super::LatencyError;
 use crate::builtin_vm::{BuiltinVm, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
@@ -35,7 +36,11 @@ pub struct ZapRecorder {
 
 impl ZapRecorder {
     /// Register a new notifier for `mmu` on `ctx` with `subs`.
-    fn register(subs: &Subscribers, ctx: Arc<MmuContext>, mmu: Arc<dyn SecondaryMmu>) -> Arc<Self> {
+    pub(super) fn register(
+        subs: &Subscribers,
+        ctx: Arc<MmuContext>,
+        mmu: Arc<dyn SecondaryMmu>,
+    ) -> Arc<Self> {
         let notifier = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
         notifier.add_mmu(mmu);
         let z = Arc::new(ZapRecorder {
@@ -61,6 +66,23 @@ impl InvalidationSubscriber for ZapRecorder {
     fn invalidate_range_end(&self, inv: &Invalidation) {
         self.notifier.end(inv);
     }
+}
+
+/// The TDP MMU for `ram` (memslot 0 at gpa 0, leaves the size of its huge
+/// pages), its zaps recorded by a [`ZapRecorder`] subscribed to `subs`.
+pub(super) fn recorded_tdp(
+    ram: &UffdGuestRam,
+    subs: &Subscribers,
+) -> Result<(Arc<TdpMmu>, Arc<ZapRecorder>), LatencyError> {
+    let level = match ram.hugepages() {
+        HugePages::Huge1G => PageLevel::L1G,
+        _ => PageLevel::L2M,
+    };
+    let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
+    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+    let zaps = ZapRecorder::register(subs, ctx, tdp.clone());
+    Ok((tdp, zaps))
 }
 
 /// What the vCPU thread saw.
@@ -156,10 +178,7 @@ impl Session {
                 HugePages::Huge1G => PageLevel::L1G,
                 _ => PageLevel::L2M,
             };
-            let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
-            let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
-            let tdp = Arc::new(TdpMmu::new(ctx.clone()));
-            let zaps = ZapRecorder::register(&subs, ctx, tdp.clone());
+            let (tdp, zaps) = recorded_tdp(&ram, &subs)?;
             let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
             let sctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
             let shadow = Arc::new(
@@ -426,6 +445,46 @@ impl Session {
             Some(Err(_)) => Err(LatencyError::Guest("fault thread panicked".into())),
             _ => Ok(stats),
         }
+    }
+}
+
+impl Target for Session {
+    fn ram(&self) -> &Arc<UffdGuestRam> {
+        &self.ram
+    }
+    fn tdp_zaps(&self) -> Option<Vec<YieldReport>> {
+        Some(self.mmu.as_ref()?.zaps.take())
+    }
+    fn shadow_sample(&self) -> Option<MmuSample> {
+        let m = self.mmu.as_ref()?;
+        let mut out = measure::fold(m.shadow_zaps.take());
+        for r in m.shadow.take_notifier_reports() {
+            out.rmaps += r.rmap_heads_visited;
+            out.shadow_pages += r.shadow_pages_zapped;
+        }
+        Some(out)
+    }
+    fn remap_mmu(&self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        Session::remap_mmu(self, gs, ge)
+    }
+    fn close_window(&mut self) -> Result<Option<ProbeWindow>, LatencyError> {
+        Session::close_window(self).map(Some)
+    }
+    fn settle(&mut self) -> Result<(), LatencyError> {
+        self.wait_passes(2)
+    }
+    fn prepare(&mut self, state: State) -> Result<(), LatencyError> {
+        measure::prepare(self, state)
+    }
+    fn before_drop(&mut self, _gs: u64, _ge: u64) -> Result<(), LatencyError> {
+        // The probe re-writes what it touches: nothing to keep.
+        Ok(())
+    }
+    fn after_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        if self.ram.mode().prefilled() {
+            crate::run_inval::refill(&self.ram, gs, ge)?;
+        }
+        Ok(())
     }
 }
 
