@@ -9,10 +9,24 @@ use std::time::{Duration, Instant};
 /// Clock ticks (TSC cycles on x86-64, nanoseconds elsewhere).
 pub type Ticks = u64;
 
+static SCALE: OnceLock<u64> = OnceLock::new();
+
 /// Nanoseconds per tick, scaled by 2^32.
 fn scale() -> u64 {
-    static SCALE: OnceLock<u64> = OnceLock::new();
     *SCALE.get_or_init(calibrate)
+}
+
+/// Calibrate now if not done yet (a ~1 ms spin). Whoever builds something
+/// that will read the clock under a lock calls this first: the lazy
+/// calibration inside the first zap held `mmu_lock` ~1 ms longer (seen as
+/// a 1 ms "stretch" in the first zap of every `vmm latency` run).
+pub fn calibrate_once() {
+    scale();
+}
+
+/// Whether [`calibrate_once`] (or any conversion) has run.
+pub fn calibrated() -> bool {
+    SCALE.get().is_some()
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -31,6 +31,8 @@ pub struct MmuContext {
 
 impl MmuContext {
     pub fn new(memslots: Memslots, tlb: RemoteTlb) -> Arc<Self> {
+        // Never calibrate the clock inside a zap, under mmu_lock.
+        crate::clock::calibrate_once();
         Arc::new(Self {
             memslots: RwLock::new(Arc::new(memslots)),
             tlb,
@@ -201,6 +203,14 @@ mod tests {
 
     const HVA0: u64 = 0x7000_0000_0000;
     const HVA1: u64 = 0x7100_0000_0000;
+
+    #[test]
+    fn a_context_is_created_with_the_clock_calibrated() {
+        // The yielder converts its slice to ticks under mmu_lock: the
+        // ~1 ms calibration must have happened before any zap.
+        let _ = MmuContext::new(Memslots::new(Vec::new(), 1).unwrap(), RemoteTlb::new(None));
+        assert!(crate::clock::calibrated());
+    }
 
     fn setup(policy: YieldPolicy) -> (Arc<MmuContext>, Arc<TdpMmu>, KvmMmuNotifier) {
         let slots = Memslots::new(

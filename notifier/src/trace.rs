@@ -432,7 +432,6 @@ mod tests {
         assert_eq!(instance_pid("other-12-0"), None);
     }
 
-
     #[test]
     fn missing_tracefs_is_a_typed_error() {
         match TraceSource::open_at(Path::new("/nonexistent/tracing")) {
