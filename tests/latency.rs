@@ -4,7 +4,7 @@
 //! the kernel notifies (none for NUMA hinting on hugetlb), and the guest
 //! probe reported.
 
-use integration_tests::require;
+use integration_tests::{require, require_kvm_root};
 use vmm::latency::{self, LatencyArgs};
 
 /// The tests of this file one at a time: each sets and restores
@@ -13,14 +13,7 @@ use vmm::latency::{self, LatencyArgs};
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn ready() -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    require("/dev/kvm", kvm) && require("root (hugepages, tracefs, numa_balancing)", root)
+    require_kvm_root()
 }
 
 /// Why the report skipped what names `what`.
