@@ -21,6 +21,33 @@ pub fn require(what: &str, available: bool) -> bool {
     false
 }
 
+/// `/dev/kvm` opens read-write and we are root (to reserve hugepages):
+/// [`require`]d.
+pub fn require_kvm_root() -> bool {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require("/dev/kvm", kvm) && require("root (to reserve hugepages)", root)
+}
+
+/// `mem` bytes of free 2 MiB hugepages, reserved for the caller's run
+/// ([`require`]d; the pool shrinks back when the reservation drops).
+pub fn require_hugepages_2m(mem: u64) -> Option<notifier::hostconf::HugepageReservation> {
+    use notifier::hostmm::PageSize;
+    let pool = notifier::hostconf::HugepageReservation::require(
+        PageSize::Huge2M,
+        mem / PageSize::Huge2M.bytes(),
+    );
+    if !require("free 2M hugepages for guest RAM", pool.is_ok()) {
+        return None;
+    }
+    pool.ok()
+}
+
 /// Where [`tiny_elf`] loads its code (16 MiB, the kernel's usual paddr).
 pub const KERNEL_PADDR: u64 = 0x100_0000;
 

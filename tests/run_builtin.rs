@@ -4,12 +4,15 @@
 //! every one, checksum against the model).
 
 use guests::builtin::Pattern;
-use integration_tests::require;
+use integration_tests::{require, require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
 use notifier::hostmm::PageSize;
 use std::sync::Mutex;
+use std::time::Duration;
 use vmm::guest_ram_uffd::UffdMode;
+use vmm::host_events::EventSources;
 use vmm::memory::HugePages;
+use vmm::run::RunReport;
 use vmm::run::{self, RunArgs, RunError};
 use vmm::run_inval::InvalKind;
 
@@ -17,29 +20,17 @@ const MEM: u64 = 64 << 20;
 /// One run at a time: runs share the hugetlb pool.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const BENCH_MEM: u64 = 512 << 20;
-
 fn ready() -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
     ready_for(MEM)
 }
 
 fn ready_for(mem: u64) -> Option<(std::sync::MutexGuard<'static, ()>, HugepageReservation)> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !require("/dev/kvm", kvm) || !require("root (to reserve hugepages)", root) {
+    if !require_kvm_root() {
         return None;
     }
     let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = HugepageReservation::require(PageSize::Huge2M, mem / PageSize::Huge2M.bytes());
-    if !require("free 2M hugepages for guest RAM", pool.is_ok()) {
-        return None;
-    }
-    Some((lock, pool.unwrap()))
+    let pool = require_hugepages_2m(mem)?;
+    Some((lock, pool))
 }
 
 fn args(mode: UffdMode, kind: InvalKind) -> RunArgs {
@@ -101,6 +92,17 @@ fn invalidations_interleaved_keep_agreement_and_data() {
                 // Removed pages come back through the MMU's fault path.
                 assert!(r.faults > MEM / (2 << 20), "{mode} {kind:?}: {}", r.faults);
             }
+            // The kernel-side sources ran alongside (default `--events auto`).
+            let u = r.events.uffd.expect("uffd events requested");
+            if kind == InvalKind::Discard {
+                // Every madvise raised a REMOVE the fault thread read.
+                assert!(u.remove >= r.invalidations, "{mode}: {u:?}");
+                assert_eq!(u.delivered.in_guest_ram, u.remove);
+            }
+            if require("the kvm tracepoint (tracefs)", r.events.trace.is_some()) {
+                let t = r.events.trace.unwrap();
+                assert!(t.in_guest_ram >= r.invalidations, "{mode} {kind:?}: {t:?}");
+            }
         }
     }
 }
@@ -119,61 +121,6 @@ fn bad_arguments_are_typed_errors() {
     assert!(e.to_string().contains("hugetlb"), "{e}");
 }
 
-/// Benchmark (run with `--ignored --nocapture`): guest-observed cost per
-/// huge-page first touch, MINOR+CONTINUE vs MISSING+COPY vs the kernel's
-/// own hugetlb fault (fresh page, and page-cache page), each as the median
-/// guest run time minus the median of a run with all RAM prefaulted, over
-/// the number of huge pages; printed with ratios against the kernel's own.
-#[test]
-#[ignore]
-fn bench_fault_cost() {
-    let Some(_g) = ready_for(BENCH_MEM) else {
-        return;
-    };
-    let reps = 7;
-    let pages = (BENCH_MEM / (2 << 20)) as f64;
-    let median = |mode: UffdMode, prefault: bool, spin: bool| -> (f64, f64) {
-        let mut t = Vec::new();
-        let mut p50 = Vec::new();
-        for _ in 0..reps {
-            let mut a = RunArgs::new(BENCH_MEM, mode);
-            a.passes = 1;
-            a.prefault = prefault;
-            a.spin_faults = spin;
-            let r = run::run(&a).unwrap_or_else(|e| panic!("{mode}: {e}"));
-            assert!(r.checksum_ok);
-            t.push(r.guest_run_s);
-            p50.push(r.fault_to_resume_us.p50);
-        }
-        t.sort_by(f64::total_cmp);
-        p50.sort_by(f64::total_cmp);
-        (t[reps / 2], p50[reps / 2])
-    };
-    let (warm, _) = median(UffdMode::KernelPrefilled, true, false);
-    let per_fault = |mode, spin| {
-        let (t, p50) = median(mode, false, spin);
-        (((t - warm) / pages * 1e6).max(0.0), p50)
-    };
-    let (kernel, _) = per_fault(UffdMode::Kernel, false);
-    let (kernel_pc, _) = per_fault(UffdMode::KernelPrefilled, false);
-    let (minor, minor_p50) = per_fault(UffdMode::Minor, false);
-    let (minor_spin, _) = per_fault(UffdMode::Minor, true);
-    let (missing, missing_p50) = per_fault(UffdMode::Missing, false);
-    println!("guest-observed cost per 2M first touch ({BENCH_MEM} bytes, median of {reps}):");
-    println!("  kernel own (fresh page)       {kernel:8.1} us");
-    println!("  kernel own (page-cache page)  {kernel_pc:8.1} us");
-    println!("  MINOR+CONTINUE                {minor:8.1} us (handler p50 {minor_p50:.1} us)");
-    println!("  MINOR+CONTINUE, spinning fault thread {minor_spin:8.1} us");
-    println!("  MISSING+COPY                  {missing:8.1} us (handler p50 {missing_p50:.1} us)");
-    println!(
-        "  CONTINUE / kernel page-cache fault {:.2}x (spinning {:.2}x); CONTINUE / kernel fresh {:.2}x; COPY / CONTINUE {:.1}x",
-        minor / kernel_pc.max(1e-3),
-        minor_spin / kernel_pc.max(1e-3),
-        minor / kernel.max(1e-3),
-        missing / minor.max(1e-3)
-    );
-}
-
 #[test]
 fn faults_racing_discards_retry_and_keep_data() {
     let Some(_g) = ready() else { return };
@@ -186,8 +133,198 @@ fn faults_racing_discards_retry_and_keep_data() {
     assert_eq!(r.verify_failures, 0, "{:?}", r.verify_mismatches);
     assert!(r.faults > MEM / (2 << 20), "discarded pages fault again");
     assert_eq!(r.stats.fault_retries, r.fault_retries);
+    // Each racing madvise blocked until the fault thread read its REMOVE,
+    // also while faults in its range were parked: no deadlock.
+    let u = r.events.uffd.expect("uffd events");
+    assert!(u.remove >= r.race_invalidations, "{u:?}");
     // Discards lose data in MISSING mode: refused.
     let mut a = args(UffdMode::Missing, InvalKind::None);
     a.race_discard_us = 20;
     assert!(run::run(&a).is_err());
+}
+
+/// Run in a thread; a run that does not finish in `limit` is a deadlock.
+fn run_bounded(a: RunArgs, limit: Duration) -> Result<RunReport, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let what = format!(
+        "{} {:?} bystander {} us",
+        a.uffd, a.invalidate, a.bystander_us
+    );
+    std::thread::spawn(move || {
+        let _ = tx.send(run::run(&a).map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: no result within {limit:?} (deadlock?)"),
+    }
+}
+
+/// A bystander thread issues raw madvise(MADV_DONTNEED / MADV_REMOVE) and
+/// raw mprotect on guest RAM - not through the VMM's host-mm model, so no
+/// `Delivery::Before` announcement - while the guest runs and the VMM's own
+/// invalidations are interleaved. The MMU is zapped through the
+/// userfaultfd REMOVE messages and the tracepoint, the agreement check
+/// holds after every boundary, the checksum counts the pages MADV_REMOVE
+/// zeroed, and nothing deadlocks (a madvise blocked on its REMOVE while a
+/// fault retries in the same range is the case the fault thread must get
+/// out of).
+#[test]
+fn bystander_raw_invalidations_reach_the_mmu() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Mixed);
+        a.bystander_us = 200;
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let b = r.events.bystander.clone().expect("bystander ran");
+        let u = r.events.uffd.expect("uffd events");
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert_eq!(b.boundary_removes, 10, "{mode}: one per boundary");
+        assert_eq!(
+            b.zap_timeouts, 0,
+            "{mode}: the MMU was zapped after each raw op"
+        );
+        assert!(b.zaps_proven > 0, "{mode}: {b:?}");
+        assert!(
+            b.concurrent_discards > 0 && b.concurrent_protects > 0,
+            "{b:?}"
+        );
+        // Every raw madvise reached the fault thread as a REMOVE, and some
+        // found SPTEs the VMM had not zapped itself.
+        assert!(
+            u.remove >= b.boundary_removes + b.concurrent_discards,
+            "{u:?} {b:?}"
+        );
+        assert!(u.delivered.zapping > 0, "{mode}: {u:?}");
+        assert_eq!(r.verify_checks, r.invalidations + 1 + b.boundary_removes);
+        if require("the kvm tracepoint (tracefs)", r.events.trace.is_some()) {
+            let t = r.events.trace.unwrap();
+            assert!(
+                t.zapping > 0,
+                "{mode}: raw mprotects zapped via the tracepoint: {t:?}"
+            );
+        }
+    }
+}
+
+/// Each source alone still zaps the MMU for raw invalidations: the
+/// tracepoint alone (no uffd events: MADV_REMOVE is seen only there) and
+/// the userfaultfd alone (mprotect is then seen by nobody, which the
+/// presence check cannot tell - it leaves the pages present).
+#[test]
+fn each_event_source_alone() {
+    let Some(_g) = ready() else { return };
+    for (src, mode) in [("trace", UffdMode::Minor), ("uffd", UffdMode::Missing)] {
+        let mut a = args(mode, InvalKind::None);
+        a.bystander_us = 300;
+        a.events = src.parse::<EventSources>().unwrap();
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{src}: {e}"));
+        let b = r.events.bystander.clone().unwrap();
+        assert_eq!(r.verify_failures, 0, "{src}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{src}: {r:?}");
+        assert_eq!(b.zap_timeouts, 0, "{src}: {b:?}");
+        match src {
+            "trace" => {
+                assert!(r.events.uffd.is_none());
+                assert!(r.events.trace.is_some(), "{:?}", r.events.trace_unavailable);
+                assert!(r.events.trace.unwrap().zapping > 0);
+            }
+            _ => {
+                assert!(r.events.trace.is_none());
+                assert!(r.events.uffd.unwrap().delivered.zapping > 0);
+            }
+        }
+    }
+}
+
+/// Waking the vCPU in the resolving ioctl (before the SPTE install) and a
+/// busy-polling fault thread change nothing the guest or the MMU can tell.
+#[test]
+fn wake_early_and_spin_keep_every_page_in_the_mmu() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Discard);
+        a.wake_early = true;
+        a.spin_faults = true;
+        a.fault_cpu = Some(0);
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        // A fault whose page was discarded after its vCPU had resumed is
+        // dropped, not re-populated (that would undo the discard).
+        assert_eq!(
+            r.stats.pf_fixed + r.spurious + r.abandoned,
+            r.faults,
+            "{mode}: {r:?}"
+        );
+    }
+}
+
+/// MISSING mode on 1 GiB pages: one 1 GiB `UFFDIO_COPY` whose source is
+/// resident, so it needs no second gigantic page (a non-resident source
+/// makes the kernel copy through a temporary huge page outside the
+/// reservation: ENOMEM with a pool sized for the guest, which used to
+/// leave the vCPU asleep in its fault until the watchdog).
+#[test]
+fn missing_mode_on_1g_pages_needs_one_page() {
+    if !require_kvm_root() {
+        return;
+    }
+    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = HugepageReservation::require(PageSize::Huge1G, 1);
+    if !require("one free 1G hugepage", pool.is_ok()) {
+        return;
+    }
+    // Hold every other free 1G page, so a COPY needing a temporary one fails.
+    let spare = notifier::hostconf::free_hugepages(PageSize::Huge1G).saturating_sub(1);
+    // SAFETY: memfd_create with a static NUL-terminated name; checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"hold-1g".as_ptr(),
+            libc::MFD_HUGETLB | libc::MFD_HUGE_1GB | libc::MFD_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own from here on.
+    let _hold = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if spare > 0 {
+        // SAFETY: fallocate on our own memfd.
+        let rc = unsafe { libc::fallocate(fd, 0, 0, (spare << 30) as libc::off_t) };
+        assert_eq!(rc, 0, "holding {spare} spare 1G pages");
+    }
+    assert_eq!(notifier::hostconf::free_hugepages(PageSize::Huge1G), 1);
+    let mut a = RunArgs::new(1 << 30, UffdMode::Missing);
+    a.hugepages = HugePages::Huge1G;
+    a.passes = 1;
+    a.stride = 2 << 20;
+    a.timeout = 60;
+    a.events = "none".parse().unwrap();
+    let r = run_bounded(a, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.checksum_ok, "{r:?}");
+    assert_eq!(r.faults, 1);
+    assert_eq!(r.stats.pages_1g, 1);
+}
+
+/// Fault-around maps pages ahead of the guest through the same fault path:
+/// with the VMM's invalidations and a bystander's raw ones interleaved, the
+/// agreement check and the checksum still hold, and fewer faults reach the
+/// fault thread than pages the MMU maps.
+#[test]
+fn fault_around_keeps_agreement() {
+    let Some(_g) = ready() else { return };
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let mut a = args(mode, InvalKind::Mixed);
+        a.fault_around = 4;
+        a.bystander_us = 300;
+        let r = run_bounded(a, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(r.verify_failures, 0, "{mode}: {:?}", r.verify_mismatches);
+        assert!(r.checksum_ok, "{mode}: {r:?}");
+        assert!(r.prefetched > 0, "{mode}: {r:?}");
+        // Every fault read ends Fixed or Spurious; prefetches add Fixed.
+        assert_eq!(
+            r.stats.pf_fixed,
+            r.faults - r.spurious + r.prefetched,
+            "{mode}"
+        );
+    }
 }

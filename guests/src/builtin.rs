@@ -102,6 +102,15 @@ pub fn gdt() -> [u64; 7] {
     ]
 }
 
+/// Guest RAM the system image supports: a non-zero multiple of 2 MiB, at
+/// most [`MAX_MEM`].
+pub fn check_mem(mem: u64) -> Result<(), BuiltinError> {
+    if mem == 0 || mem > MAX_MEM || !mem.is_multiple_of(SYSTEM_SIZE) {
+        return Err(BuiltinError::Mem(mem));
+    }
+    Ok(())
+}
+
 /// Order in which a pass visits the slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Pattern {
@@ -162,9 +171,7 @@ impl Params {
 
     /// Check against guest RAM of `mem` bytes.
     pub fn validate(&self, mem: u64) -> Result<(), BuiltinError> {
-        if mem == 0 || mem > MAX_MEM || !mem.is_multiple_of(SYSTEM_SIZE) {
-            return Err(BuiltinError::Mem(mem));
-        }
+        check_mem(mem)?;
         if self.stride == 0 || !self.stride.is_multiple_of(8) {
             return Err(BuiltinError::Stride(self.stride));
         }
@@ -371,7 +378,22 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
 /// the program.
 pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> {
     params.validate(mem)?;
+    system_image_with(&params.to_page(), &program()?, mem)
+}
+
+/// The system page any CPL3 built-in guest runs from: GDT, TSS, the
+/// `params` words at [`Layout::params`], identity page tables (2 MiB
+/// leaves, P|RW|U/S, covering `mem` and at least the first 4 GiB with the
+/// doorbells), and `code` at [`Layout::code`]. `mem` must be checked by the
+/// caller (a multiple of 2 MiB, at most [`MAX_MEM`]).
+pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8>, BuiltinError> {
+    check_mem(mem)?;
     let l = LAYOUT;
+    if (params.len() as u64) * 8 > l.result - l.params || l.code + code.len() as u64 > l.stack_top {
+        return Err(BuiltinError::Asm(
+            "program or params do not fit the system page".into(),
+        ));
+    }
     let mut img = vec![0u8; SYSTEM_SIZE as usize];
     let put = |img: &mut [u8], gpa: u64, v: u64| {
         let o = gpa as usize;
@@ -384,7 +406,7 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     put(&mut img, l.tss + 4, l.stack_top);
     img[(l.tss + 0x66) as usize..(l.tss + 0x68) as usize]
         .copy_from_slice(&((TSS_LIMIT + 1) as u16).to_le_bytes());
-    for (i, w) in params.to_page().iter().enumerate() {
+    for (i, w) in params.iter().enumerate() {
         put(&mut img, l.params + i as u64 * 8, *w);
     }
     const P_RW_US: u64 = 0x7;
@@ -398,9 +420,8 @@ pub fn system_image(params: &Params, mem: u64) -> Result<Vec<u8>, BuiltinError> 
     for i in 0..gib * 512 {
         put(&mut img, pd0 + i * 8, (i * SYSTEM_SIZE) | P_RW_US | 0x80);
     }
-    let code = program()?;
     let o = l.code as usize;
-    img[o..o + code.len()].copy_from_slice(&code);
+    img[o..o + code.len()].copy_from_slice(code);
     Ok(img)
 }
 

@@ -1,4 +1,6 @@
 //! Guest payloads: the Linux image recipe and small built-in test guests.
 
 pub mod builtin;
+pub mod l1hv;
 pub mod linux;
+pub mod probe;

@@ -92,7 +92,9 @@ impl SecondaryMmu for TdpMmu {
 /// address space.
 pub struct KvmMmuNotifier {
     ctx: Arc<MmuContext>,
-    mmus: RwLock<Vec<Arc<dyn SecondaryMmu>>>,
+    /// Copy-on-write list: an invalidation takes a reference (one atomic
+    /// increment), `add_mmu` publishes a new list.
+    mmus: RwLock<Arc<[Arc<dyn SecondaryMmu>]>>,
     policy: YieldPolicy,
     last_report: Mutex<Option<YieldReport>>,
 }
@@ -101,14 +103,17 @@ impl KvmMmuNotifier {
     pub fn new(ctx: Arc<MmuContext>, policy: YieldPolicy) -> Self {
         Self {
             ctx,
-            mmus: RwLock::new(Vec::new()),
+            mmus: RwLock::new(Arc::from(Vec::new())),
             policy,
             last_report: Mutex::new(None),
         }
     }
 
     pub fn add_mmu(&self, mmu: Arc<dyn SecondaryMmu>) {
-        self.mmus.write().push(mmu);
+        let mut list = self.mmus.write();
+        let mut next = list.to_vec();
+        next.push(mmu);
+        *list = Arc::from(next);
     }
 
     pub fn context(&self) -> &Arc<MmuContext> {
@@ -130,7 +135,7 @@ impl KvmMmuNotifier {
             // No memslot overlaps: mmu_lock is never taken.
             return None;
         }
-        let mmus = self.mmus.read().clone();
+        let mmus = Arc::clone(&self.mmus.read());
         let mut guard = ctx.mmu_lock.write();
         ctx.seq.begin();
         for r in &ranges {
@@ -145,7 +150,7 @@ impl KvmMmuNotifier {
         let mut yielder = Yielder::new(policy, &ctx.mmu_lock, &ctx.stats);
         let mut flush = false;
         for r in &ranges {
-            for mmu in &mmus {
+            for mmu in mmus.iter() {
                 flush =
                     mmu.unmap_gfn_range(&mut guard, r.slot, r.start, r.end, &mut yielder, flush);
             }

@@ -619,7 +619,7 @@ pub const REMOVE_ZAP_WAIT: std::time::Duration = std::time::Duration::from_milli
 /// After a REMOVE's `start`, the kernel resumes the madvise caller; wait
 /// (sleeping, so a caller pinned to this CPU can run) until no page of the
 /// range is present any more, so `end` comes after the zap.
-fn wait_for_zap(pm: &mut Pagemap, r: HvaRange) {
+pub fn wait_for_zap(pm: &mut Pagemap, r: HvaRange) {
     let t0 = std::time::Instant::now();
     while t0.elapsed() < REMOVE_ZAP_WAIT {
         match pm.any_present(r) {

@@ -73,7 +73,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// The 64-bit value of a full GPR.
-fn gpr64(regs: &kvm_regs, r: Register) -> Option<u64> {
+pub fn gpr64(regs: &kvm_regs, r: Register) -> Option<u64> {
     Some(match r {
         Register::RAX => regs.rax,
         Register::RBX => regs.rbx,

@@ -21,17 +21,48 @@
 //! write_protect) announce their invalidations to the [`Subscribers`] the
 //! MMU registered with.
 //!
-//! With 1 GiB pages, MISSING mode copies a whole GiB per fault from a
-//! lazily zeroed source buffer; on this host that did not finish within
-//! two minutes (MINOR with 1 GiB pages works: one CONTINUE of ~25 us).
+//! The COPY source must be resident. `UFFDIO_COPY` on hugetlb first copies
+//! with page faults disabled; if the source is not present it falls back
+//! to copying outside `mmap_lock` into a *temporary* huge page allocated
+//! outside the reservation (`alloc_hugetlb_folio_vma`), then retries. With
+//! 1 GiB pages that temporary page is a second free gigantic page, which a
+//! pool sized for the guest does not have: the COPY fails (`ENOMEM`), and
+//! the old fault thread then exited with the vCPU still asleep in the
+//! fault, so the run hung until the watchdog (what an earlier session saw
+//! as "a 1 GiB COPY that did not finish in two minutes"). Hence the zeros
+//! come from a read-only `MAP_POPULATE` anonymous mapping (every page the
+//! shared zero page: resident, no memory cost), every staged page goes
+//! through [`make_resident`], and a fault thread that fails now stops
+//! the run (where the vCPU is not stuck in the kernel for good: see
+//! `uffd_fault`).
+//! Measured here with both pages free: a 1 GiB COPY from a lazily zeroed
+//! buffer took ~0.6 s (the fallback path), from the populated one ~0.3 s.
+//!
+//! [`UffdGuestRam::new_private`] is the `MAP_PRIVATE` variant (MISSING
+//! only): no memfd and no alias; the VMM reaches guest RAM through the
+//! guest-facing mapping itself (its pages fault through the same
+//! userfaultfd), and no file operation (hole punch, page-cache refill)
+//! applies.
 //!
 //! Resolution never wakes the faulting thread by itself (DONTWAKE): the
-//! fault handler wakes it after the MMU installed its SPTE.
+//! fault handler wakes it after the MMU installed its SPTE - unless the
+//! handler asks for [`UffdGuestRam::populate_and_wake`] (see
+//! `uffd_fault` for why waking first is correct here).
+//!
+//! Non-cooperative events: unless built with `events: false`
+//! ([`UffdGuestRam::with_events`]), the userfaultfd also asks for
+//! `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`, so a
+//! `madvise(DONTNEED/REMOVE)`, `munmap` or `mremap` of guest RAM by *any*
+//! thread - not only through [`HostMm`] - reaches the fault thread, which
+//! delivers it to [`UffdGuestRam::subscribers`]. Such a madvise blocks in
+//! the kernel until the message is read, and `UFFDIO_CONTINUE`/`COPY`
+//! answer `EAGAIN` meanwhile ([`UffdRamError::is_again`]).
 
 use crate::memory::{self, HugePages, MemoryError};
 use notifier::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
 use notifier::uffd::{
     Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
     UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
 use notifier::{HvaRange, Subscribers};
@@ -115,6 +146,20 @@ pub enum UffdRamError {
     OutOfRange { gpa: u64, len: u64, size: u64 },
 }
 
+impl UffdRamError {
+    /// `EAGAIN` from `UFFDIO_CONTINUE`/`COPY`: a non-cooperative event
+    /// (REMOVE, UNMAP, REMAP) is pending on the userfaultfd; read it and
+    /// retry.
+    pub fn is_again(&self) -> bool {
+        matches!(self, UffdRamError::Uffd(notifier::Error::Syscall { source, .. })
+            if source.raw_os_error() == Some(libc::EAGAIN))
+    }
+}
+
+/// The non-cooperative events guest RAM asks for.
+pub const EVENT_FEATURES: u64 =
+    UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+
 fn os(op: &'static str) -> UffdRamError {
     UffdRamError::Os {
         op,
@@ -159,6 +204,71 @@ impl Drop for Mapping {
     }
 }
 
+/// Make every page of a COPY source buffer resident (write the value each
+/// page already holds, including the last, possibly partial, page): see
+/// the module docs. Every staged COPY source must go through this.
+pub fn make_resident(buf: &mut [u8]) {
+    let start = buf.as_ptr() as usize;
+    let len = buf.len();
+    // One byte in every 4 KiB page the buffer touches.
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: `off < len`: a valid element of `buf`, which we borrow
+        // mutably; volatile so the store of its own value is kept.
+        unsafe {
+            let p = buf.as_mut_ptr().add(off);
+            std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+        }
+        off = ((start + off) / 4096 + 1) * 4096 - start;
+    }
+}
+
+/// A read-only private anonymous `MAP_POPULATE` mapping: every page is the
+/// shared zero page, so a resident COPY source of zeros that costs no
+/// memory.
+struct ZeroSource {
+    addr: u64,
+    len: usize,
+}
+
+impl ZeroSource {
+    fn new(len: usize) -> Result<Self, UffdRamError> {
+        // SAFETY: a fresh private anonymous read-only mapping at a
+        // kernel-chosen address; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap(COPY zero source)"));
+        }
+        Ok(ZeroSource {
+            addr: p as u64,
+            len,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `addr`, mapped until drop (which
+        // needs `&mut self`, so not while this borrow lives); nothing
+        // writes them (PROT_READ).
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for ZeroSource {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`, no longer borrowed.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
 /// Guest RAM on a shared hugetlb memfd, guest-facing mapping registered
 /// with userfaultfd. Drop order: the uffd closes before the mappings go
 /// (the alias, then the guest-facing region and the memfd with `hostmm`).
@@ -169,25 +279,73 @@ pub struct UffdGuestRam {
     size: u64,
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
-    alias: Mapping,
+    /// `None` for private RAM (reached through the guest-facing mapping).
+    alias: Option<Mapping>,
     region: RegionId,
+    /// -1 for private RAM.
     memfd: RawFd,
     /// MISSING mode: huge pages with contents (by huge-page-aligned gpa)
     /// for their first COPY; every other page is COPYed from `zeros`.
     staged: Mutex<BTreeMap<u64, Box<[u8]>>>,
-    /// MISSING mode: a huge page of zeros to COPY.
-    zeros: Vec<u8>,
+    /// MISSING mode: a huge page of zeros to COPY (resident).
+    zeros: Option<ZeroSource>,
     hostmm: Mutex<HostMm>,
+    /// Where host invalidations of guest RAM are delivered.
+    subs: Subscribers,
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP.
+    events: bool,
 }
 
 impl UffdGuestRam {
     /// `size` bytes of hugetlb RAM (checked against the pool first); the
-    /// VMM's operations on it are announced to `subs`.
+    /// VMM's operations on it are announced to `subs`, and so are the
+    /// userfaultfd's REMOVE/UNMAP/REMAP events (by the fault thread).
     pub fn new(
         size: u64,
         hp: HugePages,
         mode: UffdMode,
         subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        Self::with_events(size, hp, mode, subs, true)
+    }
+
+    /// [`Self::new`], choosing whether the userfaultfd asks for the
+    /// non-cooperative events ([`EVENT_FEATURES`]).
+    pub fn with_events(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+        events: bool,
+    ) -> Result<Self, UffdRamError> {
+        Self::build(size, hp, mode, subs, events, true)
+    }
+
+    /// Private hugetlb RAM (`MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB`):
+    /// MISSING faults resolved with `UFFDIO_COPY`, or (`uffd` false) the
+    /// kernel's own first touch ([`UffdMode::Kernel`]); no non-cooperative
+    /// events (the VMM's own operations announce their ranges).
+    pub fn new_private(
+        size: u64,
+        hp: HugePages,
+        uffd: bool,
+        subs: Subscribers,
+    ) -> Result<Self, UffdRamError> {
+        let mode = if uffd {
+            UffdMode::Missing
+        } else {
+            UffdMode::Kernel
+        };
+        Self::build(size, hp, mode, subs, false, false)
+    }
+
+    fn build(
+        size: u64,
+        hp: HugePages,
+        mode: UffdMode,
+        subs: Subscribers,
+        events: bool,
+        shared: bool,
     ) -> Result<Self, UffdRamError> {
         if hp == HugePages::None {
             return Err(UffdRamError::NotHugetlb);
@@ -197,9 +355,14 @@ impl UffdGuestRam {
             HugePages::Huge1G => PageSize::Huge1G,
             _ => PageSize::Huge2M,
         };
-        let mut hostmm = HostMm::new(subs)?;
+        let mut hostmm = HostMm::new(subs.clone())?;
+        let backing = if shared {
+            Backing::SharedMemfd(ps)
+        } else {
+            Backing::PrivateHugetlb(ps)
+        };
         let region = hostmm.map(
-            Backing::SharedMemfd(ps),
+            backing,
             size,
             Placement {
                 align: ps.bytes(),
@@ -208,7 +371,11 @@ impl UffdGuestRam {
         )?;
         let (guest_hva, memfd) = {
             let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
-            (r.base, r.memfd().ok_or(UffdRamError::NoRegion)?)
+            match (shared, r.memfd()) {
+                (true, Some(fd)) => (r.base, fd),
+                (false, _) => (r.base, -1),
+                (true, None) => return Err(UffdRamError::NoRegion),
+            }
         };
         if mode.prefilled() {
             // Populate the page cache: MINOR faults need a page to map.
@@ -217,7 +384,11 @@ impl UffdGuestRam {
                 return Err(os("fallocate(guest RAM memfd)"));
             }
         }
-        let alias = Mapping::new(memfd, size)?;
+        let alias = if shared {
+            Some(Mapping::new(memfd, size)?)
+        } else {
+            None
+        };
         let (features, reg) = match mode {
             UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
             UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
@@ -228,6 +399,13 @@ impl UffdGuestRam {
             features | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
             reg | UFFDIO_REGISTER_MODE_WP,
         );
+        // Events only where the range is registered (with uffd modes).
+        let events = events && mode.uses_uffd();
+        let features = if events {
+            features | EVENT_FEATURES
+        } else {
+            features
+        };
         let uffd = Uffd::open(features)?;
         if mode.uses_uffd() {
             uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
@@ -244,12 +422,23 @@ impl UffdGuestRam {
             memfd,
             staged: Mutex::new(BTreeMap::new()),
             zeros: if mode == UffdMode::Missing {
-                vec![0u8; page]
+                Some(ZeroSource::new(page)?)
             } else {
-                Vec::new()
+                None
             },
             hostmm: Mutex::new(hostmm),
+            subs,
+            events,
         })
+    }
+
+    /// The subscriber list host invalidations of guest RAM go to.
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.subs
+    }
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP events.
+    pub fn events(&self) -> bool {
+        self.events
     }
 
     pub fn mode(&self) -> UffdMode {
@@ -267,7 +456,16 @@ impl UffdGuestRam {
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
     }
-    /// The memfd (owned by the host-mm region).
+    /// Whether the RAM is a shared memfd (private: no file, no alias).
+    pub fn is_shared(&self) -> bool {
+        self.alias.is_some()
+    }
+    /// Where the VMM reaches gpa 0: the alias, or (private RAM) the
+    /// guest-facing mapping.
+    fn access_base(&self) -> u64 {
+        self.alias.as_ref().map_or(self.guest_hva, |a| a.addr)
+    }
+    /// The memfd (owned by the host-mm region); -1 for private RAM.
     pub fn memfd(&self) -> RawFd {
         self.memfd
     }
@@ -320,7 +518,7 @@ impl UffdGuestRam {
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
-                        (self.alias.addr + gpa) as *mut u8,
+                        (self.access_base() + gpa) as *mut u8,
                         bytes.len(),
                     )
                 };
@@ -362,14 +560,59 @@ impl UffdGuestRam {
         }
         let mut out = [0u64; N];
         for (i, o) in out.iter_mut().enumerate() {
-            // SAFETY: inside the alias (checked), 8-byte aligned (checked;
+            // SAFETY: inside the alias or, for private RAM, the guest-facing
+            // mapping (checked; both cover `size` bytes and live as long as
+            // self; a missing private page faults through the userfaultfd
+            // like the guest's own touch), 8-byte aligned (checked;
             // the mapping is page aligned); a volatile read of shared memory
             // the guest may have written.
             *o = unsafe {
-                std::ptr::read_volatile((self.alias.addr + gpa + i as u64 * 8) as *const u64)
+                std::ptr::read_volatile((self.access_base() + gpa + i as u64 * 8) as *const u64)
             };
         }
         Ok(out)
+    }
+
+    /// The aligned u64 at `gpa`, inside guest RAM, in the VMM's view (the
+    /// alias, or for private RAM the guest-facing mapping).
+    fn word(&self, gpa: u64) -> Result<u64, UffdRamError> {
+        self.check(gpa, 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: 8,
+                size: self.size,
+            });
+        }
+        Ok(self.access_base() + gpa)
+    }
+
+    /// Atomically replace `old` with `new` at `gpa` (a page-table walker's
+    /// A/D update); `Ok(false)` if the value changed.
+    pub fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: `word` checked that the 8 bytes are inside a mapping of
+        // `size` bytes that lives as long as self, 8-byte aligned (the
+        // mapping is page aligned); other writers (the guest) only race at
+        // the hardware level, which an atomic access tolerates.
+        let a = unsafe { &*(addr as *const std::sync::atomic::AtomicU64) };
+        Ok(a.compare_exchange(
+            old,
+            new,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .is_ok())
+    }
+
+    /// Write one u64 at `gpa` while the guest runs (the latency probe's
+    /// control words).
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: as in `cmpxchg_u64` (checked, aligned, lives as long as
+        // self); a volatile store to memory the guest reads concurrently.
+        unsafe { std::ptr::write_volatile(addr as *mut u64, v) };
+        Ok(())
     }
 
     /// The huge page containing `gpa`, as a guest-facing hva range.
@@ -383,19 +626,41 @@ impl UffdGuestRam {
     /// mapping without waking the faulting thread: CONTINUE (MINOR) or COPY
     /// (MISSING). `Ok(false)`: it already was.
     pub fn populate(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, false)
+    }
+
+    /// [`Self::populate`] and wake the faulting thread in the same ioctl.
+    /// The kernel wakes only when it mapped the page: on `Ok(false)`
+    /// (already present) the caller still has to [`Self::wake`].
+    pub fn populate_and_wake(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, true)
+    }
+
+    fn resolve(&self, gpa: u64, wake: bool) -> Result<bool, UffdRamError> {
         self.check(gpa, 1)?;
         let r = self.page_range(gpa);
         Ok(match self.mode {
-            UffdMode::Minor => self.uffd.continue_range(r, false)?,
+            UffdMode::Minor => self.uffd.continue_range(r, wake)?,
             UffdMode::Kernel | UffdMode::KernelPrefilled => false,
             UffdMode::Missing => {
                 // A staged page is COPYed once; after that the page cache
                 // has it (a page discarded later faults back as zeros, as
-                // the kernel's own first touch would give).
+                // the kernel's own first touch would give). The source
+                // must be resident: hugetlb COPYs with page faults off, and
+                // a non-resident source makes the kernel copy through a
+                // second, unreserved huge page (ENOMEM with a tight pool).
                 let base = r.start - self.guest_hva;
                 let mut staged = self.staged.lock();
-                let src = staged.get(&base).map_or(&self.zeros[..], |b| &b[..]);
-                let mapped = self.uffd.copy(r, src, false)?;
+                let mapped = match staged.get_mut(&base) {
+                    Some(b) => {
+                        make_resident(b);
+                        self.uffd.copy(r, b, wake)?
+                    }
+                    None => {
+                        let zeros = self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[]);
+                        self.uffd.copy(r, zeros, wake)?
+                    }
+                };
                 staged.remove(&base);
                 mapped
             }

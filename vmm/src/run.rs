@@ -7,17 +7,21 @@
 //! doorbells (MMIO stores). Faults on guest RAM are served by
 //! [`crate::uffd_fault`]. Between passes (the vCPU stopped in a progress
 //! exit), [`crate::run_inval`] can run host invalidations and the
-//! MMU-vs-pagemap agreement check.
+//! MMU-vs-pagemap agreement check. While it runs, the kernel-side sources
+//! of [`crate::host_events`] (userfaultfd REMOVE/UNMAP/REMAP, the
+//! `kvm:kvm_unmap_hva_range` tracepoint) deliver invalidations the VMM did
+//! not issue itself, e.g. a `--bystander-us` thread's raw madvise/mprotect.
 
 use crate::boot::parse_size;
+use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
+use crate::host_events::{self, Bystander, EventSources, EventsReport, TracePump};
+use crate::kvm;
 use crate::memory::HugePages;
 use crate::run_inval::{InvalKind, Invalidator};
-use crate::uffd_fault::{self, FaultThreadError, LatencyUs};
-use crate::{kvm, x86};
+use crate::uffd_fault::{self, FaultOptions, FaultThreadError, LatencyUs};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
 use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
@@ -86,6 +90,28 @@ pub struct RunArgs {
     /// poll(2) (costs a CPU; removes the handler's wake-up latency).
     #[arg(long)]
     pub spin_faults: bool,
+    /// Resolve faults with a CONTINUE/COPY that wakes the vCPU itself,
+    /// before the MMU installs its SPTE (one ioctl instead of two).
+    #[arg(long)]
+    pub wake_early: bool,
+    /// Pin the fault thread to this CPU.
+    #[arg(long)]
+    pub fault_cpu: Option<usize>,
+    /// After resolving a fault, map this many following huge pages ahead
+    /// (populate + SPTE) while the vCPU runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub fault_around: u64,
+    /// Kernel-side invalidation sources feeding the MMU while the guest
+    /// runs: auto (each where available), none, or a list of uffd
+    /// (REMOVE/UNMAP/REMAP messages) and trace (kvm:kvm_unmap_hva_range).
+    #[arg(long, default_value = "auto")]
+    pub events: EventSources,
+    /// A bystander thread issues raw madvise/mprotect on guest RAM (not
+    /// through the VMM's host-mm model) every this many microseconds while
+    /// the guest runs, and MADV_REMOVE + mprotect(PROT_READ) at pass
+    /// boundaries (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub bystander_us: u64,
     /// Print the JSON report as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +144,11 @@ impl RunArgs {
             prefault: false,
             spin_faults: false,
             race_discard_us: 0,
+            wake_early: false,
+            fault_cpu: None,
+            fault_around: 0,
+            events: EventSources::default(),
+            bystander_us: 0,
             json: false,
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
@@ -151,14 +182,6 @@ pub enum RunError {
     Ram(#[from] UffdRamError),
     #[error(transparent)]
     Memslot(#[from] mmu::memslot::MemslotError),
-    #[error("{what}: {source}")]
-    Vm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Cpu(#[from] x86::CpuError),
     #[error("fault thread: {0}")]
     Fault(#[from] FaultThreadError),
     #[error("fault thread panicked")]
@@ -169,12 +192,14 @@ pub enum RunError {
     Timeout(u64),
     #[error("invalidation: {0}")]
     Inval(#[from] crate::run_inval::InvalError),
-    #[error("signal handler: {0}")]
-    Signal(String),
-}
-
-fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RunError {
-    move |source| RunError::Vm { what, source }
+    #[error(transparent)]
+    Setup(#[from] BuiltinVmError),
+    #[error(transparent)]
+    Events(#[from] host_events::EventsError),
+    #[error("the fault thread stopped")]
+    FaultStopped,
+    #[error("the fault thread did not settle within 2 s")]
+    Unsettled,
 }
 
 /// The `--json` summary.
@@ -186,10 +211,17 @@ pub struct RunReport {
     pub hugepages: String,
     pub params: Params,
     pub faults: u64,
+    /// Huge pages mapped ahead by `--fault-around`.
+    pub prefetched: u64,
+    /// Wake-early faults dropped because their page was removed after the
+    /// vCPU had resumed (see `uffd_fault::FaultReport::abandoned`).
+    pub abandoned: u64,
     pub fault_retries: u64,
     pub already_present: u64,
     pub spurious: u64,
     pub fault_to_resume_us: LatencyUs,
+    /// Time in UFFDIO_CONTINUE/COPY per fault attempt.
+    pub populate_us: LatencyUs,
     pub stats: MmuStatsSnapshot,
     pub result: GuestResult,
     pub expected_checksum: u64,
@@ -202,6 +234,8 @@ pub struct RunReport {
     pub verify_checks: u64,
     pub verify_failures: u64,
     pub verify_mismatches: Vec<String>,
+    /// Kernel-side invalidation sources and the bystander.
+    pub events: EventsReport,
     pub guest_run_s: f64,
     pub total_s: f64,
 }
@@ -209,101 +243,14 @@ pub struct RunReport {
 impl RunReport {
     /// Whether the run is a success.
     pub fn ok(&self) -> bool {
-        self.checksum_ok && self.verify_failures == 0 && self.result.done
-    }
-}
-
-/// The segment/paging state for the built-in guest: long mode, CPL3 code
-/// and stack segments, the busy 64-bit TSS, CR3 at the identity tables,
-/// interrupts off (the guest talks through MMIO doorbells).
-fn setup_cpl3(vcpu: &VcpuFd) -> Result<(), RunError> {
-    let gdt = builtin::gdt();
-    let mut sregs = vcpu.get_sregs().map_err(vm_err("KVM_GET_SREGS"))?;
-    let seg = |i: u16, rpl: u16| {
-        let mut s = x86::segment_from_gdt(gdt[i as usize], i);
-        s.selector |= rpl;
-        s
-    };
-    let ucs = seg(builtin::SEL_USER_CS >> 3, 3);
-    let uds = seg(builtin::SEL_USER_DS >> 3, 3);
-    let tss = seg(builtin::SEL_TSS >> 3, 0);
-    x86::set_long_mode_segments(
-        &mut sregs,
-        (LAYOUT.gdt, gdt.len()),
-        (0, 0),
-        [ucs, uds, tss],
-        LAYOUT.pml4,
-    );
-    sregs.cr4 = 0x20; // PAE
-    sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-    sregs.efer = 0x500; // LME | LMA
-    vcpu.set_sregs(&sregs).map_err(vm_err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: LAYOUT.code,
-        rsp: LAYOUT.stack_top,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(vm_err("KVM_SET_REGS"))?;
-    Ok(())
-}
-
-extern "C" fn watchdog_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Interrupts KVM_RUN on the creating thread after a deadline.
-struct Watchdog {
-    stop: Arc<AtomicBool>,
-    fired: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn start(timeout: Duration) -> Result<Self, RunError> {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        let mut err = None;
-        ONCE.call_once(|| {
-            err = vmm_sys_util::signal::register_signal_handler(
-                vmm_sys_util::signal::SIGRTMIN() + 1,
-                watchdog_handler,
-            )
-            .err();
-        });
-        if let Some(e) = err {
-            return Err(RunError::Signal(e.to_string()));
-        }
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
-        let stop = Arc::new(AtomicBool::new(false));
-        let fired = Arc::new(AtomicBool::new(false));
-        let (s, f) = (stop.clone(), fired.clone());
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while !s.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
-                    f.store(true, Ordering::Release);
-                    // Keep kicking: a signal can land just before KVM_RUN.
-                    // SAFETY: `target` is the vCPU thread, alive until
-                    // `stop` is set (Watchdog is dropped on that thread
-                    // before it exits); the signal has a no-op handler.
-                    unsafe { libc::pthread_kill(target, vmm_sys_util::signal::SIGRTMIN() + 1) };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Ok(Watchdog {
-            stop,
-            fired,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.checksum_ok
+            && self.verify_failures == 0
+            && self.result.done
+            && self
+                .events
+                .bystander
+                .as_ref()
+                .is_none_or(|b| b.zap_timeouts == 0)
     }
 }
 
@@ -318,7 +265,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     let kvm = kvm::open(&args.kvm_dev)?;
 
     let subs = Subscribers::new();
-    let mut ram = UffdGuestRam::new(args.mem, args.hugepages, args.uffd, subs.clone())?;
+    let mut ram = UffdGuestRam::with_events(
+        args.mem,
+        args.hugepages,
+        args.uffd,
+        subs.clone(),
+        args.events.uffd,
+    )?;
     ram.load(0, &image)?;
     if args.prefault {
         ram.prefault()?;
@@ -346,50 +299,65 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         params.ws_size,
     )?;
 
-    let racer = if args.race_discard_us > 0 {
-        if !args.uffd.prefilled() {
-            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
-        }
-        let inv = Invalidator::new(
+    // A discard-picking invalidator over the working set, not verifying.
+    let discarder = || {
+        Invalidator::new(
             &ram,
             &tdp,
             InvalKind::Discard,
             false,
             params.ws_base,
             params.ws_size,
-        )?;
-        Some(inv)
+        )
+    };
+    let racer = if args.race_discard_us > 0 {
+        if !args.uffd.prefilled() {
+            return Err(crate::run_inval::InvalError::RaceNeedsPrefill.into());
+        }
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let mut events = EventsReport {
+        sources: Some(args.events),
+        ..EventsReport::default()
+    };
+    let bystander_picker = if args.bystander_us > 0 {
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let trace = if args.events.trace {
+        match TracePump::start(subs.clone(), tdp.clone(), Duration::from_millis(2)) {
+            Ok(p) => Some(p),
+            Err(e) if args.events.auto => {
+                events.trace_unavailable = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         None
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);
+    let fault_thread = uffd_fault::spawn_with(
+        ram.clone(),
+        tdp.clone(),
+        stop.clone(),
+        FaultOptions {
+            spin: args.spin_faults,
+            wake_early: args.wake_early,
+            cpu: args.fault_cpu,
+            fault_around: args.fault_around,
+        },
+    );
+    let settle = fault_thread.progress.clone();
+    let mut bystander_zeroed = Vec::new();
+    let mut bystander_report = None;
 
     let result = (|| -> Result<(u64, f64, u64), RunError> {
-        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: ram.guest_hva(),
-        };
-        // SAFETY: the guest-facing mapping covers `size` bytes at
-        // `guest_hva` and is owned by `ram`, which outlives the VM (the VM
-        // is dropped at the end of this closure, `ram` after it).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        x86::filter_cpuid(&mut cpuid);
-        vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
-        setup_cpl3(&vcpu)?;
-
-        let watchdog = Watchdog::start(Duration::from_secs(args.timeout))?;
+        let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
+        let watchdog = Watchdog::start(Duration::from_secs(args.timeout), settle.failed())?;
         let race_stop = Arc::new(AtomicBool::new(false));
         let racer = racer.map(|inv| {
             crate::run_inval::spawn_racer(
@@ -406,12 +374,27 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             }
         };
         let mut racer = racer;
+        let mut bystander = bystander_picker.map(|picker| {
+            Bystander::start(
+                ram.clone(),
+                tdp.clone(),
+                picker,
+                Duration::from_micros(args.bystander_us),
+                trace.is_some(),
+            )
+        });
         let t_run = Instant::now();
         let mut progress = 0u64;
         loop {
-            let exit = vcpu.run();
-            if watchdog.fired.load(Ordering::Acquire) {
+            let exit = bvm.vcpu.run();
+            if settle.failed().load(Ordering::Acquire) {
+                return Err(RunError::FaultStopped);
+            }
+            if watchdog.fired() {
                 let _ = stop_racer(racer.take());
+                if let Some(b) = bystander.take() {
+                    let _ = b.finish();
+                }
                 return Err(RunError::Timeout(args.timeout));
             }
             match exit {
@@ -423,7 +406,19 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                         w[..n].copy_from_slice(&data[..n]);
                         let passes_done = u64::from(u32::from_le_bytes(w));
                         if passes_done < params.passes {
+                            if let Some(b) = &bystander {
+                                // Raw invalidations behind the VMM's back;
+                                // the check runs once their events landed.
+                                bystander_zeroed.extend(b.pause_at_boundary(passes_done)?);
+                                if !settle.settle(Duration::from_secs(2)) {
+                                    return Err(RunError::Unsettled);
+                                }
+                                inval.verify_now()?;
+                            }
                             inval.between_passes(passes_done, args.inval_per_pass)?;
+                            if let Some(b) = &bystander {
+                                b.resume();
+                            }
                         }
                     } else if addr == LAYOUT.done_mmio {
                         break;
@@ -432,18 +427,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Ok(other) => {
-                    let mut exit = format!("{other:?}");
-                    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-                        exit += &format!(
-                            " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, rsp {:#x})",
-                            r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, r.rsp
-                        );
-                    }
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let what = format!("{other:?}");
+                    let (exit, rip) = bvm.describe_exit(what);
                     return Err(RunError::Exit { exit, rip });
                 }
                 Err(e) => {
-                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = bvm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                     return Err(RunError::Exit {
                         exit: format!("KVM_RUN: {e}"),
                         rip,
@@ -453,18 +442,34 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
         let run_s = t_run.elapsed().as_secs_f64();
         let raced = stop_racer(racer.take())?;
+        if let Some(b) = bystander.take() {
+            bystander_report = Some(b.finish()?);
+            if !settle.settle(Duration::from_secs(2)) {
+                return Err(RunError::Unsettled);
+            }
+        }
         drop(watchdog);
         inval.final_check()?;
         Ok((progress, run_s, raced))
     })();
 
     stop.store(true, Ordering::Release);
-    let faults = fault_thread.join().map_err(|_| RunError::FaultPanic)?;
+    let faults = fault_thread
+        .handle
+        .join()
+        .map_err(|_| RunError::FaultPanic)?;
+    let trace = trace.map(TracePump::finish).transpose();
+    let faults = faults?; // the root cause when the run stopped for it
     let (progress_exits, guest_run_s, race_invalidations) = result?;
-    let faults = faults?;
+    events.trace = trace?;
+    events.uffd = ram.events().then_some(faults.events);
+    events.uffd_eagain = faults.eagain;
+    events.bystander = bystander_report;
 
     let result = GuestResult::from_words(ram.read_u64s::<4>(LAYOUT.result)?);
-    let (expected_checksum, expected_touches) = builtin::expected(&params, inval.zeroed())?;
+    let mut zeroed = inval.zeroed().to_vec();
+    zeroed.extend(bystander_zeroed);
+    let (expected_checksum, expected_touches) = builtin::expected(&params, &zeroed)?;
     let checksum_ok = result.done
         && result.checksum == expected_checksum
         && result.touches == expected_touches
@@ -476,10 +481,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         hugepages: args.hugepages.to_string(),
         params,
         faults: faults.faults,
+        prefetched: faults.prefetched,
+        abandoned: faults.abandoned,
         fault_retries: faults.fault_retries,
         already_present: faults.already_present,
         spurious: faults.spurious,
         fault_to_resume_us: LatencyUs::from_ns(&faults.fault_to_resume_ns),
+        populate_us: LatencyUs::from_ns(&faults.populate_ns),
         stats: ctx.stats.snapshot(),
         result,
         expected_checksum,
@@ -491,6 +499,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         verify_checks: inval.checks(),
         verify_failures: inval.failures(),
         verify_mismatches: inval.mismatches.clone(),
+        events,
         guest_run_s,
         total_s: t_start.elapsed().as_secs_f64(),
     })
@@ -527,6 +536,40 @@ pub fn main(args: RunArgs) -> ExitCode {
                 r.stats.pf_taken,
                 r.stats.pf_fixed,
             );
+            let e = &r.events;
+            if let Some(u) = &e.uffd {
+                println!(
+                    "uffd events: {} remove, {} unmap, {} remap ({} EAGAIN retries); \
+                     {} in guest RAM, {} zapped SPTEs ({} leaves)",
+                    u.remove,
+                    u.unmap,
+                    u.remap,
+                    e.uffd_eagain,
+                    u.delivered.in_guest_ram,
+                    u.delivered.zapping,
+                    u.delivered.leaves_zapped
+                );
+            }
+            match (&e.trace, &e.trace_unavailable) {
+                (Some(t), _) => println!(
+                    "tracepoint: {} invalidations, {} in guest RAM, {} zapped SPTEs ({} leaves)",
+                    t.events, t.in_guest_ram, t.zapping, t.leaves_zapped
+                ),
+                (None, Some(why)) => println!("tracepoint: unavailable ({why})"),
+                _ => {}
+            }
+            if let Some(b) = &e.bystander {
+                println!(
+                    "bystander: {} discards + {} mprotect pairs while running, {} MADV_REMOVE + \
+                     {} mprotect(PROT_READ) at boundaries; {} zaps proven, {} zap timeouts",
+                    b.concurrent_discards,
+                    b.concurrent_protects,
+                    b.boundary_removes,
+                    b.boundary_protects,
+                    b.zaps_proven,
+                    b.zap_timeouts
+                );
+            }
             if args.json {
                 match serde_json::to_string(&r) {
                     Ok(s) => println!("{s}"),

@@ -152,7 +152,7 @@ impl Invalidator {
 
     /// A pseudo-random run of 1..=4 huge pages inside the working set, as a
     /// gpa range.
-    fn pick(&mut self) -> (u64, u64) {
+    pub fn pick(&mut self) -> (u64, u64) {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -245,18 +245,7 @@ impl Invalidator {
                     .map_err(err("fallocate(PUNCH_HOLE)"))?;
                 drop(mm);
                 if minor {
-                    // SAFETY: fallocate on our memfd, inside its size.
-                    let rc = unsafe {
-                        libc::fallocate(
-                            self.ram.memfd(),
-                            0,
-                            gs as libc::off_t,
-                            (ge - gs) as libc::off_t,
-                        )
-                    };
-                    if rc != 0 {
-                        return Err(InvalError::Refill(std::io::Error::last_os_error()));
-                    }
+                    refill(&self.ram, gs, ge)?;
                 }
                 self.zeroed.push(Zeroed {
                     before_pass: next_pass,
@@ -270,6 +259,12 @@ impl Invalidator {
 
     /// The agreement check (also run at the end of a verified run).
     pub fn final_check(&mut self) -> Result<(), InvalError> {
+        self.verify_now()
+    }
+
+    /// The agreement check now, when verifying (e.g. after invalidations
+    /// someone else made).
+    pub fn verify_now(&mut self) -> Result<(), InvalError> {
         if self.verify {
             self.check(None)?;
         }
@@ -320,6 +315,26 @@ impl Invalidator {
         }
         Ok(())
     }
+}
+
+/// Re-populate the page cache of gpas `[gs, ge)` with zeroed pages after a
+/// hole punch, so the next touch is a MINOR fault again (what `--uffd
+/// minor` needs: a missing page-cache page is a MISSING fault there).
+pub fn refill(ram: &UffdGuestRam, gs: u64, ge: u64) -> Result<(), InvalError> {
+    // SAFETY: fallocate on the RAM's own memfd; the range is the caller's
+    // gpa range (the memfd offset is the gpa), clipped to the RAM size.
+    let rc = unsafe {
+        libc::fallocate(
+            ram.memfd(),
+            0,
+            gs as libc::off_t,
+            (ge.min(ram.size()).saturating_sub(gs)) as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(InvalError::Refill(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// While the guest runs: discard (`MADV_DONTNEED`) a random run of huge

@@ -28,6 +28,19 @@ pub enum OnOff {
     Off,
 }
 
+impl OnOff {
+    /// The zap's yield policy: yield after `max_units` rmap heads or
+    /// `slice_us` (on), or never (off: KVM before 6.12).
+    pub fn policy(self, max_units: u64, slice_us: u64) -> YieldPolicy {
+        match self {
+            OnOff::On => YieldPolicy::default()
+                .with_max_units(max_units)
+                .with_slice(Duration::from_micros(slice_us)),
+            OnOff::Off => YieldPolicy::never().with_max_units(max_units),
+        }
+    }
+}
+
 /// Arguments of `vmm soft-lockup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoftLockupArgs {
@@ -126,12 +139,7 @@ impl Scenario {
         if a.max_units == 0 || a.watchdog_ms == 0 {
             return Err(SoftLockupError::BadYieldArgs);
         }
-        let policy = match a.yield_mode {
-            OnOff::On => YieldPolicy::default()
-                .with_max_units(a.max_units)
-                .with_slice(Duration::from_micros(a.slice_us)),
-            OnOff::Off => YieldPolicy::never().with_max_units(a.max_units),
-        };
+        let policy = a.yield_mode.policy(a.max_units, a.slice_us);
         Ok(Self {
             model,
             zap: (0, range >> 12),
@@ -253,14 +261,32 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
     Ok(report(sc, &model, &rep, wd, checked, ctx.stats.snapshot()))
 }
 
-fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+/// The soft-lockup detector's stand-in: once the zap publishes that it
+/// started, need `mmu_lock` every `period` until the zap is done; report
+/// the worst wait.
+pub fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> WatchdogReport {
+    watchdog_until(ctx, progress, period, || {
+        progress.done.load(Ordering::Acquire)
+    })
+}
+
+/// [`watchdog`] over an operation that may zap several times (one zap per
+/// notifier range): from the first zap's start until `over()` says the
+/// operation is over. A zap that starts while the watchdog waits counts
+/// its work from its own start.
+pub fn watchdog_until(
+    ctx: &MmuContext,
+    progress: &ZapProgress,
+    period: Duration,
+    over: impl Fn() -> bool,
+) -> WatchdogReport {
     let lock = &ctx.mmu_lock;
     let mut r = WatchdogReport::default();
-    while !progress.started.load(Ordering::Acquire) {
+    while !progress.started.load(Ordering::Acquire) && !over() {
         std::hint::spin_loop();
     }
     loop {
-        let done = progress.done.load(Ordering::Acquire);
+        let done = over();
         let (u0, y0) = (
             progress.heads_visited.load(Ordering::Acquire),
             progress.yields.load(Ordering::Acquire),
@@ -275,11 +301,11 @@ fn watchdog(ctx: &MmuContext, progress: &ZapProgress, period: Duration) -> Watch
         drop(g);
         r.acquisitions += 1;
         r.worst_wait_ns = r.worst_wait_ns.max(waited);
-        let entries = u1.saturating_sub(u0);
+        // (A new zap restarted the counters: its own work.)
+        let entries = if u1 >= u0 { u1 - u0 } else { u1 };
+        let yields = if y1 >= y0 { y1 - y0 } else { y1 };
         r.worst_wait_entries = r.worst_wait_entries.max(entries);
-        r.worst_wait_work = r
-            .worst_wait_work
-            .max(entries.saturating_sub(y1.saturating_sub(y0)));
+        r.worst_wait_work = r.worst_wait_work.max(entries.saturating_sub(yields));
         if done {
             return r;
         }

@@ -1,0 +1,591 @@
+//! Kernel-side invalidation sources wired into a running VM, and a
+//! "bystander" that invalidates guest RAM behind the VMM's back.
+//!
+//! The VMM's own operations on guest RAM go through `notifier::ops` and are
+//! announced before the syscall (`Delivery::Before`). Everything else the
+//! kernel does to the guest-facing mapping reaches the MMU only through
+//! what user space can observe (research/host-invalidation.md §4, §5):
+//!
+//! | source | what | delivery | thread |
+//! |---|---|---|---|
+//! | `uffd` | REMOVE (madvise DONTNEED/REMOVE), UNMAP, REMAP messages on guest RAM's userfaultfd | after the fact (REMOVE: `end` after the zap) | the fault thread ([`crate::uffd_fault`]) |
+//! | `trace` | `kvm:kvm_unmap_hva_range`: every notifier invalidation of this mm (mprotect, hole punch, ... by anyone) | after the fact, event unknown | [`TracePump`] |
+//!
+//! Both deliver to the [`Subscribers`] the MMU's `KvmMmuNotifier` is
+//! registered with; [`SourceCounts`] says how many invalidations each
+//! delivered and how many found SPTEs to zap. An after-the-fact zap of a
+//! range the MMU already dropped, or re-faulted since, is harmless: the MMU
+//! may map less than the host, never more.
+//!
+//! The [`Bystander`] issues raw `madvise`/`mprotect` on guest RAM from its
+//! own thread, not through `HostMm`: while the guest runs, operations that
+//! keep the data (`MADV_DONTNEED` - the memfd's page cache keeps it - and
+//! `mprotect` adding then dropping `PROT_EXEC`, which the guest does not
+//! notice); at pass boundaries, with the vCPU stopped, `MADV_REMOVE` (data
+//! zeroed, accounted for in the expected checksum) and
+//! `mprotect(PROT_READ)` then back, each followed by a bounded wait for the
+//! MMU to have been zapped by the uffd event or the tracepoint.
+
+use crate::guest_ram_uffd::UffdGuestRam;
+use crate::run_inval::Invalidator;
+use guests::builtin::Zeroed;
+use mmu::memslot::PAGE_SHIFT;
+use mmu::tdp::TdpMmu;
+use notifier::pagemap::Pagemap;
+use notifier::trace::TraceSource;
+use notifier::uffd::{event_invalidations, wait_for_zap, UffdEvent};
+use notifier::{Delivery, HvaRange, Invalidation, Subscribers};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Which kernel-side sources feed the MMU (`--events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EventSources {
+    pub uffd: bool,
+    pub trace: bool,
+    /// `auto`: each source where available, no error where not.
+    pub auto: bool,
+}
+
+impl Default for EventSources {
+    fn default() -> Self {
+        EventSources {
+            uffd: true,
+            trace: true,
+            auto: true,
+        }
+    }
+}
+
+impl FromStr for EventSources {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut e = EventSources {
+            uffd: false,
+            trace: false,
+            auto: false,
+        };
+        for part in s.split(',').map(str::trim) {
+            match part {
+                "auto" => e = EventSources::default(),
+                "none" | "" => {}
+                "uffd" => e.uffd = true,
+                "trace" => e.trace = true,
+                _ => {
+                    return Err(format!(
+                        "unknown event source {part:?}: expected auto, none, uffd, trace (comma-separated)"
+                    ))
+                }
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// What one source delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SourceCounts {
+    /// Invalidations delivered (start + end).
+    pub events: u64,
+    /// Of those, overlapping guest RAM (a memslot).
+    pub in_guest_ram: u64,
+    /// Of those, finding leaf SPTEs in their range just before `start`
+    /// (so `start` zapped them, unless a concurrent zap won).
+    pub zapping: u64,
+    /// Leaf SPTEs found that way.
+    pub leaves_zapped: u64,
+}
+
+/// The userfaultfd source's messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UffdEventCounts {
+    pub remove: u64,
+    pub unmap: u64,
+    pub remap: u64,
+    /// FORK or unknown messages (not requested; counted, ignored).
+    pub other: u64,
+    pub delivered: SourceCounts,
+}
+
+/// Deliver one invalidation to `subs`: `start`, then `between` (e.g. wait
+/// for the host's zap), then `end`; counted in `counts`.
+pub fn deliver(
+    subs: &Subscribers,
+    tdp: &TdpMmu,
+    inv: &Invalidation,
+    between: impl FnOnce(),
+    counts: &mut SourceCounts,
+) {
+    counts.events += 1;
+    let slots = tdp.context().memslots();
+    let mut overlaps = false;
+    let mut leaves = 0u64;
+    for r in slots.hva_range_to_gfn_ranges(inv.range) {
+        overlaps = true;
+        tdp.for_each_leaf(r.start, r.end, |_| leaves += 1);
+    }
+    subs.start(inv);
+    between();
+    subs.end(inv);
+    if overlaps {
+        counts.in_guest_ram += 1;
+    }
+    if leaves > 0 {
+        counts.zapping += 1;
+        counts.leaves_zapped += leaves;
+    }
+}
+
+/// Deliver a non-cooperative userfaultfd message (called by the fault
+/// thread, the one reader of the userfaultfd). REMOVE is after the fact
+/// (an ordinary thread loses the race to the zap): `end` waits until the
+/// range is gone from the host page table (bounded), so no fault can
+/// install an SPTE for a page about to disappear.
+pub fn deliver_uffd_event(
+    subs: &Subscribers,
+    tdp: &TdpMmu,
+    ev: &UffdEvent,
+    pagemap: Option<&mut Pagemap>,
+    counts: &mut UffdEventCounts,
+) {
+    match ev {
+        UffdEvent::Remove { .. } => counts.remove += 1,
+        UffdEvent::Unmap { .. } => counts.unmap += 1,
+        UffdEvent::Remap { .. } => counts.remap += 1,
+        UffdEvent::Pagefault { .. } => return,
+        UffdEvent::Fork { .. } | UffdEvent::Other(_) => {
+            counts.other += 1;
+            return;
+        }
+    }
+    // Guest RAM is registered MINOR/MISSING + WP: no PMD sharing, so the
+    // kernel's range is the message's (no widening needed).
+    let mut pagemap = pagemap;
+    for inv in event_invalidations(ev, &[], Delivery::AfterTheFact) {
+        let wait = |pm: Option<&mut Pagemap>| {
+            if let (UffdEvent::Remove { .. }, Some(pm)) = (ev, pm) {
+                wait_for_zap(pm, inv.range);
+            }
+        };
+        let pm = pagemap.as_deref_mut();
+        deliver(subs, tdp, &inv, || wait(pm), &mut counts.delivered);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("tracepoint source: {0}")]
+    Trace(#[source] notifier::Error),
+    #[error("bystander {op} on [{start:#x}, {end:#x}): {source}")]
+    Raw {
+        op: &'static str,
+        start: u64,
+        end: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bystander thread is gone")]
+    BystanderGone,
+    #[error("event thread panicked")]
+    Panic,
+}
+
+/// The tracepoint source pumped on its own thread while the guest runs.
+/// Dropping it stops the thread too (and so removes the tracefs instance).
+pub struct TracePump {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<SourceCounts, EventsError>>>,
+}
+
+impl TracePump {
+    /// Open the source here (errors are the caller's to report), pump it
+    /// every `every` on a new thread.
+    pub fn start(
+        subs: Subscribers,
+        tdp: Arc<TdpMmu>,
+        every: Duration,
+    ) -> Result<Self, EventsError> {
+        let mut src = TraceSource::open().map_err(EventsError::Trace)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("trace-pump".into())
+            .spawn(move || {
+                let mut counts = SourceCounts::default();
+                let mut pump = |src: &mut TraceSource| -> Result<(), EventsError> {
+                    for e in src.collect().map_err(EventsError::Trace)? {
+                        deliver(&subs, &tdp, &e.invalidation(), || {}, &mut counts);
+                    }
+                    Ok(())
+                };
+                while !st.load(Ordering::Acquire) {
+                    pump(&mut src)?;
+                    std::thread::sleep(every);
+                }
+                pump(&mut src)?; // what happened up to the stop
+                Ok(counts)
+            })
+            .map_err(|_| EventsError::Panic)?;
+        Ok(TracePump {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stop after a last drain; what was delivered.
+    pub fn finish(mut self) -> Result<SourceCounts, EventsError> {
+        self.stop.store(true, Ordering::Release);
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
+            None => Err(EventsError::Panic),
+        }
+    }
+}
+
+impl Drop for TracePump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What the bystander did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BystanderReport {
+    /// Raw `MADV_DONTNEED` while the guest ran.
+    pub concurrent_discards: u64,
+    /// Raw `mprotect` pairs (RW -> RWX -> RW) while the guest ran.
+    pub concurrent_protects: u64,
+    /// Raw `MADV_REMOVE` at pass boundaries (data zeroed).
+    pub boundary_removes: u64,
+    /// Raw `mprotect(PROT_READ)` + back at pass boundaries.
+    pub boundary_protects: u64,
+    /// Boundary operations after which the MMU still mapped part of the
+    /// range when the wait ran out (no source zapped it).
+    pub zap_timeouts: u64,
+    /// Boundary operations whose range the MMU mapped before (so the wait
+    /// proved a zap).
+    pub zaps_proven: u64,
+}
+
+enum Request {
+    /// At the boundary before pass `next_pass` (vCPU stopped): run the
+    /// boundary operations, reply, then wait for `Resume`.
+    Boundary {
+        next_pass: u64,
+        reply: mpsc::Sender<Result<Vec<Zeroed>, EventsError>>,
+    },
+    Resume,
+    Stop,
+}
+
+/// Raw madvise/mprotect on guest RAM from another thread. See the module docs.
+/// Dropping it stops the thread.
+pub struct Bystander {
+    tx: mpsc::Sender<Request>,
+    handle: Option<JoinHandle<Result<BystanderReport, EventsError>>>,
+}
+
+/// How long a boundary operation waits for the MMU to be zapped.
+pub const ZAP_WAIT: Duration = Duration::from_secs(2);
+
+struct Raw {
+    ram: Arc<UffdGuestRam>,
+    tdp: Arc<TdpMmu>,
+    picker: Invalidator,
+    /// Whether the tracepoint pump runs (mprotect is seen only by it).
+    trace: bool,
+    rep: BystanderReport,
+}
+
+impl Raw {
+    fn range(&mut self) -> (u64, u64, HvaRange) {
+        let (gs, ge) = self.picker.pick();
+        let base = self.ram.guest_hva();
+        (gs, ge, HvaRange::new(base + gs, base + ge))
+    }
+
+    fn err(op: &'static str, r: HvaRange) -> EventsError {
+        EventsError::Raw {
+            op,
+            start: r.start,
+            end: r.end,
+            source: std::io::Error::last_os_error(),
+        }
+    }
+
+    fn madvise(r: HvaRange, advice: libc::c_int, op: &'static str) -> Result<(), EventsError> {
+        // SAFETY: `r` lies inside the guest-facing mapping (picked inside
+        // the working set), which Rust code only reaches by pointer; the
+        // advice drops page-table entries, never a Rust allocation.
+        if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len() as usize, advice) } != 0 {
+            return Err(Self::err(op, r));
+        }
+        Ok(())
+    }
+
+    fn mprotect(r: HvaRange, prot: libc::c_int, op: &'static str) -> Result<(), EventsError> {
+        // SAFETY: as in `madvise`; huge-page aligned inside guest RAM.
+        if unsafe { libc::mprotect(r.start as *mut libc::c_void, r.len() as usize, prot) } != 0 {
+            return Err(Self::err(op, r));
+        }
+        Ok(())
+    }
+
+    fn mapped(&self, gs: u64, ge: u64) -> bool {
+        !self
+            .tdp
+            .leaves_in(gs >> PAGE_SHIFT, ge >> PAGE_SHIFT)
+            .is_empty()
+    }
+
+    /// With the vCPU stopped nothing re-faults: wait until the MMU maps
+    /// nothing in `[gs, ge)`.
+    fn wait_zapped(&mut self, gs: u64, ge: u64, was_mapped: bool) {
+        let t0 = Instant::now();
+        while self.mapped(gs, ge) {
+            if t0.elapsed() > ZAP_WAIT {
+                self.rep.zap_timeouts += 1;
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if was_mapped {
+            self.rep.zaps_proven += 1;
+        }
+    }
+
+    fn concurrent(&mut self, n: u64) -> Result<(), EventsError> {
+        let (_, _, r) = self.range();
+        const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+        if n.is_multiple_of(2) {
+            Self::madvise(r, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")?;
+            self.rep.concurrent_discards += 1;
+        } else {
+            Self::mprotect(r, RW | libc::PROT_EXEC, "mprotect(RWX)")?;
+            Self::mprotect(r, RW, "mprotect(RW)")?;
+            self.rep.concurrent_protects += 1;
+        }
+        Ok(())
+    }
+
+    fn boundary(&mut self, next_pass: u64) -> Result<Vec<Zeroed>, EventsError> {
+        let (gs, ge, r) = self.range();
+        let was = self.mapped(gs, ge);
+        Self::madvise(r, libc::MADV_REMOVE, "madvise(MADV_REMOVE)")?;
+        self.rep.boundary_removes += 1;
+        if self.ram.events() || self.trace {
+            self.wait_zapped(gs, ge, was);
+        }
+        let zeroed = vec![Zeroed {
+            before_pass: next_pass,
+            start: gs,
+            end: ge,
+        }];
+        let (gs, ge, r) = self.range();
+        let was = self.mapped(gs, ge);
+        Self::mprotect(r, libc::PROT_READ, "mprotect(PROT_READ)")?;
+        if self.trace {
+            self.wait_zapped(gs, ge, was);
+        }
+        Self::mprotect(r, libc::PROT_READ | libc::PROT_WRITE, "mprotect(RW)")?;
+        self.rep.boundary_protects += 1;
+        Ok(zeroed)
+    }
+}
+
+impl Bystander {
+    /// Start the thread: a concurrent operation every `every` on pages of
+    /// the working set `picker` picks from. `trace`: whether the
+    /// tracepoint pump runs (boundary mprotects then wait for its zap).
+    pub fn start(
+        ram: Arc<UffdGuestRam>,
+        tdp: Arc<TdpMmu>,
+        picker: Invalidator,
+        every: Duration,
+        trace: bool,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("bystander".into())
+            .spawn(move || {
+                let mut raw = Raw {
+                    ram,
+                    tdp,
+                    picker,
+                    trace,
+                    rep: BystanderReport::default(),
+                };
+                let mut n = 0u64;
+                loop {
+                    match rx.recv_timeout(every) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            raw.concurrent(n)?;
+                            n += 1;
+                        }
+                        Ok(Request::Boundary { next_pass, reply }) => {
+                            let _ = reply.send(raw.boundary(next_pass));
+                            // Paused until the vCPU thread is done with
+                            // the boundary (its checks must not race us).
+                            match rx.recv() {
+                                Ok(Request::Resume) => {}
+                                _ => break,
+                            }
+                        }
+                        Ok(Request::Resume) => {}
+                        Ok(Request::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                Ok(raw.rep)
+            })
+            .expect("spawning the bystander thread");
+        Bystander {
+            tx,
+            handle: Some(handle),
+        }
+    }
+
+    /// At a pass boundary (vCPU stopped): run the boundary operations and
+    /// pause the thread until [`resume`](Self::resume); returns the gpa
+    /// ranges whose data was discarded.
+    pub fn pause_at_boundary(&self, next_pass: u64) -> Result<Vec<Zeroed>, EventsError> {
+        let (reply, rx) = mpsc::channel();
+        self.tx
+            .send(Request::Boundary { next_pass, reply })
+            .map_err(|_| EventsError::BystanderGone)?;
+        rx.recv().map_err(|_| EventsError::BystanderGone)?
+    }
+
+    pub fn resume(&self) {
+        let _ = self.tx.send(Request::Resume);
+    }
+
+    /// Stop and report.
+    pub fn finish(mut self) -> Result<BystanderReport, EventsError> {
+        let _ = self.tx.send(Request::Stop);
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
+            None => Err(EventsError::Panic),
+        }
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Stop);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Everything the kernel-side sources and the bystander did in one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EventsReport {
+    pub sources: Option<EventSources>,
+    /// The userfaultfd source (when guest RAM asked for events).
+    pub uffd: Option<UffdEventCounts>,
+    /// Resolutions that met `EAGAIN` (an event pending) and were retried.
+    pub uffd_eagain: u64,
+    /// The tracepoint source (when it ran).
+    pub trace: Option<SourceCounts>,
+    /// Why the tracepoint source did not run (`--events auto`).
+    pub trace_unavailable: Option<String>,
+    pub bystander: Option<BystanderReport>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmu::memslot::{Memslot, Memslots};
+    use mmu::spte::PageLevel;
+    use mmu::tdp::{FaultOutcome, HostPage, ResolveError};
+    use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+
+    const HVA: u64 = 0x7000_0000_0000;
+    const M2: u64 = 2 << 20;
+
+    /// 16 MiB of guest RAM at `HVA`, every 2M page mapped by the MMU.
+    fn mapped_mmu() -> (Subscribers, Arc<TdpMmu>) {
+        let slot = Memslot::new(0, 0, (16 * M2) >> PAGE_SHIFT, HVA, PageLevel::L2M).unwrap();
+        let ctx = MmuContext::new(Memslots::new(vec![slot], 1).unwrap(), RemoteTlb::new(None));
+        let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+        let n = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
+        n.add_mmu(tdp.clone());
+        let subs = Subscribers::new();
+        subs.register(n);
+        let host = |_: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
+            Ok(HostPage {
+                pfn: gfn,
+                level: PageLevel::L2M,
+                writable: true,
+            })
+        };
+        for p in 0..16 {
+            let out = tdp.page_fault((p * M2) >> PAGE_SHIFT, true, &host).unwrap();
+            assert!(matches!(out, FaultOutcome::Fixed(PageLevel::L2M)));
+        }
+        (subs, tdp)
+    }
+
+    #[test]
+    fn uffd_events_zap_what_they_cover() {
+        let (subs, tdp) = mapped_mmu();
+        let mut c = UffdEventCounts::default();
+        let r = |a: u64, b: u64| (HVA + a * M2, HVA + b * M2);
+        let (s1, e1) = r(2, 4);
+        let (s2, e2) = r(12, 13);
+        let (s3, e3) = r(32, 33);
+        for ev in [
+            UffdEvent::Unmap { start: s1, end: e1 },
+            UffdEvent::Remap {
+                from: HVA + 8 * M2,
+                to: 0x7100_0000_0000,
+                len: M2,
+            },
+            UffdEvent::Remove { start: s2, end: e2 },
+            // Outside guest RAM: delivered, zaps nothing.
+            UffdEvent::Remove { start: s3, end: e3 },
+            // Not an invalidation.
+            UffdEvent::Pagefault {
+                address: HVA,
+                flags: 0,
+            },
+        ] {
+            deliver_uffd_event(&subs, &tdp, &ev, None, &mut c);
+        }
+        let mapped: Vec<u64> = tdp
+            .mapped_leaves()
+            .iter()
+            .map(|l| (l.gfn << PAGE_SHIFT) / M2)
+            .collect();
+        let want: Vec<u64> = (0..16).filter(|p| ![2, 3, 8, 12].contains(p)).collect();
+        assert_eq!(mapped, want);
+        assert_eq!((c.unmap, c.remap, c.remove, c.other), (1, 1, 2, 0));
+        assert_eq!(c.delivered.events, 4);
+        assert_eq!(c.delivered.in_guest_ram, 3);
+        assert_eq!(c.delivered.zapping, 3);
+        assert_eq!(c.delivered.leaves_zapped, 4);
+    }
+
+    #[test]
+    fn sources_parse() {
+        let e: EventSources = "uffd,trace".parse().unwrap();
+        assert!(e.uffd && e.trace && !e.auto);
+        let e: EventSources = "none".parse().unwrap();
+        assert!(!e.uffd && !e.trace);
+        let e: EventSources = "trace".parse().unwrap();
+        assert!(!e.uffd && e.trace);
+        assert_eq!(
+            "auto".parse::<EventSources>().unwrap(),
+            EventSources::default()
+        );
+        assert!("bpf".parse::<EventSources>().is_err());
+    }
+}

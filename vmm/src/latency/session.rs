@@ -1,0 +1,502 @@
+//! One RAM configuration of `vmm latency`: guest RAM, the project's MMU
+//! (unless it is the plain-KVM baseline), the uffd fault thread, and the
+//! probe guest running on its own vCPU thread, driven through its control
+//! words.
+
+use super::LatencyError;
+use crate::builtin_vm::{BuiltinVm, Watchdog};
+use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
+use crate::memory::HugePages;
+use crate::uffd_fault::{self, FaultReport};
+use guests::builtin::LAYOUT;
+use guests::probe::{self, ctl, res, ProbeMode, ProbeParams, ProbeWindow};
+use kvm_ioctls::{Kvm, VcpuExit};
+use mmu::guest_walk::{AccessKind, SparseGuestMem, X86Paging};
+use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
+use mmu::shadow::{FaultOutcome as ShadowOutcome, ShadowMmu};
+use mmu::spte::PageLevel;
+use mmu::tdp::{HostPage, TdpMmu};
+use mmu::yielder::YieldReport;
+use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, SecondaryMmu, YieldPolicy};
+use notifier::{Invalidation, InvalidationSubscriber, Subscribers};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Forwards invalidations to the project's [`KvmMmuNotifier`] and keeps
+/// every zap's [`YieldReport`], so a measurement can take exactly the
+/// zaps its syscall caused.
+pub struct ZapRecorder {
+    notifier: Arc<KvmMmuNotifier>,
+    reports: Mutex<Vec<YieldReport>>,
+}
+
+impl ZapRecorder {
+    /// Register a new notifier for `mmu` on `ctx` with `subs`.
+    fn register(subs: &Subscribers, ctx: Arc<MmuContext>, mmu: Arc<dyn SecondaryMmu>) -> Arc<Self> {
+        let notifier = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
+        notifier.add_mmu(mmu);
+        let z = Arc::new(ZapRecorder {
+            notifier,
+            reports: Mutex::new(Vec::new()),
+        });
+        subs.register(z.clone());
+        z
+    }
+
+    /// The zaps since the last call.
+    pub fn take(&self) -> Vec<YieldReport> {
+        std::mem::take(&mut *self.reports.lock())
+    }
+}
+
+impl InvalidationSubscriber for ZapRecorder {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        if let Some(r) = self.notifier.start(inv) {
+            self.reports.lock().push(r);
+        }
+    }
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        self.notifier.end(inv);
+    }
+}
+
+/// What the vCPU thread saw.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct VcpuStats {
+    /// `KVM_RUN` answered EFAULT (a guest store to RAM the host made
+    /// read-only) and was re-entered.
+    pub efault_retries: u64,
+    pub exits: u64,
+}
+
+/// The project's MMUs for one session, each on its own context and
+/// notifier so their zaps are measured apart: the TDP MMU (gpa -> host
+/// page), and the shadow MMU (guest virtual -> host page, through the
+/// probe's identity page tables), whose zaps walk the rmaps the way this
+/// host's KVM (shadow paging) does.
+pub struct ProjectMmu {
+    pub tdp: Arc<TdpMmu>,
+    pub zaps: Arc<ZapRecorder>,
+    pub shadow: Arc<ShadowMmu<X86Paging>>,
+    pub shadow_zaps: Arc<ZapRecorder>,
+}
+
+pub struct Session {
+    pub ram: Arc<UffdGuestRam>,
+    pub mmu: Option<ProjectMmu>,
+    pub params: ProbeParams,
+    epoch: u64,
+    mode: ProbeMode,
+    fault_stop: Arc<AtomicBool>,
+    fault_thread: Option<JoinHandle<Result<FaultReport, uffd_fault::FaultThreadError>>>,
+    vcpu_thread: Option<JoinHandle<Result<VcpuStats, String>>>,
+    vcpu_alive: Arc<AtomicBool>,
+    efaults: Arc<AtomicU64>,
+    /// Guest TSC minus host TSC, and the uncertainty (host ticks between
+    /// the epoch write and the acknowledgement the guest stamped).
+    pub tsc_check: TscCheck,
+}
+
+/// Whether the guest's `rdtsc` reads the host's TSC (PVM runs guest CPL3
+/// natively: it should, unless KVM applies an offset). Only deltas are
+/// used; this is reported.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TscCheck {
+    pub guest_minus_host_ticks: i64,
+    pub uncertainty_ticks: u64,
+}
+
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Session {
+    /// Boot the probe on `mem` bytes of `hp` RAM in `mode`; with
+    /// `project_mmu` the RAM's invalidations reach the project's TDP MMU.
+    pub fn start(
+        kvm: &Kvm,
+        mem: u64,
+        hp: HugePages,
+        shared: bool,
+        project_mmu: bool,
+        stall_tsc: u64,
+        timeout: Duration,
+    ) -> Result<Self, LatencyError> {
+        let params = ProbeParams {
+            ws_base: LAYOUT.ws_min,
+            ws_size: mem - LAYOUT.ws_min,
+            stride: 4096,
+            mode: ProbeMode::All,
+            stall_tsc,
+            sparse_stride: 1 << 30,
+            check_every: 64,
+        };
+        let image = probe::system_image(&params, mem)?;
+        let subs = Subscribers::new();
+        // The project: MINOR faults on a shared memfd, MISSING+COPY on
+        // private RAM; plain KVM: the kernel's own faults.
+        let mut ram = match (shared, project_mmu) {
+            // No non-cooperative events: the VMM's own operations
+            // announce their ranges, and a REMOVE zap from the fault
+            // thread would land in another measurement.
+            (true, true) => {
+                UffdGuestRam::with_events(mem, hp, UffdMode::Minor, subs.clone(), false)?
+            }
+            (true, false) => {
+                UffdGuestRam::with_events(mem, hp, UffdMode::KernelPrefilled, subs.clone(), false)?
+            }
+            (false, uffd) => UffdGuestRam::new_private(mem, hp, uffd, subs.clone())?,
+        };
+        let mode = ram.mode();
+        ram.load(0, &image)?;
+        let ram = Arc::new(ram);
+        let mmu = if project_mmu {
+            let level = match hp {
+                HugePages::Huge1G => PageLevel::L1G,
+                _ => PageLevel::L2M,
+            };
+            let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
+            let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+            let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+            let zaps = ZapRecorder::register(&subs, ctx, tdp.clone());
+            let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
+            let sctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+            let shadow = Arc::new(
+                ShadowMmu::<X86Paging>::new(sctx.clone(), page_tables(&image, mem)).with_host(
+                    Arc::new(move |_: &Memslot, gfn: u64, _: u64, _: bool| {
+                        // gpa == memfd offset: the gfn names the host page.
+                        Ok(HostPage {
+                            pfn: gfn,
+                            level,
+                            writable: true,
+                        })
+                    }),
+                ),
+            );
+            let shadow_zaps = ZapRecorder::register(&subs, sctx, shadow.clone());
+            Some(ProjectMmu {
+                tdp,
+                zaps,
+                shadow,
+                shadow_zaps,
+            })
+        } else {
+            None
+        };
+        let fault_stop = Arc::new(AtomicBool::new(false));
+        let fault_thread = match (&mmu, mode.uses_uffd()) {
+            (Some(m), true) => Some(uffd_fault::spawn(
+                ram.clone(),
+                m.tdp.clone(),
+                fault_stop.clone(),
+                false,
+            )),
+            _ => None,
+        };
+        let bvm = BuiltinVm::new(kvm, ram.clone())?;
+        let vcpu_alive = Arc::new(AtomicBool::new(true));
+        let efaults = Arc::new(AtomicU64::new(0));
+        let (alive, ef) = (vcpu_alive.clone(), efaults.clone());
+        let vcpu_thread = std::thread::Builder::new()
+            .name("probe-vcpu".into())
+            .spawn(move || {
+                let r = vcpu_loop(bvm, timeout, &ef);
+                alive.store(false, Ordering::Release);
+                r
+            })
+            .map_err(|e| LatencyError::Guest(format!("spawning the vCPU thread: {e}")))?;
+        let mut s = Session {
+            ram,
+            mmu,
+            params,
+            epoch: 0,
+            mode: ProbeMode::All,
+            fault_stop,
+            fault_thread,
+            vcpu_thread: Some(vcpu_thread),
+            vcpu_alive,
+            efaults,
+            tsc_check: TscCheck::default(),
+        };
+        // The first window: the guest is up once it acknowledges.
+        s.close_window()?;
+        // The tightest of a few acknowledgements bounds the offset.
+        let mut best: Option<TscCheck> = None;
+        for _ in 0..8 {
+            let before = mmu::clock::now();
+            let w = s.close_window()?;
+            let after = mmu::clock::now();
+            let c = TscCheck {
+                guest_minus_host_ticks: w.tsc as i64 - (before / 2 + after / 2) as i64,
+                uncertainty_ticks: after.saturating_sub(before) / 2,
+            };
+            if best.is_none_or(|b| c.uncertainty_ticks < b.uncertainty_ticks) {
+                best = Some(c);
+            }
+        }
+        s.tsc_check = best.unwrap_or_default();
+        Ok(s)
+    }
+
+    pub fn mem(&self) -> u64 {
+        self.ram.size()
+    }
+
+    fn result(&self) -> Result<ProbeWindow, LatencyError> {
+        Ok(ProbeWindow::from_words(
+            self.ram.read_u64s::<{ res::WORDS }>(LAYOUT.result)?,
+        ))
+    }
+
+    /// Passes the guest completed since boot.
+    pub fn passes_total(&self) -> Result<u64, LatencyError> {
+        Ok(self.ram.read_u64s::<1>(LAYOUT.result + res::PASSES_TOTAL)?[0])
+    }
+
+    /// KVM_RUN EFAULT re-entries so far.
+    pub fn efaults(&self) -> u64 {
+        self.efaults.load(Ordering::Relaxed)
+    }
+
+    fn check_alive(&mut self) -> Result<(), LatencyError> {
+        if self.vcpu_alive.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let why = match self.vcpu_thread.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => "vCPU thread panicked".into(),
+            _ => "vCPU stopped".into(),
+        };
+        Err(LatencyError::Guest(why))
+    }
+
+    /// Close the current window (bump the epoch, wait for the guest's
+    /// acknowledgement) and return its figures; a new window starts.
+    pub fn close_window(&mut self) -> Result<ProbeWindow, LatencyError> {
+        self.epoch += 1;
+        self.ram.write_u64(LAYOUT.params + ctl::EPOCH, self.epoch)?;
+        let t0 = Instant::now();
+        loop {
+            let w = self.result()?;
+            if w.ack_epoch == self.epoch {
+                return Ok(w);
+            }
+            self.check_alive()?;
+            if t0.elapsed() > ACK_TIMEOUT {
+                return Err(LatencyError::Guest(format!(
+                    "probe did not acknowledge epoch {} within {:?} (result page {:?}, {} KVM_RUN EFAULTs)",
+                    self.epoch,
+                    ACK_TIMEOUT,
+                    w,
+                    self.efaults()
+                )));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Switch what the guest touches (takes effect at the next window).
+    pub fn set_mode(&mut self, mode: ProbeMode) -> Result<(), LatencyError> {
+        self.mode = mode;
+        self.ram.write_u64(LAYOUT.params + ctl::MODE, mode as u64)?;
+        self.close_window()?;
+        Ok(())
+    }
+
+    pub fn mode(&self) -> ProbeMode {
+        self.mode
+    }
+
+    /// Wait until the guest finished `n` more whole passes over its
+    /// working set (idle: a short pause instead).
+    pub fn wait_passes(&mut self, n: u64) -> Result<(), LatencyError> {
+        if self.mode == ProbeMode::Idle {
+            std::thread::sleep(Duration::from_millis(1));
+            return Ok(());
+        }
+        let p0 = self.passes_total()?;
+        let t0 = Instant::now();
+        while self.passes_total()? < p0 + n {
+            self.check_alive()?;
+            if t0.elapsed() > ACK_TIMEOUT {
+                return Err(LatencyError::Guest(format!(
+                    "probe made no {n} passes within {ACK_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// The gpas the guest's current mode touches (plus the system page):
+    /// huge-page starts in `[gs, ge)`.
+    pub fn touched_pages(&self, gs: u64, ge: u64) -> Vec<u64> {
+        let ps = self.ram.page_size();
+        let mut out = Vec::new();
+        if gs == 0 {
+            out.push(0);
+        }
+        let p = &self.params;
+        match self.mode {
+            ProbeMode::Idle => {}
+            ProbeMode::All => {
+                let mut a = p.ws_base.max(gs) & !(ps - 1);
+                while a < ge.min(p.ws_base + p.ws_size) {
+                    if a >= gs && !out.contains(&a) {
+                        out.push(a);
+                    }
+                    a += ps;
+                }
+            }
+            ProbeMode::Sparse => {
+                let mut a = p.ws_base;
+                while a < p.ws_base + p.ws_size {
+                    let page = a & !(ps - 1);
+                    if a >= gs && a < ge && !out.contains(&page) {
+                        out.push(page);
+                    }
+                    a += p.sparse_stride;
+                }
+            }
+        }
+        out
+    }
+
+    /// Map the pages the guest touches in `[gs, ge)` in the project's MMU
+    /// (what the guest's touches would have done had KVM's fault reached
+    /// userfaultfd: after a protection change the host pages stay present,
+    /// so only KVM refaults, not the project's MMU).
+    pub fn remap_mmu(&self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        let (Some(m), true) = (&self.mmu, self.ram.mode().uses_uffd()) else {
+            return Ok(());
+        };
+        let mut rep = FaultReport::default();
+        let paging = X86Paging::new(LAYOUT.pml4);
+        for gpa in self.touched_pages(gs, ge) {
+            uffd_fault::handle_fault(
+                &self.ram,
+                &m.tdp,
+                self.ram.guest_hva() + gpa,
+                true,
+                &mut rep,
+            )
+            .map_err(|e| LatencyError::Guest(format!("re-mapping gpa {gpa:#x}: {e}")))?;
+            // The shadow MMU: the probe's identity mapping (gva == gpa); a
+            // user write, except on the system page, which holds the guest
+            // page tables (write-tracked: read access there).
+            let access = AccessKind {
+                write: gpa != 0,
+                user: true,
+                fetch: false,
+            };
+            for _ in 0..1000 {
+                match m.shadow.page_fault(&paging, gpa, access) {
+                    Ok(ShadowOutcome::Retry) => std::thread::yield_now(),
+                    Ok(_) => break,
+                    Err(e) => {
+                        return Err(LatencyError::Guest(format!(
+                            "shadow fault at gva {gpa:#x}: {e}"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the guest and the threads.
+    pub fn stop(mut self) -> Result<VcpuStats, LatencyError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<VcpuStats, LatencyError> {
+        let _ = self.ram.write_u64(LAYOUT.params + ctl::STOP, 1);
+        let vcpu = self.vcpu_thread.take().map(|h| h.join());
+        self.fault_stop.store(true, Ordering::Release);
+        let faults = self.fault_thread.take().map(|h| h.join());
+        let stats = match vcpu {
+            Some(Ok(Ok(s))) => s,
+            Some(Ok(Err(e))) => return Err(LatencyError::Guest(e)),
+            Some(Err(_)) => return Err(LatencyError::Guest("vCPU thread panicked".into())),
+            None => VcpuStats::default(),
+        };
+        match faults {
+            Some(Ok(Err(e))) => Err(LatencyError::Guest(format!("fault thread: {e}"))),
+            Some(Err(_)) => Err(LatencyError::Guest("fault thread panicked".into())),
+            _ => Ok(stats),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.vcpu_thread.is_some() || self.fault_thread.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+/// The probe's page tables (a copy of the system image's: the probe never
+/// writes them) as the shadow MMU's view of guest memory.
+fn page_tables(image: &[u8], mem: u64) -> Arc<SparseGuestMem> {
+    let m = SparseGuestMem::new(mem);
+    let gib = mem.div_ceil(1 << 30).max(4);
+    let end = (LAYOUT.pml4 + (2 + gib) * 0x1000).min(image.len() as u64);
+    let mut gpa = LAYOUT.pml4;
+    while gpa + 8 <= end {
+        let o = gpa as usize;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&image[o..o + 8]);
+        let v = u64::from_le_bytes(w);
+        if v != 0 {
+            // In range and aligned by construction.
+            let _ = m.write_u64(gpa, v);
+        }
+        gpa += 8;
+    }
+    Arc::new(m)
+}
+
+/// Run the probe until it rings the done doorbell. EFAULT from KVM_RUN (a
+/// guest store to RAM the host made read-only for a moment) re-enters.
+fn vcpu_loop(
+    mut bvm: BuiltinVm,
+    timeout: Duration,
+    efaults: &AtomicU64,
+) -> Result<VcpuStats, String> {
+    let watchdog =
+        Watchdog::start(timeout, Arc::new(AtomicBool::new(false))).map_err(|e| e.to_string())?;
+    let mut st = VcpuStats::default();
+    loop {
+        let exit = bvm.vcpu.run();
+        if watchdog.fired() {
+            let r = bvm.vcpu.get_regs().ok();
+            return Err(format!(
+                "probe guest still running after {timeout:?} (--timeout); regs {r:?}"
+            ));
+        }
+        st.exits += 1;
+        match exit {
+            Ok(VcpuExit::MmioWrite(addr, _)) if addr == LAYOUT.done_mmio => break,
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EFAULT => {
+                st.efault_retries += 1;
+                efaults.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                let (exit, rip) = bvm.describe_exit(what);
+                return Err(format!("probe guest stopped: {exit} at rip {rip:#x}"));
+            }
+            Err(e) => {
+                let rip = bvm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(format!("KVM_RUN: {e} at rip {rip:#x}"));
+            }
+        }
+    }
+    Ok(st)
+}
