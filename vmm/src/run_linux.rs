@@ -68,7 +68,7 @@ pub struct LinuxArgs {
     #[arg(long)]
     pub quiet: bool,
     /// --guest linux: give up after this many seconds (a boot takes minutes here).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 3600)]
     pub boot_timeout: u64,
     /// --guest linux: as root, grow the hugetlb pool so the guest RAM fits,
     /// for this run only.
@@ -85,7 +85,7 @@ impl Default for LinuxArgs {
             append: None,
             serial_log: None,
             quiet: false,
-            boot_timeout: 1500,
+            boot_timeout: 3600,
             reserve_hugepages: false,
         }
     }
