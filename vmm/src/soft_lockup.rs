@@ -41,6 +41,14 @@ impl OnOff {
     }
 }
 
+/// Where `vmm soft-lockup`'s invalidation ranges come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum RangeSource {
+    Direct,
+    Mprotect,
+    NumaHint,
+}
+
 /// Arguments of `vmm soft-lockup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoftLockupArgs {
@@ -84,6 +92,18 @@ pub struct SoftLockupArgs {
     /// `notifier::subscriber::Subscribers` instead of calling the zap.
     #[arg(long)]
     pub via_notifier: bool,
+    /// Where the invalidation ranges come from: `direct` (the whole
+    /// `--range` as one notification), or the kernel's own ranges as
+    /// `notifier::predict` computes them for the L1 VMA: `mprotect` of the
+    /// range (one per PGD entry on 4 KiB host pages: the PUD-level ranges
+    /// of the soft lockup) or a `numa-hint` scan window (`change_prot_numa`;
+    /// nothing on hugetlb host pages, as in the kernel). Anything but
+    /// `direct` implies `--via-notifier`.
+    #[arg(long, value_enum, default_value = "direct")]
+    pub ranges: RangeSource,
+    /// The NUMA-hinting scan window (`numa_balancing_scan_size_mb`).
+    #[arg(long, default_value = "256M")]
+    pub numa_window: String,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -104,7 +124,7 @@ pub enum SoftLockupError {
 }
 
 /// A resolved scenario.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Scenario {
     pub model: NestedModelConfig,
     /// Invalidated L1 gfns.
@@ -114,6 +134,10 @@ pub struct Scenario {
     pub watchdog_period: Duration,
     /// Deliver through the notifier subscriber path.
     pub via_notifier: bool,
+    /// The host invalidations to deliver (unused for `direct`: the whole
+    /// zap range).
+    pub invalidations: Vec<Invalidation>,
+    pub ranges: RangeSource,
 }
 
 impl Scenario {
@@ -140,6 +164,14 @@ impl Scenario {
             return Err(SoftLockupError::BadYieldArgs);
         }
         let policy = a.yield_mode.policy(a.max_units, a.slice_us);
+        let r = HvaRange::new(MODEL_L1_HVA, MODEL_L1_HVA + range);
+        let invalidations = predicted(
+            a.ranges,
+            HvaRange::new(MODEL_L1_HVA, MODEL_L1_HVA + l1),
+            r,
+            a.host_level,
+            parse_size(&a.numa_window)?,
+        );
         Ok(Self {
             model,
             zap: (0, range >> 12),
@@ -150,9 +182,52 @@ impl Scenario {
                 WalkMode::Summary
             },
             watchdog_period: Duration::from_millis(a.watchdog_ms),
-            via_notifier: a.via_notifier,
+            via_notifier: a.via_notifier || a.ranges != RangeSource::Direct,
+            invalidations,
+            ranges: a.ranges,
         })
     }
+}
+
+/// The host invalidations of L1 range `r` (inside the L1 VMA `l1`): the
+/// whole range (`direct`), or what `notifier::predict` says the kernel
+/// notifies for an mprotect of it or a NUMA-hinting scan window at its
+/// start. Every L1 PUD is populated in the model.
+pub fn predicted(
+    src: RangeSource,
+    l1: HvaRange,
+    r: HvaRange,
+    host_level: u8,
+    numa_window: u64,
+) -> Vec<Invalidation> {
+    use notifier::predict::{self, VmaShape};
+    let vma = VmaShape {
+        range: l1,
+        hugetlb: (host_level >= 2).then_some(2 << 20),
+        may_share: false,
+        prot: libc::PROT_READ | libc::PROT_WRITE,
+    };
+    let all_present = |_: u64| true;
+    let notified = match src {
+        RangeSource::Direct => vec![predict::Notified {
+            range: r,
+            event: MmuNotifyEvent::ProtectionVma,
+        }],
+        RangeSource::Mprotect => predict::mprotect(&[vma], r, libc::PROT_READ, &all_present),
+        RangeSource::NumaHint => {
+            let w = HvaRange::new(r.start, (r.start + numa_window).min(r.end));
+            predict::numa_hint(&vma, w, &all_present)
+        }
+    };
+    notified
+        .into_iter()
+        .map(|n| Invalidation {
+            range: n.range,
+            event: n.event,
+            blockable: true,
+            delivery: Delivery::Before,
+        })
+        .collect()
 }
 
 /// What the watchdog saw.
@@ -178,6 +253,9 @@ pub struct SoftLockupReport {
     pub yield_on: bool,
     pub walk: WalkMode,
     pub via_notifier: bool,
+    pub ranges: RangeSource,
+    /// The notified ranges, in bytes (several for a PGD-spanning mprotect).
+    pub notified_ranges: Vec<u64>,
     pub max_units: u64,
     pub slice_ns: u64,
     pub watchdog_period_ns: u64,
@@ -220,19 +298,26 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
             .ok_or(SoftLockupError::Watchdog)?
             .set_notifier_zap(z);
     }
+    // The operation is over when every invalidation has been delivered
+    // (several zaps, one per notified range) or the direct zap is done.
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let wd = {
         let (ctx, progress, period) = (ctx.clone(), progress.clone(), sc.watchdog_period);
-        std::thread::spawn(move || watchdog(&ctx, &progress, period))
+        let over = over.clone();
+        std::thread::spawn(move || {
+            watchdog_until(&ctx, &progress, period, || over.load(Ordering::Acquire))
+        })
     };
     let rep = if sc.via_notifier {
-        // mprotect of the L1 range: one PROTECTION_VMA notification, to
-        // the context's KvmMmuNotifier driving the nested MMU.
+        // The host invalidations, to the context's KvmMmuNotifier driving
+        // the nested MMU.
         let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), sc.policy));
         notifier.add_mmu(model.mmu.clone());
         let subs = Subscribers::new();
         subs.register(notifier.clone());
         let flushes = ctx.stats.snapshot().remote_tlb_flush_requests;
-        let inv = Invalidation {
+        let mut yields = Vec::new();
+        let direct = [Invalidation {
             range: HvaRange::new(
                 MODEL_L1_HVA + (sc.zap.0 << 12),
                 MODEL_L1_HVA + (sc.zap.1 << 12),
@@ -240,12 +325,18 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
             event: MmuNotifyEvent::ProtectionVma,
             blockable: true,
             delivery: Delivery::Before,
+        }];
+        let invalidations = match sc.ranges {
+            RangeSource::Direct => &direct[..],
+            _ => &sc.invalidations[..],
         };
-        subs.start(&inv);
-        subs.end(&inv);
-        let mut rep = model.mmu.take_notifier_reports().pop().unwrap_or_default();
-        // The yields and the final flush are the notifier's.
-        rep.yields = notifier.last_report().unwrap_or_default();
+        for inv in invalidations {
+            subs.start(inv);
+            subs.end(inv);
+            yields.extend(notifier.last_report());
+        }
+        over.store(true, Ordering::Release);
+        let mut rep = merge(&model.mmu.take_notifier_reports(), &yields);
         rep.tlb_flushes = ctx.stats.snapshot().remote_tlb_flush_requests - flushes;
         rep
     } else {
@@ -254,11 +345,36 @@ pub fn run(sc: &Scenario) -> Result<SoftLockupReport, SoftLockupError> {
             mode: sc.mode,
             progress: Some(&progress),
         };
-        model.mmu.zap_gfn_range(sc.zap.0, sc.zap.1, &opts)
+        let rep = model.mmu.zap_gfn_range(sc.zap.0, sc.zap.1, &opts);
+        over.store(true, Ordering::Release);
+        rep
     };
     let wd = wd.join().map_err(|_| SoftLockupError::Watchdog)?;
     let checked = check(&model, sc.zap)?;
     Ok(report(sc, &model, &rep, wd, checked, ctx.stats.snapshot()))
+}
+
+/// One report for an operation that zapped once per notified range: work
+/// summed, the longest stretch and the zap time of the worst range (the
+/// yields are the notifier's, one report per range).
+fn merge(zaps: &[ZapReport], yields: &[mmu::yielder::YieldReport]) -> ZapReport {
+    let mut out = ZapReport::default();
+    for z in zaps {
+        out.rmap_heads_visited += z.rmap_heads_visited;
+        out.rmap_heads_populated += z.rmap_heads_populated;
+        out.sptes_zapped += z.sptes_zapped;
+        out.shadow_pages_visited += z.shadow_pages_visited;
+        out.shadow_pages_zapped += z.shadow_pages_zapped;
+    }
+    for y in yields {
+        if y.longest.ns > out.yields.longest.ns {
+            out.yields.longest = y.longest;
+        }
+        out.yields.units += y.units;
+        out.yields.yields += y.yields;
+        out.yields.total_ns += y.total_ns;
+    }
+    out
 }
 
 /// The soft-lockup detector's stand-in: once the zap publishes that it
@@ -339,6 +455,11 @@ fn report(
         yield_on: sc.policy.mode == mmu::YieldMode::Yield,
         walk: sc.mode,
         via_notifier: sc.via_notifier,
+        ranges: sc.ranges,
+        notified_ranges: match sc.ranges {
+            RangeSource::Direct => vec![(sc.zap.1 - sc.zap.0) << 12],
+            _ => sc.invalidations.iter().map(|i| i.range.len()).collect(),
+        },
         max_units: sc.policy.max_units,
         slice_ns: sc.policy.slice.as_nanos() as u64,
         watchdog_period_ns: sc.watchdog_period.as_nanos() as u64,
