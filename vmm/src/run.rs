@@ -22,10 +22,7 @@ use crate::run_inval::{InvalKind, Invalidator};
 use crate::uffd_fault::{self, FaultOptions, FaultThreadError, LatencyUs};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
 use kvm_ioctls::VcpuExit;
-use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
-use mmu::spte::PageLevel;
-use mmu::tdp::TdpMmu;
-use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use mmu::MmuStatsSnapshot;
 use notifier::Subscribers;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -278,18 +275,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     }
     let ram = Arc::new(ram);
     let size = ram.size();
-    let backing = match args.hugepages {
-        HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
-    let slot = Memslot::new(0, 0, size >> PAGE_SHIFT, ram.guest_hva(), backing)?;
-    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
-    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
     // Host invalidations of guest RAM reach the MMU: Subscribers ->
     // KvmMmuNotifier -> TDP zap.
-    let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), YieldPolicy::default()));
-    notifier.add_mmu(tdp.clone());
-    subs.register(notifier);
+    let (ctx, tdp) = uffd_fault::tdp_mmu_for(&ram, &subs)?;
     let mut inval = Invalidator::new(
         &ram,
         &tdp,

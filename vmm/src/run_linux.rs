@@ -26,15 +26,13 @@
 
 use crate::boot::{self, BootArgs, BootError, BootInputs, BootMemory, BootReport, Staging};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
-use crate::memory::HugePages;
 use crate::run::RunArgs;
 use crate::run_inval::{self, InvalError, InvalKind, Invalidator};
 use crate::timeline::Timeline;
 use crate::uffd_fault::{self, FaultReport, FaultThreadError, LatencyUs};
-use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
-use mmu::spte::PageLevel;
+use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
-use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
+use mmu::MmuStatsSnapshot;
 use notifier::Subscribers;
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -229,27 +227,6 @@ pub fn vmm_view(ram: &UffdGuestRam) -> Result<GuestMemoryMmap, RunLinuxError> {
     GuestMemoryMmap::from_regions(vec![region]).map_err(|e| view(e.to_string()))
 }
 
-/// The TDP MMU for `ram` (memslot 0 = its guest-facing mapping at gpa 0,
-/// leaves the size of its huge pages), subscribed to the host
-/// invalidations announced on `subs`: Subscribers -> KvmMmuNotifier -> TDP
-/// zap.
-pub fn tdp_mmu_for(
-    ram: &UffdGuestRam,
-    subs: &Subscribers,
-) -> Result<(Arc<MmuContext>, Arc<TdpMmu>), mmu::memslot::MemslotError> {
-    let backing = match ram.hugepages() {
-        HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
-    let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), backing)?;
-    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
-    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
-    let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), YieldPolicy::default()));
-    notifier.add_mmu(tdp.clone());
-    subs.register(notifier);
-    Ok((ctx, tdp))
-}
-
 /// MISSING mode: the loader writes into anonymous scratch memory (pages
 /// allocated on first write); before the vCPU runs, every huge page of it
 /// that is not all zeros is staged in `ram` for its first `UFFDIO_COPY`.
@@ -303,7 +280,7 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
     }
     let ram = Arc::new(ram);
     let size = ram.size();
-    let (ctx, tdp) = tdp_mmu_for(&ram, &subs)?;
+    let (ctx, tdp) = crate::uffd_fault::tdp_mmu_for(&ram, &subs)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let fault_thread = uffd_fault::spawn(ram.clone(), tdp.clone(), stop.clone(), args.spin_faults);

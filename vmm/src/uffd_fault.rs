@@ -38,10 +38,11 @@
 
 use crate::guest_ram_uffd::{UffdGuestRam, UffdRamError};
 use crate::host_events::{self, UffdEventCounts};
-use mmu::memslot::{Memslot, PAGE_SHIFT};
+use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
 use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
 use mmu::tdp::{FaultError, FaultOutcome, HostPage, ResolveError};
+use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
 use notifier::pagemap::Pagemap;
 use notifier::uffd::{UffdEvent, UFFD_PAGEFAULT_FLAG_WRITE};
 use std::collections::VecDeque;
@@ -74,6 +75,35 @@ pub enum FaultThreadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The TDP MMU serving `ram`'s faults: memslot 0 = its guest-facing
+/// mapping at gpa 0, leaves the size of its huge pages, on a context of
+/// its own; not yet subscribed to any host invalidation.
+pub fn tdp_mmu(
+    ram: &UffdGuestRam,
+) -> Result<(Arc<MmuContext>, Arc<TdpMmu>), mmu::memslot::MemslotError> {
+    let level = match ram.hugepages() {
+        crate::memory::HugePages::Huge1G => PageLevel::L1G,
+        _ => PageLevel::L2M,
+    };
+    let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
+    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
+    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+    Ok((ctx, tdp))
+}
+
+/// [`tdp_mmu`], subscribed to the host invalidations announced on `subs`:
+/// Subscribers -> KvmMmuNotifier -> TDP zap.
+pub fn tdp_mmu_for(
+    ram: &UffdGuestRam,
+    subs: &notifier::Subscribers,
+) -> Result<(Arc<MmuContext>, Arc<TdpMmu>), mmu::memslot::MemslotError> {
+    let (ctx, tdp) = tdp_mmu(ram)?;
+    let notifier = Arc::new(KvmMmuNotifier::new(ctx.clone(), YieldPolicy::default()));
+    notifier.add_mmu(tdp.clone());
+    subs.register(notifier);
+    Ok((ctx, tdp))
 }
 
 /// Latency percentiles in microseconds.

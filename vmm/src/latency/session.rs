@@ -74,13 +74,7 @@ pub(super) fn recorded_tdp(
     ram: &UffdGuestRam,
     subs: &Subscribers,
 ) -> Result<(Arc<TdpMmu>, Arc<ZapRecorder>), LatencyError> {
-    let level = match ram.hugepages() {
-        HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
-    let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
-    let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
-    let tdp = Arc::new(TdpMmu::new(ctx.clone()));
+    let (ctx, tdp) = crate::uffd_fault::tdp_mmu(ram)?;
     let zaps = ZapRecorder::register(subs, ctx, tdp.clone());
     Ok((tdp, zaps))
 }
