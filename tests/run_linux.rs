@@ -7,7 +7,7 @@
 //! Kernel/initrd for the Linux boot: `VMM_TEST_KERNEL`/`VMM_TEST_INITRD`,
 //! else the provisioned guest image.
 
-use integration_tests::{linux_image, require, serial_then_reset, tiny_elf};
+use integration_tests::{linux_image, require, require_kvm_root, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
 use notifier::hostmm::PageSize;
 use std::path::PathBuf;
@@ -29,14 +29,7 @@ fn scratch(name: &str) -> PathBuf {
 /// /dev/kvm, root and `mem` bytes of free 2M hugepages (reserved for the
 /// guard's lifetime), one test at a time.
 fn ready(mem: u64) -> Option<(MutexGuard<'static, ()>, HugepageReservation)> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !require("/dev/kvm", kvm) || !require("root (to reserve hugepages)", root) {
+    if !require_kvm_root() {
         return None;
     }
     let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
