@@ -18,9 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use linux_loader::loader::{load_cmdline, Cmdline};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -732,12 +730,7 @@ pub fn boot_with(
     drop(initrd);
 
     // vCPU.
-    let vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    x86::filter_cpuid(&mut cpuid);
-    vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
+    let vcpu = x86::create_vcpu(&kvm, &vm, 0).map_err(|(what, e)| vm_err(what)(e))?;
     x86::setup_vcpu(&vcpu, &load, entry.0)?;
     x86::setup_lapic(&vcpu)?;
     if let Some(s) = ram.staging.take() {

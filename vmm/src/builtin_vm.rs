@@ -7,7 +7,7 @@
 use crate::guest_ram_uffd::UffdGuestRam;
 use crate::x86;
 use guests::builtin::{self, LAYOUT};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,12 +59,7 @@ impl BuiltinVm {
         // drops after the VM and the vCPU (field order).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let vcpu = vm.create_vcpu(0).map_err(vm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        x86::filter_cpuid(&mut cpuid);
-        vcpu.set_cpuid2(&cpuid).map_err(vm_err("KVM_SET_CPUID2"))?;
+        let vcpu = x86::create_vcpu(kvm, &vm, 0).map_err(|(what, e)| vm_err(what)(e))?;
         setup_cpl3(&vcpu)?;
         Ok(BuiltinVm { vcpu, vm, ram })
     }

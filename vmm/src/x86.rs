@@ -252,6 +252,23 @@ pub fn filter_cpuid(cpuid: &mut CpuId) {
     }
 }
 
+/// vCPU `id` of `vm` with the host's supported CPUID, filtered for this
+/// host ([`filter_cpuid`]): the one way every guest's vCPU is made. On
+/// error, the ioctl that failed.
+pub fn create_vcpu(
+    kvm: &kvm_ioctls::Kvm,
+    vm: &kvm_ioctls::VmFd,
+    id: u64,
+) -> Result<kvm_ioctls::VcpuFd, (&'static str, kvm_ioctls::Error)> {
+    let vcpu = vm.create_vcpu(id).map_err(|e| ("KVM_CREATE_VCPU", e))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| ("KVM_GET_SUPPORTED_CPUID", e))?;
+    filter_cpuid(&mut cpuid);
+    vcpu.set_cpuid2(&cpuid).map_err(|e| ("KVM_SET_CPUID2", e))?;
+    Ok(vcpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
