@@ -13,11 +13,11 @@ use std::sync::Mutex;
 
 use integration_tests::{linux_image, require, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 use vmm::boot::{self, BootArgs, BootError};
 use vmm::kernel::KernelError;
 use vmm::kvm::KvmError;
-use vmm::memory::{HugePages, MemoryError};
+use vmm::memory::MemoryError;
 
 /// Tests that change hugetlb pools run one at a time.
 static POOL: Mutex<()> = Mutex::new(());
@@ -47,7 +47,7 @@ fn write(name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-fn args(kernel: &Path, initrd: &Path, hp: HugePages, mem: u64) -> BootArgs {
+fn args(kernel: &Path, initrd: &Path, hp: PageSize, mem: u64) -> BootArgs {
     let mut a = BootArgs::new(kernel.to_path_buf(), initrd.to_path_buf());
     a.hugepages = hp;
     a.mem = mem;
@@ -59,18 +59,15 @@ fn args(kernel: &Path, initrd: &Path, hp: HugePages, mem: u64) -> BootArgs {
 
 /// Grows the hugetlb pool of `hp` so `pages` are free, for the guard's
 /// lifetime (the notifier crate's reservation: free minus reserved pages).
-fn reserve(hp: HugePages, pages: u64) -> Result<HugepageReservation, String> {
-    let size = match hp {
-        HugePages::Huge1G => PageSize::Huge1G,
-        _ => PageSize::Huge2M,
-    };
+fn reserve(hp: PageSize, pages: u64) -> Result<HugepageReservation, String> {
+    let size = hp;
     HugepageReservation::require(size, pages).map_err(|e| e.to_string())
 }
 
 #[test]
 fn kvm_device_missing_is_a_typed_error() {
     let k = write("k-missing-kvm", &tiny_elf(&[0xf4], 0));
-    let mut a = args(&k, &k, HugePages::None, 32 << 20);
+    let mut a = args(&k, &k, PageSize::Size4K, 32 << 20);
     a.kvm_dev = PathBuf::from("/nonexistent/kvm");
     let e = boot::run(&a).unwrap_err();
     assert!(matches!(e, BootError::Kvm(KvmError::Missing(_))), "{e}");
@@ -103,7 +100,7 @@ fn bad_kernels_and_initrds_are_typed_errors() {
         }),
     ];
     for (k, i, ok) in cases {
-        let e = boot::run(&args(&k, &i, HugePages::None, 32 << 20)).unwrap_err();
+        let e = boot::run(&args(&k, &i, PageSize::Size4K, 32 << 20)).unwrap_err();
         assert!(ok(&e), "{}: unexpected {e}", k.display());
     }
 }
@@ -116,7 +113,7 @@ fn memory_too_small_or_too_large_is_a_typed_error() {
     let initrd = write("initrd-small", b"070701");
     // Kernel segment ends at 16 + 64 MiB; the guest has 32 MiB.
     let big = write("k-big", &tiny_elf(&[0xf4], 64 << 20));
-    let e = boot::run(&args(&big, &initrd, HugePages::None, 32 << 20)).unwrap_err();
+    let e = boot::run(&args(&big, &initrd, PageSize::Size4K, 32 << 20)).unwrap_err();
     assert!(
         matches!(e, BootError::Kernel(KernelError::MemoryTooSmall { .. })),
         "{e}"
@@ -124,13 +121,13 @@ fn memory_too_small_or_too_large_is_a_typed_error() {
     // Kernel fits, kernel + 20 MiB initrd does not.
     let k = write("k-small", &tiny_elf(&[0xf4], 0));
     let fat = write("initrd-fat", &vec![0u8; 20 << 20]);
-    let e = boot::run(&args(&k, &fat, HugePages::None, 32 << 20)).unwrap_err();
+    let e = boot::run(&args(&k, &fat, PageSize::Size4K, 32 << 20)).unwrap_err();
     assert!(
         matches!(e, BootError::Kernel(KernelError::MemoryTooSmall { .. })),
         "{e}"
     );
     assert!(e.to_string().contains("--mem"), "{e}");
-    let e = boot::run(&args(&k, &initrd, HugePages::None, 1 << 50)).unwrap_err();
+    let e = boot::run(&args(&k, &initrd, PageSize::Size4K, 1 << 50)).unwrap_err();
     assert!(
         matches!(e, BootError::Memory(MemoryError::LargerThanHost { .. })),
         "{e}"
@@ -143,14 +140,14 @@ fn not_enough_hugepages_says_free_needed_and_command() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let free = notifier::hostconf::free_hugepages(PageSize::Huge1G);
+    let free = notifier::hostconf::free_hugepages(PageSize::Size1G);
     let mem = (free + 1) << 30;
     if mem > vmm::memory::MAX_LOW_RAM {
         eprintln!("SKIP: {free} free 1G pages, cannot ask for more within the 3 GiB layout");
         return;
     }
     let k = write("k-hp", &tiny_elf(&[0xf4], 0));
-    let e = boot::run(&args(&k, &k, HugePages::Huge1G, mem)).unwrap_err();
+    let e = boot::run(&args(&k, &k, PageSize::Size1G, mem)).unwrap_err();
     let BootError::Memory(MemoryError::NotEnoughHugepages {
         free: f, needed, ..
     }) = &e
@@ -168,7 +165,7 @@ fn not_enough_hugepages_says_free_needed_and_command() {
 /// The quick guest paths on one backing: triple fault (ud2 with an empty
 /// IDT), int3 assist then triple fault, console + i8042 reset, and the
 /// init-killed classification from console lines.
-fn quick_paths(hp: HugePages, mem: u64) {
+fn quick_paths(hp: PageSize, mem: u64) {
     let initrd = write(&format!("initrd-{hp}"), b"070701");
     let ud2 = write(&format!("k-ud2-{hp}"), &tiny_elf(&[0x0f, 0x0b], 0));
     let r = boot::run(&args(&ud2, &initrd, hp, mem)).unwrap();
@@ -224,7 +221,7 @@ fn quick_paths_plain_memfd() {
     if !require("/dev/kvm", kvm_ok()) {
         return;
     }
-    quick_paths(HugePages::None, 32 << 20);
+    quick_paths(PageSize::Size4K, 32 << 20);
 }
 
 #[test]
@@ -233,11 +230,11 @@ fn quick_paths_2m_hugepages() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let g = reserve(HugePages::Huge2M, 16);
+    let g = reserve(PageSize::Size2M, 16);
     if !require("16 free 2M hugepages", g.is_ok()) {
         return;
     }
-    quick_paths(HugePages::Huge2M, 32 << 20);
+    quick_paths(PageSize::Size2M, 32 << 20);
 }
 
 #[test]
@@ -246,17 +243,17 @@ fn quick_paths_1g_hugepages() {
         return;
     }
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let g = reserve(HugePages::Huge1G, 1);
+    let g = reserve(PageSize::Size1G, 1);
     if let Err(why) = &g {
         eprintln!("1G hugepages: {why}");
     }
     if !require("one free 1G hugepage", g.is_ok()) {
         return;
     }
-    quick_paths(HugePages::Huge1G, 1 << 30);
+    quick_paths(PageSize::Size1G, 1 << 30);
 }
 
-fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
+fn boot_linux(hp: PageSize, mem: u64, pages: u64) {
     if !require("/dev/kvm", kvm_ok()) || !require("root (to reserve hugepages)", is_root()) {
         return;
     }
@@ -266,7 +263,7 @@ fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
     }
     let (k, i) = img.unwrap();
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    let g = if hp == HugePages::None {
+    let g = if hp == PageSize::Size4K {
         Ok(None)
     } else {
         reserve(hp, pages).map(Some)
@@ -299,7 +296,7 @@ fn boot_linux(hp: HugePages, mem: u64, pages: u64) {
 
 #[test]
 fn boots_debian_to_init_on_2m_hugepages() {
-    boot_linux(HugePages::Huge2M, 256 << 20, 128);
+    boot_linux(PageSize::Size2M, 256 << 20, 128);
 }
 
 fn boot_all() -> bool {
@@ -313,14 +310,14 @@ fn boot_all() -> bool {
 #[test]
 fn boots_debian_to_init_on_1g_hugepages() {
     if boot_all() {
-        boot_linux(HugePages::Huge1G, 1 << 30, 1);
+        boot_linux(PageSize::Size1G, 1 << 30, 1);
     }
 }
 
 #[test]
 fn boots_debian_to_init_on_plain_memfd() {
     if boot_all() {
-        boot_linux(HugePages::None, 256 << 20, 0);
+        boot_linux(PageSize::Size4K, 256 << 20, 0);
     }
 }
 
@@ -337,7 +334,7 @@ fn reserve_hugepages_grows_the_pool_for_the_run_and_restores_it() {
             .unwrap_or(0)
     };
     // Eight 2 MiB pages more than a new mapping can get right now.
-    let pages = notifier::hostconf::free_hugepages(PageSize::Huge2M) + 8;
+    let pages = notifier::hostconf::free_hugepages(PageSize::Size2M) + 8;
     let mem = pages * (2 << 20);
     if mem > vmm::memory::MAX_LOW_RAM {
         eprintln!("SKIP: {pages} pages would exceed the 3 GiB low-RAM layout");
@@ -346,7 +343,7 @@ fn reserve_hugepages_grows_the_pool_for_the_run_and_restores_it() {
     let before = nr();
     let initrd = write("initrd-reserve", b"070701");
     let hello = write("k-reserve", &tiny_elf(&serial_then_reset("hello\n"), 0));
-    let mut a = args(&hello, &initrd, HugePages::Huge2M, mem);
+    let mut a = args(&hello, &initrd, PageSize::Size2M, mem);
     // Without the flag: the typed error that says how to reserve them.
     let e = boot::run(&a).unwrap_err();
     assert!(

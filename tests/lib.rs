@@ -37,10 +37,10 @@ pub fn require_kvm_root() -> bool {
 /// `mem` bytes of free 2 MiB hugepages, reserved for the caller's run
 /// ([`require`]d; the pool shrinks back when the reservation drops).
 pub fn require_hugepages_2m(mem: u64) -> Option<notifier::hostconf::HugepageReservation> {
-    use notifier::hostmm::PageSize;
+    use notifier::PageSize;
     let pool = notifier::hostconf::HugepageReservation::require(
-        PageSize::Huge2M,
-        mem / PageSize::Huge2M.bytes(),
+        PageSize::Size2M,
+        mem / PageSize::Size2M.bytes(),
     );
     if !require("free 2M hugepages for guest RAM", pool.is_ok()) {
         return None;

@@ -9,9 +9,9 @@
 //! Behaviour, not speed: no stale translation after the L1's edits or the
 //! host invalidations, stretch and watchdog bounds in rmap heads.
 
-use guests::l1hv::L2Page;
 use integration_tests::{require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
+use notifier::PageSize;
 use std::sync::{Mutex, MutexGuard};
 use vmm::guest_ram_uffd::UffdRamError;
 use vmm::memory::MemoryError;
@@ -38,7 +38,7 @@ fn ready() -> Option<(MutexGuard<'static, ()>, HugepageReservation)> {
     Some((lock, require_hugepages_2m(MEM)?))
 }
 
-fn args(page: L2Page, yield_mode: OnOff) -> NestedRunArgs {
+fn args(page: PageSize, yield_mode: OnOff) -> NestedRunArgs {
     let mut a = NestedRunArgs::new(MEM, L2, page);
     a.yield_mode = yield_mode;
     a.blind = true;
@@ -106,12 +106,12 @@ fn real_plane_yield_on_and_off() {
     // Yielding: no stretch beyond the unit budget, the watchdog never held
     // off by more than a few stretches of zap work (best of 3: a watchdog
     // descheduled on 2 shared cores is noise, see tests/soft_lockup.rs).
-    let mut y = go(&args(L2Page::Size4K, OnOff::On));
+    let mut y = go(&args(PageSize::Size4K, OnOff::On));
     for _ in 0..2 {
         if y.watchdog_worst_wait_work <= STARVED_HEADS {
             break;
         }
-        let again = go(&args(L2Page::Size4K, OnOff::On));
+        let again = go(&args(PageSize::Size4K, OnOff::On));
         if again.watchdog_worst_wait_work < y.watchdog_worst_wait_work {
             y = again;
         }
@@ -130,7 +130,7 @@ fn real_plane_yield_on_and_off() {
     // Never yield: each zap is one stretch over every head of its range (the
     // first, before the table pool's protection split the VMA: all of L1's
     // RAM) and the watchdog, waiting from the start, waits for all of it.
-    let n = go(&args(L2Page::Size4K, OnOff::Off));
+    let n = go(&args(PageSize::Size4K, OnOff::Off));
     assert_eq!(n.yields, 0);
     assert!(n.max_stretch_entries >= HEADS);
     assert_eq!(n.watchdog_worst_wait_entries, HEADS);
@@ -141,7 +141,7 @@ fn real_plane_yield_on_and_off() {
 fn every_write_tracking_mode_and_large_pages() {
     let Some(_g) = ready() else { return };
     // The L1 announces each store through a doorbell.
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.write_track = WriteTrack::Announce;
     let s = go(&a);
     assert!(s.table_write_faults > 0);
@@ -154,7 +154,7 @@ fn every_write_tracking_mode_and_large_pages() {
     assert_eq!(s.table_write_traps, 0);
     assert!(s.unannounced_writes_detected > 0);
     // 2 MiB EPT leaves on 2 MiB host pages: 2 MiB SPTEs; stores trapped.
-    let l = go(&args(L2Page::Size2M, OnOff::On));
+    let l = go(&args(PageSize::Size2M, OnOff::On));
     assert!(l.stats.pages_2m > 0, "{l:?}");
     assert!(l.table_write_faults > 0 && l.table_write_traps > 0);
 }
@@ -164,7 +164,7 @@ fn ignoring_the_l1s_edits_leaves_stale_translations() {
     let Some(_g) = ready() else { return };
     // Negative control: a VMM that neither handles the write faults nor
     // checks the tracked gfns keeps translations the L1 removed or moved.
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.ignore_table_writes = true;
     let r = run_retrying(&a);
     assert!(r.stale_after_edits > 0, "{r:?}");
@@ -174,16 +174,16 @@ fn ignoring_the_l1s_edits_leaves_stale_translations() {
 
 #[test]
 fn bad_arguments_are_typed_errors() {
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.protect = Some(3 << 20);
     assert!(matches!(run(&a), Err(NestedRunError::BadProtect(_))));
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.l2 = MEM * 4;
     assert!(matches!(run(&a), Err(NestedRunError::Guest(_))));
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.density = 0.0;
     assert!(matches!(run(&a), Err(NestedRunError::Guest(_))));
-    let mut a = args(L2Page::Size4K, OnOff::On);
+    let mut a = args(PageSize::Size4K, OnOff::On);
     a.watchdog_ms = 0;
     assert!(matches!(run(&a), Err(NestedRunError::BadYieldArgs)));
 }

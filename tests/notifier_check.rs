@@ -10,7 +10,7 @@
 use integration_tests::require;
 use notifier::check::{self, CheckOptions};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 use std::path::Path;
 
 #[test]
@@ -27,12 +27,12 @@ fn predicted_notifier_ranges_match_the_kernel() {
     ) {
         return;
     }
-    let r2m = HugepageReservation::reserve(PageSize::Huge2M, 64);
+    let r2m = HugepageReservation::reserve(PageSize::Size2M, 64);
     let ok2m = r2m.as_ref().map(|r| r.available >= 64).unwrap_or(false);
     if !require("64 free 2 MiB hugepages", ok2m) {
         return;
     }
-    let r1g = HugepageReservation::reserve(PageSize::Huge1G, 2);
+    let r1g = HugepageReservation::reserve(PageSize::Size1G, 2);
     let gib = r1g.as_ref().map(|r| r.available).unwrap_or(0);
     if !require("a free 1 GiB hugepage", gib >= 1) {
         return;

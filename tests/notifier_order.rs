@@ -8,11 +8,12 @@
 
 use integration_tests::require;
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::{Backing, HostMm, PageSize, Placement};
+use notifier::hostmm::{Backing, HostMm, Placement};
 use notifier::ops::Discard;
 use notifier::pagemap::Pagemap;
 use notifier::trace::TraceSource;
 use notifier::uffd::{UffdOptions, UffdSource};
+use notifier::PageSize;
 use notifier::{
     Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent, Subscribers,
 };
@@ -108,7 +109,7 @@ fn quiet_private_region(len: u64, populated: u64) -> (HostMm, u64) {
     let mut mm = HostMm::new(Subscribers::new()).unwrap();
     let id = mm
         .map(
-            Backing::PrivateHugetlb(PageSize::Huge2M),
+            Backing::PrivateHugetlb(PageSize::Size2M),
             len,
             Placement::pud_offset(M2),
         )
@@ -142,7 +143,7 @@ fn pair(log: &[Rec], probe: HvaRange) -> (Rec, Rec) {
 }
 
 fn hugepages(n: u64) -> Option<HugepageReservation> {
-    let r = HugepageReservation::reserve(PageSize::Huge2M, n).ok();
+    let r = HugepageReservation::reserve(PageSize::Size2M, n).ok();
     let ok = r.as_ref().map(|r| r.available >= n).unwrap_or(false);
     if require(&format!("{n} free 2 MiB hugepages"), ok) {
         r
@@ -161,7 +162,7 @@ fn operations_start_before_pages_go_and_end_after() {
     let mut mm = HostMm::new(subs).unwrap();
     let id = mm
         .map(
-            Backing::PrivateHugetlb(PageSize::Huge2M),
+            Backing::PrivateHugetlb(PageSize::Size2M),
             16 << 20,
             Placement::pud_offset(M2),
         )
@@ -205,7 +206,7 @@ fn operations_start_before_pages_go_and_end_after() {
     // Hole punch in a shared memfd: present at start, gone at end.
     let sid = mm
         .map(
-            Backing::SharedMemfd(PageSize::Huge2M),
+            Backing::SharedMemfd(PageSize::Size2M),
             16 << 20,
             Placement::pud_offset(M2),
         )
@@ -315,7 +316,7 @@ fn uffd_remove_before_the_zap_unmap_remap_fork_after_the_fact() {
     // that block, like the kernel's own notifier.
     let sid = mm
         .map(
-            Backing::SharedMemfd(PageSize::Huge2M),
+            Backing::SharedMemfd(PageSize::Size2M),
             2 << 30,
             Placement::pud_aligned(),
         )

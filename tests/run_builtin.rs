@@ -6,12 +6,11 @@
 use guests::builtin::Pattern;
 use integration_tests::{require, require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmm::guest_ram_uffd::UffdMode;
 use vmm::host_events::EventSources;
-use vmm::memory::HugePages;
 use vmm::run::RunReport;
 use vmm::run::{self, RunArgs, RunError};
 use vmm::run_inval::InvalKind;
@@ -116,7 +115,7 @@ fn bad_arguments_are_typed_errors() {
     a.stride = 12;
     assert!(matches!(run::run(&a), Err(RunError::Guest(_))));
     let mut a = RunArgs::new(MEM, UffdMode::Minor);
-    a.hugepages = HugePages::None;
+    a.hugepages = PageSize::Size4K;
     let e = run::run(&a).unwrap_err();
     assert!(e.to_string().contains("hugetlb"), "{e}");
 }
@@ -271,12 +270,12 @@ fn missing_mode_on_1g_pages_needs_one_page() {
         return;
     }
     let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = HugepageReservation::require(PageSize::Huge1G, 1);
+    let pool = HugepageReservation::require(PageSize::Size1G, 1);
     if !require("one free 1G hugepage", pool.is_ok()) {
         return;
     }
     // Hold every other free 1G page, so a COPY needing a temporary one fails.
-    let spare = notifier::hostconf::free_hugepages(PageSize::Huge1G).saturating_sub(1);
+    let spare = notifier::hostconf::free_hugepages(PageSize::Size1G).saturating_sub(1);
     // SAFETY: memfd_create with a static NUL-terminated name; checked.
     let fd = unsafe {
         libc::memfd_create(
@@ -292,9 +291,9 @@ fn missing_mode_on_1g_pages_needs_one_page() {
         let rc = unsafe { libc::fallocate(fd, 0, 0, (spare << 30) as libc::off_t) };
         assert_eq!(rc, 0, "holding {spare} spare 1G pages");
     }
-    assert_eq!(notifier::hostconf::free_hugepages(PageSize::Huge1G), 1);
+    assert_eq!(notifier::hostconf::free_hugepages(PageSize::Size1G), 1);
     let mut a = RunArgs::new(1 << 30, UffdMode::Missing);
-    a.hugepages = HugePages::Huge1G;
+    a.hugepages = PageSize::Size1G;
     a.passes = 1;
     a.stride = 2 << 20;
     a.timeout = 60;

@@ -9,7 +9,7 @@
 
 use integration_tests::{linux_image, require, require_kvm_root, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use vmm::guest_ram_uffd::UffdMode;
@@ -33,7 +33,7 @@ fn ready(mem: u64) -> Option<(MutexGuard<'static, ()>, HugepageReservation)> {
         return None;
     }
     let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = HugepageReservation::require(PageSize::Huge2M, mem / PageSize::Huge2M.bytes());
+    let pool = HugepageReservation::require(PageSize::Size2M, mem / PageSize::Size2M.bytes());
     if let Err(e) = &pool {
         eprintln!("2M hugepages: {e}");
     }

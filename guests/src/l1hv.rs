@@ -40,6 +40,8 @@
 
 use crate::builtin::{self, BuiltinError, LAYOUT, MAX_MEM, MMIO_BASE, SYSTEM_SIZE};
 use iced_x86::code_asm::*;
+use mmu::guest_walk::ept;
+use notifier::PageSize;
 use thiserror::Error;
 
 /// "vmlaunch": 8-byte store of the EPTP.
@@ -63,10 +65,10 @@ pub const PERM_A: u64 = 0x5851_f42d_4c95_7f2d;
 /// Most L2 pages a configuration may have (the VMM simulates every one).
 pub const MAX_L2_PAGES: u64 = 1 << 20;
 
-/// EPT entry bits the guest writes.
-pub const EPT_RWX: u64 = 7;
-pub const EPT_MT_WB: u64 = 6 << 3;
-pub const EPT_PS: u64 = 1 << 7;
+/// EPT entry bits the guest writes: the format `mmu::guest_walk` walks.
+pub const EPT_RWX: u64 = ept::RWX;
+pub const EPT_MT_WB: u64 = (ept::MT_WB as u64) << ept::MT_SHIFT;
+pub const EPT_PS: u64 = ept::PS;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Params page word indices.
@@ -87,57 +89,6 @@ mod w {
     pub const N: usize = 13;
 }
 
-/// L2 page size of the EPT leaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum L2Page {
-    Size4K,
-    Size2M,
-    Size1G,
-}
-
-impl L2Page {
-    pub fn shift(self) -> u32 {
-        match self {
-            L2Page::Size4K => 12,
-            L2Page::Size2M => 21,
-            L2Page::Size1G => 30,
-        }
-    }
-    pub fn bytes(self) -> u64 {
-        1 << self.shift()
-    }
-    /// EPT level of the leaf (1 = PT, 2 = PD, 3 = PDPT).
-    pub fn level(self) -> u8 {
-        match self {
-            L2Page::Size4K => 1,
-            L2Page::Size2M => 2,
-            L2Page::Size1G => 3,
-        }
-    }
-}
-
-impl std::str::FromStr for L2Page {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "4K" | "4k" => Ok(L2Page::Size4K),
-            "2M" | "2m" => Ok(L2Page::Size2M),
-            "1G" | "1g" => Ok(L2Page::Size1G),
-            _ => Err(format!("unknown L2 page size {s:?}: expected 4K, 2M or 1G")),
-        }
-    }
-}
-
-impl std::fmt::Display for L2Page {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            L2Page::Size4K => "4K",
-            L2Page::Size2M => "2M",
-            L2Page::Size1G => "1G",
-        })
-    }
-}
-
 /// The shape of L2 as the VMM asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct L1hvConfig {
@@ -145,7 +96,7 @@ pub struct L1hvConfig {
     pub mem: u64,
     /// L2 guest-physical size (bytes, a multiple of `page`).
     pub l2_size: u64,
-    pub page: L2Page,
+    pub page: PageSize,
     /// Fraction of L2 pages mapped, in (0, 1].
     pub density: f64,
     /// Fraction of L2 pages in the edit window (starting at a quarter of L2).
@@ -159,7 +110,7 @@ pub enum L1hvError {
     #[error(transparent)]
     Builtin(#[from] BuiltinError),
     #[error("L2 size {l2_size:#x} must be a non-zero multiple of the {page} L2 page with at most {MAX_L2_PAGES} pages")]
-    L2Size { l2_size: u64, page: L2Page },
+    L2Size { l2_size: u64, page: PageSize },
     #[error("density {0} must be in (0, 1]")]
     Density(f64),
     #[error("edit fraction {0} must be in [0, 1]")]
@@ -170,7 +121,7 @@ pub enum L1hvError {
         tables_end: u64,
         data_base: u64,
         need: u64,
-        page: L2Page,
+        page: PageSize,
     },
 }
 
@@ -178,7 +129,7 @@ pub enum L1hvError {
 /// [`L1hvConfig`], plus the Rust model of the tables it builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct L1hvParams {
-    pub page: L2Page,
+    pub page: PageSize,
     /// L2 pages (of `page`).
     pub npages: u64,
     pub density_q24: u64,
@@ -560,7 +511,7 @@ mod tests {
         L1hvConfig {
             mem: 1 << 30,
             l2_size: 256 << 20,
-            page: L2Page::Size4K,
+            page: PageSize::Size4K,
             density: 0.5,
             edit_fraction: 0.25,
             announce: true,
@@ -626,7 +577,7 @@ mod tests {
     #[test]
     fn large_pages_and_errors() {
         let p = L1hvConfig {
-            page: L2Page::Size2M,
+            page: PageSize::Size2M,
             ..cfg()
         }
         .params()
@@ -640,7 +591,7 @@ mod tests {
         );
         // 1G L2 pages need 1G-aligned data: 1 GiB of L1 is too small.
         let big = L1hvConfig {
-            page: L2Page::Size1G,
+            page: PageSize::Size1G,
             l2_size: 1 << 30,
             ..cfg()
         };

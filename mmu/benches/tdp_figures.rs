@@ -14,9 +14,9 @@
 //!   one 8-byte SPTE per 4 KiB page).
 
 use mmu::memslot::{Memslot, Memslots};
-use mmu::spte::PageLevel;
 use mmu::tdp::{FaultOutcome, HostPage, ResolveError, TdpMmu};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+use notifier::PageSize;
 use notifier::{Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +37,10 @@ fn resolver(s: &Memslot, gfn: u64, _: u64, _: bool) -> Result<HostPage, ResolveE
 
 /// Slot 0: `gib` GiB at gfn 0 with `backing`; slot 1: 1 GiB of 4K pages at
 /// 512 GiB (for a faulting thread that stays out of the zapped range).
-fn setup(gib: u64, backing: PageLevel) -> (Arc<MmuContext>, Arc<TdpMmu>) {
+fn setup(gib: u64, backing: PageSize) -> (Arc<MmuContext>, Arc<TdpMmu>) {
     let slots = vec![
         Memslot::new(0, 0, gib * GIB_PAGES, HVA, backing).unwrap(),
-        Memslot::new(1, 1 << 27, GIB_PAGES, HVA + (1 << 40), PageLevel::L4K).unwrap(),
+        Memslot::new(1, 1 << 27, GIB_PAGES, HVA + (1 << 40), PageSize::Size4K).unwrap(),
     ];
     let ctx = MmuContext::new(Memslots::new(slots, 0).unwrap(), RemoteTlb::default());
     let tdp = Arc::new(TdpMmu::new(ctx.clone()));
@@ -59,7 +59,7 @@ fn map(tdp: &TdpMmu, start: u64, pages: u64, step: u64) {
 /// One 64 GiB-style zap through `KvmMmuNotifier` while a thread faults in
 /// another slot: (report, zap ns, faults served during the zap).
 fn stretch_run(gib: u64, policy: YieldPolicy) -> (mmu::yielder::YieldReport, f64, u64) {
-    let (ctx, tdp) = setup(gib, PageLevel::L4K);
+    let (ctx, tdp) = setup(gib, PageSize::Size4K);
     map(&tdp, 0, gib * GIB_PAGES, 1);
     map(&tdp, 1 << 27, GIB_PAGES, 1);
     let notifier = KvmMmuNotifier::new(ctx.clone(), policy);
@@ -162,7 +162,7 @@ fn main() {
 
     // Fault-in 1 GiB at 4K.
     let (t4k, _) = best(3, || {
-        let (_ctx, tdp) = setup(1, PageLevel::L4K);
+        let (_ctx, tdp) = setup(1, PageSize::Size4K);
         let t = Instant::now();
         map(&tdp, 0, GIB_PAGES, 1);
         (t.elapsed(), tdp)
@@ -176,7 +176,7 @@ fn main() {
     ));
     // Fault-in 1 GiB at 2M.
     let (t2m, _) = best(5, || {
-        let (_ctx, tdp) = setup(1, PageLevel::L2M);
+        let (_ctx, tdp) = setup(1, PageSize::Size2M);
         let t = Instant::now();
         map(&tdp, 0, GIB_PAGES, 512);
         (t.elapsed(), tdp)
@@ -215,7 +215,7 @@ fn main() {
         ("never-yield", YieldPolicy::never()),
     ] {
         let (zt, r) = best(9, || {
-            let (_ctx, tdp) = setup(1, PageLevel::L4K);
+            let (_ctx, tdp) = setup(1, PageSize::Size4K);
             map(&tdp, 0, GIB_PAGES, 1);
             let t = Instant::now();
             let r = tdp.zap_range(0, GIB_PAGES, policy);
@@ -237,7 +237,7 @@ fn main() {
 
     // Zap an empty 4 TiB range.
     let (et, r) = best(9, || {
-        let (_ctx, tdp) = setup(1, PageLevel::L4K);
+        let (_ctx, tdp) = setup(1, PageSize::Size4K);
         let t = Instant::now();
         let r = tdp.zap_range(0, 4 << 28, YieldPolicy::default());
         (t.elapsed(), r)
@@ -284,7 +284,7 @@ fn main() {
     rows[n - 1].ratio = "1.00".into();
 
     // Memory per GiB mapped at 4K.
-    let (_ctx, tdp) = setup(1, PageLevel::L4K);
+    let (_ctx, tdp) = setup(1, PageSize::Size4K);
     let rss0 = rss_bytes();
     map(&tdp, 0, GIB_PAGES, 1);
     let bytes = tdp.table_bytes();

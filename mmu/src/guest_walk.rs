@@ -16,6 +16,7 @@
 //! the guest changed the entry meanwhile the whole walk restarts, at most
 //! [`MAX_WALK_RETRIES`] times (KVM's `retry_walk`).
 
+use notifier::PageSize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -167,37 +168,6 @@ pub struct EffectiveAccess {
     pub write: bool,
     pub exec: bool,
     pub user: bool,
-}
-
-/// Guest page size of a translation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum PageSize {
-    Size4K,
-    Size2M,
-    Size1G,
-}
-
-impl PageSize {
-    pub fn level(self) -> u8 {
-        match self {
-            PageSize::Size4K => 1,
-            PageSize::Size2M => 2,
-            PageSize::Size1G => 3,
-        }
-    }
-
-    pub fn from_level(level: u8) -> Option<Self> {
-        match level {
-            1 => Some(PageSize::Size4K),
-            2 => Some(PageSize::Size2M),
-            3 => Some(PageSize::Size1G),
-            _ => None,
-        }
-    }
-
-    pub fn bytes(self) -> u64 {
-        1u64 << level_shift(self.level())
-    }
 }
 
 /// Address bits translated below `level` (12, 21, 30, 39).

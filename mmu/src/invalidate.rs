@@ -196,8 +196,8 @@ impl InvalidationSubscriber for KvmMmuNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spte::PageLevel;
     use crate::tdp::{FaultOutcome, HostPage, ResolveError};
+    use notifier::PageSize;
     use notifier::{Delivery, HvaRange, MmuNotifyEvent};
     use std::time::Duration;
 
@@ -215,10 +215,10 @@ mod tests {
     fn setup(policy: YieldPolicy) -> (Arc<MmuContext>, Arc<TdpMmu>, KvmMmuNotifier) {
         let slots = Memslots::new(
             vec![
-                Memslot::new(0, 0, 4096, HVA0, PageLevel::L4K).unwrap(),
+                Memslot::new(0, 0, 4096, HVA0, PageSize::Size4K).unwrap(),
                 // Aliases the second half of slot 0's hvas.
-                Memslot::new(1, 1 << 20, 2048, HVA0 + 2048 * 4096, PageLevel::L4K).unwrap(),
-                Memslot::new(2, 1 << 21, 4096, HVA1, PageLevel::L2M).unwrap(),
+                Memslot::new(1, 1 << 20, 2048, HVA0 + 2048 * 4096, PageSize::Size4K).unwrap(),
+                Memslot::new(2, 1 << 21, 4096, HVA1, PageSize::Size2M).unwrap(),
             ],
             0,
         )

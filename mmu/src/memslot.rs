@@ -3,8 +3,8 @@
 //! from an hva range to the gfn ranges of the slots it overlaps
 //! (`__kvm_handle_hva_range` / `hva_to_gfn_memslot` in `virt/kvm/kvm_main.c`).
 
-use crate::spte::PageLevel;
 use notifier::HvaRange;
+use notifier::PageSize;
 use thiserror::Error;
 
 pub const PAGE_SHIFT: u32 = 12;
@@ -34,7 +34,7 @@ pub struct Memslot {
     /// hva of `base_gfn`.
     pub userspace_addr: u64,
     /// Host backing page size.
-    pub backing: PageLevel,
+    pub backing: PageSize,
     /// `KVM_MEM_READONLY`.
     pub readonly: bool,
 }
@@ -54,7 +54,7 @@ impl Memslot {
         base_gfn: u64,
         npages: u64,
         userspace_addr: u64,
-        backing: PageLevel,
+        backing: PageSize,
     ) -> Result<Self, MemslotError> {
         if npages == 0 {
             return Err(MemslotError::Empty { id });
@@ -121,7 +121,7 @@ impl Memslot {
     /// concerned: no larger than the host backing, the whole aligned block
     /// inside the slot, and gfn and hva equally aligned within it (KVM's
     /// `lpage_info` disallow rules for slot edges and misaligned slots).
-    pub fn max_level(&self, gfn: u64) -> PageLevel {
+    pub fn max_level(&self, gfn: u64) -> PageSize {
         let mut level = self.backing;
         while let Some(lower) = level.lower() {
             if self.level_fits(gfn, level) {
@@ -129,10 +129,10 @@ impl Memslot {
             }
             level = lower;
         }
-        PageLevel::L4K
+        PageSize::Size4K
     }
 
-    fn level_fits(&self, gfn: u64, level: PageLevel) -> bool {
+    fn level_fits(&self, gfn: u64, level: PageSize) -> bool {
         let mask = level.pages() - 1;
         let block = gfn & !mask;
         let hva_pfn = self.userspace_addr >> PAGE_SHIFT;
@@ -214,8 +214,15 @@ mod tests {
     fn slots() -> Memslots {
         Memslots::new(
             vec![
-                Memslot::new(0, 0, (G / PAGE_SIZE) * 2, 0x7f00_0000_0000, PageLevel::L1G).unwrap(),
-                Memslot::new(1, 0x100000, 1024, 0x7e00_0000_0000, PageLevel::L2M).unwrap(),
+                Memslot::new(
+                    0,
+                    0,
+                    (G / PAGE_SIZE) * 2,
+                    0x7f00_0000_0000,
+                    PageSize::Size1G,
+                )
+                .unwrap(),
+                Memslot::new(1, 0x100000, 1024, 0x7e00_0000_0000, PageSize::Size2M).unwrap(),
             ],
             1,
         )
@@ -251,8 +258,8 @@ mod tests {
     fn aliased_slots_are_all_reported() {
         let s = Memslots::new(
             vec![
-                Memslot::new(0, 0, 16, 0x10000, PageLevel::L4K).unwrap(),
-                Memslot::new(1, 100, 16, 0x10000, PageLevel::L4K).unwrap(),
+                Memslot::new(0, 0, 16, 0x10000, PageSize::Size4K).unwrap(),
+                Memslot::new(1, 100, 16, 0x10000, PageSize::Size4K).unwrap(),
             ],
             0,
         )
@@ -280,26 +287,26 @@ mod tests {
     fn max_level_follows_backing_edges_and_alignment() {
         let s = slots();
         let big = s.gfn_to_memslot(0).unwrap();
-        assert_eq!(big.max_level(12345), PageLevel::L1G);
+        assert_eq!(big.max_level(12345), PageSize::Size1G);
         let small = s.gfn_to_memslot(0x100000).unwrap();
-        assert_eq!(small.max_level(0x100000 + 5), PageLevel::L2M);
+        assert_eq!(small.max_level(0x100000 + 5), PageSize::Size2M);
         // A 2M-backed slot whose hva is only 4K-congruent to its gfns.
-        let mis = Memslot::new(2, 0, 4096, 0x7d00_0000_1000, PageLevel::L2M).unwrap();
-        assert_eq!(mis.max_level(600), PageLevel::L4K);
+        let mis = Memslot::new(2, 0, 4096, 0x7d00_0000_1000, PageSize::Size2M).unwrap();
+        assert_eq!(mis.max_level(600), PageSize::Size4K);
         // Slot edges: a slot starting mid-2M block cannot map its first block huge.
         let edge = Memslot::new(
             3,
             256,
             2048,
             0x7c00_0000_0000 + 256 * PAGE_SIZE,
-            PageLevel::L2M,
+            PageSize::Size2M,
         )
         .unwrap();
-        assert_eq!(edge.max_level(300), PageLevel::L4K);
-        assert_eq!(edge.max_level(600), PageLevel::L2M);
+        assert_eq!(edge.max_level(300), PageSize::Size4K);
+        assert_eq!(edge.max_level(600), PageSize::Size2M);
         assert_eq!(
             edge.max_level(2048 + 255),
-            PageLevel::L4K,
+            PageSize::Size4K,
             "last block sticks out"
         );
     }
@@ -307,24 +314,24 @@ mod tests {
     #[test]
     fn bad_slots_are_refused() {
         assert_eq!(
-            Memslot::new(0, 0, 0, 0, PageLevel::L4K),
+            Memslot::new(0, 0, 0, 0, PageSize::Size4K),
             Err(MemslotError::Empty { id: 0 })
         );
         assert!(matches!(
-            Memslot::new(0, 0, 1, 0x1001, PageLevel::L4K),
+            Memslot::new(0, 0, 1, 0x1001, PageSize::Size4K),
             Err(MemslotError::UnalignedHva { .. })
         ));
         assert!(matches!(
-            Memslot::new(0, u64::MAX, 2, 0, PageLevel::L4K),
+            Memslot::new(0, u64::MAX, 2, 0, PageSize::Size4K),
             Err(MemslotError::Overflow { .. })
         ));
-        let a = Memslot::new(0, 0, 10, 0, PageLevel::L4K).unwrap();
-        let b = Memslot::new(1, 5, 10, 0x100000, PageLevel::L4K).unwrap();
+        let a = Memslot::new(0, 0, 10, 0, PageSize::Size4K).unwrap();
+        let b = Memslot::new(1, 5, 10, 0x100000, PageSize::Size4K).unwrap();
         assert_eq!(
             Memslots::new(vec![a, b], 0),
             Err(MemslotError::Overlap { a: 0, b: 1 })
         );
-        let c = Memslot::new(0, 20, 10, 0x100000, PageLevel::L4K).unwrap();
+        let c = Memslot::new(0, 20, 10, 0x100000, PageSize::Size4K).unwrap();
         assert_eq!(
             Memslots::new(vec![a, c], 0),
             Err(MemslotError::DuplicateId { id: 0 })

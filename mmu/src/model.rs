@@ -18,8 +18,8 @@ use crate::invalidate::MmuContext;
 use crate::memslot::{Memslot, MemslotError, Memslots};
 use crate::nested::NestedMmu;
 use crate::shadow::FaultError;
-use crate::spte::PageLevel;
 use crate::RemoteTlb;
+use notifier::PageSize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -328,9 +328,9 @@ pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedMode
     }
 
     let backing = if cfg.host_max_level >= 2 {
-        PageLevel::L2M
+        PageSize::Size2M
     } else {
-        PageLevel::L4K
+        PageSize::Size4K
     };
     let slots = Memslots::new(vec![Memslot::new(0, 0, npages, MODEL_L1_HVA, backing)?], 0)?;
     let ctx = MmuContext::new(slots, tlb);

@@ -22,6 +22,7 @@
 //! Writability: only the four legal (HostW, MMUW, W) states of KVM's
 //! `is_writable_pte()` comment are constructible, through [`Writability`].
 
+use notifier::PageSize;
 use thiserror::Error;
 
 pub const SPTE_R: u64 = 1 << 0;
@@ -53,54 +54,6 @@ pub const SPTE_MMIO_GEN_BITS: u32 = 8;
 pub const SPTE_MMIO_GEN_MASK: u64 = ((1 << SPTE_MMIO_GEN_BITS) - 1) << SPTE_MMIO_GEN_SHIFT;
 /// Largest pfn (40 bits, MAXPHYADDR 52).
 pub const PFN_MAX: u64 = SPTE_PFN_MASK >> SPTE_PFN_SHIFT;
-
-/// `PG_LEVEL_4K` / `PG_LEVEL_2M` / `PG_LEVEL_1G`: the sizes a leaf can map.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub enum PageLevel {
-    L4K = 1,
-    L2M = 2,
-    L1G = 3,
-}
-
-impl PageLevel {
-    pub const ALL: [PageLevel; 3] = [PageLevel::L4K, PageLevel::L2M, PageLevel::L1G];
-
-    /// KVM's level number (1 = 4K).
-    pub fn number(self) -> u8 {
-        self as u8
-    }
-
-    pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            1 => Some(Self::L4K),
-            2 => Some(Self::L2M),
-            3 => Some(Self::L1G),
-            _ => None,
-        }
-    }
-
-    /// 4K pages (gfns) one leaf of this level maps: 1, 512, 262144
-    /// (`KVM_PAGES_PER_HPAGE`).
-    pub fn pages(self) -> u64 {
-        1 << self.gfn_shift()
-    }
-
-    /// log2 of [`pages`](Self::pages).
-    pub fn gfn_shift(self) -> u32 {
-        9 * (self as u32 - 1)
-    }
-
-    pub fn bytes(self) -> u64 {
-        self.pages() << 12
-    }
-
-    /// The next smaller level, if any.
-    pub fn lower(self) -> Option<Self> {
-        Self::from_number(self as u8 - 1)
-    }
-}
 
 /// The four legal (HostW, MMUW, W) states (spte.h, above `is_writable_pte`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -194,7 +147,7 @@ pub enum SpteError {
     #[error("pfn {pfn:#x} does not fit in the SPTE (max {PFN_MAX:#x})")]
     PfnTooLarge { pfn: u64 },
     #[error("pfn {pfn:#x} is not aligned to a {level:?} leaf")]
-    PfnMisaligned { pfn: u64, level: PageLevel },
+    PfnMisaligned { pfn: u64, level: PageSize },
     #[error("table address {addr:#x} is not a 4 KiB aligned address the SPTE can hold")]
     BadTableAddress { addr: u64 },
     #[error("SPTE {raw:#x}: illegal (HostW, MMUW, W) combination")]
@@ -282,7 +235,7 @@ impl Spte {
 
     /// `make_spte` for a leaf at `level` mapping `pfn` (the first pfn of the
     /// huge page for 2M/1G leaves).
-    pub fn leaf(pfn: u64, level: PageLevel, attrs: LeafAttrs) -> Result<Self, SpteError> {
+    pub fn leaf(pfn: u64, level: PageSize, attrs: LeafAttrs) -> Result<Self, SpteError> {
         if pfn > PFN_MAX {
             return Err(SpteError::PfnTooLarge { pfn });
         }
@@ -295,7 +248,7 @@ impl Spte {
         if attrs.exec {
             raw |= SPTE_X;
         }
-        if level != PageLevel::L4K {
+        if level != PageSize::Size4K {
             raw |= SPTE_LARGE;
         }
         if attrs.accessed {
@@ -493,7 +446,7 @@ mod tests {
     #[test]
     fn every_legal_leaf_round_trips() {
         let mut n = 0;
-        for level in PageLevel::ALL {
+        for level in PageSize::ALL {
             for pfn in [
                 0,
                 level.pages(),
@@ -511,8 +464,8 @@ mod tests {
                     assert_eq!(s.is_accessed(), a.accessed);
                     assert_eq!(s.is_dirty(), a.dirty);
                     assert_eq!(s.is_user(), a.user);
-                    assert_eq!(s.is_large(), level != PageLevel::L4K);
-                    assert!(s.is_last(level.number()));
+                    assert_eq!(s.is_large(), level != PageSize::Size4K);
+                    assert!(s.is_last(level.level()));
                     // W implies MMUW implies HostW.
                     assert!(!s.is_writable() || s.is_mmu_writable());
                     assert!(!s.is_mmu_writable() || s.is_host_writable());
@@ -525,7 +478,7 @@ mod tests {
 
     #[test]
     fn exactly_four_writability_states_are_legal() {
-        let base = Spte::leaf(0x42, PageLevel::L4K, LeafAttrs::default())
+        let base = Spte::leaf(0x42, PageSize::Size4K, LeafAttrs::default())
             .unwrap()
             .raw()
             & !(SPTE_W | SPTE_HOST_WRITABLE | SPTE_MMU_WRITABLE);
@@ -556,7 +509,7 @@ mod tests {
         for w in Writability::ALL {
             let s = Spte::leaf(
                 7,
-                PageLevel::L4K,
+                PageSize::Size4K,
                 LeafAttrs {
                     writability: w,
                     ..LeafAttrs::default()
@@ -621,28 +574,28 @@ mod tests {
     fn bad_pfns_are_refused() {
         let a = LeafAttrs::default();
         assert_eq!(
-            Spte::leaf(PFN_MAX + 1, PageLevel::L4K, a),
+            Spte::leaf(PFN_MAX + 1, PageSize::Size4K, a),
             Err(SpteError::PfnTooLarge { pfn: PFN_MAX + 1 })
         );
         assert_eq!(
-            Spte::leaf(1, PageLevel::L2M, a),
+            Spte::leaf(1, PageSize::Size2M, a),
             Err(SpteError::PfnMisaligned {
                 pfn: 1,
-                level: PageLevel::L2M
+                level: PageSize::Size2M
             })
         );
         assert_eq!(
-            Spte::leaf(512, PageLevel::L1G, a),
+            Spte::leaf(512, PageSize::Size1G, a),
             Err(SpteError::PfnMisaligned {
                 pfn: 512,
-                level: PageLevel::L1G
+                level: PageSize::Size1G
             })
         );
     }
 
     #[test]
     fn reserved_memtype_is_refused() {
-        let s = Spte::leaf(1, PageLevel::L4K, LeafAttrs::default()).unwrap();
+        let s = Spte::leaf(1, PageSize::Size4K, LeafAttrs::default()).unwrap();
         let raw = (s.raw() & !SPTE_MEMTYPE_MASK) | (2 << SPTE_MEMTYPE_SHIFT);
         assert_eq!(
             Spte::try_from_raw(raw),
@@ -652,11 +605,11 @@ mod tests {
 
     #[test]
     fn levels() {
-        assert_eq!(PageLevel::L4K.pages(), 1);
-        assert_eq!(PageLevel::L2M.pages(), 512);
-        assert_eq!(PageLevel::L1G.pages(), 262_144);
-        assert_eq!(PageLevel::L1G.bytes(), 1 << 30);
-        assert_eq!(PageLevel::L1G.lower(), Some(PageLevel::L2M));
-        assert_eq!(PageLevel::L4K.lower(), None);
+        assert_eq!(PageSize::Size4K.pages(), 1);
+        assert_eq!(PageSize::Size2M.pages(), 512);
+        assert_eq!(PageSize::Size1G.pages(), 262_144);
+        assert_eq!(PageSize::Size1G.bytes(), 1 << 30);
+        assert_eq!(PageSize::Size1G.lower(), Some(PageSize::Size2M));
+        assert_eq!(PageSize::Size4K.lower(), None);
     }
 }

@@ -64,12 +64,12 @@ mmu_stats! {
 
 impl MmuStats {
     /// `pages_4k` / `pages_2m` / `pages_1g`: the leaf counter of `level`.
-    pub fn pages(&self, level: crate::spte::PageLevel) -> &AtomicU64 {
-        use crate::spte::PageLevel;
+    pub fn pages(&self, level: notifier::PageSize) -> &AtomicU64 {
+        use notifier::PageSize;
         match level {
-            PageLevel::L4K => &self.pages_4k,
-            PageLevel::L2M => &self.pages_2m,
-            PageLevel::L1G => &self.pages_1g,
+            PageSize::Size4K => &self.pages_4k,
+            PageSize::Size2M => &self.pages_2m,
+            PageSize::Size1G => &self.pages_1g,
         }
     }
 

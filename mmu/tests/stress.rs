@@ -15,9 +15,9 @@
 //! `MMU_STRESS_SECS=10 cargo test -p mmu --release --test stress`
 
 use mmu::memslot::{Memslot, Memslots};
-use mmu::spte::PageLevel;
 use mmu::tdp::{FaultOutcome, HostPage, Leaf, ResolveError, ResolvePfn, TdpMmu, POISON_PFN};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+use notifier::PageSize;
 use notifier::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,7 +69,7 @@ impl Host {
     }
 
     /// A never-used, `level`-aligned pfn run.
-    fn fresh(&self, level: PageLevel) -> u64 {
+    fn fresh(&self, level: PageSize) -> u64 {
         let n = level.pages();
         let p = self.next_pfn.fetch_add(2 * n, Ordering::Relaxed);
         (p + n - 1) & !(n - 1)
@@ -129,9 +129,9 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
         .unwrap_or(10);
     let slots = vec![
         // 16 MiB of 4K pages, 256 MiB of 2M pages, 2 GiB of 1G pages.
-        Memslot::new(0, 0, 4096, 0x7000_0000_0000, PageLevel::L4K).unwrap(),
-        Memslot::new(1, 1 << 18, 1 << 16, 0x7100_0000_0000, PageLevel::L2M).unwrap(),
-        Memslot::new(2, 1 << 19, 1 << 19, 0x7200_0000_0000, PageLevel::L1G).unwrap(),
+        Memslot::new(0, 0, 4096, 0x7000_0000_0000, PageSize::Size4K).unwrap(),
+        Memslot::new(1, 1 << 18, 1 << 16, 0x7100_0000_0000, PageSize::Size2M).unwrap(),
+        Memslot::new(2, 1 << 19, 1 << 19, 0x7200_0000_0000, PageSize::Size1G).unwrap(),
     ];
     let host = Arc::new(Host::new(&slots));
     let ctx = MmuContext::new(
@@ -213,7 +213,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
         let s = &slots[rng.below(3) as usize];
         let host_pages = s.npages >> s.backing.gfn_shift();
         let first = rng.below(host_pages);
-        let n = 1 + rng.below((host_pages - first).min(if s.backing == PageLevel::L4K {
+        let n = 1 + rng.below((host_pages - first).min(if s.backing == PageSize::Size4K {
             1024
         } else {
             8
@@ -292,9 +292,9 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
     assert_eq!(
         (st.pages_4k, st.pages_2m, st.pages_1g),
         (
-            count(PageLevel::L4K),
-            count(PageLevel::L2M),
-            count(PageLevel::L1G)
+            count(PageSize::Size4K),
+            count(PageSize::Size2M),
+            count(PageSize::Size1G)
         )
     );
     tdp.zap_range(0, 1 << 36, YieldPolicy::default());

@@ -11,12 +11,13 @@
 
 use crate::error::{is_root, Error, Result};
 use crate::hostconf::{HugepageReservation, SysctlGuard};
-use crate::hostmm::{Backing, HostMm, PageSize, Placement};
+use crate::hostmm::{Backing, HostMm, Placement};
 use crate::ops::Discard;
 use crate::predict::{Notified, PMD_SIZE as M2, PUD_SIZE as G};
 use crate::subscriber::{HvaRange, MmuNotifyEvent, Subscribers};
 use crate::trace::TraceSource;
 use crate::uffd::{Uffd, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
+use crate::PageSize;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -265,7 +266,7 @@ struct Spec {
 impl Spec {
     fn gib_pages(&self) -> u64 {
         match self.backing.page_size() {
-            PageSize::Huge1G => self.len / G,
+            PageSize::Size1G => self.len / G,
             _ => 0,
         }
     }
@@ -326,40 +327,40 @@ fn cases() -> Vec<Spec> {
     };
     vec![
         // shared 2M memfd, 2 GiB at a 1 GiB-aligned address (PMD sharing possible)
-        spec("shared 2M 2G-span: DONTNEED 2M @+512M populated", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, 2 * M2)], Op::DontNeed(G / 2, M2)),
-        spec("shared 2M 2G-span: DONTNEED 2M @+512M unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::DontNeed(G / 2, M2)),
-        spec("shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G + M2, M2)], Op::Remove(G + M2, M2)),
-        spec("shared 2M 2G-span: punch-hole file 1G+2M", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Punch(G, M2)),
-        spec("shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)", SharedMemfd(Huge2M), 2 * G, span, &[(G, 2 * M2)], Op::Punch(G + K4, M2)),
-        spec("shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
-        spec("shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)", SharedMemfd(Huge2M), 2 * G, span, &[(G, M2)], Op::Protect(G, G)),
-        spec("shared 2M 2G-span: mprotect whole, unpopulated", SharedMemfd(Huge2M), 2 * G, span, &[], Op::Protect(0, 2 * G)),
-        spec("shared 2M 2G-span: munmap 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Unmap(G / 2, M2)),
-        spec("shared 2M 2G-span: uffd write-protect 2M @+512M", SharedMemfd(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::WriteProtect(G / 2, M2)),
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M populated", SharedMemfd(Size2M), 2 * G, span, &[(G / 2, 2 * M2)], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: DONTNEED 2M @+512M unpopulated", SharedMemfd(Size2M), 2 * G, span, &[], Op::DontNeed(G / 2, M2)),
+        spec("shared 2M 2G-span: MADV_REMOVE 2M @+1G+2M", SharedMemfd(Size2M), 2 * G, span, &[(G + M2, M2)], Op::Remove(G + M2, M2)),
+        spec("shared 2M 2G-span: punch-hole file 1G+2M", SharedMemfd(Size2M), 2 * G, span, &[(G, M2)], Op::Punch(G, M2)),
+        spec("shared 2M 2G-span: punch-hole 1G+4K,2M (rounds to empty)", SharedMemfd(Size2M), 2 * G, span, &[(G, 2 * M2)], Op::Punch(G + K4, M2)),
+        spec("shared 2M 2G-span: mprotect 2M @+512M (split unshares PUD)", SharedMemfd(Size2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("shared 2M 2G-span: mprotect [+1G,+2G) (PUD-aligned split)", SharedMemfd(Size2M), 2 * G, span, &[(G, M2)], Op::Protect(G, G)),
+        spec("shared 2M 2G-span: mprotect whole, unpopulated", SharedMemfd(Size2M), 2 * G, span, &[], Op::Protect(0, 2 * G)),
+        spec("shared 2M 2G-span: munmap 2M @+512M", SharedMemfd(Size2M), 2 * G, span, &[(G / 2, M2)], Op::Unmap(G / 2, M2)),
+        spec("shared 2M 2G-span: uffd write-protect 2M @+512M", SharedMemfd(Size2M), 2 * G, span, &[(G / 2, M2)], Op::WriteProtect(G / 2, M2)),
         // shared 2M memfd, 2 GiB starting 512 MiB past a 1 GiB boundary: only [+512M,+1.5G) is an aligned 1 GiB block
-        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+0 (outside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(0, M2)], Op::DontNeed(0, M2)),
-        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+1G (inside the aligned block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::DontNeed(G, M2)),
-        spec("shared 2M 2G @1G+512M: mprotect 2M @+1G (split inside the block)", SharedMemfd(Huge2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::Protect(G, M2)),
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+0 (outside the aligned block)", SharedMemfd(Size2M), 2 * G, Placement::pud_offset(G / 2), &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("shared 2M 2G @1G+512M: DONTNEED 2M @+1G (inside the aligned block)", SharedMemfd(Size2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::DontNeed(G, M2)),
+        spec("shared 2M 2G @1G+512M: mprotect 2M @+1G (split inside the block)", SharedMemfd(Size2M), 2 * G, Placement::pud_offset(G / 2), &[(G, M2)], Op::Protect(G, M2)),
         // shared 2M memfd, 32 MiB not spanning a PUD
-        spec("shared 2M 32M: DONTNEED 2M @+4M", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::DontNeed(4 * M, M2)),
-        spec("shared 2M 32M: mprotect 4M @+8M (split, no unshare)", SharedMemfd(Huge2M), 32 * M, small, &[(8 * M, 4 * M)], Op::Protect(8 * M, 4 * M)),
-        spec("shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Punch(M, 5 * M)),
-        spec("shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 8 * M)], Op::Remove(2 * M, 3 * M)),
-        spec("shared 2M 32M: mremap whole to a reservation", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::RemapWhole),
+        spec("shared 2M 32M: DONTNEED 2M @+4M", SharedMemfd(Size2M), 32 * M, small, &[(0, 8 * M)], Op::DontNeed(4 * M, M2)),
+        spec("shared 2M 32M: mprotect 4M @+8M (split, no unshare)", SharedMemfd(Size2M), 32 * M, small, &[(8 * M, 4 * M)], Op::Protect(8 * M, 4 * M)),
+        spec("shared 2M 32M: punch-hole 1M,5M (rounds in to [2M,6M))", SharedMemfd(Size2M), 32 * M, small, &[(0, 8 * M)], Op::Punch(M, 5 * M)),
+        spec("shared 2M 32M: MADV_REMOVE 3M @+2M (rounds in)", SharedMemfd(Size2M), 32 * M, small, &[(0, 8 * M)], Op::Remove(2 * M, 3 * M)),
+        spec("shared 2M 32M: mremap whole to a reservation", SharedMemfd(Size2M), 32 * M, small, &[(0, 4 * M)], Op::RemapWhole),
         // private hugetlb 2M
-        spec("private 2M 2G-span: DONTNEED 2M @+0 populated", PrivateHugetlb(Huge2M), 2 * G, span, &[(0, M2)], Op::DontNeed(0, M2)),
-        spec("private 2M: DONTNEED 2M+4K (length rounds down)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::DontNeed(0, M2 + K4)),
-        spec("private 2M: DONTNEED 4K (sub-page: no-op)", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, M2)], Op::DontNeed(0, K4)),
-        spec("private 2M: mprotect 16M unpopulated", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Protect(0, 16 * M)),
-        spec("private 2M 2G-span: mprotect 2M @+512M (no unshare)", PrivateHugetlb(Huge2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
-        spec("private 2M: munmap 2M @+2M", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 8 * M)], Op::Unmap(M2, M2)),
-        spec("private 2M: mremap whole to a reservation", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::RemapWhole),
+        spec("private 2M 2G-span: DONTNEED 2M @+0 populated", PrivateHugetlb(Size2M), 2 * G, span, &[(0, M2)], Op::DontNeed(0, M2)),
+        spec("private 2M: DONTNEED 2M+4K (length rounds down)", PrivateHugetlb(Size2M), 16 * M, small, &[(0, 4 * M)], Op::DontNeed(0, M2 + K4)),
+        spec("private 2M: DONTNEED 4K (sub-page: no-op)", PrivateHugetlb(Size2M), 16 * M, small, &[(0, M2)], Op::DontNeed(0, K4)),
+        spec("private 2M: mprotect 16M unpopulated", PrivateHugetlb(Size2M), 16 * M, small, &[], Op::Protect(0, 16 * M)),
+        spec("private 2M 2G-span: mprotect 2M @+512M (no unshare)", PrivateHugetlb(Size2M), 2 * G, span, &[(G / 2, M2)], Op::Protect(G / 2, M2)),
+        spec("private 2M: munmap 2M @+2M", PrivateHugetlb(Size2M), 16 * M, small, &[(0, 8 * M)], Op::Unmap(M2, M2)),
+        spec("private 2M: mremap whole to a reservation", PrivateHugetlb(Size2M), 16 * M, small, &[(0, 4 * M)], Op::RemapWhole),
         // 1 GiB pages
-        spec("shared 1G x1: mprotect 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::Protect(0, G)),
-        spec("shared 1G x1: DONTNEED 1G", SharedMemfd(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
-        spec("private 1G x1: DONTNEED 1G", PrivateHugetlb(Huge1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
-        spec("shared 1G x2: punch-hole second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Punch(G, G)),
-        spec("shared 1G x2: munmap second 1G", SharedMemfd(Huge1G), 2 * G, span, &[(0, 2 * G)], Op::Unmap(G, G)),
+        spec("shared 1G x1: mprotect 1G", SharedMemfd(Size1G), G, span, &[(0, G)], Op::Protect(0, G)),
+        spec("shared 1G x1: DONTNEED 1G", SharedMemfd(Size1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("private 1G x1: DONTNEED 1G", PrivateHugetlb(Size1G), G, span, &[(0, G)], Op::DontNeed(0, G)),
+        spec("shared 1G x2: punch-hole second 1G", SharedMemfd(Size1G), 2 * G, span, &[(0, 2 * G)], Op::Punch(G, G)),
+        spec("shared 1G x2: munmap second 1G", SharedMemfd(Size1G), 2 * G, span, &[(0, 2 * G)], Op::Unmap(G, G)),
         // plain anonymous memory: the PUD-level mprotect rule
         spec("anon 4G: mprotect [+1G,+2G) nothing touched", anon, 4 * G, span, &[], Op::Protect(G, G)),
         spec("anon 4G: one 4K touched @+1.5G, mprotect [+1G,+2G)", anon, 4 * G, span, &[(G + G / 2, K4)], Op::Protect(G, G)),
@@ -369,10 +370,10 @@ fn cases() -> Vec<Spec> {
         spec("anon 64M: DONTNEED 64K @+1M", anon, 64 * M, span, &[(0, 4 * M)], Op::DontNeed(M, 64 * 1024)),
         spec("anon 64M: munmap 1M @+2M", anon, 64 * M, span, &[(0, 4 * M)], Op::Unmap(2 * M, M)),
         // fork of the VMM (COW write-protection of private memory)
-        spec("fork: private 2M 16M populated", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::Fork),
-        spec("fork: private 2M 16M unpopulated (no anon_vma)", PrivateHugetlb(Huge2M), 16 * M, small, &[], Op::Fork),
-        spec("fork: private 2M 16M populated, MADV_DONTFORK", PrivateHugetlb(Huge2M), 16 * M, small, &[(0, 4 * M)], Op::ForkDontFork),
-        spec("fork: shared 2M 32M populated (not COW)", SharedMemfd(Huge2M), 32 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: private 2M 16M populated", PrivateHugetlb(Size2M), 16 * M, small, &[(0, 4 * M)], Op::Fork),
+        spec("fork: private 2M 16M unpopulated (no anon_vma)", PrivateHugetlb(Size2M), 16 * M, small, &[], Op::Fork),
+        spec("fork: private 2M 16M populated, MADV_DONTFORK", PrivateHugetlb(Size2M), 16 * M, small, &[(0, 4 * M)], Op::ForkDontFork),
+        spec("fork: shared 2M 32M populated (not COW)", SharedMemfd(Size2M), 32 * M, small, &[(0, 4 * M)], Op::Fork),
         spec("fork: anon 64M one 4K touched", anon, 64 * M, span, &[(M, K4)], Op::Fork),
     ]
 }
@@ -429,7 +430,7 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
         ),
         (
             "NUMA hint (numa_balancing=1): private hugetlb 2M 16M (skipped by task_numa_work)",
-            Backing::PrivateHugetlb(PageSize::Huge2M),
+            Backing::PrivateHugetlb(PageSize::Size2M),
             16 * M,
         ),
     ];
@@ -549,8 +550,8 @@ pub fn run(opts: CheckOptions) -> Result<Report> {
         });
     }
     let t0 = Instant::now();
-    let _r2m = HugepageReservation::require(PageSize::Huge2M, 64)?;
-    let r1g = HugepageReservation::reserve(PageSize::Huge1G, 2)?;
+    let _r2m = HugepageReservation::require(PageSize::Size2M, 64)?;
+    let r1g = HugepageReservation::reserve(PageSize::Size1G, 2)?;
     let gib = r1g.available;
     let mut trace = TraceSource::open()?;
     let mut ctx = Ctx { trace: &mut trace };

@@ -3,7 +3,7 @@
 //! `kernel.numa_balancing`.
 
 use crate::error::{is_root, Error, Result};
-use crate::hostmm::PageSize;
+use crate::PageSize;
 use std::path::PathBuf;
 
 fn read_u64(path: &PathBuf) -> Result<u64> {
@@ -29,19 +29,15 @@ fn write_str(path: &PathBuf, v: &str) -> Result<()> {
 
 /// Huge pages of `size` a new mapping can get right now: free pages minus
 /// those already promised to other mappings' reservations (`resv_hugepages`;
-/// a free-but-reserved page faulted by someone else is a SIGBUS).
+/// a free-but-reserved page faulted by someone else is a SIGBUS). 0 for
+/// 4 KiB, which has no pool.
 pub fn free_hugepages(size: PageSize) -> u64 {
-    let dir = pool_dir(size);
+    let Some(dir) = size.hugetlb_pool() else {
+        return 0;
+    };
     let free = read_u64(&dir.join("free_hugepages")).unwrap_or(0);
     let resv = read_u64(&dir.join("resv_hugepages")).unwrap_or(0);
     free.saturating_sub(resv)
-}
-
-fn pool_dir(size: PageSize) -> PathBuf {
-    PathBuf::from(format!(
-        "/sys/kernel/mm/hugepages/hugepages-{}kB",
-        size.kib()
-    ))
 }
 
 /// Makes sure `count` free huge pages of one size exist, raising
@@ -58,7 +54,14 @@ impl HugepageReservation {
     /// Reserve up to `count` pages; never fails for a shortfall: look at
     /// `available` (or use [`Self::require`]).
     pub fn reserve(size: PageSize, count: u64) -> Result<Self> {
-        let dir = pool_dir(size);
+        let Some(dir) = size.hugetlb_pool() else {
+            // 4 KiB pages come from no pool: nothing to reserve.
+            return Ok(Self {
+                size,
+                added: 0,
+                available: count,
+            });
+        };
         let nr_path = dir.join("nr_hugepages");
         let free = free_hugepages(size);
         if free >= count {
@@ -111,7 +114,10 @@ impl Drop for HugepageReservation {
         if self.added == 0 {
             return;
         }
-        let nr_path = pool_dir(self.size).join("nr_hugepages");
+        let Some(dir) = self.size.hugetlb_pool() else {
+            return;
+        };
+        let nr_path = dir.join("nr_hugepages");
         if let Ok(nr) = read_u64(&nr_path) {
             let _ = write_str(&nr_path, &nr.saturating_sub(self.added).to_string());
         }

@@ -9,51 +9,21 @@
 //! (after MADV_DONTNEED the PMD table stays) until the VMAs around them go.
 
 use crate::error::{Error, Result};
+use crate::page_size::PageSize;
 use crate::pagemap::Pagemap;
 use crate::predict::{align_down, align_up, FileVma, VmaShape, PUD_SIZE};
 use crate::subscriber::{HvaRange, Subscribers};
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Page size backing a region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum PageSize {
-    /// 4 KiB pages (THP may still back them with 2 MiB pages).
-    Base,
-    Huge2M,
-    Huge1G,
-}
-
-impl PageSize {
-    pub fn bytes(self) -> u64 {
-        match self {
-            PageSize::Base => 4096,
-            PageSize::Huge2M => 2 << 20,
-            PageSize::Huge1G => 1 << 30,
-        }
-    }
-
-    /// `MAP_HUGE_*` / `MFD_HUGE_*` encoding (log2 of the size << 26).
-    fn huge_flag(self) -> i32 {
-        match self {
-            PageSize::Base => 0,
-            PageSize::Huge2M => 21 << 26,
-            PageSize::Huge1G => 30 << 26,
-        }
-    }
-
-    /// sysfs size name in KiB.
-    pub fn kib(self) -> u64 {
-        self.bytes() / 1024
-    }
-}
-
-/// What backs a region.
+/// What backs a region of guest RAM: the one RAM-backing type of the
+/// workspace (the VMM's `--hugepages` and `--configs` name one of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Backing {
-    /// `MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB`.
+    /// `MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB` (a huge size).
     PrivateHugetlb(PageSize),
-    /// `memfd_create(MFD_HUGETLB)` mapped `MAP_SHARED` (PMD sharing possible).
+    /// A memfd mapped `MAP_SHARED`: `MFD_HUGETLB` for a huge size (PMD
+    /// sharing possible), a plain (shmem) memfd for 4 KiB.
     SharedMemfd(PageSize),
     /// `MAP_PRIVATE|MAP_ANONYMOUS`, with `MADV_HUGEPAGE` when `thp`.
     Anon { thp: bool },
@@ -63,12 +33,59 @@ impl Backing {
     pub fn page_size(self) -> PageSize {
         match self {
             Backing::PrivateHugetlb(p) | Backing::SharedMemfd(p) => p,
-            Backing::Anon { .. } => PageSize::Base,
+            Backing::Anon { .. } => PageSize::Size4K,
         }
     }
 
     pub fn is_hugetlb(self) -> bool {
-        !matches!(self, Backing::Anon { .. })
+        match self {
+            Backing::PrivateHugetlb(_) => true,
+            Backing::SharedMemfd(p) => p.is_huge(),
+            Backing::Anon { .. } => false,
+        }
+    }
+
+    /// Whether the memory is a shared memfd (a file: hole punch, a second
+    /// mapping, MINOR faults).
+    pub fn is_shared(self) -> bool {
+        matches!(self, Backing::SharedMemfd(_))
+    }
+}
+
+/// `shared-2M`, `private-1G`, `shared-4K` (a plain memfd), `anon`, `thp`.
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::SharedMemfd(p) => write!(f, "shared-{p}"),
+            Backing::PrivateHugetlb(p) => write!(f, "private-{p}"),
+            Backing::Anon { thp: false } => f.write_str("anon"),
+            Backing::Anon { thp: true } => f.write_str("thp"),
+        }
+    }
+}
+
+impl std::str::FromStr for Backing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "unknown RAM backing {s:?}: expected shared-2M, shared-1G, shared-4K, \
+                 private-2M, private-1G, anon or thp"
+            )
+        };
+        let s = s.trim();
+        match s.to_ascii_lowercase().as_str() {
+            "anon" => return Ok(Backing::Anon { thp: false }),
+            "thp" => return Ok(Backing::Anon { thp: true }),
+            _ => {}
+        }
+        let (kind, size) = s.split_once('-').ok_or_else(bad)?;
+        let size: PageSize = size.parse().map_err(|_| bad())?;
+        match kind.to_ascii_lowercase().as_str() {
+            "shared" => Ok(Backing::SharedMemfd(size)),
+            "private" if size.is_huge() => Ok(Backing::PrivateHugetlb(size)),
+            _ => Err(bad()),
+        }
     }
 }
 
@@ -254,6 +271,12 @@ impl HostMm {
     /// Map a region of guest RAM. Hugetlb regions use `MAP_NORESERVE`: huge
     /// pages are taken when touched ([`Self::populate`]).
     pub fn map(&mut self, backing: Backing, len: u64, place: Placement) -> Result<RegionId> {
+        if backing == Backing::PrivateHugetlb(PageSize::Size4K) {
+            return Err(Error::Unsupported {
+                op: "map",
+                why: "private hugetlb needs a huge page size (2M or 1G)",
+            });
+        }
         let ps = backing.page_size().bytes();
         if len == 0 || !len.is_multiple_of(ps) || !place.offset.is_multiple_of(ps) {
             return Err(Error::Unaligned {
@@ -285,15 +308,10 @@ impl HostMm {
             Backing::SharedMemfd(p) => {
                 let name = c"guest-ram";
                 // SAFETY: valid NUL-terminated name; flags are plain bits.
-                let fd = unsafe {
-                    libc::memfd_create(
-                        name.as_ptr(),
-                        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | p.huge_flag() as u32,
-                    )
-                };
+                let fd = unsafe { libc::memfd_create(name.as_ptr(), p.memfd_flags()) };
                 if fd < 0 {
                     Self::finish_placement(r0, total, r0 + total, 0);
-                    return Err(Error::last_os("memfd_create(MFD_HUGETLB)"));
+                    return Err(Error::last_os("memfd_create"));
                 }
                 // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
                 let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -346,10 +364,10 @@ impl HostMm {
         let shape = VmaShape {
             range: HvaRange::new(addr, addr + len),
             hugetlb: backing.is_hugetlb().then_some(backing.page_size().bytes()),
-            may_share: matches!(backing, Backing::SharedMemfd(_)),
+            may_share: backing.is_shared(),
             prot: prot_rw(),
         };
-        let file_offset = matches!(backing, Backing::SharedMemfd(_)).then_some(0);
+        let file_offset = backing.is_shared().then_some(0);
         self.insert_vma(Vma {
             shape,
             region: Some(id),

@@ -6,6 +6,7 @@
 //! [`subscriber::InvalidationSubscriber`] (implemented by `mmu`). Nothing in
 //! this crate knows about SPTEs.
 //!
+//! * [`page_size`]: the x86 page sizes (4K/2M/1G), one type for the workspace.
 //! * [`hostmm`]: guest RAM regions and their VMAs as the kernel sees them.
 //! * [`predict`]: the kernel's notifier ranges, as pure functions.
 //! * [`ops`]: operations on guest RAM that announce (start) before the
@@ -20,6 +21,7 @@ pub mod error;
 pub mod hostconf;
 pub mod hostmm;
 pub mod ops;
+pub mod page_size;
 pub mod pagemap;
 pub mod predict;
 pub mod seq;
@@ -29,6 +31,7 @@ pub mod trace;
 pub mod uffd;
 
 pub use error::{Error, Result};
+pub use page_size::PageSize;
 pub use seq::{InvalidationSeq, SeqSnapshot};
 pub use subscriber::{
     Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent, Subscribers,

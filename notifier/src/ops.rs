@@ -350,8 +350,9 @@ impl HostMm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hostmm::{Backing, PageSize, Placement};
+    use crate::hostmm::{Backing, Placement};
     use crate::subscriber::Subscribers;
+    use crate::PageSize;
 
     /// Unaligned hugetlb ranges are refused with a typed error before any
     /// syscall or announcement (MAP_NORESERVE: no huge page is needed).
@@ -361,7 +362,7 @@ mod tests {
             return;
         };
         let Ok(id) = mm.map(
-            Backing::PrivateHugetlb(PageSize::Huge2M),
+            Backing::PrivateHugetlb(PageSize::Size2M),
             8 << 20,
             Placement::pud_offset(2 << 20),
         ) else {

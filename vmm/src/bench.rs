@@ -33,16 +33,14 @@
 
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
 use crate::host_events::EventSources;
-use crate::memory::HugePages;
 use crate::run::{self, RunArgs, RunError};
 use crate::uffd_fault::pin_to_cpu;
 use crate::uffd_fault::{self, FaultOptions};
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
-use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
 use mmu::{MmuContext, RemoteTlb};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 use notifier::Subscribers;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,12 +217,11 @@ fn host_touch(mem: u64, var: &Variant, pin: bool) -> Result<Vec<u64>, BenchError
         variant: var.name,
         reason: e.to_string(),
     };
-    let ram =
-        UffdGuestRam::with_events(mem, HugePages::Huge2M, var.mode, Subscribers::new(), false)
-            .map_err(|e| err(&e))?;
+    let ram = UffdGuestRam::with_events(mem, PageSize::Size2M, var.mode, Subscribers::new(), false)
+        .map_err(|e| err(&e))?;
     let ram = Arc::new(ram);
     let size = ram.size();
-    let slot = Memslot::new(0, 0, size >> PAGE_SHIFT, ram.guest_hva(), PageLevel::L2M)
+    let slot = Memslot::new(0, 0, size >> PAGE_SHIFT, ram.guest_hva(), PageSize::Size2M)
         .map_err(|e| err(&e))?;
     let slots = Memslots::new(vec![slot], 1).map_err(|e| err(&e))?;
     let tdp = Arc::new(TdpMmu::new(MmuContext::new(slots, RemoteTlb::new(None))));
@@ -274,10 +271,10 @@ pub fn fault_cost(a: &FaultCostArgs) -> Result<FaultCostReport, BenchError> {
     if a.reps == 0 {
         return Err(BenchError::NoReps);
     }
-    let page = HugePages::Huge2M.page_size();
+    let page = PageSize::Size2M.bytes();
     let _pool = if a.reserve_hugepages {
         Some(
-            HugepageReservation::require(PageSize::Huge2M, a.mem / page)
+            HugepageReservation::require(PageSize::Size2M, a.mem / page)
                 .map_err(BenchError::Pool)?,
         )
     } else {

@@ -31,12 +31,12 @@ use crate::devices::{ExitWatch, IrqTrigger, PioAction, PioBus, SerialOut, StdinI
 use crate::gva;
 use crate::kernel::{self, KernelError, KernelImage};
 use crate::kvm::{self, KvmError};
-use crate::memory::{GuestRam, HugePages, MemoryError};
+use crate::memory::{GuestRam, MemoryError};
 use crate::timeline::{Exit, Timeline};
 use crate::x86::{self, CpuError, CMDLINE_ADDR, CMDLINE_MAX};
 use crate::zeropage;
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
+use notifier::PageSize;
 
 /// `clearcpuid=` list: host-passthrough CPUID features whose instructions
 /// the host emulator cannot run at guest CPL0 (see PLATFORM.md).
@@ -101,8 +101,8 @@ pub struct BootArgs {
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
     /// Guest RAM backing: 2M, 1G (hugetlb memfd) or none (plain memfd).
-    #[arg(long, default_value = "2M")]
-    pub hugepages: HugePages,
+    #[arg(long, default_value = "2M", value_parser = crate::memory::parse_hugepages)]
+    pub hugepages: PageSize,
     /// As root, grow the hugetlb pool so the guest RAM fits, for this run
     /// only (nr_hugepages is lowered again at exit). Without it a short pool
     /// is an error that says how to reserve the pages.
@@ -147,7 +147,7 @@ impl BootArgs {
             kernel: Some(kernel),
             initrd: Some(initrd),
             mem: 256 << 20,
-            hugepages: HugePages::Huge2M,
+            hugepages: PageSize::Size2M,
             reserve_hugepages: false,
             cmdline: None,
             append: None,
@@ -520,16 +520,13 @@ fn run_dir_log() -> PathBuf {
 pub fn reserve_pool(
     reserve: bool,
     mem: u64,
-    hp: HugePages,
+    hp: PageSize,
 ) -> Result<Option<HugepageReservation>, BootError> {
-    let size = match hp {
-        _ if !reserve => return Ok(None),
-        HugePages::None => return Ok(None),
-        HugePages::Huge2M => PageSize::Huge2M,
-        HugePages::Huge1G => PageSize::Huge1G,
-    };
-    let pages = crate::memory::rounded_size(mem, hp) / hp.page_size();
-    HugepageReservation::reserve(size, pages)
+    if !reserve || !hp.is_huge() {
+        return Ok(None);
+    }
+    let pages = crate::memory::rounded_size(mem, hp) / hp.bytes();
+    HugepageReservation::reserve(hp, pages)
         .map(Some)
         .map_err(BootError::Reserve)
 }
@@ -580,7 +577,7 @@ pub struct BootMemory {
     /// Size in bytes (both mappings).
     pub size: u64,
     /// Backing page size (for the report).
-    pub hugepages: HugePages,
+    pub hugepages: PageSize,
     /// Where the loader writes instead of `mem`, if anywhere.
     pub staging: Option<Staging>,
 }
@@ -866,7 +863,7 @@ pub fn boot_with(
         &assists,
         serde_json::json!({
             "mem_mib": ram.size >> 20,
-            "hugepages": ram.hugepages.to_string(),
+            "hugepages": crate::memory::hugepages_name(ram.hugepages),
             "cmdline": line,
             "serial_log": log_path,
         }),

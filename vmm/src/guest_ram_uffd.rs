@@ -58,13 +58,14 @@
 //! the kernel until the message is read, and `UFFDIO_CONTINUE`/`COPY`
 //! answer `EAGAIN` meanwhile ([`UffdRamError::is_again`]).
 
-use crate::memory::{self, HugePages, MemoryError};
-use notifier::hostmm::{Backing, HostMm, PageSize, Placement, RegionId};
+use crate::memory::{self, MemoryError};
+use notifier::hostmm::{Backing, HostMm, Placement, RegionId};
 use notifier::uffd::{
     Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
     UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
     UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
+use notifier::PageSize;
 use notifier::{HvaRange, Subscribers};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
@@ -275,7 +276,7 @@ impl Drop for ZeroSource {
 pub struct UffdGuestRam {
     uffd: Uffd,
     mode: UffdMode,
-    hugepages: HugePages,
+    hugepages: PageSize,
     size: u64,
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
@@ -302,7 +303,7 @@ impl UffdGuestRam {
     /// userfaultfd's REMOVE/UNMAP/REMAP events (by the fault thread).
     pub fn new(
         size: u64,
-        hp: HugePages,
+        hp: PageSize,
         mode: UffdMode,
         subs: Subscribers,
     ) -> Result<Self, UffdRamError> {
@@ -313,7 +314,7 @@ impl UffdGuestRam {
     /// non-cooperative events ([`EVENT_FEATURES`]).
     pub fn with_events(
         size: u64,
-        hp: HugePages,
+        hp: PageSize,
         mode: UffdMode,
         subs: Subscribers,
         events: bool,
@@ -327,7 +328,7 @@ impl UffdGuestRam {
     /// events (the VMM's own operations announce their ranges).
     pub fn new_private(
         size: u64,
-        hp: HugePages,
+        hp: PageSize,
         uffd: bool,
         subs: Subscribers,
     ) -> Result<Self, UffdRamError> {
@@ -341,20 +342,17 @@ impl UffdGuestRam {
 
     fn build(
         size: u64,
-        hp: HugePages,
+        hp: PageSize,
         mode: UffdMode,
         subs: Subscribers,
         events: bool,
         shared: bool,
     ) -> Result<Self, UffdRamError> {
-        if hp == HugePages::None {
+        if hp == PageSize::Size4K {
             return Err(UffdRamError::NotHugetlb);
         }
         let size = memory::validate(size, hp)?;
-        let ps = match hp {
-            HugePages::Huge1G => PageSize::Huge1G,
-            _ => PageSize::Huge2M,
-        };
+        let ps = hp;
         let mut hostmm = HostMm::new(subs.clone())?;
         let backing = if shared {
             Backing::SharedMemfd(ps)
@@ -410,7 +408,7 @@ impl UffdGuestRam {
         if mode.uses_uffd() {
             uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
         }
-        let page = hp.page_size() as usize;
+        let page = hp.bytes() as usize;
         Ok(UffdGuestRam {
             uffd,
             mode,
@@ -447,11 +445,11 @@ impl UffdGuestRam {
     pub fn size(&self) -> u64 {
         self.size
     }
-    pub fn hugepages(&self) -> HugePages {
+    pub fn hugepages(&self) -> PageSize {
         self.hugepages
     }
     pub fn page_size(&self) -> u64 {
-        self.hugepages.page_size()
+        self.hugepages.bytes()
     }
     pub fn uffd(&self) -> &Uffd {
         &self.uffd

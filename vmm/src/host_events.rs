@@ -504,16 +504,16 @@ pub struct EventsReport {
 mod tests {
     use super::*;
     use mmu::memslot::{Memslot, Memslots};
-    use mmu::spte::PageLevel;
     use mmu::tdp::{FaultOutcome, HostPage, ResolveError};
     use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+    use notifier::PageSize;
 
     const HVA: u64 = 0x7000_0000_0000;
     const M2: u64 = 2 << 20;
 
     /// 16 MiB of guest RAM at `HVA`, every 2M page mapped by the MMU.
     fn mapped_mmu() -> (Subscribers, Arc<TdpMmu>) {
-        let slot = Memslot::new(0, 0, (16 * M2) >> PAGE_SHIFT, HVA, PageLevel::L2M).unwrap();
+        let slot = Memslot::new(0, 0, (16 * M2) >> PAGE_SHIFT, HVA, PageSize::Size2M).unwrap();
         let ctx = MmuContext::new(Memslots::new(vec![slot], 1).unwrap(), RemoteTlb::new(None));
         let tdp = Arc::new(TdpMmu::new(ctx.clone()));
         let n = Arc::new(KvmMmuNotifier::new(ctx, YieldPolicy::default()));
@@ -523,13 +523,13 @@ mod tests {
         let host = |_: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
             Ok(HostPage {
                 pfn: gfn,
-                level: PageLevel::L2M,
+                level: PageSize::Size2M,
                 writable: true,
             })
         };
         for p in 0..16 {
             let out = tdp.page_fault((p * M2) >> PAGE_SHIFT, true, &host).unwrap();
-            assert!(matches!(out, FaultOutcome::Fixed(PageLevel::L2M)));
+            assert!(matches!(out, FaultOutcome::Fixed(PageSize::Size2M)));
         }
         (subs, tdp)
     }

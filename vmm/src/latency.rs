@@ -45,12 +45,11 @@ pub mod session;
 
 use crate::boot::parse_size;
 use crate::guest_ram_uffd::UffdRamError;
-use crate::memory::HugePages;
 use crate::uffd_fault::LatencyUs;
 use measure::{Op, Sample, Scenario, Target, Tracer};
 use notifier::hostconf::{HugepageReservation, SysctlGuard};
-use notifier::hostmm::PageSize;
 use notifier::HvaRange;
+use notifier::PageSize;
 use session::Session;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -329,7 +328,7 @@ pub struct LatencyReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Config {
     shared: bool,
-    hp: HugePages,
+    hp: PageSize,
 }
 
 impl Config {
@@ -337,7 +336,7 @@ impl Config {
         format!(
             "{}-{}",
             if self.shared { "shared" } else { "private" },
-            if self.hp == HugePages::Huge1G {
+            if self.hp == PageSize::Size1G {
                 "1G"
             } else {
                 "2M"
@@ -355,8 +354,8 @@ impl Config {
             _ => return Err(LatencyError::Config(s.into())),
         };
         let hp = match size {
-            "2M" | "2m" => HugePages::Huge2M,
-            "1G" | "1g" => HugePages::Huge1G,
+            "2M" | "2m" => PageSize::Size2M,
+            "1G" | "1g" => PageSize::Size1G,
             _ => return Err(LatencyError::Config(s.into())),
         };
         Ok(Config { shared, hp })
@@ -709,15 +708,15 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let mut plan = Vec::new();
     for c in configs {
         let name = c.name();
-        let mem = if c.hp == HugePages::Huge1G {
+        let mem = if c.hp == PageSize::Size1G {
             2 << 30
         } else {
             args.mem
         };
-        let ps = if c.hp == HugePages::Huge1G {
-            PageSize::Huge1G
+        let ps = if c.hp == PageSize::Size1G {
+            PageSize::Size1G
         } else {
-            PageSize::Huge2M
+            PageSize::Size2M
         };
         let pages = mem.div_ceil(ps.bytes());
         let pool = match HugepageReservation::reserve(ps, pages) {
@@ -728,7 +727,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
                     name,
                     format!(
                         "needs {pages} free {} hugepages, {} could be reserved",
-                        if ps == PageSize::Huge1G {
+                        if ps == PageSize::Size1G {
                             "1 GiB"
                         } else {
                             "2 MiB"
@@ -904,7 +903,7 @@ fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let mut tracer = open_tracer(&mut rep);
     let name = "linux-shared-2M".to_string();
     let mem = args.mem;
-    let ps = PageSize::Huge2M;
+    let ps = PageSize::Size2M;
     let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true);
     for (what, why) in skipped {
         skip(&mut rep, format!("{name} {what}"), why);
@@ -1242,7 +1241,7 @@ mod tests {
     fn configs_parse() {
         let c = Config::parse("private-1G").unwrap();
         assert!(!c.shared);
-        assert_eq!(c.hp, HugePages::Huge1G);
+        assert_eq!(c.hp, PageSize::Size1G);
         assert_eq!(c.name(), "private-1G");
         assert_eq!(Config::parse(" shared-2m").unwrap().name(), "shared-2M");
         for bad in ["shared", "anon-2M", "shared-4K", ""] {

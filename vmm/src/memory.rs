@@ -3,70 +3,30 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::str::FromStr;
+use std::path::PathBuf;
+
+use notifier::PageSize;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-/// The page size backing guest RAM (`--hugepages`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HugePages {
-    /// hugetlb 2 MiB pages.
-    Huge2M,
-    /// hugetlb 1 GiB pages.
-    Huge1G,
-    /// A plain (4 KiB page) memfd.
-    None,
-}
-
-impl HugePages {
-    /// Page size in bytes (4 KiB for `None`).
-    pub fn page_size(self) -> u64 {
-        match self {
-            HugePages::Huge2M => 2 << 20,
-            HugePages::Huge1G => 1 << 30,
-            HugePages::None => 4096,
-        }
-    }
-
-    /// The sysfs directory of this hugetlb pool.
-    pub fn sysfs_dir(self) -> Option<&'static str> {
-        match self {
-            HugePages::Huge2M => Some("/sys/kernel/mm/hugepages/hugepages-2048kB"),
-            HugePages::Huge1G => Some("/sys/kernel/mm/hugepages/hugepages-1048576kB"),
-            HugePages::None => None,
-        }
-    }
-
-    pub fn memfd_flags(self) -> libc::c_uint {
-        // MFD_HUGE_SHIFT is 26: log2(page size) << 26 picks the pool.
-        match self {
-            HugePages::Huge2M => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << 26),
-            HugePages::Huge1G => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (30 << 26),
-            HugePages::None => libc::MFD_CLOEXEC,
-        }
+/// `--hugepages`: a hugetlb page size (2M, 1G), or `none` (also `4K`):
+/// a plain memfd of 4 KiB pages.
+pub fn parse_hugepages(s: &str) -> Result<PageSize, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "none" | "off" => Ok(PageSize::Size4K),
+        _ => s
+            .parse()
+            .map_err(|_| format!("unknown page size {s:?}: expected 2M, 1G or none")),
     }
 }
 
-impl FromStr for HugePages {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "2m" | "2mb" | "2048k" => Ok(HugePages::Huge2M),
-            "1g" | "1gb" => Ok(HugePages::Huge1G),
-            "none" | "off" | "4k" => Ok(HugePages::None),
-            _ => Err(format!("unknown page size {s:?}: expected 2M, 1G or none")),
-        }
-    }
-}
-
-impl std::fmt::Display for HugePages {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            HugePages::Huge2M => "2M",
-            HugePages::Huge1G => "1G",
-            HugePages::None => "none",
-        })
+/// The `--hugepages` value that names `ps` (`none` for 4 KiB pages).
+pub fn hugepages_name(ps: PageSize) -> String {
+    if ps.is_huge() {
+        ps.to_string()
+    } else {
+        "none".into()
     }
 }
 
@@ -86,18 +46,18 @@ pub enum MemoryError {
     /// Not enough free hugepages in the pool.
     #[error(
         "not enough free {size} hugepages: {free} free, {needed} needed; reserve them with: \
-         echo {suggest} > {dir}/nr_hugepages"
+         echo {suggest} > {}/nr_hugepages", dir.display()
     )]
     NotEnoughHugepages {
-        size: HugePages,
+        size: PageSize,
         free: u64,
         needed: u64,
         suggest: u64,
-        dir: &'static str,
+        dir: PathBuf,
     },
     /// The pool does not exist on this kernel.
-    #[error("no {size} hugetlb pool on this host ({dir} is missing)")]
-    NoPool { size: HugePages, dir: &'static str },
+    #[error("no {size} hugetlb pool on this host ({} is missing)", dir.display())]
+    NoPool { size: PageSize, dir: PathBuf },
     /// memfd_create/ftruncate failed.
     #[error("creating the guest RAM memfd failed: {0}")]
     Memfd(#[source] std::io::Error),
@@ -113,7 +73,7 @@ pub struct GuestRam {
     /// Size in bytes.
     pub size: u64,
     /// Backing page size.
-    pub hugepages: HugePages,
+    pub hugepages: PageSize,
     /// The shared memfd (kept for other mappings, e.g. uffd MINOR).
     pub memfd: std::sync::Arc<File>,
 }
@@ -122,23 +82,23 @@ pub struct GuestRam {
 pub const MAX_LOW_RAM: u64 = 3 << 30;
 
 /// Round `size` up to the backing page size.
-pub fn rounded_size(size: u64, hp: HugePages) -> u64 {
-    let ps = hp.page_size();
+pub fn rounded_size(size: u64, hp: PageSize) -> u64 {
+    let ps = hp.bytes();
     size.div_ceil(ps) * ps
 }
 
 /// Check a hugetlb pool: `free`/`reserved` are the pool's sysfs figures.
 pub fn check_hugepages(
-    hp: HugePages,
+    hp: PageSize,
     size: u64,
     free: u64,
     reserved: u64,
     total: u64,
 ) -> Result<(), MemoryError> {
-    let Some(dir) = hp.sysfs_dir() else {
+    let Some(dir) = hp.hugetlb_pool() else {
         return Ok(());
     };
-    let needed = size / hp.page_size();
+    let needed = size / hp.bytes();
     let available = free.saturating_sub(reserved);
     if available < needed {
         return Err(MemoryError::NotEnoughHugepages {
@@ -152,7 +112,7 @@ pub fn check_hugepages(
     Ok(())
 }
 
-fn read_sysfs_u64(path: &str) -> Option<u64> {
+fn read_sysfs_u64(path: &std::path::Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
@@ -165,7 +125,7 @@ pub fn host_mem_total() -> Option<u64> {
 }
 
 /// Validate a requested size against the host and the pools.
-pub fn validate(size: u64, hp: HugePages) -> Result<u64, MemoryError> {
+pub fn validate(size: u64, hp: PageSize) -> Result<u64, MemoryError> {
     let size = rounded_size(size, hp);
     if let Some(total) = host_mem_total() {
         if size > total {
@@ -181,12 +141,12 @@ pub fn validate(size: u64, hp: HugePages) -> Result<u64, MemoryError> {
             max: MAX_LOW_RAM >> 20,
         });
     }
-    if let Some(dir) = hp.sysfs_dir() {
-        let Some(total) = read_sysfs_u64(&format!("{dir}/nr_hugepages")) else {
+    if let Some(dir) = hp.hugetlb_pool() {
+        let Some(total) = read_sysfs_u64(&dir.join("nr_hugepages")) else {
             return Err(MemoryError::NoPool { size: hp, dir });
         };
-        let free = read_sysfs_u64(&format!("{dir}/free_hugepages")).unwrap_or(0);
-        let resv = read_sysfs_u64(&format!("{dir}/resv_hugepages")).unwrap_or(0);
+        let free = read_sysfs_u64(&dir.join("free_hugepages")).unwrap_or(0);
+        let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
         check_hugepages(hp, size, free, resv, total)?;
     }
     Ok(size)
@@ -194,7 +154,7 @@ pub fn validate(size: u64, hp: HugePages) -> Result<u64, MemoryError> {
 
 impl GuestRam {
     /// Create `size` bytes of guest RAM (rounded up to the page size).
-    pub fn new(size: u64, hp: HugePages) -> Result<Self, MemoryError> {
+    pub fn new(size: u64, hp: PageSize) -> Result<Self, MemoryError> {
         let size = validate(size, hp)?;
         // SAFETY: the name is a NUL-terminated literal; flags are valid
         // memfd_create flags; the return value is checked.
@@ -215,7 +175,7 @@ impl GuestRam {
             ))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_SHARED)
-            .with_hugetlbfs(hp != HugePages::None)
+            .with_hugetlbfs(hp != PageSize::Size4K)
             .build()
             .map_err(|e| MemoryError::Mmap(e.to_string()))?;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
@@ -236,16 +196,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_sizes() {
-        assert_eq!("2M".parse::<HugePages>().unwrap(), HugePages::Huge2M);
-        assert_eq!("1g".parse::<HugePages>().unwrap(), HugePages::Huge1G);
-        assert_eq!("none".parse::<HugePages>().unwrap(), HugePages::None);
-        assert!("3M".parse::<HugePages>().is_err());
-    }
-
-    #[test]
     fn not_enough_hugepages_says_free_needed_and_command() {
-        let e = check_hugepages(HugePages::Huge2M, 256 << 20, 10, 2, 10).unwrap_err();
+        let e = check_hugepages(PageSize::Size2M, 256 << 20, 10, 2, 10).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("8 free"), "{msg}");
         assert!(msg.contains("128 needed"), "{msg}");
@@ -253,19 +205,19 @@ mod tests {
             msg.contains("echo 130 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
             "{msg}"
         );
-        assert!(check_hugepages(HugePages::Huge2M, 256 << 20, 200, 0, 200).is_ok());
-        assert!(check_hugepages(HugePages::None, 256 << 20, 0, 0, 0).is_ok());
+        assert!(check_hugepages(PageSize::Size2M, 256 << 20, 200, 0, 200).is_ok());
+        assert!(check_hugepages(PageSize::Size4K, 256 << 20, 0, 0, 0).is_ok());
     }
 
     #[test]
     fn larger_than_host_is_refused() {
-        let e = validate(1 << 50, HugePages::None).unwrap_err();
+        let e = validate(1 << 50, PageSize::Size4K).unwrap_err();
         assert!(matches!(e, MemoryError::LargerThanHost { .. }), "{e}");
     }
 
     #[test]
     fn rounding() {
-        assert_eq!(rounded_size(256 << 20, HugePages::Huge1G), 1 << 30);
-        assert_eq!(rounded_size(3 << 20, HugePages::Huge2M), 4 << 20);
+        assert_eq!(rounded_size(256 << 20, PageSize::Size1G), 1 << 30);
+        assert_eq!(rounded_size(3 << 20, PageSize::Size2M), 4 << 20);
     }
 }

@@ -58,23 +58,21 @@ use crate::assist::gpr64;
 use crate::boot::parse_size;
 use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
-use crate::memory::HugePages;
 use crate::run::RunError;
 use crate::soft_lockup::{watchdog_until, OnOff, WatchdogReport};
-use guests::l1hv::{self, L1hvConfig, L1hvError, L1hvParams, L2Page};
+use guests::l1hv::{self, L1hvConfig, L1hvError, L1hvParams};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use kvm_ioctls::VcpuExit;
 use mmu::guest_walk::{walk_ept, AccessKind, EptPaging, GuestPhysMem, MemError, PAGE_SHIFT};
 use mmu::memslot::{Memslot, Memslots};
 use mmu::nested::NestedMmu;
 use mmu::shadow::{FaultError, FaultOutcome, NotifierZap, WalkMode, ZapProgress, ZapReport};
-use mmu::spte::PageLevel;
 use mmu::tdp::HostPage;
 use mmu::yielder::YieldReport;
 use mmu::{KvmMmuNotifier, MmuContext, MmuStatsSnapshot, RemoteTlb, YieldPolicy};
 use notifier::hostconf::HugepageReservation;
-use notifier::hostmm::PageSize;
 use notifier::subscriber::{Invalidation, InvalidationSubscriber};
+use notifier::PageSize;
 use notifier::{HvaRange, Subscribers};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,7 +96,7 @@ pub struct NestedRunArgs {
     pub l2: u64,
     /// L2 page size of the L1's EPT leaves: 4K, 2M or 1G.
     #[arg(long, default_value = "4K")]
-    pub l2_page: L2Page,
+    pub l2_page: PageSize,
     /// Fraction of L2 pages the L1 maps.
     #[arg(long, default_value_t = 0.5)]
     pub density: f64,
@@ -154,7 +152,7 @@ pub struct NestedRunArgs {
 
 impl NestedRunArgs {
     /// Defaults, for library callers.
-    pub fn new(mem: u64, l2: u64, l2_page: L2Page) -> Self {
+    pub fn new(mem: u64, l2: u64, l2_page: PageSize) -> Self {
         Self {
             mem,
             reserve_hugepages: false,
@@ -371,7 +369,7 @@ struct NestedPlane {
     yields: Arc<YieldRecorder>,
     progress: Arc<ZapProgress>,
     walk: WalkMode,
-    backing: PageLevel,
+    backing: PageSize,
     mmu: Option<Arc<NestedMmu>>,
     params: L1hvParams,
     protect: HvaRange,
@@ -757,8 +755,8 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
     // check, whose error says how many pages are free and needed.)
     let _pool = if args.reserve_hugepages {
         Some(HugepageReservation::reserve(
-            PageSize::Huge2M,
-            args.mem.div_ceil(PageSize::Huge2M.bytes()),
+            PageSize::Size2M,
+            args.mem.div_ceil(PageSize::Size2M.bytes()),
         )?)
     } else {
         None
@@ -768,7 +766,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
     // itself; the project's MMU here is the nested one.
     let mut ram = UffdGuestRam::new(
         args.mem,
-        HugePages::Huge2M,
+        PageSize::Size2M,
         UffdMode::KernelPrefilled,
         subs.clone(),
     )?;
@@ -779,7 +777,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
         0,
         ram.size() >> PAGE_SHIFT,
         ram.guest_hva(),
-        PageLevel::L2M,
+        PageSize::Size2M,
     )?;
     let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
     let policy: YieldPolicy = args.yield_mode.policy(args.max_units, args.slice_us);
@@ -805,7 +803,7 @@ pub fn run(args: &NestedRunArgs) -> Result<NestedRunReport, NestedRunError> {
             ..Default::default()
         }),
         walk,
-        backing: PageLevel::L2M,
+        backing: PageSize::Size2M,
         mmu: None,
         params,
         protect: HvaRange::new(ram.guest_hva(), ram.guest_hva() + protect_bytes),

@@ -17,12 +17,12 @@ use crate::builtin_vm::{BuiltinVm, BuiltinVmError, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode, UffdRamError};
 use crate::host_events::{self, Bystander, EventSources, EventsReport, TracePump};
 use crate::kvm;
-use crate::memory::HugePages;
 use crate::run_inval::{InvalKind, Invalidator};
 use crate::uffd_fault::{self, FaultOptions, FaultThreadError, LatencyUs};
 use guests::builtin::{self, GuestResult, Params, Pattern, LAYOUT};
 use kvm_ioctls::VcpuExit;
 use mmu::MmuStatsSnapshot;
+use notifier::PageSize;
 use notifier::Subscribers;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,8 +40,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub mem: u64,
     /// hugetlb page size backing guest RAM: 2M or 1G.
-    #[arg(long, default_value = "2M")]
-    pub hugepages: HugePages,
+    #[arg(long, default_value = "2M", value_parser = crate::memory::parse_hugepages)]
+    pub hugepages: PageSize,
     /// How faults are resolved: minor (UFFDIO_CONTINUE), missing
     /// (UFFDIO_COPY), or the baselines without userfaultfd: kernel (the
     /// kernel's own hugetlb first touch), kernel-prefilled (page cache
@@ -128,7 +128,7 @@ impl RunArgs {
         RunArgs {
             guest: "builtin".into(),
             mem,
-            hugepages: HugePages::Huge2M,
+            hugepages: PageSize::Size2M,
             uffd,
             passes: 3,
             ws: None,
@@ -466,7 +466,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         guest: args.guest.clone(),
         uffd: args.uffd,
         mem_mib: size >> 20,
-        hugepages: args.hugepages.to_string(),
+        hugepages: crate::memory::hugepages_name(args.hugepages),
         params,
         faults: faults.faults,
         prefetched: faults.prefetched,

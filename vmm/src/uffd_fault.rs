@@ -39,7 +39,6 @@
 use crate::guest_ram_uffd::{UffdGuestRam, UffdRamError};
 use crate::host_events::{self, UffdEventCounts};
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
-use mmu::spte::PageLevel;
 use mmu::tdp::TdpMmu;
 use mmu::tdp::{FaultError, FaultOutcome, HostPage, ResolveError};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
@@ -83,10 +82,7 @@ pub enum FaultThreadError {
 pub fn tdp_mmu(
     ram: &UffdGuestRam,
 ) -> Result<(Arc<MmuContext>, Arc<TdpMmu>), mmu::memslot::MemslotError> {
-    let level = match ram.hugepages() {
-        crate::memory::HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
+    let level = ram.hugepages();
     let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
     let ctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
     let tdp = Arc::new(TdpMmu::new(ctx.clone()));
@@ -261,10 +257,7 @@ fn try_fault(
     }
     let gpa = hva - base;
     let gfn = gpa >> PAGE_SHIFT;
-    let level = match ram.hugepages() {
-        crate::memory::HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
+    let level = ram.hugepages();
     let already = std::cell::Cell::new(false);
     let woken = std::cell::Cell::new(false);
     let again = std::cell::Cell::new(false);
@@ -368,10 +361,7 @@ fn fault_around(ram: &UffdGuestRam, mmu: &TdpMmu, hva: u64, n: u64, rep: &mut Fa
     let Some(gpa) = hva.checked_sub(ram.guest_hva()) else {
         return;
     };
-    let level = match ram.hugepages() {
-        crate::memory::HugePages::Huge1G => PageLevel::L1G,
-        _ => PageLevel::L2M,
-    };
+    let level = ram.hugepages();
     let resolver = |_slot: &Memslot, gfn: u64, _hva: u64, _write: bool| {
         let gpa = gfn << PAGE_SHIFT;
         ram.populate(gpa)

@@ -37,9 +37,10 @@ use crate::guest_walk::{
 use crate::invalidate::MmuContext;
 use crate::memslot::{Memslot, Memslots};
 use crate::rmap::{DescArena, SpteRef, RMAP_RECYCLE_THRESHOLD};
-use crate::spte::{LeafAttrs, PageLevel, Spte, SpteError, Writability};
+use crate::spte::{LeafAttrs, Spte, SpteError, Writability};
 use crate::tdp::{HostPage, ResolveError, ResolvePfn};
 use crate::{MmuStats, RemoteTlb};
+use notifier::PageSize;
 use notifier::SeqSnapshot;
 use parking_lot::{Mutex, MutexGuard};
 use slot::ShadowSlot;
@@ -246,7 +247,7 @@ fn leaf_spte(
         (true, true) if want_w && acc & ACC_WRITE != 0 => Writability::Writable,
         (true, true) => Writability::WriteProtected,
     };
-    let level = PageLevel::from_number(level).unwrap_or(PageLevel::L4K);
+    let level = PageSize::from_level(level).unwrap_or(PageSize::Size4K);
     Spte::leaf(
         pfn,
         level,
@@ -269,7 +270,7 @@ fn span(level: u8) -> u64 {
 }
 
 fn count_page(stats: &MmuStats, level: u8, up: bool) {
-    let c = stats.pages(PageLevel::from_number(level).unwrap_or(PageLevel::L1G));
+    let c = stats.pages(PageSize::from_level(level).unwrap_or(PageSize::Size1G));
     if up {
         MmuStats::inc(c);
     } else {
@@ -675,8 +676,8 @@ impl<P: GuestPaging> ShadowMmu<P> {
         // edges, alignment), the host page and write tracking allow
         // (`kvm_mmu_max_mapping_level`).
         let mut target = guest_leaf
-            .min(slot.max_level(gfn).number())
-            .min(host.level.number())
+            .min(slot.max_level(gfn).level())
+            .min(host.level.level())
             .min(3);
         while target > 1 {
             let base = gfn & !(span(target) - 1);

@@ -7,9 +7,9 @@ use super::*;
 use crate::guest_walk::{ept, walk_x86, x86, EptPaging, SparseGuestMem, X86Paging};
 use crate::memslot::{Memslot, Memslots};
 use crate::model::{build_nested, splitmix, NestedModelConfig, TableShape};
-use crate::spte::PageLevel;
 use crate::{KvmMmuNotifier, MmuLock, YieldMode, YieldPolicy};
 use notifier::subscriber::InvalidationSubscriber;
+use notifier::PageSize;
 use proptest::prelude::*;
 
 const RAM_PAGES: u64 = 4096; // 16 MiB
@@ -18,7 +18,7 @@ const RAM_PAGES: u64 = 4096; // 16 MiB
 /// (so, with the model plane's identity host, pfn 0x10_0000 + gfn), backed
 /// by pages of `max_level` (1 = 4K, 2 = 2M).
 fn slot_ctx(npages: u64, max_level: u8) -> Arc<MmuContext> {
-    let backing = PageLevel::from_number(max_level).expect("level 1..=3");
+    let backing = PageSize::from_level(max_level).expect("level 1..=3");
     let slot = Memslot::new(0, 0, npages, 0x1_0000_0000, backing).unwrap();
     MmuContext::new(Memslots::new(vec![slot], 0).unwrap(), RemoteTlb::default())
 }
@@ -622,7 +622,7 @@ fn rmaps_follow_the_context_memslots() {
         mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),
         Err(FaultError::NoMemslot { gfn: high })
     );
-    let slot1 = Memslot::new(1, RAM_PAGES, RAM_PAGES, 0x2_0000_0000, PageLevel::L4K).unwrap();
+    let slot1 = Memslot::new(1, RAM_PAGES, RAM_PAGES, 0x2_0000_0000, PageSize::Size4K).unwrap();
     ctx.set_memslots(Memslots::new(vec![slot0, slot1], 1).unwrap());
     assert_eq!(
         mmu.page_fault(&paging, 0x11000, AccessKind::WRITE),

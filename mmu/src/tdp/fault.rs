@@ -5,8 +5,9 @@
 
 use super::{level_span, spte_index, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::memslot::Memslot;
-use crate::spte::{LeafAttrs, PageLevel, Spte, SpteError, Writability};
+use crate::spte::{LeafAttrs, Spte, SpteError, Writability};
 use crate::stats::MmuStats;
+use notifier::PageSize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
@@ -16,7 +17,7 @@ pub struct HostPage {
     /// pfn backing the faulting gfn's hva (not the huge page's first pfn).
     pub pfn: u64,
     /// Size of the host mapping (`host_pfn_mapping_level`).
-    pub level: PageLevel,
+    pub level: PageSize,
     pub writable: bool,
 }
 
@@ -60,9 +61,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOutcome {
     /// `RET_PF_FIXED`: installed a leaf of this size.
-    Fixed(PageLevel),
+    Fixed(PageSize),
     /// `RET_PF_SPURIOUS`: a leaf of this size already maps the gfn.
-    Spurious(PageLevel),
+    Spurious(PageSize),
     /// `RET_PF_RETRY`: an invalidation raced the fault; nothing installed.
     Retry,
 }
@@ -86,12 +87,12 @@ pub enum FaultError {
 struct LeafRequest {
     gfn: u64,
     pfn: u64,
-    level: PageLevel,
+    level: PageSize,
     attrs: LeafAttrs,
 }
 
 impl LeafRequest {
-    fn spte(&self, level: PageLevel) -> Result<Spte, SpteError> {
+    fn spte(&self, level: PageSize) -> Result<Spte, SpteError> {
         let off = self.gfn & (level.pages() - 1);
         Spte::leaf(self.pfn - off, level, self.attrs)
     }
@@ -133,8 +134,8 @@ impl TdpMmu {
         }
         let mut level = slot.max_level(gfn).min(host.level);
         // The huge page must be backed by an equally aligned pfn run.
-        while level != PageLevel::L4K && (host.pfn ^ gfn) & (level.pages() - 1) != 0 {
-            level = level.lower().unwrap_or(PageLevel::L4K);
+        while level != PageSize::Size4K && (host.pfn ^ gfn) & (level.pages() - 1) != 0 {
+            level = level.lower().unwrap_or(PageSize::Size4K);
         }
         let writability = if host.writable && !slot.readonly {
             Writability::Writable
@@ -209,7 +210,7 @@ impl TdpMmu {
         loop {
             let entry = &table.spte[spte_index(req.gfn, level)];
             let mut cur = Spte::from_raw_unchecked(entry.load(Ordering::Acquire));
-            if level == goal.number() {
+            if level == goal.level() {
                 if !cur.is_mmu_present() {
                     let new = req.spte(goal)?;
                     match set_spte_atomic(entry, cur, new) {
@@ -224,7 +225,7 @@ impl TdpMmu {
                     return Ok(FaultOutcome::Spurious(goal));
                 }
                 // A table sits where the huge leaf would go: map lower.
-                goal = goal.lower().unwrap_or(PageLevel::L4K);
+                goal = goal.lower().unwrap_or(PageSize::Size4K);
             } else if !cur.is_mmu_present() {
                 let new_table = self.pool.alloc();
                 let release = |t| {
@@ -253,7 +254,7 @@ impl TdpMmu {
             }
             if cur.is_last(level) {
                 // A larger leaf already maps the gfn.
-                let l = PageLevel::from_number(level).unwrap_or(PageLevel::L1G);
+                let l = PageSize::from_level(level).unwrap_or(PageSize::Size1G);
                 return Ok(FaultOutcome::Spurious(l));
             }
             debug_assert!(level > 1 && level_span(level) > 1);

@@ -28,9 +28,10 @@ pub use fault::{FaultError, FaultOutcome, HostPage, ResolveError, ResolvePfn};
 pub use pool::POISON_PFN;
 
 use crate::invalidate::MmuContext;
-use crate::spte::{PageLevel, Spte};
+use crate::spte::Spte;
 use crate::stats::MmuStats;
 use crossbeam_epoch as epoch;
+use notifier::PageSize;
 use pool::TablePool;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,7 +102,7 @@ pub(crate) fn bounds(level: u8, base: u64, start: u64, end: u64) -> (usize, usiz
 pub struct Leaf {
     /// First gfn the leaf maps.
     pub gfn: u64,
-    pub level: PageLevel,
+    pub level: PageSize,
     pub spte: Spte,
 }
 
@@ -174,7 +175,7 @@ impl TdpMmu {
                 return None;
             }
             if spte.is_last(level) {
-                let level = PageLevel::from_number(level)?;
+                let level = PageSize::from_level(level)?;
                 return Some(Leaf {
                     gfn: gfn & !(level.pages() - 1),
                     level,
@@ -247,7 +248,7 @@ fn walk_leaves(
         }
         let gfn = base + i as u64 * span;
         if spte.is_last(level) {
-            if let Some(level) = PageLevel::from_number(level) {
+            if let Some(level) = PageSize::from_level(level) {
                 f(Leaf { gfn, level, spte });
             }
         } else {
@@ -269,7 +270,7 @@ fn free_subtree(pool: &TablePool, table: NonNull<PageTable>, level: u8, stats: &
                 free_subtree(pool, child, level - 1, stats);
             }
         } else if spte.is_mmu_present() {
-            if let Some(l) = PageLevel::from_number(level) {
+            if let Some(l) = PageSize::from_level(level) {
                 MmuStats::sub(stats.pages(l), 1);
             }
         }

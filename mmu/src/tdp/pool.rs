@@ -7,7 +7,8 @@
 //! the pool is dropped; freed tables are recycled.
 
 use super::{PageTable, SPTES_PER_TABLE};
-use crate::spte::{LeafAttrs, PageLevel, Spte};
+use crate::spte::{LeafAttrs, Spte};
+use notifier::PageSize;
 use parking_lot::Mutex;
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const POISON_PFN: u64 = crate::spte::PFN_MAX & !((1 << 18) - 1);
 
 fn poison_spte() -> u64 {
-    Spte::leaf(POISON_PFN, PageLevel::L1G, LeafAttrs::default()).map_or(0, |s| s.raw())
+    Spte::leaf(POISON_PFN, PageSize::Size1G, LeafAttrs::default()).map_or(0, |s| s.raw())
 }
 
 /// Tables per chunk.

@@ -17,7 +17,7 @@ const SLOT_PAGES: u64 = 8 << 18;
 const SLOT_HVA: u64 = 0x4000_0000_0000;
 
 fn mmu() -> TdpMmu {
-    let slot = Memslot::new(0, 0, SLOT_PAGES, SLOT_HVA, PageLevel::L1G).unwrap();
+    let slot = Memslot::new(0, 0, SLOT_PAGES, SLOT_HVA, PageSize::Size1G).unwrap();
     TdpMmu::new(MmuContext::new(
         Memslots::new(vec![slot], 0).unwrap(),
         RemoteTlb::default(),
@@ -25,7 +25,7 @@ fn mmu() -> TdpMmu {
 }
 
 fn resolver(
-    level: PageLevel,
+    level: PageSize,
 ) -> impl Fn(&Memslot, u64, u64, bool) -> Result<HostPage, ResolveError> {
     move |_, gfn, _, _| {
         Ok(HostPage {
@@ -36,7 +36,7 @@ fn resolver(
     }
 }
 
-fn fault(m: &TdpMmu, gfn: u64, level: PageLevel) -> FaultOutcome {
+fn fault(m: &TdpMmu, gfn: u64, level: PageSize) -> FaultOutcome {
     m.page_fault(gfn, false, &resolver(level)).unwrap()
 }
 
@@ -44,33 +44,33 @@ fn fault(m: &TdpMmu, gfn: u64, level: PageLevel) -> FaultOutcome {
 fn faults_install_the_largest_allowed_leaf() {
     let m = mmu();
     assert_eq!(
-        fault(&m, 5, PageLevel::L4K),
-        FaultOutcome::Fixed(PageLevel::L4K)
+        fault(&m, 5, PageSize::Size4K),
+        FaultOutcome::Fixed(PageSize::Size4K)
     );
     assert_eq!(
-        fault(&m, 5, PageLevel::L4K),
-        FaultOutcome::Spurious(PageLevel::L4K)
+        fault(&m, 5, PageSize::Size4K),
+        FaultOutcome::Spurious(PageSize::Size4K)
     );
     assert_eq!(
-        fault(&m, 1000, PageLevel::L2M),
-        FaultOutcome::Fixed(PageLevel::L2M)
+        fault(&m, 1000, PageSize::Size2M),
+        FaultOutcome::Fixed(PageSize::Size2M)
     );
     assert_eq!(
-        fault(&m, (1 << 18) + 7, PageLevel::L1G),
-        FaultOutcome::Fixed(PageLevel::L1G)
+        fault(&m, (1 << 18) + 7, PageSize::Size1G),
+        FaultOutcome::Fixed(PageSize::Size1G)
     );
     // A 4K fault inside the 1G leaf is spurious.
     assert_eq!(
-        fault(&m, (1 << 18) + 9999, PageLevel::L4K),
-        FaultOutcome::Spurious(PageLevel::L1G)
+        fault(&m, (1 << 18) + 9999, PageSize::Size4K),
+        FaultOutcome::Spurious(PageSize::Size1G)
     );
     // A 2M fault where a table with 4K leaves exists maps 4K.
     assert_eq!(
-        fault(&m, 6, PageLevel::L2M),
-        FaultOutcome::Fixed(PageLevel::L4K)
+        fault(&m, 6, PageSize::Size2M),
+        FaultOutcome::Fixed(PageSize::Size4K)
     );
     let l = m.lookup((1 << 18) + 12345).unwrap();
-    assert_eq!((l.gfn, l.level), (1 << 18, PageLevel::L1G));
+    assert_eq!((l.gfn, l.level), (1 << 18, PageSize::Size1G));
     assert_eq!(l.pfn_of((1 << 18) + 12345), (1 << 18) + 12345 + PFN_OFF);
     assert_eq!(l.spte.writability(), Some(Writability::Writable));
     let s = m.stats().snapshot();
@@ -86,13 +86,13 @@ fn misaligned_host_pfn_or_slot_lowers_the_level() {
     let odd = |_: &Memslot, gfn: u64, _: u64, _: bool| {
         Ok(HostPage {
             pfn: gfn + 1,
-            level: PageLevel::L1G,
+            level: PageSize::Size1G,
             writable: false,
         })
     };
     assert_eq!(
         m.page_fault(3, false, &odd).unwrap(),
-        FaultOutcome::Fixed(PageLevel::L4K)
+        FaultOutcome::Fixed(PageSize::Size4K)
     );
     assert_eq!(
         m.lookup(3).unwrap().spte.writability(),
@@ -121,10 +121,10 @@ fn fault_inside_an_invalidation_retries_and_installs_nothing() {
         ctx.seq.begin();
         ctx.seq.range_add(100, 200);
     }
-    assert_eq!(fault(&m, 150, PageLevel::L4K), FaultOutcome::Retry);
+    assert_eq!(fault(&m, 150, PageSize::Size4K), FaultOutcome::Retry);
     assert_eq!(
-        fault(&m, 300, PageLevel::L4K),
-        FaultOutcome::Fixed(PageLevel::L4K)
+        fault(&m, 300, PageSize::Size4K),
+        FaultOutcome::Fixed(PageSize::Size4K)
     );
     assert!(m.lookup(150).is_none());
     // The snapshot is taken before the host page is resolved: an invalidation
@@ -134,7 +134,7 @@ fn fault_inside_an_invalidation_retries_and_installs_nothing() {
         assert!(ctx.seq.end());
         Ok(HostPage {
             pfn: gfn + PFN_OFF,
-            level: PageLevel::L4K,
+            level: PageSize::Size4K,
             writable: true,
         })
     };
@@ -144,8 +144,8 @@ fn fault_inside_an_invalidation_retries_and_installs_nothing() {
     );
     assert!(m.lookup(400).is_none());
     assert_eq!(
-        fault(&m, 150, PageLevel::L4K),
-        FaultOutcome::Fixed(PageLevel::L4K)
+        fault(&m, 150, PageSize::Size4K),
+        FaultOutcome::Fixed(PageSize::Size4K)
     );
     assert_eq!(m.stats().snapshot().fault_retries, 2);
 }
@@ -154,9 +154,9 @@ fn fault_inside_an_invalidation_retries_and_installs_nothing() {
 fn zap_clears_leaves_frees_tables_and_counts_flushes() {
     let m = mmu();
     for gfn in 0..2048 {
-        fault(&m, gfn, PageLevel::L4K);
+        fault(&m, gfn, PageSize::Size4K);
     }
-    fault(&m, 4096, PageLevel::L2M);
+    fault(&m, 4096, PageSize::Size2M);
     let pages_before = m.stats().snapshot().tdp_mmu_pages;
     assert_eq!(pages_before, 1 + 1 + 1 + 4);
     let r = m.zap_range(10, 20, YieldPolicy::default());
@@ -175,8 +175,8 @@ fn zap_clears_leaves_frees_tables_and_counts_flushes() {
     assert_eq!(m.stats().snapshot().remote_tlb_flush_requests, 2);
     // Huge leaves come back once the tables are gone.
     assert_eq!(
-        fault(&m, 7, PageLevel::L1G),
-        FaultOutcome::Fixed(PageLevel::L1G)
+        fault(&m, 7, PageSize::Size1G),
+        FaultOutcome::Fixed(PageSize::Size1G)
     );
 }
 
@@ -184,7 +184,7 @@ fn zap_clears_leaves_frees_tables_and_counts_flushes() {
 fn yield_bound_in_work_units() {
     let m = mmu();
     for gfn in 0..(3 * 512 + 17) {
-        fault(&m, gfn, PageLevel::L4K);
+        fault(&m, gfn, PageSize::Size4K);
     }
     let policy = YieldPolicy::default()
         .with_max_units(100)
@@ -205,7 +205,7 @@ fn yield_bound_in_work_units() {
 
     // max_units = 1 still makes progress.
     for gfn in 0..600 {
-        fault(&m, gfn, PageLevel::L4K);
+        fault(&m, gfn, PageSize::Size4K);
     }
     let r = m.zap_range(0, 600, YieldPolicy::default().with_max_units(1));
     assert_eq!(r.longest.units, 1);
@@ -216,7 +216,7 @@ fn yield_bound_in_work_units() {
 fn never_yield_is_one_stretch_over_the_whole_range() {
     let m = mmu();
     for gfn in 0..(2 * 512) {
-        fault(&m, gfn, PageLevel::L4K);
+        fault(&m, gfn, PageSize::Size4K);
     }
     let r = m.zap_range(0, 1024, YieldPolicy::never().with_max_units(10));
     assert_eq!(r.yields, 0);
@@ -232,7 +232,7 @@ fn empty_range_costs_one_visit_per_top_level_spte() {
     // 4 TiB = 8 root SPTEs, all non-present.
     let r = m.zap_range(0, 4 << 28, YieldPolicy::default());
     assert_eq!(r.units, 8);
-    fault(&m, 1, PageLevel::L4K);
+    fault(&m, 1, PageSize::Size4K);
     // Now the first 512 GiB has a table: 512 1G entries, one present.
     let r = m.zap_range(1 << 18, 4 << 28, YieldPolicy::default());
     assert_eq!(r.units, 1 + 511 + 7);
@@ -242,7 +242,7 @@ fn empty_range_costs_one_visit_per_top_level_spte() {
 enum Op {
     Fault {
         gfn: u64,
-        level: PageLevel,
+        level: PageSize,
     },
     Zap {
         start: u64,
@@ -255,15 +255,15 @@ enum Op {
         start: u64,
         len: u64,
         gfn: u64,
-        level: PageLevel,
+        level: PageSize,
     },
 }
 
-fn level() -> impl Strategy<Value = PageLevel> {
+fn level() -> impl Strategy<Value = PageSize> {
     prop_oneof![
-        Just(PageLevel::L4K),
-        Just(PageLevel::L2M),
-        Just(PageLevel::L1G)
+        Just(PageSize::Size4K),
+        Just(PageSize::Size2M),
+        Just(PageSize::Size1G)
     ]
 }
 
@@ -286,15 +286,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn model_zap(model: &mut BTreeMap<u64, (PageLevel, u64)>, start: u64, end: u64) {
+fn model_zap(model: &mut BTreeMap<u64, (PageSize, u64)>, start: u64, end: u64) {
     model.retain(|g, (l, _)| *g + l.pages() <= start || *g >= end);
 }
 
 fn model_fault(
     m: &TdpMmu,
-    model: &mut BTreeMap<u64, (PageLevel, u64)>,
+    model: &mut BTreeMap<u64, (PageSize, u64)>,
     gfn: u64,
-    level: PageLevel,
+    level: PageSize,
 ) -> Result<(), TestCaseError> {
     let covered = model
         .range(..=gfn)
@@ -326,7 +326,7 @@ proptest! {
         let notifier = KvmMmuNotifier::new(m.context().clone(), YieldPolicy::default().with_max_units(100));
         notifier.add_mmu(m.clone());
         // first gfn -> (level, pfn)
-        let mut model: BTreeMap<u64, (PageLevel, u64)> = BTreeMap::new();
+        let mut model: BTreeMap<u64, (PageSize, u64)> = BTreeMap::new();
         for op in ops {
             match op {
                 Op::Fault { gfn, level } => model_fault(&m, &mut model, gfn, level)?,
@@ -360,7 +360,7 @@ proptest! {
                     notifier.end(&inv);
                 }
             }
-            let leaves: BTreeMap<u64, (PageLevel, u64)> =
+            let leaves: BTreeMap<u64, (PageSize, u64)> =
                 m.mapped_leaves().into_iter().map(|l| (l.gfn, (l.level, l.spte.pfn()))).collect();
             prop_assert_eq!(&leaves, &model);
             for (g, (l, pfn)) in &model {
@@ -370,7 +370,7 @@ proptest! {
             let s = m.stats().snapshot();
             let count = |lv| model.values().filter(|(l, _)| *l == lv).count() as u64;
             prop_assert_eq!((s.pages_4k, s.pages_2m, s.pages_1g),
-                (count(PageLevel::L4K), count(PageLevel::L2M), count(PageLevel::L1G)));
+                (count(PageSize::Size4K), count(PageSize::Size2M), count(PageSize::Size1G)));
         }
     }
 }

@@ -20,10 +20,11 @@
 use super::pool::{TablePool, TablePtr};
 use super::{bounds, level_span, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::lock::{MmuLock, MmuWriteGuard};
-use crate::spte::{PageLevel, Spte, SPTE_MMU_PRESENT};
+use crate::spte::{Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
 use crate::yielder::{YieldPolicy, YieldReport, Yielder};
 use crossbeam_epoch::{self as epoch, Guard};
+use notifier::PageSize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,7 +112,7 @@ impl TdpMmu {
 }
 
 fn publish(stats: &MmuStats, acct: &mut ZapAcct) {
-    for (i, level) in PageLevel::ALL.into_iter().enumerate() {
+    for (i, level) in PageSize::ALL.into_iter().enumerate() {
         if acct.zapped[i] != 0 {
             MmuStats::sub(stats.pages(level), acct.zapped[i]);
             acct.zapped[i] = 0;

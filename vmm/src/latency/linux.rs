@@ -32,12 +32,12 @@ use super::session::{recorded_tdp, ZapRecorder};
 use super::LatencyError;
 use crate::boot::{self, BootArgs, BootHooks, BootInputs, BootMemory};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
-use crate::memory::HugePages;
 use crate::uffd_fault::{self, FaultReport, FaultThreadError};
 use guests::probe::ProbeWindow;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
 use mmu::yielder::YieldReport;
+use notifier::PageSize;
 use notifier::Subscribers;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,7 +101,7 @@ impl LinuxSession {
             std::env::temp_dir().join(format!("vmm-latency-linux-{}.log", std::process::id()));
         let mut args = BootArgs::new(kernel, initrd);
         args.mem = mem;
-        args.hugepages = HugePages::Huge2M;
+        args.hugepages = PageSize::Size2M;
         args.quiet = true;
         args.serial_log = Some(serial_log.clone());
         args.timeout = timeout.as_secs().max(1);
@@ -111,13 +111,8 @@ impl LinuxSession {
         let subs = Subscribers::new();
         // No non-cooperative events: the VMM's own operations announce
         // their ranges (as the probe's session).
-        let ram = UffdGuestRam::with_events(
-            mem,
-            HugePages::Huge2M,
-            UffdMode::Minor,
-            subs.clone(),
-            false,
-        )?;
+        let ram =
+            UffdGuestRam::with_events(mem, PageSize::Size2M, UffdMode::Minor, subs.clone(), false)?;
         let ram = Arc::new(ram);
         let (tdp, zaps) = recorded_tdp(&ram, &subs)?;
         let view = crate::run_linux::vmm_view(&ram)
@@ -141,7 +136,7 @@ impl LinuxSession {
                     mem: boot_view,
                     slot_hva,
                     size,
-                    hugepages: HugePages::Huge2M,
+                    hugepages: PageSize::Size2M,
                     staging: None,
                 };
                 let r = boot::boot_with(

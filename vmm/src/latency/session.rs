@@ -7,7 +7,6 @@ use super::measure::{self, MmuSample, State, Target};
 use super::LatencyError;
 use crate::builtin_vm::{BuiltinVm, Watchdog};
 use crate::guest_ram_uffd::{UffdGuestRam, UffdMode};
-use crate::memory::HugePages;
 use crate::uffd_fault::{self, FaultReport};
 use guests::builtin::LAYOUT;
 use guests::probe::{self, ctl, res, ProbeMode, ProbeParams, ProbeWindow};
@@ -15,10 +14,10 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use mmu::guest_walk::{AccessKind, SparseGuestMem, X86Paging};
 use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
 use mmu::shadow::{FaultOutcome as ShadowOutcome, ShadowMmu};
-use mmu::spte::PageLevel;
 use mmu::tdp::{HostPage, TdpMmu};
 use mmu::yielder::YieldReport;
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, SecondaryMmu, YieldPolicy};
+use notifier::PageSize;
 use notifier::{Invalidation, InvalidationSubscriber, Subscribers};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,7 +132,7 @@ impl Session {
     pub fn start(
         kvm: &Kvm,
         mem: u64,
-        hp: HugePages,
+        hp: PageSize,
         shared: bool,
         project_mmu: bool,
         stall_tsc: u64,
@@ -168,10 +167,7 @@ impl Session {
         ram.load(0, &image)?;
         let ram = Arc::new(ram);
         let mmu = if project_mmu {
-            let level = match hp {
-                HugePages::Huge1G => PageLevel::L1G,
-                _ => PageLevel::L2M,
-            };
+            let level = hp;
             let (tdp, zaps) = recorded_tdp(&ram, &subs)?;
             let slot = Memslot::new(0, 0, ram.size() >> PAGE_SHIFT, ram.guest_hva(), level)?;
             let sctx = MmuContext::new(Memslots::new(vec![slot], 1)?, RemoteTlb::new(None));
