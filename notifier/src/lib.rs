@@ -6,6 +6,7 @@
 //! [`subscriber::InvalidationSubscriber`] (implemented by `mmu`). Nothing in
 //! this crate knows about SPTEs.
 //!
+//! * [`convert`]: the lossless integer conversions of a 64-bit host.
 //! * [`page_size`]: the x86 page sizes (4K/2M/1G), one type for the workspace.
 //! * [`hostmm`]: guest RAM regions and their VMAs as the kernel sees them.
 //! * [`predict`]: the kernel's notifier ranges, as pure functions.
@@ -17,6 +18,7 @@
 //! * [`check`]: the differential check (predicted vs tracepoint).
 
 pub mod check;
+pub mod convert;
 pub mod error;
 pub mod hostconf;
 pub mod hostmm;
