@@ -16,6 +16,9 @@
 //! next head. At the end: one flush if anything is pending. In
 //! [`YieldMode::NeverYield`](crate::YieldMode) the whole range is one stretch
 //! (KVM's mmu_notifier path before 6.12).
+//!
+//! Also here: [`ShadowMmu::zap_all`] (`kvm_mmu_zap_all`, no yielding) and
+//! the [`SecondaryMmu`] impl through which host invalidations zap.
 
 use super::{GuestPaging, ShadowMmu};
 use crate::invalidate::SecondaryMmu;
@@ -162,6 +165,17 @@ impl<P: GuestPaging> ShadowMmu<P> {
         }
         drop(g);
         rep
+    }
+
+    /// Zap everything (`kvm_mmu_zap_all`).
+    pub fn zap_all(&self) -> u64 {
+        let ctx = &*self.ctx;
+        let _g = ctx.mmu_lock.write();
+        let mut st = self.synced_state();
+        let ids: Vec<u32> = st.hash.values().copied().collect();
+        let n: u64 = ids.into_iter().map(|id| st.zap_sp(id, &ctx.stats)).sum();
+        ctx.tlb.flush(&ctx.stats);
+        n
     }
 
     /// The zap under `mmu_lock` (held through `g`): the rmap heads of gfns
