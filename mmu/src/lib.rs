@@ -9,8 +9,13 @@
 //!   (TDP and shadow SPTEs alike).
 //! - [`tdp`]: the TDP MMU (radix tree by gfn, 4K/2M/1G leaves, seq-checked
 //!   faults, yielding zaps, epoch-freed tables).
-//! - [`invalidate`]: the per-VM MMU context, the `SecondaryMmu` trait and
-//!   `KvmMmuNotifier`, the host-invalidation subscriber.
+//! - [`context`]: [`MmuContext`], the per-VM MMU context (the MMU half of
+//!   `struct kvm`: `mmu_lock`, the invalidation sequence, stats, TLB hook,
+//!   memslots) every MMU of an address space shares.
+//! - [`mmu_notifier`]: the [`SecondaryMmu`] trait every MMU implements and
+//!   [`KvmMmuNotifier`], the host-invalidation subscriber that turns
+//!   `invalidate_range_start/end` into locked, yielding zaps
+//!   (`kvm_mmu_notifier_invalidate_range_start/end`).
 //! - [`clock`]: the cheap monotonic clock the yielder samples (TSC).
 //! - [`tlb`]: the remote TLB flush hook and its counters.
 //! - [`guest_walk`]: x86-64 and EPT guest page-table walkers over untrusted
@@ -24,10 +29,11 @@
 //! - [`model`]: model-plane generators (L1 up to 4 TiB, L2 density, shapes).
 
 pub mod clock;
+pub mod context;
 pub mod guest_walk;
-pub mod invalidate;
 pub mod lock;
 pub mod memslot;
+pub mod mmu_notifier;
 pub mod model;
 pub mod nested;
 pub mod populated;
@@ -39,8 +45,9 @@ pub mod tdp;
 pub mod tlb;
 pub mod yielder;
 
-pub use invalidate::{KvmMmuNotifier, MmuContext, SecondaryMmu};
+pub use context::MmuContext;
 pub use lock::MmuLock;
+pub use mmu_notifier::{KvmMmuNotifier, SecondaryMmu};
 pub use stats::{MmuStats, MmuStatsSnapshot};
 pub use tlb::RemoteTlb;
 pub use yielder::{Stretch, YieldMode, YieldPolicy, Yielder};

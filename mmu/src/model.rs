@@ -13,8 +13,8 @@
 //!   if the host backing allows);
 //! - `aliased:K`: K L2 regions map each L1 region (rmap chains of K).
 
+use crate::context::MmuContext;
 use crate::guest_walk::{ept, AccessKind, EptPaging, SparseGuestMem, PAGE_SHIFT};
-use crate::invalidate::MmuContext;
 use crate::memslot::{Memslot, MemslotError, Memslots};
 use crate::nested::NestedMmu;
 use crate::shadow::FaultError;

@@ -64,8 +64,8 @@ mod role;
 pub mod slot;
 pub mod zap;
 
+use crate::context::MmuContext;
 use crate::guest_walk::GuestPhysMem;
-use crate::invalidate::MmuContext;
 use crate::memslot::Memslot;
 use crate::tdp::{HostPage, ResolveError, ResolvePfn};
 use crate::{MmuStats, RemoteTlb};

@@ -21,9 +21,9 @@
 //! the [`SecondaryMmu`] impl through which host invalidations zap.
 
 use super::{GuestPaging, ShadowMmu};
-use crate::invalidate::SecondaryMmu;
 use crate::lock::MmuWriteGuard;
 use crate::memslot::Memslot;
+use crate::mmu_notifier::SecondaryMmu;
 use crate::yielder::YieldReport;
 use crate::{MmuLock, YieldPolicy, Yielder};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

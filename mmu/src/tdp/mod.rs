@@ -27,7 +27,7 @@ mod zap;
 pub use fault::{FaultError, FaultOutcome, HostPage, ResolveError, ResolvePfn};
 pub use pool::POISON_PFN;
 
-use crate::invalidate::MmuContext;
+use crate::context::MmuContext;
 use crate::spte::Spte;
 use crate::stats::MmuStats;
 use crossbeam_epoch as epoch;

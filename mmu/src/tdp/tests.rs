@@ -1,6 +1,6 @@
 use super::*;
-use crate::invalidate::KvmMmuNotifier;
 use crate::memslot::{Memslot, Memslots};
+use crate::mmu_notifier::KvmMmuNotifier;
 use crate::spte::Writability;
 use crate::tlb::RemoteTlb;
 use crate::yielder::{YieldMode, YieldPolicy};

@@ -16,10 +16,15 @@
 //!   stretch entered part-way (range start, or resuming after a yield) or
 //!   changed while only partly covering it is scanned: at most two tables
 //!   per level per stretch, 512 loads each.
+//!
+//! The [`SecondaryMmu`] impl through which host invalidations
+//! ([`KvmMmuNotifier`](crate::KvmMmuNotifier)) zap is here too.
 
 use super::pool::{TablePool, TablePtr};
 use super::{bounds, level_span, PageTable, TdpMmu, GFN_LIMIT, ROOT_LEVEL};
 use crate::lock::{MmuLock, MmuWriteGuard};
+use crate::memslot::Memslot;
+use crate::mmu_notifier::SecondaryMmu;
 use crate::spte::{Spte, SPTE_MMU_PRESENT};
 use crate::stats::MmuStats;
 use crate::yielder::{YieldPolicy, YieldReport, Yielder};
@@ -98,7 +103,7 @@ impl TdpMmu {
     /// Take the write lock, zap `[start, end)` with `policy`, flush once,
     /// unlock. For callers outside an invalidation (tests, benchmarks,
     /// memslot deletion); host invalidations go through
-    /// [`KvmMmuNotifier`](crate::invalidate::KvmMmuNotifier).
+    /// [`KvmMmuNotifier`](crate::KvmMmuNotifier).
     pub fn zap_range(&self, start: u64, end: u64, policy: YieldPolicy) -> YieldReport {
         let ctx = &*self.ctx;
         let mut guard = ctx.mmu_lock.write();
@@ -108,6 +113,20 @@ impl TdpMmu {
         }
         drop(guard);
         yielder.finish()
+    }
+}
+
+impl SecondaryMmu for TdpMmu {
+    fn unmap_gfn_range(
+        &self,
+        guard: &mut MmuWriteGuard<'_>,
+        _slot: &Memslot,
+        start: u64,
+        end: u64,
+        yielder: &mut Yielder<'_>,
+        flush: bool,
+    ) -> bool {
+        self.zap_gfn_range(guard, start, end, yielder, flush)
     }
 }
 

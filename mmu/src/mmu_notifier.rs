@@ -1,61 +1,22 @@
 //! What KVM's `virt/kvm/kvm_main.c` does between the host's mmu_notifier and
-//! the arch MMUs: the per-VM MMU context (`mmu_lock`, the invalidation
-//! sequence, stats, TLB hook, memslots), the [`SecondaryMmu`] trait every
-//! MMU (TDP, shadow, nested) implements, and [`KvmMmuNotifier`], the
-//! [`InvalidationSubscriber`] that turns `invalidate_range_start/end` into
-//! locked, yielding zaps.
+//! the arch MMUs (`kvm_mmu_notifier_invalidate_range_start/end`): the
+//! [`SecondaryMmu`] trait every MMU (TDP, shadow, nested) implements, and
+//! [`KvmMmuNotifier`], the [`InvalidationSubscriber`] that turns
+//! `invalidate_range_start/end` into locked, yielding zaps of every MMU of
+//! one [`MmuContext`].
+//!
+//! Each MMU implements [`SecondaryMmu`] next to its zapper
+//! ([`crate::tdp::TdpMmu`] in `tdp/zap.rs`, [`crate::shadow::ShadowMmu`] in
+//! `shadow/zap.rs`), as KVM's `kvm_unmap_gfn_range` calls into
+//! `tdp_mmu.c` and `mmu.c`: this file knows only the trait.
 
-use crate::lock::{MmuLock, MmuWriteGuard};
-use crate::memslot::{Memslot, Memslots};
-use crate::stats::MmuStats;
-use crate::tdp::TdpMmu;
-use crate::tlb::RemoteTlb;
+use crate::context::MmuContext;
+use crate::lock::MmuWriteGuard;
+use crate::memslot::Memslot;
 use crate::yielder::{YieldPolicy, YieldReport, Yielder};
-use notifier::{Invalidation, InvalidationSeq, InvalidationSubscriber};
-use parking_lot::{Condvar, Mutex, RwLock};
+use notifier::{Invalidation, InvalidationSubscriber};
+use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
-
-/// The MMU half of `struct kvm`: shared by every MMU of one address space.
-#[derive(Debug, Default)]
-pub struct MmuContext {
-    pub mmu_lock: MmuLock,
-    pub seq: InvalidationSeq,
-    pub stats: MmuStats,
-    pub tlb: RemoteTlb,
-    memslots: RwLock<Arc<Memslots>>,
-    /// `mn_active_invalidate_count`: memslot updates wait for zero so that
-    /// `start` and `end` of one invalidation see the same memslots.
-    active_invalidations: Mutex<u64>,
-    no_invalidations: Condvar,
-}
-
-impl MmuContext {
-    pub fn new(memslots: Memslots, tlb: RemoteTlb) -> Arc<Self> {
-        // Never calibrate the clock inside a zap, under mmu_lock.
-        crate::clock::calibrate_once();
-        Arc::new(Self {
-            memslots: RwLock::new(Arc::new(memslots)),
-            tlb,
-            ..Self::default()
-        })
-    }
-
-    /// The current memslots (`kvm_memslots`).
-    pub fn memslots(&self) -> Arc<Memslots> {
-        self.memslots.read().clone()
-    }
-
-    /// Replace the memslots once no invalidation is between start and end
-    /// (`kvm_swap_active_memslots` waiting on `mn_memslots_update_rcuwait`).
-    /// Zapping what a deleted or moved slot mapped is the caller's job.
-    pub fn set_memslots(&self, memslots: Memslots) {
-        let mut active = self.active_invalidations.lock();
-        while *active != 0 {
-            self.no_invalidations.wait(&mut active);
-        }
-        *self.memslots.write() = Arc::new(memslots);
-    }
-}
 
 /// A secondary MMU that can drop its translations of a gfn range
 /// (`kvm_unmap_gfn_range` for one MMU flavour).
@@ -74,20 +35,6 @@ pub trait SecondaryMmu: Send + Sync {
         yielder: &mut Yielder<'_>,
         flush: bool,
     ) -> bool;
-}
-
-impl SecondaryMmu for TdpMmu {
-    fn unmap_gfn_range(
-        &self,
-        guard: &mut MmuWriteGuard<'_>,
-        _slot: &Memslot,
-        start: u64,
-        end: u64,
-        yielder: &mut Yielder<'_>,
-        flush: bool,
-    ) -> bool {
-        self.zap_gfn_range(guard, start, end, yielder, flush)
-    }
 }
 
 /// `kvm_mmu_notifier_invalidate_range_start/end` for the MMUs of one
@@ -130,7 +77,7 @@ impl KvmMmuNotifier {
     /// The start half; returns the yield report if any memslot overlapped.
     pub fn start(&self, inv: &Invalidation) -> Option<YieldReport> {
         let ctx = &*self.ctx;
-        *ctx.active_invalidations.lock() += 1;
+        ctx.active_invalidation_start();
         let slots = ctx.memslots();
         let ranges: Vec<_> = slots.hva_range_to_gfn_ranges(inv.range).collect();
         if ranges.is_empty() {
@@ -175,11 +122,7 @@ impl KvmMmuNotifier {
             let balanced = ctx.seq.end();
             debug_assert!(balanced, "invalidate_range_end without start");
         }
-        let mut active = ctx.active_invalidations.lock();
-        *active = active.saturating_sub(1);
-        if *active == 0 {
-            self.ctx.no_invalidations.notify_all();
-        }
+        ctx.active_invalidation_end();
     }
 }
 
@@ -196,21 +139,15 @@ impl InvalidationSubscriber for KvmMmuNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tdp::{FaultOutcome, HostPage, ResolveError};
+    use crate::memslot::Memslots;
+    use crate::tdp::{FaultOutcome, HostPage, ResolveError, TdpMmu};
+    use crate::RemoteTlb;
     use notifier::PageSize;
     use notifier::{Delivery, HvaRange, MmuNotifyEvent};
     use std::time::Duration;
 
     const HVA0: u64 = 0x7000_0000_0000;
     const HVA1: u64 = 0x7100_0000_0000;
-
-    #[test]
-    fn a_context_is_created_with_the_clock_calibrated() {
-        // The yielder converts its slice to ticks under mmu_lock: the
-        // ~1 ms calibration must have happened before any zap.
-        let _ = MmuContext::new(Memslots::new(Vec::new(), 1).unwrap(), RemoteTlb::new(None));
-        assert!(crate::clock::calibrated());
-    }
 
     fn setup(policy: YieldPolicy) -> (Arc<MmuContext>, Arc<TdpMmu>, KvmMmuNotifier) {
         let slots = Memslots::new(
