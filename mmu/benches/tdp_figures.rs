@@ -16,6 +16,7 @@
 use mmu::memslot::{Memslot, Memslots};
 use mmu::tdp::{FaultOutcome, HostPage, ResolveError, TdpMmu};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+use notifier::convert::u64_to_usize;
 use notifier::PageSize;
 use notifier::{Delivery, HvaRange, Invalidation, InvalidationSubscriber, MmuNotifyEvent};
 use std::hint::black_box;
@@ -144,7 +145,7 @@ fn main() {
     let mut rows = Vec::new();
 
     // Baseline for installs: compare-exchange 0 -> value into a flat array.
-    let n4k = GIB_PAGES as usize;
+    let n4k = u64_to_usize(GIB_PAGES);
     let (cas_t, _) = best(5, || {
         let v: Vec<AtomicU64> = (0..n4k).map(|_| AtomicU64::new(0)).collect();
         let t = Instant::now();

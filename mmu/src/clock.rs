@@ -3,6 +3,7 @@
 //! `Instant::now()` (a vDSO call), which matters at one sample per 64 zapped
 //! leaves. Non-x86-64 builds fall back to `Instant`.
 
+use notifier::convert::duration_ns;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -45,17 +46,20 @@ fn calibrate() -> u64 {
     while t0.elapsed() < Duration::from_millis(1) {
         std::hint::spin_loop();
     }
-    let (ns, cycles) = (t0.elapsed().as_nanos() as u64, raw().wrapping_sub(c0));
+    let (ns, cycles) = (duration_ns(t0.elapsed()), raw().wrapping_sub(c0));
+    // A scale past u64 (over 2^32 ns per cycle: a TSC that barely moved
+    // while the spin was descheduled) saturates; it cannot come from a
+    // working TSC.
     ((ns as u128) << 32)
         .checked_div(cycles as u128)
-        .map_or(1 << 32, |s| s as u64)
+        .map_or(1 << 32, |s| u64::try_from(s).unwrap_or(u64::MAX))
         .max(1)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn raw() -> Ticks {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    duration_ns(START.get_or_init(Instant::now).elapsed())
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -76,7 +80,7 @@ pub fn nanos(ticks: Ticks) -> u64 {
 
 /// A duration in ticks (at least 1 for a non-zero duration).
 pub fn ticks(d: Duration) -> Ticks {
-    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX) as u128;
+    let ns = duration_ns(d) as u128;
     if ns == 0 {
         return 0;
     }

@@ -337,8 +337,9 @@ pub fn walk_x86(
     access: AccessKind,
     set_ad: bool,
 ) -> Result<Translation, WalkError> {
-    // Canonical: bits 63:47 all equal.
-    let top = (gva as i64) >> 47;
+    // Canonical: bits 63:47 all equal (an arithmetic shift of the address
+    // read as two's complement).
+    let top = gva.cast_signed() >> 47;
     if top != 0 && top != -1 {
         return Err(WalkError::NonCanonical { addr: gva });
     }

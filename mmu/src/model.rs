@@ -19,6 +19,7 @@ use crate::memslot::{Memslot, MemslotError, Memslots};
 use crate::nested::NestedMmu;
 use crate::shadow::FaultError;
 use crate::RemoteTlb;
+use notifier::convert::{duration_ns, u64_to_usize};
 use notifier::PageSize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -200,6 +201,11 @@ impl NestedModelConfig {
     /// L1 regions mapped, and L1 regions reserved at the top for tables.
     fn layout(&self) -> (u64, u64) {
         let total = self.regions();
+        // Documented saturation: a float-to-int `as` saturates (negative and
+        // NaN to 0, past u64::MAX to u64::MAX) and `min` below clamps to the
+        // regions there are; `validate` rejects a density outside 0..=1
+        // before a model is built.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let want = (self.density * total as f64).round() as u64;
         let want = if self.density > 0.0 { want.max(1) } else { 0 };
         let reserved = self
@@ -269,7 +275,10 @@ pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedMode
     }
     let b = splitmix(&mut rng) % avail.max(1);
     let l1_regions: Vec<u64> = (0..nregions)
-        .map(|k| ((a as u128 * k as u128 + b as u128) % avail as u128) as u64)
+        .map(|k| {
+            let r = (a as u128 * k as u128 + b as u128) % avail as u128;
+            u64::try_from(r).expect("a residue mod a u64 fits in u64")
+        })
         .collect();
 
     let mem = Arc::new(SparseGuestMem::new(cfg.l1_bytes));
@@ -305,7 +314,7 @@ pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedMode
             table_pages += 1;
             write(pdpt + ((l2 >> 30) & 511) * 8, pd | nonleaf)?;
         }
-        let region = l1_regions[(k / alias) as usize];
+        let region = l1_regions[u64_to_usize(k / alias)];
         let pde = pd + ((l2 >> 21) & 511) * 8;
         if cfg.shape == TableShape::Huge {
             write(pde, (region << 21) | ept::PS | leaf)?;
@@ -342,7 +351,7 @@ pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedMode
         } else {
             1
         };
-        for j in (0..REGION_PAGES).step_by(step as usize) {
+        for j in (0..REGION_PAGES).step_by(u64_to_usize(step)) {
             let gpa = (k << 21) | (j << PAGE_SHIFT);
             mmu.page_fault(&paging, gpa, AccessKind::WRITE)
                 .map_err(|err| ModelError::Fault { gpa, err })?;
@@ -358,7 +367,7 @@ pub fn build_nested(cfg: NestedModelConfig, tlb: RemoteTlb) -> Result<NestedMode
         l2_regions,
         table_pages,
         faults,
-        build_ns: t0.elapsed().as_nanos() as u64,
+        build_ns: duration_ns(t0.elapsed()),
         estimate_bytes: estimate,
     })
 }

@@ -9,6 +9,8 @@
 //! populated head from any position costs O(levels) word reads, so an empty
 //! 1 GiB range (262,144 + 512 + 1 heads) is skipped in a few dozen reads.
 
+use notifier::convert::u64_to_usize;
+
 /// Words per lazily allocated level-0 chunk (64 words = 4096 heads).
 pub const LEAF_CHUNK_WORDS: usize = 64;
 
@@ -32,7 +34,7 @@ impl PopulatedMap {
         let mut below = words;
         while below > 1 {
             let w = below.div_ceil(64);
-            summary.push(vec![0u64; w as usize]);
+            summary.push(vec![0u64; u64_to_usize(w)]);
             below = w;
         }
         Self {
@@ -58,8 +60,9 @@ impl PopulatedMap {
 
     #[inline]
     fn leaf_word(&self, w: u64) -> u64 {
-        match self.leaf.get(w as usize / LEAF_CHUNK_WORDS) {
-            Some(Some(c)) => c[w as usize % LEAF_CHUNK_WORDS],
+        let w = u64_to_usize(w);
+        match self.leaf.get(w / LEAF_CHUNK_WORDS) {
+            Some(Some(c)) => c[w % LEAF_CHUNK_WORDS],
             _ => 0,
         }
     }
@@ -70,7 +73,10 @@ impl PopulatedMap {
         if lvl == 0 {
             self.leaf_word(w)
         } else {
-            self.summary[lvl - 1].get(w as usize).copied().unwrap_or(0)
+            self.summary[lvl - 1]
+                .get(u64_to_usize(w))
+                .copied()
+                .unwrap_or(0)
         }
     }
 

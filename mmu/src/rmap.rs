@@ -22,8 +22,13 @@
 //! KVM's read of a zero head from memory; the walk's cost per head is still
 //! O(1) and its count is exact.
 
+use notifier::convert::u64_to_usize;
+
 /// Entries per descriptor (`PTE_LIST_EXT`): 4+4+4+14*8 = 124 bytes.
 pub const PTE_LIST_EXT: usize = 14;
+/// [`PTE_LIST_EXT`] as the descriptors' count type.
+const PTE_LIST_EXT_U32: u32 = 14;
+const _: () = assert!(PTE_LIST_EXT_U32 as usize == PTE_LIST_EXT);
 /// Heads per lazily allocated chunk: 512 heads = 4 KiB, one 2 MiB region at
 /// the 4 KiB level.
 pub const RMAP_CHUNK: usize = 512;
@@ -44,6 +49,9 @@ impl SpteRef {
         SpteRef(((sp as u64 + 1) << 10) | ((index as u64 & 511) << 1))
     }
 
+    // Cannot truncate: bits 10.. hold a `u32` id + 1 (only `new` builds a
+    // SpteRef), so the difference fits `u32`. On the rmap walk: no check.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn sp(self) -> u32 {
         ((self.0 >> 10) - 1) as u32
     }
@@ -77,8 +85,12 @@ impl DescArena {
             self.descs[i as usize] = d;
             return i;
         }
+        // Descriptor ids are `u32` (heads and `more` links store them): an
+        // arena past 2^32 descriptors (~500 GiB of them) is refused rather
+        // than aliased.
+        let id = u32::try_from(self.descs.len()).expect("rmap descriptor ids exceed u32");
         self.descs.push(d);
-        (self.descs.len() - 1) as u32
+        id
     }
 
     fn release(&mut self, i: u32) {
@@ -102,6 +114,9 @@ impl RmapHead {
         self.0 == 0
     }
 
+    // Cannot truncate: a head with RMAP_MANY set is only built by `many`
+    // from a `u32` descriptor id. On the rmap walk: no check.
+    #[allow(clippy::cast_possible_truncation)]
     fn desc(self) -> Option<u32> {
         (self.0 & RMAP_MANY != 0).then_some((self.0 >> 1) as u32)
     }
@@ -132,8 +147,8 @@ impl RmapHead {
             }
             (false, Some(mut d)) => {
                 let head = arena.descs[d as usize];
-                if head.spte_count as usize == PTE_LIST_EXT {
-                    let tail_count = head.tail_count + PTE_LIST_EXT as u32;
+                if head.spte_count == PTE_LIST_EXT_U32 {
+                    let tail_count = head.tail_count + PTE_LIST_EXT_U32;
                     d = arena.alloc(PteListDesc {
                         more: d + 1,
                         spte_count: 0,
@@ -243,7 +258,7 @@ pub struct RmapArray {
 
 impl RmapArray {
     pub fn new(len: u64) -> Self {
-        let n = len.div_ceil(RMAP_CHUNK as u64) as usize;
+        let n = u64_to_usize(len.div_ceil(RMAP_CHUNK as u64));
         Self {
             len,
             chunks: (0..n).map(|_| None).collect(),
@@ -261,8 +276,8 @@ impl RmapArray {
     /// The head at `idx`; unallocated and out-of-range heads are empty.
     #[inline]
     pub fn get(&self, idx: u64) -> RmapHead {
-        match self.chunks.get((idx / RMAP_CHUNK as u64) as usize) {
-            Some(Some(c)) => c[(idx % RMAP_CHUNK as u64) as usize],
+        match self.chunks.get(u64_to_usize(idx / RMAP_CHUNK as u64)) {
+            Some(Some(c)) => c[u64_to_usize(idx % RMAP_CHUNK as u64)],
             _ => RmapHead::EMPTY,
         }
     }
@@ -273,9 +288,9 @@ impl RmapArray {
         if idx >= self.len {
             return None;
         }
-        let c = self.chunks[(idx / RMAP_CHUNK as u64) as usize]
+        let c = self.chunks[u64_to_usize(idx / RMAP_CHUNK as u64)]
             .get_or_insert_with(|| Box::new([RmapHead::EMPTY; RMAP_CHUNK]));
-        Some(&mut c[(idx % RMAP_CHUNK as u64) as usize])
+        Some(&mut c[u64_to_usize(idx % RMAP_CHUNK as u64)])
     }
 
     /// Bytes of allocated heads and chunk table.

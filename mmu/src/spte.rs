@@ -271,6 +271,9 @@ impl Spte {
     }
 
     /// The child shadow page id of a [`shadow_link`](Self::shadow_link).
+    // Cannot truncate: a shadow link's pfn field holds the `u32` id
+    // `shadow_link` put there. On the fault path and the page zap: no check.
+    #[allow(clippy::cast_possible_truncation)]
     #[inline]
     pub const fn shadow_child(self) -> u32 {
         self.pfn() as u32

@@ -17,6 +17,7 @@
 use mmu::memslot::{Memslot, Memslots};
 use mmu::tdp::{FaultOutcome, HostPage, Leaf, ResolveError, ResolvePfn, TdpMmu, POISON_PFN};
 use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
+use notifier::convert::u64_to_usize;
 use notifier::PageSize;
 use notifier::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,7 +83,7 @@ impl Host {
     fn pfn(&self, id: u32, gfn: u64) -> u64 {
         let (s, pages) = self.slot(id);
         let off = gfn - s.base_gfn;
-        pages[(off >> s.backing.gfn_shift()) as usize].load(Ordering::Acquire)
+        pages[u64_to_usize(off >> s.backing.gfn_shift())].load(Ordering::Acquire)
             + (off & (s.backing.pages() - 1))
     }
 
@@ -91,7 +92,7 @@ impl Host {
         let (s, pages) = self.slot(id);
         let shift = s.backing.gfn_shift();
         for i in (gfn_start - s.base_gfn) >> shift..(gfn_end - s.base_gfn) >> shift {
-            pages[i as usize].store(self.fresh(s.backing), Ordering::Release);
+            pages[u64_to_usize(i)].store(self.fresh(s.backing), Ordering::Release);
         }
     }
 }
@@ -165,7 +166,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
                     let gfn = if rng.below(2) == 0 && h != 0 {
                         (h >> 32) + rng.below(h & 0xffff_ffff)
                     } else {
-                        let s = &slots[rng.below(3) as usize];
+                        let s = &slots[u64_to_usize(rng.below(3))];
                         s.base_gfn + rng.below(s.npages)
                     };
                     let out = tdp
@@ -191,7 +192,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
             let mut rng = Rng(7);
             let mut walks = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let s = &slots[rng.below(3) as usize];
+                let s = &slots[u64_to_usize(rng.below(3))];
                 let gfn = s.base_gfn + rng.below(s.npages);
                 let poisoned = |l: &Leaf| l.spte.pfn() >= POISON_PFN;
                 if let Some(l) = tdp.lookup(gfn) {
@@ -210,7 +211,7 @@ fn faults_never_keep_a_stale_translation_across_invalidations() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut invalidations = 0u64;
     while Instant::now() < deadline {
-        let s = &slots[rng.below(3) as usize];
+        let s = &slots[u64_to_usize(rng.below(3))];
         let host_pages = s.npages >> s.backing.gfn_shift();
         let first = rng.below(host_pages);
         let n = 1 + rng.below((host_pages - first).min(if s.backing == PageSize::Size4K {

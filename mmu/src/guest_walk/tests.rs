@@ -261,11 +261,11 @@ fn tables() -> impl Strategy<Value = (HashMap<u64, u64>, Vec<u64>, u64)> {
             let addr = if addr % 7 == 0 {
                 addr
             } else {
-                ((addr << 16) as i64 >> 16) as u64
+                ((addr << 16).cast_signed() >> 16).cast_unsigned()
             };
             let mut table = root;
             for (i, (page, flags, extra)) in entries.into_iter().enumerate() {
-                let level = 4 - i as u32;
+                let level = 4 - u32::try_from(i).expect("4 levels");
                 let at = table * 4096 + ((addr >> (12 + 9 * (level - 1))) & 511) * 8;
                 // Mostly present and permissive, bits 0..8 random.
                 // Half the entries have random low bits (mostly malformed for

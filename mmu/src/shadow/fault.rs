@@ -4,11 +4,10 @@
 //! the guest page, memslot, host page and write tracking allow, build or
 //! reuse shadow pages from the root down and install the leaf SPTE.
 
-use super::page::{count_page, index, span, ShadowState};
+use super::page::{count_page, index, span, spte_ref, ShadowState};
 use super::{GuestPaging, ShadowMmu, ACC_ALL, ACC_EXEC, ACC_USER, ACC_WRITE};
 use crate::guest_walk::{AccessKind, Translation, WalkError, ROOT_LEVEL};
 use crate::memslot::Memslot;
-use crate::rmap::SpteRef;
 use crate::spte::{LeafAttrs, Spte, SpteError, Writability};
 use crate::tdp::{HostPage, ResolveError};
 use crate::MmuStats;
@@ -249,7 +248,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
             page.spt[i] = new;
             page.gfns[i] = base;
             count_page(stats, target, true);
-            st.rmap_add(base, target, SpteRef::new(sp, i as u16), stats, tlb);
+            st.rmap_add(base, target, spte_ref(sp, i), stats, tlb);
             FaultOutcome::Fixed {
                 level: target,
                 pfn,

@@ -69,6 +69,17 @@ pub(super) struct ShadowState {
     pub(super) scratch: Vec<SpteRef>,
 }
 
+/// The [`SpteRef`] of entry `i` of shadow page `sp` (rmaps, `parent_ptes`).
+// Cannot truncate: `i` indexes a page's 512 SPTEs, so it is below 512 and
+// fits the `u16` of `SpteRef::new`. On the fault path and the page zap: no
+// check.
+#[allow(clippy::cast_possible_truncation)]
+#[inline]
+pub(super) fn spte_ref(sp: u32, i: usize) -> SpteRef {
+    debug_assert!(i < 512);
+    SpteRef::new(sp, i as u16)
+}
+
 pub(super) fn index(addr: u64, level: u8) -> usize {
     ((addr >> level_shift(level)) & 511) as usize
 }
@@ -132,8 +143,12 @@ impl ShadowState {
                 id
             }
             None => {
+                // Shadow page ids are `u32` (SPTE links and rmap entries
+                // store them): past 2^32 pages (32 TiB of them) the MMU
+                // refuses rather than aliases.
+                let id = u32::try_from(self.pages.len()).expect("shadow page ids exceed u32");
                 self.pages.push(Some(sp));
-                (self.pages.len() - 1) as u32
+                id
             }
         };
         self.hash.insert((gfn, role), id);
@@ -153,12 +168,12 @@ impl ShadowState {
         }
         self.page_mut(id).spt[i] = Spte::NONPRESENT;
         if spte.is_last(level) {
-            self.rmap_remove(gfn, level, SpteRef::new(id, i as u16));
+            self.rmap_remove(gfn, level, spte_ref(id, i));
             count_page(stats, level, false);
             return 0;
         }
         let child = spte.shadow_child();
-        let me = SpteRef::new(id, i as u16);
+        let me = spte_ref(id, i);
         let c = self.page_mut(child);
         c.parent_ptes.retain(|p| *p != me);
         if c.parent_ptes.is_empty() {
@@ -187,11 +202,11 @@ impl ShadowState {
                     continue;
                 }
                 if spte.is_last(sp.role.level) {
-                    self.rmap_remove(sp.gfns[i], sp.role.level, SpteRef::new(id, i as u16));
+                    self.rmap_remove(sp.gfns[i], sp.role.level, spte_ref(id, i));
                     count_page(stats, sp.role.level, false);
                 } else {
                     let child = spte.shadow_child();
-                    let me = SpteRef::new(id, i as u16);
+                    let me = spte_ref(id, i);
                     if let Some(c) = self.pages[child as usize].as_mut() {
                         c.parent_ptes.retain(|p| *p != me);
                         if c.parent_ptes.is_empty() {
@@ -213,9 +228,7 @@ impl ShadowState {
 
     pub(super) fn link(&mut self, parent: u32, i: usize, child: u32) {
         self.page_mut(parent).spt[i] = Spte::shadow_link(child);
-        self.page_mut(child)
-            .parent_ptes
-            .push(SpteRef::new(parent, i as u16));
+        self.page_mut(child).parent_ptes.push(spte_ref(parent, i));
     }
 }
 

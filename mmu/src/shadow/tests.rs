@@ -208,8 +208,9 @@ proptest! {
                     let i = i % maps.len();
                     let t = walk_x86(&*mem, &paging, maps[i].0 << 12, AccessKind::READ, false);
                     if let Ok(t) = t {
-                        let lvl = t.leaf_level() as usize;
-                        let at = (t.table_gfn[lvl - 1] << 12) + ((maps[i].0 << 12 >> level_shift(lvl as u8)) & 511) * 8;
+                        let leaf = t.leaf_level();
+                        let lvl = usize::from(leaf);
+                        let at = (t.table_gfn[lvl - 1] << 12) + ((maps[i].0 << 12 >> level_shift(leaf)) & 511) * 8;
                         let frame = if lvl > 1 { gfn & !511 } else { gfn };
                         mem.write_u64(at, (t.pte[lvl - 1] & 0xfff) | (frame << 12)).unwrap();
                         // The write hit a shadowed table: the MMU hears of it
@@ -247,8 +248,8 @@ proptest! {
             if never { prop_assert_eq!(r.yields.yields, 0); } else { prop_assert!(r.yields.longest.units <= 64); }
             if blind {
                 // Every head position of the three levels, empty ones included.
-                let heads = (e - s) as i64;
-                prop_assert!((r.rmap_heads_visited as i64 - heads - heads / 512).abs() <= 4, "{:?}", r);
+                let heads = e - s;
+                prop_assert!(r.rmap_heads_visited.abs_diff(heads + heads / 512) <= 4, "{:?}", r);
             }
             let present = m.check_no_stale((s, e), u64::MAX, splitmix(&mut rng)).map_err(TestCaseError::fail)?;
             prop_assert!(present <= m.l2_pages());

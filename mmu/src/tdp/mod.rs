@@ -31,6 +31,7 @@ use crate::context::MmuContext;
 use crate::spte::Spte;
 use crate::stats::MmuStats;
 use crossbeam_epoch as epoch;
+use notifier::convert::u64_to_usize;
 use notifier::PageSize;
 use pool::TablePool;
 use std::ptr::NonNull;
@@ -85,14 +86,15 @@ pub(crate) const fn spte_index(gfn: u64, level: u8) -> usize {
 pub(crate) fn bounds(level: u8, base: u64, start: u64, end: u64) -> (usize, usize, bool) {
     let span = level_span(level);
     let first = if start > base {
-        ((start - base) / span) as usize
+        u64_to_usize((start - base) / span)
     } else {
         0
     };
-    let last = end
-        .saturating_sub(base)
-        .div_ceil(span)
-        .min(SPTES_PER_TABLE as u64) as usize;
+    let last = u64_to_usize(
+        end.saturating_sub(base)
+            .div_ceil(span)
+            .min(SPTES_PER_TABLE as u64),
+    );
     let full = start <= base && end >= base + span * SPTES_PER_TABLE as u64;
     (first, last, full)
 }
