@@ -26,6 +26,8 @@
 //!   tracking, fault path, yielding rmap zaps), on the same [`MmuContext`]
 //!   and invalidation path as the TDP MMU.
 //! - [`nested`]: nested TDP, the shadow MMU over an L1's EPT tables.
+//! - [`watchdog`]: the soft-lockup detector's stand-in, a thread that needs
+//!   `mmu_lock` every period while a zap runs.
 //! - [`model`]: model-plane generators (L1 up to 4 TiB, L2 density, shapes).
 
 pub mod clock;
@@ -43,6 +45,7 @@ pub mod spte;
 pub mod stats;
 pub mod tdp;
 pub mod tlb;
+pub mod watchdog;
 pub mod yielder;
 
 pub use context::MmuContext;

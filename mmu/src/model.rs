@@ -69,8 +69,6 @@ impl TableShape {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
-    #[error("bad size {0:?}: expected a number with a K/M/G/T suffix (e.g. 4T, 64G, 1G)")]
-    BadSize(String),
     #[error(
         "L1 size {bytes} bytes: must be a multiple of 2 MiB, at least 4 MiB and at most 4 TiB"
     )]
@@ -85,29 +83,6 @@ pub enum ModelError {
     Fault { gpa: u64, err: FaultError },
     #[error("memslot: {0}")]
     Slot(#[from] MemslotError),
-}
-
-/// Parse `4T`, `64G`, `512M`, `1G`, `4096K` or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, ModelError> {
-    let bad = || ModelError::BadSize(s.to_string());
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift)
-        .filter(|&b| b > 0)
-        .ok_or_else(bad)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -435,17 +410,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_or_fail_clearly() {
-        assert_eq!(parse_size("4T").unwrap(), 4 << 40);
-        assert_eq!(parse_size("64G").unwrap(), 64 << 30);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "G", "4X", "-1G", "1.5G", "99999999999T", "0G"] {
-            assert!(
-                matches!(parse_size(bad), Err(ModelError::BadSize(_))),
-                "{bad}"
-            );
-        }
+    fn shapes_and_sizes_fail_clearly() {
         assert!("aliased:4".parse::<TableShape>().is_ok());
         assert!("aliased:0".parse::<TableShape>().is_err());
         let cfg = NestedModelConfig {

@@ -1,0 +1,358 @@
+//! `vmm latency --guest linux`: the same scenarios on the Linux guest's
+//! RAM while its kernel boots.
+//!
+//! The Debian guest of `vmm run --guest linux` boots on shared 2 MiB
+//! hugetlb RAM served by userfaultfd MINOR faults through the project's
+//! TDP MMU, on its own threads ([`linux::boot`] on a boot thread, the
+//! uffd fault thread). Once the kernel has been faulting its RAM in for a
+//! while (the warm-up), the scenarios run against that RAM - host syscall,
+//! kernel tracepoint and TDP MMU layers - while the guest keeps booting.
+//! A guest store to RAM made read-only for a moment makes `KVM_RUN`
+//! answer EFAULT: the vCPU re-enters (counted). Then the guest is stopped;
+//! it need not reach init.
+//!
+//! What this guest cannot give: a guest layer (this host's KVM, PVM, runs
+//! no Linux user space, so the probe cannot run as a static binary in the
+//! initramfs, and the guest kernel has no probe), and the shadow-MMU layer
+//! (the project's shadow MMU would need a walker over the booting kernel's
+//! changing page tables; the probe's identity tables are what it
+//! shadows). `memtest=1` would touch all of RAM early, but the Debian
+//! cloud kernel is built without `CONFIG_MEMTEST`: the boot's own touching
+//! (kernel image, memmap, page tables, allocations) is what is mapped.
+//!
+//! "Populated" is what the guest has faulted in; the VMM re-maps those
+//! pages in the MMU before each iteration. The sparse and empty states
+//! would mean discarding the guest kernel's working set under it: left out.
+//! Hole punch and MADV_REMOVE drop page-cache data the guest kernel owns,
+//! so the range is copied out through the VMM's own mapping before the
+//! (timed) syscall and written back after it (untimed).
+
+use super::measure::{MmuSample, State, Target};
+use super::LatencyError;
+use crate::machine::linux::{self, BootError, BootHooks, BootInputs, BootMemory, LinuxBoot};
+use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
+use crate::memory::mmu::{recorded_tdp, Mapped, ZapRecorder};
+use crate::memory::uffd::{UffdGuestRam, UffdMode};
+use guests::probe::ProbeWindow;
+use mmu::memslot::PAGE_SHIFT;
+use mmu::tdp::TdpMmu;
+use mmu::yielder::YieldReport;
+use notifier::hostmm::Backing;
+use notifier::PageSize;
+use notifier::Subscribers;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Why the Linux guest has no guest layer (reported in `skipped`).
+pub const NO_GUEST_LAYER: &str =
+    "this host's KVM (PVM) emulates guest CPL0 and cannot enter a Linux \
+guest's user space (system-call entry from guest CPL3 fails), so the probe cannot run as a static \
+binary in the initramfs; the guest kernel has no probe. Host, kernel and MMU layers are measured \
+while the kernel boots";
+
+/// Why the Linux guest has no shadow-MMU layer.
+pub const NO_SHADOW_LAYER: &str =
+    "the project's shadow MMU shadows the probe's fixed identity page \
+tables; the booting Linux kernel's page tables change under it and are not walked";
+
+/// What the boot thread returns: how the boot ended, in words.
+type BootOutcome = Result<String, String>;
+
+/// The Linux guest booting on MMU-served RAM, for the scenarios.
+pub struct LinuxSession {
+    ram: Arc<UffdGuestRam>,
+    tdp: Arc<TdpMmu>,
+    zaps: Arc<ZapRecorder>,
+    /// The VMM's own mapping of the memfd (not registered with uffd).
+    view: GuestMemoryMmap,
+    /// gpas of the huge pages the guest had faulted in at the last
+    /// `prepare`: what "populated" re-maps.
+    touched: Vec<u64>,
+    /// Data kept across a hole punch: (gpa, bytes).
+    kept: Option<(u64, Vec<u8>)>,
+    boot_stop: Arc<AtomicBool>,
+    boot_thread: Option<JoinHandle<BootOutcome>>,
+    fault_stop: Arc<AtomicBool>,
+    fault_thread: Option<FaultThread>,
+    efaults: Arc<AtomicU64>,
+    pub serial_log: PathBuf,
+    started: Instant,
+}
+
+/// How the warm-up went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WarmUp {
+    pub seconds: f64,
+    /// What the TDP MMU mapped when the scenarios started.
+    pub mapped_mib: u64,
+    pub leaves: u64,
+}
+
+impl LinuxSession {
+    /// Boot the provisioned Debian guest on `mem` bytes of shared 2 MiB
+    /// hugetlb RAM (uffd MINOR) on its own thread.
+    pub fn start(mem: u64, kvm_dev: PathBuf, timeout: Duration) -> Result<Self, LatencyError> {
+        let boot_err = |e: BootError| LatencyError::Guest(format!("linux guest: {e}"));
+        let (kernel, initrd) = linux::default_image().map_err(boot_err)?;
+        let serial_log =
+            std::env::temp_dir().join(format!("vmm-latency-linux-{}.log", std::process::id()));
+        let mut cfg = LinuxBoot::new(kernel, initrd);
+        cfg.guest.quiet = true;
+        cfg.guest.serial_log = Some(serial_log.clone());
+        cfg.timeout = timeout.max(Duration::from_secs(1));
+        cfg.kvm_dev = kvm_dev;
+        let inputs = BootInputs::prepare(&cfg).map_err(boot_err)?;
+
+        let subs = Subscribers::new();
+        // No non-cooperative events: the VMM's own operations announce
+        // their ranges (as the probe's session).
+        let ram = UffdGuestRam::new(
+            mem,
+            Backing::SharedMemfd(PageSize::Size2M),
+            UffdMode::Minor,
+            subs.clone(),
+            false,
+        )?;
+        let ram = Arc::new(ram);
+        let (tdp, zaps) = recorded_tdp(&ram, &subs)?;
+        let view = ram.vmm_view()?;
+        let boot_view = ram.vmm_view()?;
+        let size = ram.size();
+        let fault_stop = Arc::new(AtomicBool::new(false));
+        let fault_thread = fault::spawn(
+            ram.clone(),
+            tdp.clone(),
+            fault_stop.clone(),
+            FaultOptions::default(),
+        )?;
+        let fault_failed = fault_thread.progress.failed();
+        let slot = ram.clone();
+        let boot_stop = Arc::new(AtomicBool::new(false));
+        let efaults = Arc::new(AtomicU64::new(0));
+        let (stop, ef) = (boot_stop.clone(), efaults.clone());
+        let stop_tick = stop.clone();
+        let boot_thread = std::thread::Builder::new()
+            .name("linux-boot".into())
+            .spawn(move || -> BootOutcome {
+                let t0 = Instant::now();
+                let memory = BootMemory {
+                    mem: boot_view,
+                    slot,
+                    size,
+                    hugepages: PageSize::Size2M,
+                    staging: None,
+                };
+                let r = linux::boot(
+                    &cfg,
+                    inputs,
+                    memory,
+                    BootHooks {
+                        on_tick: Some(&mut |_| stop_tick.load(Ordering::Acquire)),
+                        efault_retries: Some(ef),
+                        stop_on: Some(fault_failed),
+                    },
+                );
+                let secs = t0.elapsed().as_secs();
+                match r {
+                    Ok(_) if stop.load(Ordering::Acquire) => {
+                        Ok(format!("by the VMM {secs} s into its boot"))
+                    }
+                    Ok(rep) => Ok(match rep.error {
+                        Some(e) => format!("{} after {secs} s ({e})", rep.exit.name()),
+                        None => format!("{} after {secs} s", rep.exit.name()),
+                    }),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .map_err(|e| LatencyError::Guest(format!("spawning the boot thread: {e}")))?;
+        Ok(LinuxSession {
+            ram,
+            tdp,
+            zaps,
+            view,
+            touched: Vec::new(),
+            kept: None,
+            boot_stop,
+            boot_thread: Some(boot_thread),
+            fault_stop,
+            fault_thread: Some(fault_thread),
+            efaults,
+            serial_log,
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether the guest is still running.
+    pub fn running(&self) -> bool {
+        self.boot_thread.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    fn check_running(&mut self) -> Result<(), LatencyError> {
+        if self.running() {
+            return Ok(());
+        }
+        let why = match self.boot_thread.take().map(|h| h.join()) {
+            Some(Ok(Ok(exit))) => format!("boot ended early: {exit}"),
+            Some(Ok(Err(e))) => format!("boot failed: {e}"),
+            Some(Err(_)) => "boot thread panicked".into(),
+            None => "boot thread gone".into(),
+        };
+        Err(LatencyError::Guest(format!(
+            "linux guest: {why} (serial log {})",
+            self.serial_log.display()
+        )))
+    }
+
+    /// What the TDP MMU maps: (MiB, leaves).
+    fn mapped(&self) -> (u64, u64) {
+        let m = Mapped::of(&self.tdp, 0);
+        (m.mib, m.leaves)
+    }
+
+    /// Let the guest kernel fault its RAM in for `secs` (or until
+    /// `enough_mib` is mapped), then report what is mapped.
+    pub fn warm_up(&mut self, secs: Duration, enough_mib: u64) -> Result<WarmUp, LatencyError> {
+        while self.started.elapsed() < secs {
+            self.check_running()?;
+            if self.mapped().0 >= enough_mib {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        self.check_running()?;
+        let (mapped_mib, leaves) = self.mapped();
+        Ok(WarmUp {
+            seconds: self.started.elapsed().as_secs_f64(),
+            mapped_mib,
+            leaves,
+        })
+    }
+
+    /// KVM_RUN EFAULT re-entries so far.
+    pub fn efaults(&self) -> u64 {
+        self.efaults.load(Ordering::Relaxed)
+    }
+
+    /// Stop the guest and the threads; returns how the boot ended.
+    pub fn stop(mut self) -> Result<String, LatencyError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<String, LatencyError> {
+        self.boot_stop.store(true, Ordering::Release);
+        let boot = self.boot_thread.take().map(|h| h.join());
+        self.fault_stop.store(true, Ordering::Release);
+        let faults = self.fault_thread.take().map(|t| t.handle.join());
+        match faults {
+            Some(Ok(Err(e))) => return Err(LatencyError::Guest(format!("fault thread: {e}"))),
+            Some(Err(_)) => return Err(LatencyError::Guest("fault thread panicked".into())),
+            _ => {}
+        }
+        match boot {
+            Some(Ok(Ok(exit))) => Ok(exit),
+            Some(Ok(Err(e))) => Err(LatencyError::Guest(format!("linux guest: {e}"))),
+            Some(Err(_)) => Err(LatencyError::Guest("boot thread panicked".into())),
+            None => Ok("stopped".into()),
+        }
+    }
+}
+
+impl Drop for LinuxSession {
+    fn drop(&mut self) {
+        if self.boot_thread.is_some() || self.fault_thread.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+impl Target for LinuxSession {
+    fn ram(&self) -> &Arc<UffdGuestRam> {
+        &self.ram
+    }
+    fn tdp_zaps(&self) -> Option<Vec<YieldReport>> {
+        Some(self.zaps.take())
+    }
+    fn shadow_sample(&self) -> Option<MmuSample> {
+        None
+    }
+    /// Re-map the pages the guest had faulted in (as its next touch would).
+    fn remap_mmu(&self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        let mut rep = FaultReport::default();
+        for &gpa in self.touched.iter().filter(|&&g| g >= gs && g < ge) {
+            fault::handle_fault(
+                &self.ram,
+                &self.tdp,
+                self.ram.guest_hva() + gpa,
+                true,
+                &mut rep,
+            )
+            .map_err(|e| LatencyError::Guest(format!("re-mapping gpa {gpa:#x}: {e}")))?;
+        }
+        Ok(())
+    }
+    fn close_window(&mut self) -> Result<Option<ProbeWindow>, LatencyError> {
+        self.check_running()?;
+        Ok(None)
+    }
+    fn settle(&mut self) -> Result<(), LatencyError> {
+        // A few guest ticks' worth of running.
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(())
+    }
+    fn prepare(&mut self, state: State) -> Result<(), LatencyError> {
+        if state != State::Populated {
+            return Err(LatencyError::Guest(format!(
+                "the Linux guest's RAM cannot be made {}",
+                state.name()
+            )));
+        }
+        let ps = self.ram.page_bytes();
+        let mut pages: Vec<u64> = self
+            .tdp
+            .mapped_leaves()
+            .iter()
+            .map(|l| (l.gfn << PAGE_SHIFT) & !(ps - 1))
+            .collect();
+        pages.dedup();
+        self.touched = pages;
+        self.remap_mmu(0, self.ram.size())?;
+        super::measure::discard_zaps(self);
+        Ok(())
+    }
+    fn before_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        let len = ge.min(self.ram.size()).saturating_sub(gs) as usize;
+        let mut buf = vec![0u8; len];
+        self.view
+            .read_slice(&mut buf, GuestAddress(gs))
+            .map_err(|e| LatencyError::Guest(format!("keeping gpa {gs:#x}: {e}")))?;
+        self.kept = Some((gs, buf));
+        Ok(())
+    }
+    fn after_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError> {
+        crate::host::invalidator::refill(&self.ram, gs, ge)?;
+        if let Some((gpa, buf)) = self.kept.take() {
+            self.view
+                .write_slice(&buf, GuestAddress(gpa))
+                .map_err(|e| LatencyError::Guest(format!("restoring gpa {gpa:#x}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The last non-empty line of the guest's console log (empty if none).
+pub fn last_line(log: &std::path::Path) -> String {
+    std::fs::read(log)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}

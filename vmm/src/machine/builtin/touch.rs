@@ -1,0 +1,644 @@
+//! The built-in touch guest end to end (`vmm run --guest builtin`, and the
+//! variants `vmm bench fault-cost` measures): the CPL3 guest on
+//! userfaultfd-served hugetlb RAM whose every page goes through the
+//! project's TDP MMU.
+//!
+//! No guest kernel: the VMM writes [`guests::builtin::system_image`] (GDT,
+//! TSS, identity page tables with U/S, the program, params) and starts the
+//! vCPU at CPL3 ([`crate::machine::builtin`]); its exit handler here reads
+//! the guest's progress and done doorbells (MMIO stores). Faults on guest
+//! RAM are served by [`crate::memory::fault`]. Between passes (the vCPU
+//! stopped in a progress exit), the [`Invalidator`] can run host
+//! invalidations and the MMU-vs-pagemap agreement check. While it runs,
+//! the kernel-side sources of [`crate::host::events`] (userfaultfd
+//! REMOVE/UNMAP/REMAP, the `kvm:kvm_unmap_hva_range` tracepoint) deliver
+//! invalidations the VMM did not issue itself, e.g. a `--bystander-us`
+//! thread's raw madvise/mprotect.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guests::builtin::{self, GuestResult, Params, LAYOUT};
+use mmu::MmuStatsSnapshot;
+use notifier::hostmm::Backing;
+use notifier::Subscribers;
+
+use std::path::PathBuf;
+
+use guests::builtin::Pattern;
+use notifier::PageSize;
+
+use super::{doorbell_u64, BuiltinVm, BuiltinVmError};
+use crate::cli::{parse_size, Guest, Report};
+use crate::host::bystander::Bystander;
+use crate::host::events::EventSources;
+use crate::host::events::{EventsError, EventsReport, TracePump};
+use crate::host::invalidator::{self, InvalError, InvalKind, Invalidator};
+use crate::machine::linux::reserve_pool;
+use crate::memory::fault::{self, FaultOptions, FaultProgress, FaultThreadError};
+use crate::memory::mmu::tdp_mmu_for;
+use crate::memory::uffd::{UffdGuestRam, UffdMode, UffdRamError};
+use crate::report::Percentiles;
+use crate::vstate::{kvm, ExitHandler, Handled, KvmError, RunControl, VcpuError};
+use guests::builtin::Zeroed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TouchError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Guest(#[from] builtin::BuiltinError),
+    #[error(transparent)]
+    Ram(#[from] UffdRamError),
+    #[error(transparent)]
+    Memslot(#[from] mmu::memslot::MemslotError),
+    #[error("--reserve-hugepages: {0}")]
+    Reserve(String),
+    #[error("fault thread: {0}")]
+    Fault(#[from] FaultThreadError),
+    #[error("a helper thread panicked")]
+    FaultPanic,
+    #[error("guest stopped unexpectedly: {exit} at rip {rip:#x}")]
+    Exit { exit: String, rip: u64 },
+    #[error("guest did not finish within {0} s")]
+    Timeout(u64),
+    #[error("invalidation: {0}")]
+    Inval(#[from] InvalError),
+    #[error(transparent)]
+    Setup(#[from] BuiltinVmError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error("the fault thread stopped")]
+    FaultStopped,
+    #[error("the fault thread did not settle within 2 s")]
+    Unsettled,
+}
+
+impl TouchError {
+    /// A built-in guest's run that ended without its done doorbell.
+    /// `stopped`: what a set stop flag means for this run.
+    pub fn from_vcpu(e: VcpuError, timeout: u64, stopped: TouchError) -> Self {
+        match e {
+            VcpuError::TimedOut { .. } => TouchError::Timeout(timeout),
+            VcpuError::Stopped { .. } => stopped,
+            VcpuError::Unexpected { exit, rip, state } => TouchError::Exit {
+                exit: format!("{exit} ({state})"),
+                rip,
+            },
+            VcpuError::Run { rip, source } => TouchError::Exit {
+                exit: format!("KVM_RUN: {source}"),
+                rip,
+            },
+            other => TouchError::Exit {
+                exit: other.to_string(),
+                rip: 0,
+            },
+        }
+    }
+}
+
+/// The built-in touch guest's run: its RAM, how faults are served, what
+/// invalidates it while it runs (`vmm run --guest builtin`; `vmm bench`
+/// runs variants of it). Most of it applies to `--guest linux` too.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TouchArgs {
+    /// Guest RAM size (e.g. 256M, 2G; a bare number is MiB).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub mem: u64,
+    /// hugetlb page size backing guest RAM (a shared memfd): 2M or 1G.
+    #[arg(long, default_value = "2M", value_parser = crate::memory::parse_hugepages)]
+    pub hugepages: PageSize,
+    /// As root, grow the hugetlb pool so the guest RAM fits, for this run
+    /// only (nr_hugepages is lowered again at exit).
+    #[arg(long)]
+    pub reserve_hugepages: bool,
+    /// How faults are resolved: minor (UFFDIO_CONTINUE), missing
+    /// (UFFDIO_COPY), or the baselines without userfaultfd: kernel (the
+    /// kernel's own hugetlb first touch), kernel-prefilled (page cache
+    /// populated first).
+    #[arg(long, value_enum, default_value = "minor")]
+    pub uffd: UffdMode,
+    /// Passes over the working set.
+    #[arg(long, default_value_t = 3)]
+    pub passes: u64,
+    /// Working-set size (default: all RAM above the first 2 MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub ws: Option<u64>,
+    /// Bytes between touched 8-byte slots (multiple of 8).
+    #[arg(long, default_value_t = 4096)]
+    pub stride: u64,
+    /// Visit order: seq or lcg.
+    #[arg(long, default_value = "seq")]
+    pub pattern: Pattern,
+    /// LCG seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Host invalidation run between passes on part of the guest-facing
+    /// mapping: none, protect, write-protect, discard, punch-hole, mixed.
+    #[arg(long, value_enum, default_value = "none")]
+    pub invalidate: InvalKind,
+    /// Invalidations per pass boundary.
+    #[arg(long, default_value_t = 1)]
+    pub inval_per_pass: u64,
+    /// After each invalidation (and at the end), check that the MMU's
+    /// mapped gfns agree with PAGEMAP_SCAN of the guest-facing mapping.
+    #[arg(long)]
+    pub verify: bool,
+    /// Fault all guest RAM in before the guest runs (only with
+    /// --uffd kernel*): the no-fault baseline.
+    #[arg(long)]
+    pub prefault: bool,
+    /// While the guest runs, discard a random run of huge pages every this
+    /// many microseconds (0: off; only with --uffd minor/kernel-prefilled,
+    /// where the data survives): faults race invalidations and retry.
+    #[arg(long, default_value_t = 0)]
+    pub race_discard_us: u64,
+    /// The fault thread busy-polls the userfaultfd instead of sleeping in
+    /// poll(2) (costs a CPU; removes the handler's wake-up latency).
+    #[arg(long)]
+    pub spin_faults: bool,
+    /// Resolve faults with a CONTINUE/COPY that wakes the vCPU itself,
+    /// before the MMU installs its SPTE (one ioctl instead of two).
+    #[arg(long)]
+    pub wake_early: bool,
+    /// Pin the fault thread to this CPU.
+    #[arg(long)]
+    pub fault_cpu: Option<usize>,
+    /// After resolving a fault, map this many following huge pages ahead
+    /// (populate + SPTE) while the vCPU runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub fault_around: u64,
+    /// Kernel-side invalidation sources feeding the MMU while the guest
+    /// runs: auto (each where available), none, or a list of uffd
+    /// (REMOVE/UNMAP/REMAP messages) and trace (kvm:kvm_unmap_hva_range).
+    #[arg(long, default_value = "auto")]
+    pub events: EventSources,
+    /// A bystander thread issues raw madvise/mprotect on guest RAM (not
+    /// through the VMM's host-mm model) every this many microseconds while
+    /// the guest runs, and MADV_REMOVE + mprotect(PROT_READ) at pass
+    /// boundaries (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub bystander_us: u64,
+    /// Give up after this many seconds (the built-in guest).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    pub kvm_dev: PathBuf,
+}
+
+impl TouchArgs {
+    /// Defaults, for library callers.
+    pub fn new(mem: u64, uffd: UffdMode) -> Self {
+        TouchArgs {
+            mem,
+            hugepages: PageSize::Size2M,
+            reserve_hugepages: false,
+            uffd,
+            passes: 3,
+            ws: None,
+            stride: 4096,
+            pattern: Pattern::Sequential,
+            seed: 1,
+            invalidate: InvalKind::None,
+            inval_per_pass: 1,
+            verify: false,
+            prefault: false,
+            spin_faults: false,
+            race_discard_us: 0,
+            wake_early: false,
+            fault_cpu: None,
+            fault_around: 0,
+            events: EventSources::default(),
+            bystander_us: 0,
+            timeout: 300,
+            kvm_dev: "/dev/kvm".into(),
+        }
+    }
+
+    /// The guest's params for these arguments.
+    pub fn params(&self) -> Params {
+        let base = LAYOUT.ws_min;
+        Params {
+            ws_base: base,
+            ws_size: self.ws.unwrap_or(self.mem.saturating_sub(base)),
+            stride: self.stride,
+            passes: self.passes,
+            pattern: self.pattern,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The `--json` summary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TouchReport {
+    pub guest: Guest,
+    pub uffd: UffdMode,
+    pub mem_mib: u64,
+    pub hugepages: String,
+    pub params: Params,
+    pub faults: u64,
+    /// Huge pages mapped ahead by `--fault-around`.
+    pub prefetched: u64,
+    /// Wake-early faults dropped because their page was removed after the
+    /// vCPU had resumed (see [`crate::memory::fault::FaultReport::abandoned`]).
+    pub abandoned: u64,
+    pub fault_retries: u64,
+    pub already_present: u64,
+    pub spurious: u64,
+    pub fault_to_resume_us: Percentiles,
+    /// Time in UFFDIO_CONTINUE/COPY per fault attempt.
+    pub populate_us: Percentiles,
+    pub stats: MmuStatsSnapshot,
+    pub result: GuestResult,
+    pub expected_checksum: u64,
+    pub expected_touches: u64,
+    pub checksum_ok: bool,
+    pub progress_exits: u64,
+    pub invalidations: u64,
+    /// Discards that raced the running guest (`--race-discard-us`).
+    pub race_invalidations: u64,
+    pub verify_checks: u64,
+    pub verify_failures: u64,
+    pub verify_mismatches: Vec<String>,
+    /// Kernel-side invalidation sources and the bystander.
+    pub events: EventsReport,
+    pub guest_run_s: f64,
+    pub total_s: f64,
+}
+
+impl TouchReport {
+    /// Whether the run is a success.
+    pub fn ok(&self) -> bool {
+        self.checksum_ok
+            && self.verify_failures == 0
+            && self.result.done
+            && self
+                .events
+                .bystander
+                .as_ref()
+                .is_none_or(|b| b.zap_timeouts == 0)
+    }
+}
+
+/// The guest's doorbells: progress after each pass (the VMM's
+/// between-pass work runs here, the vCPU stopped in the exit), done at the
+/// end.
+struct TouchExits<'a> {
+    passes: u64,
+    per_pass: u64,
+    inval: &'a mut Invalidator,
+    bystander: Option<&'a Bystander>,
+    settle: &'a FaultProgress,
+    /// Ranges the bystander zeroed at pass boundaries.
+    zeroed: Vec<Zeroed>,
+    progress_exits: u64,
+}
+
+impl TouchExits<'_> {
+    fn between_passes(&mut self, passes_done: u64) -> Result<(), TouchError> {
+        if passes_done >= self.passes {
+            return Ok(());
+        }
+        if let Some(b) = self.bystander {
+            // Raw invalidations behind the VMM's back; the check runs once
+            // their events landed.
+            self.zeroed.extend(b.pause_at_boundary(passes_done)?);
+            if !self.settle.settle(Duration::from_secs(2)) {
+                return Err(TouchError::Unsettled);
+            }
+            self.inval.verify_now()?;
+        }
+        self.inval.between_passes(passes_done, self.per_pass)?;
+        if let Some(b) = self.bystander {
+            b.resume();
+        }
+        Ok(())
+    }
+}
+
+impl ExitHandler for TouchExits<'_> {
+    type Stop = Result<(), TouchError>;
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Handled<Self::Stop> {
+        if addr == LAYOUT.progress_mmio {
+            self.progress_exits += 1;
+            // The guest stores a 32-bit pass count.
+            let passes_done = doorbell_u64(data) & 0xffff_ffff;
+            if let Err(e) = self.between_passes(passes_done) {
+                return Handled::Stop(Err(e));
+            }
+        } else if addr == LAYOUT.done_mmio {
+            return Handled::Stop(Ok(()));
+        }
+        Handled::Continue
+    }
+
+    fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) -> Handled<Self::Stop> {
+        data.fill(0);
+        Handled::Continue
+    }
+}
+
+/// A thread discarding guest RAM while the guest runs, stopped and joined
+/// on drop (also on an early return).
+struct Racer {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<u64, InvalError>>>,
+}
+
+impl Racer {
+    fn start(inv: Option<Invalidator>, every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = inv.map(|inv| invalidator::spawn_racer(inv, every, stop.clone()));
+        Racer { stop, handle }
+    }
+
+    /// Stop it; how many discards it made.
+    fn finish(mut self) -> Result<u64, TouchError> {
+        self.stop.store(true, Ordering::Release);
+        match self.handle.take() {
+            None => Ok(0),
+            Some(h) => Ok(h.join().map_err(|_| TouchError::FaultPanic)??),
+        }
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Run the built-in guest once.
+pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
+    let t_start = Instant::now();
+    let params = args.params();
+    let image = builtin::system_image(&params, args.mem)?;
+    let kvm = kvm::open(&args.kvm_dev)?;
+    // Dropped after the RAM: the pool shrinks back once the pages are gone.
+    let _pool = reserve_pool(args.reserve_hugepages, args.mem, args.hugepages)
+        .map_err(|e| TouchError::Reserve(e.to_string()))?;
+
+    let subs = Subscribers::new();
+    let mut ram = UffdGuestRam::new(
+        args.mem,
+        Backing::SharedMemfd(args.hugepages),
+        args.uffd,
+        subs.clone(),
+        args.events.uffd,
+    )?;
+    ram.load(0, &image)?;
+    if args.prefault {
+        ram.prefault()?;
+    }
+    let ram = Arc::new(ram);
+    let size = ram.size();
+    // Host invalidations of guest RAM reach the MMU: Subscribers ->
+    // KvmMmuNotifier -> TDP zap.
+    let (ctx, tdp) = tdp_mmu_for(&ram, &subs)?;
+    let mut inval = Invalidator::new(
+        &ram,
+        &tdp,
+        args.invalidate,
+        args.verify,
+        params.ws_base,
+        params.ws_size,
+    )?;
+
+    // A discard-picking invalidator over the working set, not verifying.
+    let discarder = || {
+        Invalidator::new(
+            &ram,
+            &tdp,
+            InvalKind::Discard,
+            false,
+            params.ws_base,
+            params.ws_size,
+        )
+    };
+    let racer = if args.race_discard_us > 0 {
+        if !args.uffd.prefilled() {
+            return Err(InvalError::RaceNeedsPrefill.into());
+        }
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let mut events = EventsReport {
+        sources: Some(args.events),
+        ..EventsReport::default()
+    };
+    let bystander_picker = if args.bystander_us > 0 {
+        Some(discarder()?)
+    } else {
+        None
+    };
+    let trace = if args.events.trace {
+        match TracePump::start(subs.clone(), tdp.clone(), Duration::from_millis(2)) {
+            Ok(p) => Some(p),
+            Err(e) if args.events.auto => {
+                events.trace_unavailable = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let fault_thread = fault::spawn(
+        ram.clone(),
+        tdp.clone(),
+        stop.clone(),
+        FaultOptions {
+            spin: args.spin_faults,
+            wake_early: args.wake_early,
+            cpu: args.fault_cpu,
+            fault_around: args.fault_around,
+        },
+    )?;
+    let settle = fault_thread.progress.clone();
+    let mut bystander_zeroed = Vec::new();
+    let mut bystander_report = None;
+
+    let result = (|| -> Result<(u64, f64, u64), TouchError> {
+        let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
+        let racer = Racer::start(racer, Duration::from_micros(args.race_discard_us));
+        let bystander = bystander_picker
+            .map(|picker| {
+                Bystander::start(
+                    ram.clone(),
+                    tdp.clone(),
+                    picker,
+                    Duration::from_micros(args.bystander_us),
+                    trace.is_some(),
+                )
+            })
+            .transpose()?;
+        let mut exits = TouchExits {
+            passes: params.passes,
+            per_pass: args.inval_per_pass,
+            inval: &mut inval,
+            bystander: bystander.as_ref(),
+            settle: &settle,
+            zeroed: Vec::new(),
+            progress_exits: 0,
+        };
+        // A dead fault thread leaves the vCPU asleep in a fault: stop then.
+        let ctl = RunControl::timeout(Duration::from_secs(args.timeout)).stop_on(settle.failed());
+        let t_run = Instant::now();
+        let ran = bvm.vcpu.run(&mut exits, &ctl);
+        let run_s = t_run.elapsed().as_secs_f64();
+        let progress = exits.progress_exits;
+        bystander_zeroed = std::mem::take(&mut exits.zeroed);
+        match ran {
+            Ok(r) => r?,
+            Err(e) => {
+                return Err(TouchError::from_vcpu(
+                    e,
+                    args.timeout,
+                    TouchError::FaultStopped,
+                ))
+            }
+        }
+        let raced = racer.finish()?;
+        if let Some(b) = bystander {
+            bystander_report = Some(b.finish()?);
+            if !settle.settle(Duration::from_secs(2)) {
+                return Err(TouchError::Unsettled);
+            }
+        }
+        inval.final_check()?;
+        Ok((progress, run_s, raced))
+    })();
+
+    stop.store(true, Ordering::Release);
+    let faults = fault_thread
+        .handle
+        .join()
+        .map_err(|_| TouchError::FaultPanic)?;
+    let trace = trace.map(TracePump::finish).transpose();
+    let faults = faults?; // the root cause when the run stopped for it
+    let (progress_exits, guest_run_s, race_invalidations) = result?;
+    events.trace = trace?;
+    events.uffd = ram.events().then_some(faults.events);
+    events.uffd_eagain = faults.eagain;
+    events.bystander = bystander_report;
+
+    let result = GuestResult::from_words(ram.read_u64s::<4>(LAYOUT.result)?);
+    let mut zeroed = inval.zeroed().to_vec();
+    zeroed.extend(bystander_zeroed);
+    let (expected_checksum, expected_touches) = builtin::expected(&params, &zeroed)?;
+    let checksum_ok = result.done
+        && result.checksum == expected_checksum
+        && result.touches == expected_touches
+        && result.passes_done == params.passes;
+    Ok(TouchReport {
+        guest: Guest::Builtin,
+        uffd: args.uffd,
+        mem_mib: size >> 20,
+        hugepages: crate::memory::hugepages_name(args.hugepages),
+        params,
+        faults: faults.faults,
+        prefetched: faults.prefetched,
+        abandoned: faults.abandoned,
+        fault_retries: faults.fault_retries,
+        already_present: faults.already_present,
+        spurious: faults.spurious,
+        fault_to_resume_us: Percentiles::from_ns(&faults.fault_to_resume_ns),
+        populate_us: Percentiles::from_ns(&faults.populate_ns),
+        stats: ctx.stats.snapshot(),
+        result,
+        expected_checksum,
+        expected_touches,
+        checksum_ok,
+        progress_exits,
+        invalidations: inval.count(),
+        race_invalidations,
+        verify_checks: inval.checks(),
+        verify_failures: inval.failures(),
+        verify_mismatches: inval.mismatches.clone(),
+        events,
+        guest_run_s,
+        total_s: t_start.elapsed().as_secs_f64(),
+    })
+}
+
+impl Report for TouchReport {
+    fn text(&self) -> String {
+        let r = self;
+        let l = r.fault_to_resume_us;
+        let mut out = format!(
+            "builtin guest, {} MiB {} hugetlb, uffd {}: {} faults ({} retries), \
+             fault-to-resume p50 {:.1} us p99 {:.1} us max {:.1} us; \
+             {} touches in {:.3} s; checksum {} ({:#x}); {} invalidations, \
+             {} verify checks, {} failures; pf_taken {} pf_fixed {}\n",
+            r.mem_mib,
+            r.hugepages,
+            r.uffd,
+            r.faults,
+            r.fault_retries,
+            l.p50,
+            l.p99,
+            l.max,
+            r.result.touches,
+            r.guest_run_s,
+            if r.checksum_ok { "ok" } else { "MISMATCH" },
+            r.result.checksum,
+            r.invalidations,
+            r.verify_checks,
+            r.verify_failures,
+            r.stats.pf_taken,
+            r.stats.pf_fixed,
+        );
+        let e = &r.events;
+        if let Some(u) = &e.uffd {
+            out += &format!(
+                "uffd events: {} remove, {} unmap, {} remap ({} EAGAIN retries); \
+                 {} in guest RAM, {} zapped SPTEs ({} leaves)\n",
+                u.remove,
+                u.unmap,
+                u.remap,
+                e.uffd_eagain,
+                u.delivered.in_guest_ram,
+                u.delivered.zapping,
+                u.delivered.leaves_zapped
+            );
+        }
+        match (&e.trace, &e.trace_unavailable) {
+            (Some(t), _) => {
+                out += &format!(
+                    "tracepoint: {} invalidations, {} in guest RAM, {} zapped SPTEs ({} leaves)\n",
+                    t.events, t.in_guest_ram, t.zapping, t.leaves_zapped
+                )
+            }
+            (None, Some(why)) => out += &format!("tracepoint: unavailable ({why})\n"),
+            _ => {}
+        }
+        if let Some(b) = &e.bystander {
+            out += &format!(
+                "bystander: {} discards + {} mprotect pairs while running, {} MADV_REMOVE + \
+                 {} mprotect(PROT_READ) at boundaries; {} zaps proven, {} zap timeouts\n",
+                b.concurrent_discards,
+                b.concurrent_protects,
+                b.boundary_removes,
+                b.boundary_protects,
+                b.zaps_proven,
+                b.zap_timeouts
+            );
+        }
+        out
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+    fn ok(&self) -> bool {
+        TouchReport::ok(self)
+    }
+}

@@ -1,0 +1,300 @@
+//! Guest RAM and what serves it.
+//!
+//! - this file: what a RAM configuration must satisfy (size, hugetlb pool,
+//!   the layout's limit), and [`GuestRam`]: one shared memfd mapped
+//!   through vm-memory, the RAM of a plain `vmm boot`;
+//! - [`uffd`]: RAM whose guest-facing mapping is registered with
+//!   userfaultfd, so every page the guest touches is one the project's MMU
+//!   mapped;
+//! - [`fault`]: the userfaultfd fault thread;
+//! - [`mmu`]: the project's MMUs wired to that RAM and to the host
+//!   invalidations announced on it.
+//!
+//! How RAM is backed is one type across the workspace,
+//! [`notifier::hostmm::Backing`] (`shared-2M`, `private-1G`, a plain
+//! memfd as `shared-4K`, ...); its page size is [`notifier::PageSize`].
+
+pub mod fault;
+pub mod mmu;
+pub mod uffd;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use notifier::hostmm::Backing;
+use notifier::PageSize;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::x86_64::layout::MAX_LOW_RAM;
+use crate::vstate::SlotMemory;
+
+/// `--hugepages`: a hugetlb page size (2M, 1G), or `none` (also `4K`): a
+/// plain memfd of 4 KiB pages.
+pub fn parse_hugepages(s: &str) -> Result<PageSize, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "none" | "off" => Ok(PageSize::Size4K),
+        _ => s
+            .parse()
+            .map_err(|_| format!("unknown page size {s:?}: expected 2M, 1G or none")),
+    }
+}
+
+/// The `--hugepages` value that names `ps` (`none` for 4 KiB pages).
+pub fn hugepages_name(ps: PageSize) -> String {
+    if ps.is_huge() {
+        ps.to_string()
+    } else {
+        "none".into()
+    }
+}
+
+/// Guest RAM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Requested more than the host has.
+    #[error(
+        "guest memory of {requested} MiB is larger than the host's {host_total} MiB (MemTotal)"
+    )]
+    LargerThanHost { requested: u64, host_total: u64 },
+    /// The layout is a single region below the 32-bit MMIO gap.
+    #[error(
+        "guest memory of {requested} MiB is above the {max} MiB this VMM lays out below 4 GiB"
+    )]
+    AboveLayoutLimit { requested: u64, max: u64 },
+    /// Not enough free hugepages in the pool.
+    #[error(
+        "not enough free {size} hugepages: {free} free, {needed} needed; reserve them with: \
+         echo {suggest} > {}/nr_hugepages", dir.display()
+    )]
+    NotEnoughHugepages {
+        size: PageSize,
+        free: u64,
+        needed: u64,
+        suggest: u64,
+        dir: PathBuf,
+    },
+    /// The pool does not exist on this kernel.
+    #[error("no {size} hugetlb pool on this host ({} is missing)", dir.display())]
+    NoPool { size: PageSize, dir: PathBuf },
+    /// A backing this RAM cannot be.
+    #[error("guest RAM of this kind cannot be {0}")]
+    Backing(Backing),
+    /// memfd_create/ftruncate/dup failed.
+    #[error("creating the guest RAM memfd failed: {0}")]
+    Memfd(#[source] std::io::Error),
+    /// mmap of the memfd failed.
+    #[error("mapping guest RAM failed: {0}")]
+    Mmap(String),
+}
+
+/// Round `size` up to the backing page size.
+pub fn rounded_size(size: u64, hp: PageSize) -> u64 {
+    size.div_ceil(hp.bytes()) * hp.bytes()
+}
+
+/// Check a hugetlb pool: `free`/`reserved`/`total` are the pool's sysfs
+/// figures.
+pub fn check_hugepages(
+    hp: PageSize,
+    size: u64,
+    free: u64,
+    reserved: u64,
+    total: u64,
+) -> Result<(), MemoryError> {
+    let Some(dir) = hp.hugetlb_pool() else {
+        return Ok(());
+    };
+    let needed = size / hp.bytes();
+    let available = free.saturating_sub(reserved);
+    if available < needed {
+        return Err(MemoryError::NotEnoughHugepages {
+            size: hp,
+            free: available,
+            needed,
+            suggest: total + (needed - available),
+            dir,
+        });
+    }
+    Ok(())
+}
+
+fn read_sysfs_u64(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+pub fn host_mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Validate a requested size against the host, the layout and the pool;
+/// returns it rounded up to the page size.
+pub fn validate(size: u64, hp: PageSize) -> Result<u64, MemoryError> {
+    let size = rounded_size(size, hp);
+    if let Some(total) = host_mem_total() {
+        if size > total {
+            return Err(MemoryError::LargerThanHost {
+                requested: size >> 20,
+                host_total: total >> 20,
+            });
+        }
+    }
+    if size > MAX_LOW_RAM {
+        return Err(MemoryError::AboveLayoutLimit {
+            requested: size >> 20,
+            max: MAX_LOW_RAM >> 20,
+        });
+    }
+    if let Some(dir) = hp.hugetlb_pool() {
+        let Some(total) = read_sysfs_u64(&dir.join("nr_hugepages")) else {
+            return Err(MemoryError::NoPool { size: hp, dir });
+        };
+        let free = read_sysfs_u64(&dir.join("free_hugepages")).unwrap_or(0);
+        let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
+        check_hugepages(hp, size, free, resv, total)?;
+    }
+    Ok(size)
+}
+
+/// `size` bytes of the memfd `fd` mapped `MAP_SHARED` as a vm-memory
+/// `GuestMemoryMmap` at gpa 0 (its own mapping: the memfd is dup'ed).
+/// Without `MAP_NORESERVE`, so hugetlb pages are reserved at mmap time and
+/// a short pool fails here, not with SIGBUS later.
+pub fn memfd_guest_memory(
+    fd: RawFd,
+    size: u64,
+    hp: PageSize,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    // SAFETY: dup of a descriptor the caller has open; the result is
+    // checked and owned by the File from here on.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `dup` was just returned by dup(2) and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(dup) };
+    let len = usize::try_from(size).map_err(|_| MemoryError::Mmap("size".into()))?;
+    let region = MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .with_hugetlbfs(hp.is_huge())
+        .build()
+        .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| MemoryError::Mmap("region overflows the guest address space".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Mmap(e.to_string()))
+}
+
+/// Guest RAM of a plain boot: one shared memfd (hugetlb, or plain for
+/// 4 KiB pages) and the vm-memory view over it, which is also KVM's
+/// memslot.
+pub struct GuestRam {
+    /// The memory as vm-memory sees it (one region at gpa 0).
+    pub mem: GuestMemoryMmap,
+    /// Size in bytes.
+    pub size: u64,
+    /// Backing page size.
+    pub hugepages: PageSize,
+    /// The shared memfd (kept for other mappings).
+    pub memfd: Arc<File>,
+}
+
+impl GuestRam {
+    /// `size` bytes of RAM (rounded up to the page size) backed as
+    /// `backing`, which must be a shared memfd.
+    pub fn new(size: u64, backing: Backing) -> Result<Self, MemoryError> {
+        let Backing::SharedMemfd(hp) = backing else {
+            return Err(MemoryError::Backing(backing));
+        };
+        let size = validate(size, hp)?;
+        // SAFETY: the name is a NUL-terminated literal; flags are valid
+        // memfd_create flags; the return value is checked.
+        let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), hp.memfd_flags()) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(MemoryError::Memfd)?;
+        let mem = memfd_guest_memory(file.as_raw_fd(), size, hp)?;
+        Ok(GuestRam {
+            mem,
+            size,
+            hugepages: hp,
+            memfd: Arc::new(file),
+        })
+    }
+}
+
+/// The vm-memory view as a memslot: region 0 at gpa 0, mapped while the
+/// `GuestMemoryMmap` (and so any clone of it) lives.
+pub struct GuestMemorySlot(pub GuestMemoryMmap);
+
+// SAFETY: a GuestMemoryMmap owns its regions' mappings (reference-counted
+// across clones) and unmaps them only when the last clone is dropped; this
+// value holds one, and the range is region 0's.
+unsafe impl SlotMemory for GuestMemorySlot {
+    fn slot_hva(&self) -> u64 {
+        self.0
+            .get_host_address(GuestAddress(0))
+            .map_or(0, |p| p as u64)
+    }
+    fn slot_size(&self) -> u64 {
+        self.0.iter().next().map_or(0, |r| r.size() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_enough_hugepages_says_free_needed_and_command() {
+        let e = check_hugepages(PageSize::Size2M, 256 << 20, 10, 2, 10).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("8 free"), "{msg}");
+        assert!(msg.contains("128 needed"), "{msg}");
+        assert!(
+            msg.contains("echo 130 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
+            "{msg}"
+        );
+        assert!(check_hugepages(PageSize::Size2M, 256 << 20, 200, 0, 200).is_ok());
+        assert!(check_hugepages(PageSize::Size4K, 256 << 20, 0, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn larger_than_host_is_refused() {
+        let e = validate(1 << 50, PageSize::Size4K).unwrap_err();
+        assert!(matches!(e, MemoryError::LargerThanHost { .. }), "{e}");
+    }
+
+    #[test]
+    fn rounding_and_names() {
+        assert_eq!(rounded_size(256 << 20, PageSize::Size1G), 1 << 30);
+        assert_eq!(rounded_size(3 << 20, PageSize::Size2M), 4 << 20);
+        assert_eq!(parse_hugepages("none"), Ok(PageSize::Size4K));
+        assert_eq!(parse_hugepages("1g"), Ok(PageSize::Size1G));
+        assert!(parse_hugepages("3M").is_err());
+        assert_eq!(hugepages_name(PageSize::Size4K), "none");
+        assert_eq!(hugepages_name(PageSize::Size2M), "2M");
+    }
+
+    #[test]
+    fn plain_memfd_ram_is_a_memslot() {
+        let ram = GuestRam::new(8 << 20, Backing::SharedMemfd(PageSize::Size4K)).unwrap();
+        let slot = GuestMemorySlot(ram.mem.clone());
+        assert_eq!(slot.slot_size(), 8 << 20);
+        assert_ne!(slot.slot_hva(), 0);
+        let e = GuestRam::new(8 << 20, Backing::Anon { thp: false })
+            .err()
+            .unwrap();
+        assert!(matches!(e, MemoryError::Backing(_)), "{e}");
+    }
+}

@@ -1,0 +1,696 @@
+//! Guest RAM served by userfaultfd: one shared hugetlb memfd mapped twice.
+//!
+//! * The **guest-facing** mapping (`MAP_SHARED` of the memfd) is KVM's
+//!   memslot and is registered with userfaultfd, so every first touch by the
+//!   guest (or by KVM on its behalf) arrives at the VMM as a fault.
+//! * The **alias** (another `MAP_SHARED` of the same memfd) is how the VMM
+//!   reaches the page cache without faulting.
+//!
+//! Two modes:
+//! * [`UffdMode::Minor`]: the page cache is populated up front
+//!   (`fallocate`, then the system image written through the alias); the
+//!   guest-facing mapping is registered MINOR and a fault is resolved with
+//!   `UFFDIO_CONTINUE`, which maps the page-cache page: no copy.
+//! * [`UffdMode::Missing`] (Firecracker's way, the baseline): nothing is in
+//!   the page cache; the mapping is registered MISSING and a fault is
+//!   resolved with `UFFDIO_COPY` from a staged buffer (the system image for
+//!   page 0, zeros otherwise), a copy of a whole huge page.
+//!
+//! The guest-facing mapping is a [`HostMm`] region, so the VMM's own
+//! operations on it (`notifier::ops`: protect, discard, punch_hole,
+//! write_protect) announce their invalidations to the [`Subscribers`] the
+//! MMU registered with.
+//!
+//! The COPY source must be resident. `UFFDIO_COPY` on hugetlb first copies
+//! with page faults disabled; if the source is not present it falls back
+//! to copying outside `mmap_lock` into a *temporary* huge page allocated
+//! outside the reservation (`alloc_hugetlb_folio_vma`), then retries. With
+//! 1 GiB pages that temporary page is a second free gigantic page, which a
+//! pool sized for the guest does not have: the COPY fails (`ENOMEM`), and
+//! the old fault thread then exited with the vCPU still asleep in the
+//! fault, so the run hung until the watchdog (what an earlier session saw
+//! as "a 1 GiB COPY that did not finish in two minutes"). Hence the zeros
+//! come from a read-only `MAP_POPULATE` anonymous mapping (every page the
+//! shared zero page: resident, no memory cost), every staged page goes
+//! through [`make_resident`], and a fault thread that fails now stops
+//! the run (where the vCPU is not stuck in the kernel for good: see
+//! [`super::fault`]).
+//! Measured here with both pages free: a 1 GiB COPY from a lazily zeroed
+//! buffer took ~0.6 s (the fallback path), from the populated one ~0.3 s.
+//!
+//! Private hugetlb RAM (`Backing::PrivateHugetlb`, `MAP_PRIVATE`, MISSING
+//! or the kernel's own fault only): no memfd and no alias; the VMM reaches guest RAM through the
+//! guest-facing mapping itself (its pages fault through the same
+//! userfaultfd), and no file operation (hole punch, page-cache refill)
+//! applies.
+//!
+//! Resolution never wakes the faulting thread by itself (DONTWAKE): the
+//! fault handler wakes it after the MMU installed its SPTE - unless the
+//! handler asks for [`UffdGuestRam::populate_and_wake`] (see
+//! [`super::fault`] for why waking first is correct here).
+//!
+//! Non-cooperative events: when built with `events`, the userfaultfd also asks for
+//! `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`, so a
+//! `madvise(DONTNEED/REMOVE)`, `munmap` or `mremap` of guest RAM by *any*
+//! thread - not only through [`HostMm`] - reaches the fault thread, which
+//! delivers it to [`UffdGuestRam::subscribers`]. Such a madvise blocks in
+//! the kernel until the message is read, and `UFFDIO_CONTINUE`/`COPY`
+//! answer `EAGAIN` meanwhile ([`UffdRamError::is_again`]).
+
+use crate::memory::{self, MemoryError};
+use crate::vstate::SlotMemory;
+use mmu::guest_walk::{GuestPhysMem, MemError};
+use notifier::hostmm::{Backing, HostMm, Placement, RegionId};
+use notifier::uffd::{
+    Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
+    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+};
+use notifier::PageSize;
+use notifier::{HvaRange, Subscribers};
+use parking_lot::{Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use vm_memory::GuestMemoryMmap;
+
+/// How guest RAM faults are resolved (`--uffd`). `Kernel*` are baselines
+/// that bypass the project's MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum UffdMode {
+    /// MINOR faults on a pre-populated page cache, `UFFDIO_CONTINUE`.
+    Minor,
+    /// MISSING faults, `UFFDIO_COPY`.
+    Missing,
+    /// Baseline without userfaultfd: the kernel's own hugetlb first touch
+    /// (allocate and zero a huge page). The MMU sees no faults.
+    #[value(alias = "none")]
+    Kernel,
+    /// Baseline without userfaultfd, page cache populated up front: the
+    /// kernel's own fault maps the page-cache page (what CONTINUE does).
+    KernelPrefilled,
+}
+
+impl UffdMode {
+    /// Whether the page cache is populated up front.
+    pub fn prefilled(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::KernelPrefilled)
+    }
+    /// Whether faults go through userfaultfd (and the MMU).
+    pub fn uses_uffd(self) -> bool {
+        matches!(self, UffdMode::Minor | UffdMode::Missing)
+    }
+}
+
+impl std::fmt::Display for UffdMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UffdMode::Minor => "minor",
+            UffdMode::Missing => "missing",
+            UffdMode::Kernel => "kernel",
+            UffdMode::KernelPrefilled => "kernel-prefilled",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdRamError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("userfaultfd RAM needs hugetlb pages (--hugepages 2M or 1G)")]
+    NotHugetlb,
+    #[error("{op}: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Uffd(#[from] notifier::Error),
+    #[error("private RAM has no page cache to fill: --uffd {0} needs a shared memfd")]
+    NoPageCache(UffdMode),
+    #[error("prefaulting guest RAM would bypass userfaultfd: only with --uffd kernel*")]
+    PrefaultWithUffd,
+    #[error("host mm lost the guest RAM region")]
+    NoRegion,
+    #[error("gpa range [{gpa:#x}, +{len:#x}) is outside guest RAM of {size:#x} bytes")]
+    OutOfRange { gpa: u64, len: u64, size: u64 },
+}
+
+impl UffdRamError {
+    /// `EAGAIN` from `UFFDIO_CONTINUE`/`COPY`: a non-cooperative event
+    /// (REMOVE, UNMAP, REMAP) is pending on the userfaultfd; read it and
+    /// retry.
+    pub fn is_again(&self) -> bool {
+        matches!(self, UffdRamError::Uffd(notifier::Error::Syscall { source, .. })
+            if source.raw_os_error() == Some(libc::EAGAIN))
+    }
+}
+
+/// The non-cooperative events guest RAM asks for.
+pub const EVENT_FEATURES: u64 =
+    UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+
+fn os(op: &'static str) -> UffdRamError {
+    UffdRamError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// One `MAP_SHARED` mapping of the memfd, unmapped on drop.
+struct Mapping {
+    addr: u64,
+    len: u64,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: u64) -> Result<Self, UffdRamError> {
+        // SAFETY: a fresh shared mapping of `len` bytes of our memfd at a
+        // kernel-chosen address; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap(guest RAM memfd alias)"));
+        }
+        Ok(Mapping {
+            addr: p as u64,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`, no longer used.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+/// Make every page of a COPY source buffer resident (write the value each
+/// page already holds, including the last, possibly partial, page): see
+/// the module docs. Every staged COPY source must go through this.
+pub fn make_resident(buf: &mut [u8]) {
+    let start = buf.as_ptr() as usize;
+    let len = buf.len();
+    // One byte in every 4 KiB page the buffer touches.
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: `off < len`: a valid element of `buf`, which we borrow
+        // mutably; volatile so the store of its own value is kept.
+        unsafe {
+            let p = buf.as_mut_ptr().add(off);
+            std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+        }
+        off = ((start + off) / 4096 + 1) * 4096 - start;
+    }
+}
+
+/// A read-only private anonymous `MAP_POPULATE` mapping: every page is the
+/// shared zero page, so a resident COPY source of zeros that costs no
+/// memory.
+struct ZeroSource {
+    addr: u64,
+    len: usize,
+}
+
+impl ZeroSource {
+    fn new(len: usize) -> Result<Self, UffdRamError> {
+        // SAFETY: a fresh private anonymous read-only mapping at a
+        // kernel-chosen address; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap(COPY zero source)"));
+        }
+        Ok(ZeroSource {
+            addr: p as u64,
+            len,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `addr`, mapped until drop (which
+        // needs `&mut self`, so not while this borrow lives); nothing
+        // writes them (PROT_READ).
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for ZeroSource {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`, no longer borrowed.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Guest RAM on a shared hugetlb memfd, guest-facing mapping registered
+/// with userfaultfd. Drop order: the uffd closes before the mappings go
+/// (the alias, then the guest-facing region and the memfd with `hostmm`).
+pub struct UffdGuestRam {
+    uffd: Uffd,
+    mode: UffdMode,
+    backing: Backing,
+    size: u64,
+    /// hva of gpa 0 (the guest-facing region's base).
+    guest_hva: u64,
+    /// `None` for private RAM (reached through the guest-facing mapping).
+    alias: Option<Mapping>,
+    region: RegionId,
+    /// -1 for private RAM.
+    memfd: RawFd,
+    /// MISSING mode: huge pages with contents (by huge-page-aligned gpa)
+    /// for their first COPY; every other page is COPYed from `zeros`.
+    staged: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    /// MISSING mode: a huge page of zeros to COPY (resident).
+    zeros: Option<ZeroSource>,
+    hostmm: Mutex<HostMm>,
+    /// Where host invalidations of guest RAM are delivered.
+    subs: Subscribers,
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP.
+    events: bool,
+}
+
+impl UffdGuestRam {
+    /// `size` bytes of hugetlb RAM backed as `backing` (a shared memfd or
+    /// private hugetlb; checked against the pool first), served as `mode`
+    /// says. The VMM's operations on it are announced to `subs`; with
+    /// `events`, so are the userfaultfd's REMOVE/UNMAP/REMAP messages (by
+    /// the fault thread, [`EVENT_FEATURES`]). Private RAM has no page cache
+    /// to fill: MISSING or the kernel's own first touch only.
+    pub fn new(
+        size: u64,
+        backing: Backing,
+        mode: UffdMode,
+        subs: Subscribers,
+        events: bool,
+    ) -> Result<Self, UffdRamError> {
+        let (hp, shared) = match backing {
+            Backing::SharedMemfd(p) if p.is_huge() => (p, true),
+            Backing::PrivateHugetlb(p) if p.is_huge() => (p, false),
+            _ => return Err(UffdRamError::NotHugetlb),
+        };
+        if !shared && mode.prefilled() {
+            return Err(UffdRamError::NoPageCache(mode));
+        }
+        let size = memory::validate(size, hp)?;
+        let mut hostmm = HostMm::new(subs.clone())?;
+        let region = hostmm.map(
+            backing,
+            size,
+            Placement {
+                align: hp.bytes(),
+                offset: 0,
+            },
+        )?;
+        let (guest_hva, memfd) = {
+            let r = hostmm.region(region).ok_or(UffdRamError::NoRegion)?;
+            match (shared, r.memfd()) {
+                (true, Some(fd)) => (r.base, fd),
+                (false, _) => (r.base, -1),
+                (true, None) => return Err(UffdRamError::NoRegion),
+            }
+        };
+        if mode.prefilled() {
+            // Populate the page cache: MINOR faults need a page to map.
+            // SAFETY: fallocate on the region's memfd over its whole length.
+            if unsafe { libc::fallocate(memfd, 0, 0, size as libc::off_t) } != 0 {
+                return Err(os("fallocate(guest RAM memfd)"));
+            }
+        }
+        let alias = if shared {
+            Some(Mapping::new(memfd, size)?)
+        } else {
+            None
+        };
+        let (features, reg) = match mode {
+            UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
+            UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
+            UffdMode::Kernel | UffdMode::KernelPrefilled => (0, 0),
+        };
+        // Write-protect mode too, for `notifier::ops` write_protect.
+        let (features, reg) = (
+            features | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            reg | UFFDIO_REGISTER_MODE_WP,
+        );
+        // Events only where the range is registered (with uffd modes).
+        let events = events && mode.uses_uffd();
+        let features = if events {
+            features | EVENT_FEATURES
+        } else {
+            features
+        };
+        let uffd = Uffd::open(features)?;
+        if mode.uses_uffd() {
+            uffd.register(HvaRange::new(guest_hva, guest_hva + size), reg)?;
+        }
+        let page = notifier::convert::u64_to_usize(hp.bytes());
+        Ok(UffdGuestRam {
+            uffd,
+            mode,
+            backing,
+            size,
+            guest_hva,
+            alias,
+            region,
+            memfd,
+            staged: Mutex::new(BTreeMap::new()),
+            zeros: if mode == UffdMode::Missing {
+                Some(ZeroSource::new(page)?)
+            } else {
+                None
+            },
+            hostmm: Mutex::new(hostmm),
+            subs,
+            events,
+        })
+    }
+
+    /// The subscriber list host invalidations of guest RAM go to.
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.subs
+    }
+    /// Whether the userfaultfd delivers REMOVE/UNMAP/REMAP events.
+    pub fn events(&self) -> bool {
+        self.events
+    }
+
+    pub fn mode(&self) -> UffdMode {
+        self.mode
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+    /// The huge page size backing the RAM.
+    pub fn page_size(&self) -> PageSize {
+        self.backing.page_size()
+    }
+    /// [`Self::page_size`] in bytes.
+    pub fn page_bytes(&self) -> u64 {
+        self.page_size().bytes()
+    }
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+    /// Whether the RAM is a shared memfd (private: no file, no alias).
+    pub fn is_shared(&self) -> bool {
+        self.alias.is_some()
+    }
+    /// Where the VMM reaches gpa 0: the alias, or (private RAM) the
+    /// guest-facing mapping.
+    fn access_base(&self) -> u64 {
+        self.alias.as_ref().map_or(self.guest_hva, |a| a.addr)
+    }
+    /// The memfd (owned by the host-mm region); -1 for private RAM.
+    pub fn memfd(&self) -> RawFd {
+        self.memfd
+    }
+    /// The guest-facing region in [`HostMm`].
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+    /// The host mm model owning the guest-facing mapping (for
+    /// `notifier::ops` on it).
+    pub fn hostmm(&self) -> MutexGuard<'_, HostMm> {
+        self.hostmm.lock()
+    }
+    /// hva of gpa 0 in the guest-facing mapping (KVM's `userspace_addr`).
+    pub fn guest_hva(&self) -> u64 {
+        self.guest_hva
+    }
+    /// The guest-facing mapping as an hva range.
+    pub fn guest_range(&self) -> HvaRange {
+        HvaRange::new(self.guest_hva, self.guest_hva + self.size)
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<(), UffdRamError> {
+        if gpa.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Put `bytes` at `gpa` before the guest runs: see [`Self::stage`].
+    pub fn load(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), UffdRamError> {
+        self.stage(gpa, bytes)
+    }
+
+    /// Put `bytes` at `gpa` before the guest touches them: through the
+    /// alias (MINOR and the baselines: the page cache is there), or staged
+    /// for the first COPY of each huge page they span (MISSING: writing the
+    /// page cache would make the guest's first touch no fault at all).
+    pub fn stage(&self, gpa: u64, bytes: &[u8]) -> Result<(), UffdRamError> {
+        let len = bytes.len() as u64;
+        self.check(gpa, len)?;
+        match self.mode {
+            UffdMode::Minor | UffdMode::Kernel | UffdMode::KernelPrefilled => {
+                // SAFETY: [gpa, gpa+len) is inside the alias (checked), which
+                // lives as long as self; `bytes` cannot overlap it (it is a
+                // borrowed Rust slice, the alias is only reached by pointer).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        (self.access_base() + gpa) as *mut u8,
+                        bytes.len(),
+                    )
+                };
+            }
+            UffdMode::Missing => {
+                let page = self.page_bytes();
+                let mut staged = self.staged.lock();
+                let mut at = gpa;
+                while at < gpa + len {
+                    let base = at & !(page - 1);
+                    let end = (base + page).min(gpa + len);
+                    let dst = staged
+                        .entry(base)
+                        .or_insert_with(|| vec![0u8; page as usize].into_boxed_slice());
+                    let src = &bytes[(at - gpa) as usize..(end - gpa) as usize];
+                    dst[(at - base) as usize..(end - base) as usize].copy_from_slice(src);
+                    at = end;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// MISSING mode: how many huge pages are staged for their first COPY.
+    pub fn staged_pages(&self) -> usize {
+        self.staged.lock().len()
+    }
+
+    /// Read `n` u64s at `gpa` through the alias (after the guest ran: the
+    /// page is in the page cache in both modes).
+    pub fn read_u64s<const N: usize>(&self, gpa: u64) -> Result<[u64; N], UffdRamError> {
+        self.check(gpa, N as u64 * 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: N as u64 * 8,
+                size: self.size,
+            });
+        }
+        let mut out = [0u64; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: inside the alias or, for private RAM, the guest-facing
+            // mapping (checked; both cover `size` bytes and live as long as
+            // self; a missing private page faults through the userfaultfd
+            // like the guest's own touch), 8-byte aligned (checked;
+            // the mapping is page aligned); a volatile read of shared memory
+            // the guest may have written.
+            *o = unsafe {
+                std::ptr::read_volatile((self.access_base() + gpa + i as u64 * 8) as *const u64)
+            };
+        }
+        Ok(out)
+    }
+
+    /// The aligned u64 at `gpa`, inside guest RAM, in the VMM's view (the
+    /// alias, or for private RAM the guest-facing mapping).
+    fn word(&self, gpa: u64) -> Result<u64, UffdRamError> {
+        self.check(gpa, 8)?;
+        if !gpa.is_multiple_of(8) {
+            return Err(UffdRamError::OutOfRange {
+                gpa,
+                len: 8,
+                size: self.size,
+            });
+        }
+        Ok(self.access_base() + gpa)
+    }
+
+    /// Atomically replace `old` with `new` at `gpa` (a page-table walker's
+    /// A/D update); `Ok(false)` if the value changed.
+    pub fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: `word` checked that the 8 bytes are inside a mapping of
+        // `size` bytes that lives as long as self, 8-byte aligned (the
+        // mapping is page aligned); other writers (the guest) only race at
+        // the hardware level, which an atomic access tolerates.
+        let a = unsafe { &*(addr as *const std::sync::atomic::AtomicU64) };
+        Ok(a.compare_exchange(
+            old,
+            new,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .is_ok())
+    }
+
+    /// Write one u64 at `gpa` while the guest runs (the latency probe's
+    /// control words).
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), UffdRamError> {
+        let addr = self.word(gpa)?;
+        // SAFETY: as in `cmpxchg_u64` (checked, aligned, lives as long as
+        // self); a volatile store to memory the guest reads concurrently.
+        unsafe { std::ptr::write_volatile(addr as *mut u64, v) };
+        Ok(())
+    }
+
+    /// The huge page containing `gpa`, as a guest-facing hva range.
+    pub fn page_range(&self, gpa: u64) -> HvaRange {
+        let page = self.page_bytes();
+        let start = self.guest_hva + (gpa & !(page - 1));
+        HvaRange::new(start, start + page)
+    }
+
+    /// Make the huge page containing `gpa` present in the guest-facing
+    /// mapping without waking the faulting thread: CONTINUE (MINOR) or COPY
+    /// (MISSING). `Ok(false)`: it already was.
+    pub fn populate(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, false)
+    }
+
+    /// [`Self::populate`] and wake the faulting thread in the same ioctl.
+    /// The kernel wakes only when it mapped the page: on `Ok(false)`
+    /// (already present) the caller still has to [`Self::wake`].
+    pub fn populate_and_wake(&self, gpa: u64) -> Result<bool, UffdRamError> {
+        self.resolve(gpa, true)
+    }
+
+    fn resolve(&self, gpa: u64, wake: bool) -> Result<bool, UffdRamError> {
+        self.check(gpa, 1)?;
+        let r = self.page_range(gpa);
+        Ok(match self.mode {
+            UffdMode::Minor => self.uffd.continue_range(r, wake)?,
+            UffdMode::Kernel | UffdMode::KernelPrefilled => false,
+            UffdMode::Missing => {
+                // A staged page is COPYed once; after that the page cache
+                // has it (a page discarded later faults back as zeros, as
+                // the kernel's own first touch would give). The source
+                // must be resident: hugetlb COPYs with page faults off, and
+                // a non-resident source makes the kernel copy through a
+                // second, unreserved huge page (ENOMEM with a tight pool).
+                let base = r.start - self.guest_hva;
+                let mut staged = self.staged.lock();
+                let mapped = match staged.get_mut(&base) {
+                    Some(b) => {
+                        make_resident(b);
+                        self.uffd.copy(r, b, wake)?
+                    }
+                    None => {
+                        let zeros = self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[]);
+                        self.uffd.copy(r, zeros, wake)?
+                    }
+                };
+                staged.remove(&base);
+                mapped
+            }
+        })
+    }
+
+    /// Fault every huge page of the guest-facing mapping in from here (a
+    /// read per page), so the guest's run has no host faults: the warm
+    /// baseline of the fault-cost benchmark. Only without userfaultfd.
+    pub fn prefault(&self) -> Result<(), UffdRamError> {
+        if self.mode.uses_uffd() {
+            return Err(UffdRamError::PrefaultWithUffd);
+        }
+        let mut a = self.guest_hva;
+        while a < self.guest_hva + self.size {
+            // SAFETY: `a` is inside the guest-facing mapping (RW, owned by
+            // `hostmm` for as long as self lives); a volatile one-byte read.
+            unsafe { std::ptr::read_volatile(a as *const u8) };
+            a += self.page_bytes();
+        }
+        Ok(())
+    }
+
+    /// Wake whoever faults in the huge page containing `gpa`.
+    pub fn wake(&self, gpa: u64) -> Result<(), UffdRamError> {
+        Ok(self.uffd.wake(self.page_range(gpa))?)
+    }
+}
+
+impl UffdGuestRam {
+    /// The VMM's view of the RAM as vm-memory memory at gpa 0: another
+    /// `MAP_SHARED` mapping of the memfd, not registered with userfaultfd,
+    /// so the VMM's own accesses (the loader, the emulator, the profiler)
+    /// never fault on the guest-facing mapping. Shared RAM only.
+    pub fn vmm_view(&self) -> Result<GuestMemoryMmap, UffdRamError> {
+        if !self.is_shared() {
+            return Err(UffdRamError::NoPageCache(self.mode));
+        }
+        Ok(memory::memfd_guest_memory(
+            self.memfd,
+            self.size,
+            self.page_size(),
+        )?)
+    }
+}
+
+// SAFETY: the guest-facing mapping covers `size` bytes at `guest_hva`; it
+// is a region of `hostmm`, which this value owns and which unmaps it only
+// when dropped.
+unsafe impl SlotMemory for UffdGuestRam {
+    fn slot_hva(&self) -> u64 {
+        self.guest_hva
+    }
+    fn slot_size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// The RAM as a guest page-table walker reads it (the nested MMU over an
+/// L1's EPT tables): bounds-checked reads of the VMM's view, each entry
+/// read once; the only writes are a walker's A/D updates
+/// (compare-exchange).
+impl GuestPhysMem for UffdGuestRam {
+    fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        if !gpa.is_multiple_of(8) {
+            return Err(MemError::Misaligned { gpa });
+        }
+        self.read_u64s::<1>(gpa)
+            .map(|w| w[0])
+            .map_err(|_| MemError::OutsideRam { gpa })
+    }
+
+    fn cmpxchg_u64(&self, gpa: u64, old: u64, new: u64) -> Result<bool, MemError> {
+        if !gpa.is_multiple_of(8) {
+            return Err(MemError::Misaligned { gpa });
+        }
+        UffdGuestRam::cmpxchg_u64(self, gpa, old, new).map_err(|_| MemError::OutsideRam { gpa })
+    }
+}
