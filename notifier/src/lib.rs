@@ -8,6 +8,7 @@
 //!
 //! * [`convert`]: the lossless integer conversions of a 64-bit host.
 //! * [`page_size`]: the x86 page sizes (4K/2M/1G), one type for the workspace.
+//! * [`mmap`]: one owned raw memory mapping (`mmap`/`munmap`).
 //! * [`hostmm`]: guest RAM regions and their VMAs as the kernel sees them.
 //! * [`predict`]: the kernel's notifier ranges, as pure functions.
 //! * [`ops`]: operations on guest RAM that announce (start) before the
@@ -22,6 +23,7 @@ pub mod convert;
 pub mod error;
 pub mod hostconf;
 pub mod hostmm;
+pub mod mmap;
 pub mod ops;
 pub mod page_size;
 pub mod pagemap;
@@ -33,6 +35,7 @@ pub mod trace;
 pub mod uffd;
 
 pub use error::{Error, Result};
+pub use mmap::Mmap;
 pub use page_size::PageSize;
 pub use seq::{InvalidationSeq, SeqSnapshot};
 pub use subscriber::{
