@@ -16,6 +16,8 @@
 //! * [`pagemap`]: populated ranges (PAGEMAP_SCAN, /proc/self/pagemap).
 //! * [`trace`]: the `kvm:kvm_unmap_hva_range` tracepoint source.
 //! * [`uffd`]: the userfaultfd source (REMOVE/UNMAP/REMAP/FORK).
+//! * [`workload`]: busy threads that make the kernel act on this mm
+//!   (the NUMA scanner).
 //! * [`check`]: the differential check (predicted vs tracepoint).
 
 pub mod check;
@@ -33,6 +35,7 @@ pub mod subscriber;
 mod sync;
 pub mod trace;
 pub mod uffd;
+pub mod workload;
 
 pub use error::{Error, Result};
 pub use mmap::Mmap;
