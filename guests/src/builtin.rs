@@ -429,6 +429,7 @@ pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    use notifier::convert::u64_to_usize;
 
     fn params() -> Params {
         Params {
@@ -548,8 +549,7 @@ mod tests {
     fn image_has_user_page_tables_and_code() {
         let p = params();
         let img = system_image(&p, 1 << 30).unwrap();
-        let rd =
-            |gpa: u64| u64::from_le_bytes(img[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let rd = |gpa: u64| crate::linux::bytes::le64(&img, u64_to_usize(gpa)).unwrap();
         assert_eq!(rd(LAYOUT.pml4) & 7, 7);
         let pd0 = LAYOUT.pml4 + 0x2000;
         assert_eq!(rd(pd0 + 8), (2 << 20) | 0x87);

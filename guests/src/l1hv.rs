@@ -506,6 +506,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    use notifier::convert::u64_to_usize;
 
     fn cfg() -> L1hvConfig {
         L1hvConfig {
@@ -629,8 +630,7 @@ mod tests {
     fn image_carries_params_and_program() {
         let p = cfg().params().unwrap();
         let img = system_image(&p, 1 << 30).unwrap();
-        let rd =
-            |gpa: u64| u64::from_le_bytes(img[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let rd = |gpa: u64| crate::linux::bytes::le64(&img, u64_to_usize(gpa)).unwrap();
         assert_eq!(rd(LAYOUT.params), L1HV_MAGIC);
         assert_eq!(rd(LAYOUT.params + 8 * w::TABLE_BASE as u64), p.table_base);
         let code = program().unwrap();

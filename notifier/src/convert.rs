@@ -13,6 +13,11 @@ pub const fn u64_to_usize(n: u64) -> usize {
     n as usize
 }
 
+/// `n` as a `usize`: lossless (`usize` is 64 bits wide here).
+pub const fn u32_to_usize(n: u32) -> usize {
+    n as usize
+}
+
 /// `n` as a `u64`: lossless (`usize` is at most 64 bits wide).
 pub const fn usize_to_u64(n: usize) -> u64 {
     n as u64
@@ -31,6 +36,7 @@ mod tests {
     fn conversions() {
         assert_eq!(u64_to_usize(u64::MAX), usize::MAX);
         assert_eq!(usize_to_u64(usize::MAX), u64::MAX);
+        assert_eq!(u32_to_usize(u32::MAX), 0xffff_ffff);
         assert_eq!(duration_ns(Duration::from_micros(3)), 3000);
         assert_eq!(duration_ns(Duration::MAX), u64::MAX);
     }

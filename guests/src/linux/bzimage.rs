@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use super::bytes;
+use super::bytes::{self, Header};
 use super::elf::{self, ElfError, ElfInfo};
 use super::lz4_legacy::{self, Lz4LegacyError};
 
@@ -130,11 +130,6 @@ impl SetupHeader {
     }
 }
 
-// A fixed-offset read inside the header already sliced to HEADER_END.
-fn le32(b: &[u8], off: usize) -> u32 {
-    bytes::le32(b, off).unwrap_or(0)
-}
-
 /// True when `data` carries the "HdrS" setup-header magic.
 pub fn is_bzimage(data: &[u8]) -> bool {
     data.get(OFF_HEADER..OFF_HEADER + 4) == Some(b"HdrS")
@@ -142,25 +137,23 @@ pub fn is_bzimage(data: &[u8]) -> bool {
 
 /// Parses and checks the setup header (magic, protocol >= 2.08).
 pub fn parse_header(data: &[u8]) -> Result<SetupHeader, BzImageError> {
-    // Checked once: every fixed offset read below is < HEADER_END.
-    let h = bytes::slice(data, "setup header", 0, HEADER_END as u64)?;
-    if !is_bzimage(h) {
-        let mut found = [0u8; 4];
-        found.copy_from_slice(&h[OFF_HEADER..OFF_HEADER + 4]);
+    // Checked once: the reads below are at constant offsets inside the
+    // HEADER_END bytes, checked at compile time.
+    let h = Header::<HEADER_END>::at(data, "setup header", 0)?;
+    let found = h.fixed::<OFF_HEADER, 4>();
+    if &found != b"HdrS" {
         return Err(BzImageError::BadMagic { found });
     }
-    let version = bytes::le16(h, OFF_VERSION).unwrap_or(0);
+    let version = h.le16::<OFF_VERSION>();
     if version < MIN_VERSION {
-        return Err(BzImageError::OldProtocol {
-            major: (version >> 8) as u8,
-            minor: version as u8,
-        });
+        let [minor, major] = version.to_le_bytes();
+        return Err(BzImageError::OldProtocol { major, minor });
     }
     Ok(SetupHeader {
-        setup_sects: h[OFF_SETUP_SECTS],
+        setup_sects: h.u8::<OFF_SETUP_SECTS>(),
         version,
-        payload_offset: le32(h, OFF_PAYLOAD_OFFSET),
-        payload_length: le32(h, OFF_PAYLOAD_LENGTH),
+        payload_offset: h.le32::<OFF_PAYLOAD_OFFSET>(),
+        payload_length: h.le32::<OFF_PAYLOAD_LENGTH>(),
     })
 }
 

@@ -18,6 +18,7 @@
 use thiserror::Error;
 
 use super::bytes;
+use notifier::convert::{u32_to_usize, u64_to_usize, usize_to_u64};
 
 /// The legacy frame magic (LE on disk: `02 21 4c 18`).
 pub const MAGIC: u32 = 0x184C_2102;
@@ -56,8 +57,15 @@ pub enum Lz4LegacyError {
     SizeMismatch { declared: usize, actual: usize },
 }
 
-fn le32(data: &[u8], offset: usize, what: &'static str) -> Result<u32, Lz4LegacyError> {
-    bytes::le32(data, offset).ok_or(Lz4LegacyError::Truncated { offset, what })
+/// A short read names the offset it started at and what it read.
+impl From<bytes::Truncated> for Lz4LegacyError {
+    fn from(t: bytes::Truncated) -> Self {
+        Lz4LegacyError::Truncated {
+            // Every read here starts at a `usize` offset: lossless.
+            offset: u64_to_usize(t.start),
+            what: t.what,
+        }
+    }
 }
 
 /// True when `data` starts with the legacy frame magic.
@@ -67,7 +75,7 @@ pub fn is_lz4_legacy(data: &[u8]) -> bool {
 
 /// Decodes a whole payload: magic, blocks, trailing uncompressed size.
 pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
-    let magic = le32(payload, 0, "magic")?;
+    let magic = bytes::read_le32(payload, "magic", 0)?;
     if magic != MAGIC {
         return Err(Lz4LegacyError::BadMagic { found: magic });
     }
@@ -80,7 +88,11 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
                 offset: payload.len(),
                 what: "uncompressed-size trailer",
             })?;
-    let declared = le32(payload, trailer_at, "uncompressed-size trailer")? as usize;
+    let declared = u32_to_usize(bytes::read_le32(
+        payload,
+        "uncompressed-size trailer",
+        trailer_at,
+    )?);
     if declared > MAX_UNCOMPRESSED {
         return Err(Lz4LegacyError::TooLarge(declared));
     }
@@ -90,12 +102,12 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
     let mut pos = 4usize;
     let mut block = 0usize;
     while pos < stream.len() {
-        let size = le32(stream, pos, "block size")?;
+        let size = bytes::read_le32(stream, "block size", pos)?;
         if size == MAGIC {
             pos += 4;
             continue;
         }
-        let size = size as usize;
+        let size = u32_to_usize(size);
         let data_at = pos + 4;
         if size > compress_bound(BLOCK_MAX) {
             return Err(Lz4LegacyError::BlockTooLarge {
@@ -104,12 +116,12 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
                 size,
             });
         }
-        let input = stream
-            .get(data_at..data_at + size)
-            .ok_or(Lz4LegacyError::Truncated {
-                offset: data_at,
-                what: "block data",
-            })?;
+        let input = bytes::slice(
+            stream,
+            "block data",
+            usize_to_u64(data_at),
+            usize_to_u64(size),
+        )?;
         let slot_end = declared.min(produced + BLOCK_MAX);
         let n =
             lz4_flex::block::decompress_into(input, &mut out[produced..slot_end]).map_err(|e| {
