@@ -9,6 +9,7 @@
 //! are the same multiset (the tracepoint has no event type, so only ranges
 //! are compared).
 
+use crate::convert::duration_ms;
 use crate::error::{is_root, Error, Result};
 use crate::hostconf::{HugepageReservation, SysctlGuard};
 use crate::hostmm::{Backing, HostMm, Placement};
@@ -126,16 +127,14 @@ fn event_name(e: MmuNotifyEvent) -> &'static str {
 
 /// `+1G+2M`-style offset.
 pub fn fmt_off(off: i128) -> String {
-    let (sign, mut x) = if off < 0 {
-        ("-", (-off) as u64)
-    } else {
-        ("+", off as u64)
-    };
+    let sign = if off < 0 { "-" } else { "+" };
+    let mut x = off.unsigned_abs();
     if x == 0 {
         return format!("{sign}0");
     }
     let mut parts = Vec::new();
     for (unit, name) in [(G, "G"), (M, "M"), (K4 / 4, "K")] {
+        let unit = u128::from(unit);
         if x >= unit {
             parts.push(format!("{}{}", x / unit, name));
             x %= unit;
@@ -524,7 +523,7 @@ pub fn run(opts: CheckOptions) -> Result<Report> {
         });
     }
     drop(trace);
-    report.elapsed_ms = t0.elapsed().as_millis() as u64;
+    report.elapsed_ms = duration_ms(t0.elapsed());
     Ok(report)
 }
 

@@ -28,6 +28,22 @@ pub fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// `d` in milliseconds, saturating at `u64::MAX`.
+pub fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `x` rounded toward zero to a `u64`, saturating: negative values and NaN
+/// give 0, values of 2^64 and above `u64::MAX` (what Rust's float-to-int
+/// `as` does, spelt out).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn f64_to_u64_saturating(x: f64) -> u64 {
+    // `as` from a float saturates at the integer's bounds and maps NaN to 0
+    // (Rust reference, "numeric cast"): no bits are lost silently beyond
+    // the documented saturation.
+    x as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +55,11 @@ mod tests {
         assert_eq!(u32_to_usize(u32::MAX), 0xffff_ffff);
         assert_eq!(duration_ns(Duration::from_micros(3)), 3000);
         assert_eq!(duration_ns(Duration::MAX), u64::MAX);
+        assert_eq!(duration_ms(Duration::from_secs(2)), 2000);
+        assert_eq!(duration_ms(Duration::MAX), u64::MAX);
+        assert_eq!(f64_to_u64_saturating(3.9), 3);
+        assert_eq!(f64_to_u64_saturating(-1.0), 0);
+        assert_eq!(f64_to_u64_saturating(f64::NAN), 0);
+        assert_eq!(f64_to_u64_saturating(1e30), u64::MAX);
     }
 }

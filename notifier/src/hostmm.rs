@@ -548,7 +548,7 @@ impl HostMm {
             unsafe {
                 libc::munmap(
                     v.shape.range.start as *mut libc::c_void,
-                    v.shape.range.len() as usize,
+                    u64_to_usize(v.shape.range.len()),
                 )
             };
             self.forget_empty_puds(v.shape.range);
@@ -646,7 +646,7 @@ impl Drop for HostMm {
             unsafe {
                 libc::munmap(
                     v.shape.range.start as *mut libc::c_void,
-                    v.shape.range.len() as usize,
+                    u64_to_usize(v.shape.range.len()),
                 )
             };
         }

@@ -7,6 +7,7 @@
 //! over an unpopulated hugetlb range self-deadlocks on kernels without the
 //! 2026 fixes (see research/host-invalidation.md §3.2), so `flags` is always 0.
 
+use crate::convert::u64_to_usize;
 use crate::error::{Error, Result};
 use crate::subscriber::HvaRange;
 use std::fs::File;
@@ -142,10 +143,11 @@ impl Pagemap {
                     &mut arg as *mut PmScanArg,
                 )
             };
-            if n < 0 {
+            // Negative: the ioctl failed.
+            let Ok(n) = usize::try_from(n) else {
                 return Err(std::io::Error::last_os_error());
-            }
-            for reg in buf.iter().take(n as usize) {
+            };
+            for reg in buf.iter().take(n) {
                 push_merged(&mut out, HvaRange::new(reg.start, reg.end));
             }
             if arg.walk_end <= start {
@@ -163,10 +165,10 @@ impl Pagemap {
         let first = r.start / PS;
         let last = r.end.div_ceil(PS);
         let mut idx = first;
-        let mut bytes = vec![0u8; (CHUNK * 8) as usize];
+        let mut bytes = vec![0u8; u64_to_usize(CHUNK * 8)];
         while idx < last {
             let n = (last - idx).min(CHUNK);
-            let want = (n * 8) as usize;
+            let want = u64_to_usize(n * 8);
             self.file
                 .read_exact_at(&mut bytes[..want], idx * 8)
                 .map_err(|source| Error::Syscall {

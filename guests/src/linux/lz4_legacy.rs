@@ -145,27 +145,41 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
 }
 
 /// Encodes `data` in the legacy framing with the kernel's size trailer.
-/// The inverse of [`decompress`]; used by tests to build payloads.
-pub fn compress(data: &[u8]) -> Vec<u8> {
+/// The inverse of [`decompress`]; used by tests to build payloads. More
+/// than [`MAX_UNCOMPRESSED`] bytes is [`Lz4LegacyError::TooLarge`], as
+/// `decompress` would say (the 32-bit trailer could not hold 4 GiB).
+pub fn compress(data: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
+    let too_large = || Lz4LegacyError::TooLarge(data.len());
+    if data.len() > MAX_UNCOMPRESSED {
+        return Err(too_large());
+    }
+    let total = u32::try_from(data.len()).map_err(|_| too_large())?;
     let mut out = MAGIC.to_le_bytes().to_vec();
     for chunk in data.chunks(BLOCK_MAX) {
         let block = lz4_flex::block::compress(chunk);
-        // A block of at most 8 MiB compresses to at most compress_bound(8 MiB) < 4 GiB.
-        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        // A block of at most 8 MiB compresses to at most
+        // compress_bound(8 MiB) < 4 GiB: never an error.
+        let size = u32::try_from(block.len()).map_err(|_| too_large())?;
+        out.extend_from_slice(&size.to_le_bytes());
         out.extend_from_slice(&block);
     }
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
+    out.extend_from_slice(&total.to_le_bytes());
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The low 8 bits (a test pattern: truncation wanted).
+    fn low_byte(x: usize) -> u8 {
+        x.to_le_bytes()[0]
+    }
+
     fn sample(len: usize) -> Vec<u8> {
         // Compressible but not trivial: a counter pattern with some noise.
         (0..len)
-            .map(|i| ((i / 7) as u8) ^ ((i * 31) >> 11) as u8)
+            .map(|i| low_byte(i / 7) ^ low_byte((i * 31) >> 11))
             .collect()
     }
 
@@ -173,7 +187,7 @@ mod tests {
     fn round_trip_small_and_multi_block() {
         for len in [0, 1, 1000, BLOCK_MAX, BLOCK_MAX + 12345] {
             let data = sample(len);
-            let packed = compress(&data);
+            let packed = compress(&data).unwrap();
             assert_eq!(decompress(&packed).unwrap(), data, "len {len}");
         }
     }
@@ -185,16 +199,16 @@ mod tests {
         for chunk in data.chunks(BLOCK_MAX) {
             let block = lz4_flex::block::compress(chunk);
             packed.extend_from_slice(&MAGIC.to_le_bytes());
-            packed.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            packed.extend_from_slice(&u32::try_from(block.len()).unwrap().to_le_bytes());
             packed.extend_from_slice(&block);
         }
-        packed.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&u32::try_from(data.len()).unwrap().to_le_bytes());
         assert_eq!(decompress(&packed).unwrap(), data);
     }
 
     #[test]
     fn bad_magic() {
-        let mut packed = compress(b"hello");
+        let mut packed = compress(b"hello").unwrap();
         packed[0] ^= 0xff;
         assert!(matches!(
             decompress(&packed),
@@ -205,7 +219,7 @@ mod tests {
     #[test]
     fn truncated_anywhere_is_an_error_not_a_panic() {
         let data = sample(5000);
-        let packed = compress(&data);
+        let packed = compress(&data).unwrap();
         for cut in 0..packed.len() {
             assert!(decompress(&packed[..cut]).is_err(), "cut at {cut}");
         }
@@ -214,7 +228,7 @@ mod tests {
     #[test]
     fn corrupted_block_is_an_error() {
         let data = sample(100_000);
-        let packed = compress(&data);
+        let packed = compress(&data).unwrap();
         // Flip bytes throughout the block data: every result must be an Err or
         // (if the flip happened to stay valid) data of the declared size.
         for at in (8..packed.len() - 4).step_by(97) {
@@ -226,7 +240,7 @@ mod tests {
         }
         // A block-size field pointing past the end.
         let mut bad = packed.clone();
-        bad[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
+        bad[4..8].copy_from_slice(&u32::try_from(packed.len()).unwrap().to_le_bytes());
         assert!(matches!(
             decompress(&bad),
             Err(Lz4LegacyError::Truncated { .. })
@@ -236,7 +250,7 @@ mod tests {
     #[test]
     fn size_mismatch_and_hostile_size() {
         let data = sample(3000);
-        let mut packed = compress(&data);
+        let mut packed = compress(&data).unwrap();
         let n = packed.len();
         packed[n - 4..].copy_from_slice(&2000u32.to_le_bytes());
         assert!(decompress(&packed).is_err());
