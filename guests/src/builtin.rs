@@ -21,6 +21,7 @@
 //! whether any guest data was lost or corrupted.
 
 use iced_x86::code_asm::*;
+use notifier::convert::u64_to_usize;
 use thiserror::Error;
 
 /// Where the built-in guest's pieces live (guest-physical addresses) and
@@ -247,7 +248,7 @@ pub fn expected(p: &Params, zeroed: &[Zeroed]) -> Result<(u64, u64), BuiltinErro
     if n == 0 || n > MAX_SLOTS {
         return Err(BuiltinError::Slots(n));
     }
-    let mut slots = vec![0u64; n as usize];
+    let mut slots = vec![0u64; u64_to_usize(n)];
     let mut sum = 0u64;
     let mut x = p.seed;
     let mut touches = 0u64;
@@ -270,10 +271,10 @@ pub fn expected(p: &Params, zeroed: &[Zeroed]) -> Result<(u64, u64), BuiltinErro
                 }
             };
             let addr = p.ws_base + idx * p.stride;
-            let old = slots[idx as usize];
+            let old = slots[u64_to_usize(idx)];
             sum = sum.rotate_left(7) ^ old;
             let new = addr ^ mix;
-            slots[idx as usize] = new;
+            slots[u64_to_usize(idx)] = new;
             sum = sum.wrapping_add(new);
             touches += 1;
         }
@@ -394,9 +395,9 @@ pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8
             "program or params do not fit the system page".into(),
         ));
     }
-    let mut img = vec![0u8; SYSTEM_SIZE as usize];
+    let mut img = vec![0u8; u64_to_usize(SYSTEM_SIZE)];
     let put = |img: &mut [u8], gpa: u64, v: u64| {
-        let o = gpa as usize;
+        let o = u64_to_usize(gpa);
         img[o..o + 8].copy_from_slice(&v.to_le_bytes());
     };
     for (i, e) in gdt().iter().enumerate() {
@@ -404,8 +405,11 @@ pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8
     }
     // TSS: rsp0; I/O map base beyond the limit (no bitmap).
     put(&mut img, l.tss + 4, l.stack_top);
-    img[(l.tss + 0x66) as usize..(l.tss + 0x68) as usize]
-        .copy_from_slice(&((TSS_LIMIT + 1) as u16).to_le_bytes());
+    let iopb = u16::try_from(TSS_LIMIT + 1).map_err(|_| {
+        BuiltinError::Asm("the TSS limit does not fit the 16-bit I/O map base".into())
+    })?;
+    let tss = u64_to_usize(l.tss);
+    img[tss + 0x66..tss + 0x68].copy_from_slice(&iopb.to_le_bytes());
     for (i, w) in params.iter().enumerate() {
         put(&mut img, l.params + i as u64 * 8, *w);
     }
@@ -420,7 +424,7 @@ pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8
     for i in 0..gib * 512 {
         put(&mut img, pd0 + i * 8, (i * SYSTEM_SIZE) | P_RW_US | 0x80);
     }
-    let o = l.code as usize;
+    let o = u64_to_usize(l.code);
     img[o..o + code.len()].copy_from_slice(code);
     Ok(img)
 }
@@ -548,8 +552,7 @@ mod tests {
     fn image_has_user_page_tables_and_code() {
         let p = params();
         let img = system_image(&p, 1 << 30).unwrap();
-        let rd =
-            |gpa: u64| u64::from_le_bytes(img[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let rd = |gpa: u64| crate::linux::bytes::le64(&img, u64_to_usize(gpa)).unwrap();
         assert_eq!(rd(LAYOUT.pml4) & 7, 7);
         let pd0 = LAYOUT.pml4 + 0x2000;
         assert_eq!(rd(pd0 + 8), (2 << 20) | 0x87);
@@ -560,7 +563,7 @@ mod tests {
         let mmio = LAYOUT.progress_mmio;
         assert_eq!(rd(pd0 + (mmio >> 21) * 8), mmio | 0x87);
         let code = program().unwrap();
-        let o = LAYOUT.code as usize;
+        let o = u64_to_usize(LAYOUT.code);
         assert_eq!(&img[o..o + code.len()], &code[..]);
     }
 }

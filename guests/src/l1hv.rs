@@ -41,6 +41,7 @@
 use crate::builtin::{self, BuiltinError, LAYOUT, MAX_MEM, MMIO_BASE, SYSTEM_SIZE};
 use iced_x86::code_asm::*;
 use mmu::guest_walk::ept;
+use notifier::convert::f64_to_u64_saturating;
 use notifier::PageSize;
 use thiserror::Error;
 
@@ -67,6 +68,9 @@ pub const MAX_L2_PAGES: u64 = 1 << 20;
 
 /// EPT entry bits the guest writes: the format `mmu::guest_walk` walks.
 pub const EPT_RWX: u64 = ept::RWX;
+/// [`EPT_RWX`] (7) as an address displacement.
+const EPT_RWX_DISP: i32 = 7;
+const _: () = assert!(EPT_RWX == 7 && EPT_RWX_DISP == 7);
 pub const EPT_MT_WB: u64 = (ept::MT_WB as u64) << ept::MT_SHIFT;
 pub const EPT_PS: u64 = ept::PS;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -194,9 +198,12 @@ impl L1hvConfig {
         }
         // Largest power of two of pages that fits (>= npages >= 1).
         let data_pages = 1u64 << (63 - avail.leading_zeros());
-        let density_q24 = ((self.density * (1u64 << 24) as f64).ceil() as u64).min(1 << 24);
+        // density is in (0, 1] and edit_fraction in [0, 1] (checked
+        // above), so both products are in range: nothing saturates.
+        let density_q24 =
+            f64_to_u64_saturating((self.density * (1u64 << 24) as f64).ceil()).min(1 << 24);
         let w_lo = npages / 4;
-        let w_len = (npages as f64 * self.edit_fraction).ceil() as u64;
+        let w_len = f64_to_u64_saturating((npages as f64 * self.edit_fraction).ceil());
         let w_hi = (w_lo + w_len).min(npages);
         Ok(L1hvParams {
             page,
@@ -310,7 +317,13 @@ pub fn program() -> Result<Vec<u8>, BuiltinError> {
 
 /// Params word `i` as a memory operand (base register `rsi` = params).
 fn pw(i: usize) -> AsmMemoryOperand {
-    qword_ptr(rsi + (i * 8) as i32)
+    qword_ptr(rsi + word_disp(i))
+}
+
+/// Byte offset of params word `i` as a displacement.
+fn word_disp(i: usize) -> i32 {
+    // i < w::N (13): at most 96.
+    i32::try_from(i * 8).expect("a params word index is below w::N")
 }
 
 /// `jae skip` unless L2 page `rbx` is in the initial build (clobbers rax).
@@ -437,14 +450,14 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.and(eax, 511)?;
     a.lea(rax, qword_ptr(rdx + rax * 8))?;
     a.mov(rcx, params)?;
-    a.cmp(rsi, qword_ptr(rcx + (w::LEAF_LEVEL * 8) as i32))?;
+    a.cmp(rsi, qword_ptr(rcx + word_disp(w::LEAF_LEVEL)))?;
     a.je(ls_ret)?;
     a.mov(rcx, qword_ptr(rax))?;
     a.test(rcx, rcx)?;
     a.jnz(ls_have)?;
     a.cmp(r13, r14)?;
     a.jae(ls_full)?;
-    a.lea(rcx, qword_ptr(r13 + EPT_RWX as i32))?;
+    a.lea(rcx, qword_ptr(r13 + EPT_RWX_DISP))?;
     a.mov(qword_ptr(rax), rcx)?;
     a.add(r13, 4096)?;
     a.set_label(&mut ls_have)?;
@@ -506,6 +519,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    use notifier::convert::u64_to_usize;
 
     fn cfg() -> L1hvConfig {
         L1hvConfig {
@@ -629,12 +643,11 @@ mod tests {
     fn image_carries_params_and_program() {
         let p = cfg().params().unwrap();
         let img = system_image(&p, 1 << 30).unwrap();
-        let rd =
-            |gpa: u64| u64::from_le_bytes(img[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let rd = |gpa: u64| crate::linux::bytes::le64(&img, u64_to_usize(gpa)).unwrap();
         assert_eq!(rd(LAYOUT.params), L1HV_MAGIC);
         assert_eq!(rd(LAYOUT.params + 8 * w::TABLE_BASE as u64), p.table_base);
         let code = program().unwrap();
-        let o = LAYOUT.code as usize;
+        let o = u64_to_usize(LAYOUT.code);
         assert_eq!(&img[o..o + code.len()], &code[..]);
     }
 }

@@ -321,6 +321,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    use notifier::convert::u64_to_usize;
 
     fn params() -> ProbeParams {
         ProbeParams {
@@ -351,8 +352,7 @@ mod tests {
     fn image_carries_control_words() {
         let p = params();
         let img = system_image(&p, 64 << 20).unwrap();
-        let rd =
-            |gpa: u64| u64::from_le_bytes(img[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let rd = |gpa: u64| crate::linux::bytes::le64(&img, u64_to_usize(gpa)).unwrap();
         assert_eq!(rd(LAYOUT.params + ctl::MAGIC), PROBE_MAGIC);
         assert_eq!(rd(LAYOUT.params + ctl::MODE), ProbeMode::All as u64);
         assert_eq!(rd(LAYOUT.params + ctl::CHECK_EVERY), 64);

@@ -9,6 +9,7 @@
 //! are the same multiset (the tracepoint has no event type, so only ranges
 //! are compared).
 
+use crate::convert::duration_ms;
 use crate::error::{is_root, Error, Result};
 use crate::hostconf::{HugepageReservation, SysctlGuard};
 use crate::hostmm::{Backing, HostMm, Placement};
@@ -17,10 +18,9 @@ use crate::predict::{Notified, PMD_SIZE as M2, PUD_SIZE as G};
 use crate::subscriber::{HvaRange, MmuNotifyEvent, Subscribers};
 use crate::trace::TraceSource;
 use crate::uffd::{Uffd, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
+use crate::workload::NumaToucher;
 use crate::PageSize;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const K4: u64 = 4096;
@@ -127,16 +127,14 @@ fn event_name(e: MmuNotifyEvent) -> &'static str {
 
 /// `+1G+2M`-style offset.
 pub fn fmt_off(off: i128) -> String {
-    let (sign, mut x) = if off < 0 {
-        ("-", (-off) as u64)
-    } else {
-        ("+", off as u64)
-    };
+    let sign = if off < 0 { "-" } else { "+" };
+    let mut x = off.unsigned_abs();
     if x == 0 {
         return format!("{sign}0");
     }
     let mut parts = Vec::new();
     for (unit, name) in [(G, "G"), (M, "M"), (K4 / 4, "K")] {
+        let unit = u128::from(unit);
         if x >= unit {
             parts.push(format!("{}{}", x / unit, name));
             x %= unit;
@@ -396,23 +394,6 @@ impl Default for CheckOptions {
     }
 }
 
-/// The NUMA cases' busy threads: stopped and joined on drop, which happens
-/// before the `HostMm` whose memory they touch (declared earlier) is dropped,
-/// on every path including unwinding.
-struct Workers {
-    stop: Arc<AtomicBool>,
-    handles: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
 /// NUMA hinting: a 2-thread busy task with `kernel.numa_balancing=1`; the
 /// scanner (`task_numa_work`) protects the anonymous regions (4 KiB pages and
 /// THP) and skips the hugetlb one. One case result per region.
@@ -449,62 +430,20 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
     let anon: Vec<HvaRange> = ids.iter().filter(|x| !x.2).map(|x| x.1).collect();
     c.trace.collect()?;
     let guard = SysctlGuard::set("kernel.numa_balancing", "1")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Workers {
-        stop: stop.clone(),
-        handles: Vec::new(),
-    };
-    let mut spawn_err = None;
-    for i in 0..2 {
-        let st = stop.clone();
-        let rs = anon.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("numa-touch-{i}"))
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    for r in &rs {
-                        let mut a = r.start;
-                        while a < r.end {
-                            // SAFETY: `r` is a writable anonymous region owned by
-                            // `mm`, which outlives these threads: `Workers` joins
-                            // them on drop, before `mm` is dropped.
-                            unsafe {
-                                std::ptr::write_volatile(
-                                    a as *mut u8,
-                                    std::ptr::read_volatile(a as *const u8).wrapping_add(1),
-                                )
-                            };
-                            a += K4;
-                        }
-                    }
-                }
-            })
-            .map_err(|source| Error::Syscall {
-                op: "spawn numa worker",
-                source,
-            });
-        match t {
-            Ok(t) => workers.handles.push(t),
-            Err(e) => {
-                spawn_err = Some(e);
-                break;
-            }
-        }
-    }
+    // SAFETY: `anon` are the read-write anonymous regions of `mm`, which
+    // is not touched (mapped, unmapped, protected) until `toucher` is
+    // dropped below; declared after `mm`, it is dropped first on unwinding
+    // too. Nothing reads the bytes it increments. A failed spawn joins the
+    // threads already running before it returns (and `guard` restores the
+    // sysctl).
+    let toucher = unsafe { NumaToucher::over(anon.clone(), 2) }?;
     let t0 = Instant::now();
     let mut events = Vec::new();
-    // A failed spawn still stops and joins the workers already running
-    // before `mm` (their memory) is dropped.
-    let mut result = spawn_err.map_or(Ok(()), Err);
-    while result.is_ok() && t0.elapsed() < timeout {
+    // An error returns early: `toucher` drops (stops, joins) first, then
+    // `guard`, then `mm` (reverse declaration order).
+    while t0.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(500));
-        match c.trace.collect() {
-            Ok(ev) => events.extend(ev),
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        }
+        events.extend(c.trace.collect()?);
         let tids = our_tids();
         events.retain(|e| tids.contains(&e.tid));
         let all_seen = anon
@@ -514,9 +453,8 @@ fn numa_cases(c: &mut Ctx, timeout: Duration) -> Result<Vec<CaseResult>> {
             break;
         }
     }
-    drop(workers);
+    drop(toucher);
     drop(guard);
-    result?;
     let vmas_match = mm.model_matches_kernel()?;
     let mut out = Vec::new();
     for (((name, _, _), (_, r, hugetlb)), p) in regions.iter().zip(&ids).zip(predicted) {
@@ -585,7 +523,7 @@ pub fn run(opts: CheckOptions) -> Result<Report> {
         });
     }
     drop(trace);
-    report.elapsed_ms = t0.elapsed().as_millis() as u64;
+    report.elapsed_ms = duration_ms(t0.elapsed());
     Ok(report)
 }
 

@@ -58,6 +58,9 @@ pub enum Error {
     #[error("{op} failed: {source}")]
     Syscall { op: &'static str, source: io::Error },
 
+    #[error("spawning thread {name} failed: {source}; the process or the system is out of threads or memory (`ulimit -u`, `kernel.threads-max`)")]
+    Spawn { name: String, source: io::Error },
+
     #[error("sysctl {path}: {source}")]
     Sysctl { path: String, source: io::Error },
 }

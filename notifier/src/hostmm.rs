@@ -8,13 +8,15 @@
 //! learnt from PAGEMAP_SCAN and remembered: page tables outlive the pages
 //! (after MADV_DONTNEED the PMD table stays) until the VMAs around them go.
 
+use crate::convert::u64_to_usize;
 use crate::error::{Error, Result};
+use crate::mmap::Mmap;
 use crate::page_size::PageSize;
 use crate::pagemap::Pagemap;
 use crate::predict::{align_down, align_up, FileVma, VmaShape, PUD_SIZE};
 use crate::subscriber::{HvaRange, Subscribers};
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// What backs a region of guest RAM: the one RAM-backing type of the
 /// workspace (the VMM's `--hugepages` and `--configs` name one of these).
@@ -232,40 +234,23 @@ impl HostMm {
             .collect()
     }
 
-    /// Reserve `len + align` bytes of PROT_NONE address space and return an
-    /// address inside it satisfying `place`; the slack is unmapped again by
-    /// [`Self::finish_placement`].
-    fn reserve_raw(len: u64, place: Placement) -> Result<(u64, u64, u64)> {
-        let total = len + place.align + place.offset;
-        // SAFETY: a fresh PROT_NONE anonymous mapping at a kernel-chosen
-        // address; it overlaps nothing we own.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap(reserve)"));
-        }
-        let r0 = p as u64;
-        let addr = align_up(r0, place.align.max(4096)) + place.offset;
-        Ok((r0, total, addr))
-    }
-
-    /// Unmap the parts of reservation `[r0, r0+total)` outside `[addr, addr+len)`.
-    fn finish_placement(r0: u64, total: u64, addr: u64, len: u64) {
-        for (s, e) in [(r0, addr), (addr + len, r0 + total)] {
-            if e > s {
-                // SAFETY: [s, e) is part of the PROT_NONE reservation made by
-                // reserve_raw and not used by anything else.
-                unsafe { libc::munmap(s as *mut libc::c_void, (e - s) as usize) };
-            }
-        }
+    /// A PROT_NONE reservation large enough to hold `len` bytes placed as
+    /// `place` asks, and the offset of that placement inside it. Dropping
+    /// the reservation (every error path) unmaps all of it.
+    fn reserve_placed(op: &'static str, len: u64, place: Placement) -> Result<(Mmap, usize)> {
+        let total = len
+            .checked_add(place.align)
+            .and_then(|t| t.checked_add(place.offset))
+            .ok_or(Error::Unsupported {
+                op,
+                why: "length + alignment + offset overflow the address space",
+            })?;
+        let res = Mmap::reserve(u64_to_usize(total))?;
+        // align_up(r0) - r0 < align, so [addr, addr + len) ends inside the
+        // reservation.
+        let addr = align_up(res.addr(), place.align.max(4096)) + place.offset;
+        let off = u64_to_usize(addr - res.addr());
+        Ok((res, off))
     }
 
     /// Map a region of guest RAM. Hugetlb regions use `MAP_NORESERVE`: huge
@@ -290,69 +275,56 @@ impl HostMm {
             align: place.align.max(ps),
             offset: place.offset,
         };
-        let (r0, total, addr) = Self::reserve_raw(len, place)?;
+        let (mut res, off) = Self::reserve_placed("map", len, place)?;
+        let ulen = u64_to_usize(len);
         let mut memfd = None;
-        let (flags, fd) = match backing {
-            Backing::PrivateHugetlb(p) => (
-                libc::MAP_PRIVATE
-                    | libc::MAP_ANONYMOUS
-                    | libc::MAP_HUGETLB
-                    | libc::MAP_NORESERVE
-                    | p.huge_flag(),
-                -1,
-            ),
-            Backing::Anon { .. } => (
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-            ),
+        match backing {
+            Backing::PrivateHugetlb(p) => res.map_fixed_anon(
+                off,
+                ulen,
+                prot_rw(),
+                libc::MAP_HUGETLB | libc::MAP_NORESERVE | p.huge_flag(),
+            )?,
+            Backing::Anon { .. } => {
+                res.map_fixed_anon(off, ulen, prot_rw(), libc::MAP_NORESERVE)?;
+            }
             Backing::SharedMemfd(p) => {
                 let name = c"guest-ram";
                 // SAFETY: valid NUL-terminated name; flags are plain bits.
                 let fd = unsafe { libc::memfd_create(name.as_ptr(), p.memfd_flags()) };
                 if fd < 0 {
-                    Self::finish_placement(r0, total, r0 + total, 0);
                     return Err(Error::last_os("memfd_create"));
                 }
                 // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
                 let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                // SAFETY: ftruncate on our own memfd.
-                if unsafe { libc::ftruncate(fd, len as i64) } != 0 {
-                    let e = Error::last_os("ftruncate(memfd)");
-                    Self::finish_placement(r0, total, r0 + total, 0);
-                    return Err(e);
+                let size = libc::off_t::try_from(len).map_err(|_| Error::Unsupported {
+                    op: "map",
+                    why: "the region is larger than a file offset (off_t) can express",
+                })?;
+                // SAFETY: ftruncate on our own memfd; no memory is passed.
+                if unsafe { libc::ftruncate(owned.as_raw_fd(), size) } != 0 {
+                    return Err(Error::last_os("ftruncate(memfd)"));
                 }
+                res.map_fixed_shared(off, ulen, owned.as_fd(), prot_rw(), libc::MAP_NORESERVE)?;
                 memfd = Some(owned);
-                (libc::MAP_SHARED | libc::MAP_NORESERVE, fd)
             }
-        };
-        // SAFETY: MAP_FIXED over [addr, addr+len), which lies inside the
-        // PROT_NONE reservation this function just made, so nothing else of
-        // this process is replaced.
-        let p = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
-                len as usize,
-                prot_rw(),
-                flags | libc::MAP_FIXED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let e = Error::last_os("mmap(guest RAM)");
-            Self::finish_placement(r0, total, r0 + total, 0);
-            return Err(e);
         }
-        Self::finish_placement(r0, total, addr, len);
+        // The slack around the placement goes; what is left is guest RAM.
+        let ram = res.keep(off, ulen)?;
+        let addr = ram.addr();
         if let Backing::Anon { thp } = backing {
             let advice = if thp {
                 libc::MADV_HUGEPAGE
             } else {
                 libc::MADV_NOHUGEPAGE
             };
-            // SAFETY: advisory madvise on the mapping just created.
-            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
+            // SAFETY: advisory madvise on the mapping `ram` owns; it changes
+            // no memory contents.
+            unsafe { libc::madvise(ram.as_ptr().cast(), ram.len(), advice) };
         }
+        // From here the VMA list owns the mapping (split, moved and unmapped
+        // through it; Drop unmaps what is left).
+        let _ = ram.into_raw();
         let id = RegionId(self.regions.iter().map(|r| r.id.0 + 1).max().unwrap_or(0));
         self.regions.push(Region {
             id,
@@ -381,10 +353,11 @@ impl HostMm {
     /// A PROT_NONE anonymous reservation of `len` bytes (a target for
     /// mremap), owned and unmapped by this HostMm.
     pub fn reserve(&mut self, len: u64, place: Placement) -> Result<HvaRange> {
-        let (r0, total, addr) = Self::reserve_raw(len, place)?;
-        Self::finish_placement(r0, total, addr, len);
+        let (res, off) = Self::reserve_placed("reserve", len, place)?;
+        // The VMA list owns the reservation from here.
+        let range = res.keep(off, u64_to_usize(len))?.into_raw();
         let shape = VmaShape {
-            range: HvaRange::new(addr, addr + len),
+            range,
             hugetlb: None,
             may_share: false,
             prot: libc::PROT_NONE,
@@ -575,7 +548,7 @@ impl HostMm {
             unsafe {
                 libc::munmap(
                     v.shape.range.start as *mut libc::c_void,
-                    v.shape.range.len() as usize,
+                    u64_to_usize(v.shape.range.len()),
                 )
             };
             self.forget_empty_puds(v.shape.range);
@@ -673,7 +646,7 @@ impl Drop for HostMm {
             unsafe {
                 libc::munmap(
                     v.shape.range.start as *mut libc::c_void,
-                    v.shape.range.len() as usize,
+                    u64_to_usize(v.shape.range.len()),
                 )
             };
         }

@@ -8,6 +8,7 @@
 //!
 //! * [`convert`]: the lossless integer conversions of a 64-bit host.
 //! * [`page_size`]: the x86 page sizes (4K/2M/1G), one type for the workspace.
+//! * [`mmap`]: one owned raw memory mapping (`mmap`/`munmap`).
 //! * [`hostmm`]: guest RAM regions and their VMAs as the kernel sees them.
 //! * [`predict`]: the kernel's notifier ranges, as pure functions.
 //! * [`ops`]: operations on guest RAM that announce (start) before the
@@ -15,6 +16,8 @@
 //! * [`pagemap`]: populated ranges (PAGEMAP_SCAN, /proc/self/pagemap).
 //! * [`trace`]: the `kvm:kvm_unmap_hva_range` tracepoint source.
 //! * [`uffd`]: the userfaultfd source (REMOVE/UNMAP/REMAP/FORK).
+//! * [`workload`]: busy threads that make the kernel act on this mm
+//!   (the NUMA scanner).
 //! * [`check`]: the differential check (predicted vs tracepoint).
 
 pub mod check;
@@ -22,6 +25,7 @@ pub mod convert;
 pub mod error;
 pub mod hostconf;
 pub mod hostmm;
+pub mod mmap;
 pub mod ops;
 pub mod page_size;
 pub mod pagemap;
@@ -31,8 +35,10 @@ pub mod subscriber;
 mod sync;
 pub mod trace;
 pub mod uffd;
+pub mod workload;
 
 pub use error::{Error, Result};
+pub use mmap::Mmap;
 pub use page_size::PageSize;
 pub use seq::{InvalidationSeq, SeqSnapshot};
 pub use subscriber::{

@@ -18,6 +18,7 @@
 //! `task_numa_work()` skips hugetlb VMAs); the tracepoint source delivers the
 //! real ones, after the fact.
 
+use crate::convert::u64_to_usize;
 use crate::error::{Error, Result};
 use crate::hostmm::{HostMm, RegionId};
 use crate::predict::{self, Notified, PredictError};
@@ -110,7 +111,8 @@ impl HostMm {
         self.announce(&notes, || {
             // SAFETY: `r` lies in VMAs owned by this HostMm (checked above);
             // changing their protection cannot affect memory Rust owns.
-            if unsafe { libc::mprotect(r.start as *mut libc::c_void, r.len() as usize, prot) } != 0
+            if unsafe { libc::mprotect(r.start as *mut libc::c_void, u64_to_usize(r.len()), prot) }
+                != 0
             {
                 return Err(Error::last_os("mprotect"));
             }
@@ -155,7 +157,8 @@ impl HostMm {
         self.announce(&notes, || {
             // SAFETY: `r` lies in VMAs owned by this HostMm; discarding their
             // contents cannot touch memory Rust owns.
-            if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len() as usize, advice) } != 0
+            if unsafe { libc::madvise(r.start as *mut libc::c_void, u64_to_usize(r.len()), advice) }
+                != 0
             {
                 return Err(Error::last_os("madvise"));
             }
@@ -177,6 +180,14 @@ impl HostMm {
             why: "region has no memfd (not a shared memfd region)",
         })?;
         let hps = region.backing.page_size().bytes();
+        let out_of_file = || Error::OutOfRegion {
+            op: "punch_hole",
+            start: offset,
+            end: offset.saturating_add(len),
+        };
+        // fallocate takes off_t (i64): larger offsets are past any memfd.
+        let foff = libc::off_t::try_from(offset).map_err(|_| out_of_file())?;
+        let flen = libc::off_t::try_from(len).map_err(|_| out_of_file())?;
         let notes = predict::punch_hole(&self.file_mappings(id), hps, offset, len);
         self.announce(&notes, || {
             // SAFETY: fallocate on our own memfd; the pages it frees are only
@@ -185,8 +196,8 @@ impl HostMm {
                 libc::fallocate(
                     fd,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as i64,
-                    len as i64,
+                    foff,
+                    flen,
                 )
             } != 0
             {
@@ -206,7 +217,7 @@ impl HostMm {
         self.announce(&notes, || {
             // SAFETY: `r` lies in VMAs owned by this HostMm (checked above),
             // which forgets them right after; no Rust reference points there.
-            if unsafe { libc::munmap(r.start as *mut libc::c_void, r.len() as usize) } != 0 {
+            if unsafe { libc::munmap(r.start as *mut libc::c_void, u64_to_usize(r.len())) } != 0 {
                 return Err(Error::last_os("munmap"));
             }
             Ok(())
@@ -252,8 +263,8 @@ impl HostMm {
             let p = unsafe {
                 libc::mremap(
                     old.start as *mut libc::c_void,
-                    old.len() as usize,
-                    old.len() as usize,
+                    u64_to_usize(old.len()),
+                    u64_to_usize(old.len()),
                     libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
                     dst as *mut libc::c_void,
                 )
@@ -287,7 +298,7 @@ impl HostMm {
             if unsafe {
                 libc::madvise(
                     r.start as *mut libc::c_void,
-                    r.len() as usize,
+                    u64_to_usize(r.len()),
                     libc::MADV_DONTFORK,
                 )
             } != 0

@@ -76,21 +76,22 @@ impl PageSize {
     /// The `MAP_HUGE_*` / `MFD_HUGE_*` bits that pick this pool
     /// (log2(size) << `MAP_HUGE_SHIFT`, 26); 0 for 4 KiB.
     pub fn huge_flag(self) -> i32 {
-        if self.is_huge() {
-            (self.shift() as i32) << libc::MAP_HUGE_SHIFT
-        } else {
-            0
+        match self {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => libc::MAP_HUGE_2MB,
+            PageSize::Size1G => libc::MAP_HUGE_1GB,
         }
     }
 
     /// `memfd_create` flags for a memfd of this page size: `MFD_CLOEXEC`,
     /// plus `MFD_HUGETLB` and the pool bits for a huge size.
     pub fn memfd_flags(self) -> libc::c_uint {
-        if self.is_huge() {
-            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | self.huge_flag() as libc::c_uint
-        } else {
-            libc::MFD_CLOEXEC
-        }
+        let pool = match self {
+            PageSize::Size4K => return libc::MFD_CLOEXEC,
+            PageSize::Size2M => libc::MFD_HUGE_2MB,
+            PageSize::Size1G => libc::MFD_HUGE_1GB,
+        };
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | pool
     }
 
     /// The hugetlb pool's sysfs directory

@@ -7,6 +7,7 @@
 //! over an unpopulated hugetlb range self-deadlocks on kernels without the
 //! 2026 fixes (see research/host-invalidation.md §3.2), so `flags` is always 0.
 
+use crate::convert::u64_to_usize;
 use crate::error::{Error, Result};
 use crate::subscriber::HvaRange;
 use std::fs::File;
@@ -142,10 +143,11 @@ impl Pagemap {
                     &mut arg as *mut PmScanArg,
                 )
             };
-            if n < 0 {
+            // Negative: the ioctl failed.
+            let Ok(n) = usize::try_from(n) else {
                 return Err(std::io::Error::last_os_error());
-            }
-            for reg in buf.iter().take(n as usize) {
+            };
+            for reg in buf.iter().take(n) {
                 push_merged(&mut out, HvaRange::new(reg.start, reg.end));
             }
             if arg.walk_end <= start {
@@ -163,10 +165,10 @@ impl Pagemap {
         let first = r.start / PS;
         let last = r.end.div_ceil(PS);
         let mut idx = first;
-        let mut bytes = vec![0u8; (CHUNK * 8) as usize];
+        let mut bytes = vec![0u8; u64_to_usize(CHUNK * 8)];
         while idx < last {
             let n = (last - idx).min(CHUNK);
-            let want = (n * 8) as usize;
+            let want = u64_to_usize(n * 8);
             self.file
                 .read_exact_at(&mut bytes[..want], idx * 8)
                 .map_err(|source| Error::Syscall {
@@ -200,6 +202,7 @@ fn push_merged(v: &mut Vec<HvaRange>, r: HvaRange) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mmap::Mmap;
 
     #[test]
     fn ioctl_number_matches_uapi() {
@@ -209,25 +212,13 @@ mod tests {
 
     #[test]
     fn scan_and_fallback_agree_on_anon_memory() {
-        let len = 64 * 4096;
-        // SAFETY: fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = p as u64;
-        for i in [3u64, 4, 10] {
-            // SAFETY: inside the mapping just created, writable.
-            unsafe { *((base + i * 4096) as *mut u8) = 1 };
+        let m = Mmap::anon(64 * 4096, libc::PROT_READ | libc::PROT_WRITE, 0).unwrap();
+        let base = m.addr();
+        for i in [3usize, 4, 10] {
+            // SAFETY: page `i` of the 64-page read-write mapping `m`.
+            unsafe { m.as_ptr().add(i * 4096).write_volatile(1) };
         }
-        let r = HvaRange::new(base, base + len as u64);
+        let r = m.range();
         let mut pm = Pagemap::open().unwrap();
         let a = pm.present(r).unwrap();
         let b = pm.read_present(r).unwrap();
@@ -239,7 +230,5 @@ mod tests {
                 HvaRange::new(base + 10 * 4096, base + 11 * 4096)
             ]
         );
-        // SAFETY: unmapping exactly the mapping created above.
-        unsafe { libc::munmap(p, len) };
     }
 }

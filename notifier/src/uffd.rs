@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::pagemap::Pagemap;
 use crate::predict::{adjust_range_if_pmd_sharing_possible, VmaShape};
 use crate::subscriber::{Delivery, HvaRange, Invalidation, MmuNotifyEvent, Subscribers};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -158,6 +158,13 @@ fn u64_at(b: &[u8; MSG_SIZE], off: usize) -> u64 {
     u64::from_ne_bytes(x)
 }
 
+/// `struct uffd_msg.arg.fork.ufd` is a `__u32` holding an fd (an `int`).
+fn i32_at(b: &[u8; MSG_SIZE], off: usize) -> i32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[off..off + 4]);
+    i32::from_ne_bytes(x)
+}
+
 impl UffdEvent {
     /// Decode the 32-byte packed `struct uffd_msg` (event at 0, union at 8).
     pub fn decode(b: &[u8; MSG_SIZE]) -> Self {
@@ -166,9 +173,7 @@ impl UffdEvent {
                 flags: u64_at(b, 8),
                 address: u64_at(b, 16),
             },
-            UFFD_EVENT_FORK => UffdEvent::Fork {
-                ufd: (u64_at(b, 8) & 0xffff_ffff) as u32 as i32,
-            },
+            UFFD_EVENT_FORK => UffdEvent::Fork { ufd: i32_at(b, 8) },
             UFFD_EVENT_REMAP => UffdEvent::Remap {
                 from: u64_at(b, 8),
                 to: u64_at(b, 16),
@@ -206,8 +211,13 @@ impl Uffd {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // A descriptor is an `int`: the kernel never returns a larger one.
+        let fd = RawFd::try_from(fd).map_err(|_| Error::Syscall {
+            op: "userfaultfd",
+            source: std::io::Error::other(format!("descriptor {fd} is not an int")),
+        })?;
         // SAFETY: fd is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut api = UffdioApi {
             api: UFFD_API,
             features,
@@ -408,7 +418,7 @@ impl Uffd {
         let got = unsafe {
             libc::read(
                 self.fd.as_raw_fd(),
-                b.as_mut_ptr() as *mut libc::c_void,
+                b.as_mut_ptr().cast::<libc::c_void>(),
                 MSG_SIZE,
             )
         };
@@ -422,7 +432,7 @@ impl Uffd {
                 source: e,
             });
         }
-        if got as usize != MSG_SIZE {
+        if usize::try_from(got) != Ok(MSG_SIZE) {
             return Ok(None);
         }
         Ok(Some(UffdEvent::decode(&b)))

@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use super::bytes;
+use super::bytes::{self, Header};
 use super::elf::{self, ElfError, ElfInfo};
 use super::lz4_legacy::{self, Lz4LegacyError};
 
@@ -130,11 +130,6 @@ impl SetupHeader {
     }
 }
 
-// A fixed-offset read inside the header already sliced to HEADER_END.
-fn le32(b: &[u8], off: usize) -> u32 {
-    bytes::le32(b, off).unwrap_or(0)
-}
-
 /// True when `data` carries the "HdrS" setup-header magic.
 pub fn is_bzimage(data: &[u8]) -> bool {
     data.get(OFF_HEADER..OFF_HEADER + 4) == Some(b"HdrS")
@@ -142,25 +137,23 @@ pub fn is_bzimage(data: &[u8]) -> bool {
 
 /// Parses and checks the setup header (magic, protocol >= 2.08).
 pub fn parse_header(data: &[u8]) -> Result<SetupHeader, BzImageError> {
-    // Checked once: every fixed offset read below is < HEADER_END.
-    let h = bytes::slice(data, "setup header", 0, HEADER_END as u64)?;
-    if !is_bzimage(h) {
-        let mut found = [0u8; 4];
-        found.copy_from_slice(&h[OFF_HEADER..OFF_HEADER + 4]);
+    // Checked once: the reads below are at constant offsets inside the
+    // HEADER_END bytes, checked at compile time.
+    let h = Header::<HEADER_END>::at(data, "setup header", 0)?;
+    let found = h.fixed::<OFF_HEADER, 4>();
+    if &found != b"HdrS" {
         return Err(BzImageError::BadMagic { found });
     }
-    let version = bytes::le16(h, OFF_VERSION).unwrap_or(0);
+    let version = h.le16::<OFF_VERSION>();
     if version < MIN_VERSION {
-        return Err(BzImageError::OldProtocol {
-            major: (version >> 8) as u8,
-            minor: version as u8,
-        });
+        let [minor, major] = version.to_le_bytes();
+        return Err(BzImageError::OldProtocol { major, minor });
     }
     Ok(SetupHeader {
-        setup_sects: h[OFF_SETUP_SECTS],
+        setup_sects: h.u8::<OFF_SETUP_SECTS>(),
         version,
-        payload_offset: le32(h, OFF_PAYLOAD_OFFSET),
-        payload_length: le32(h, OFF_PAYLOAD_LENGTH),
+        payload_offset: h.le32::<OFF_PAYLOAD_OFFSET>(),
+        payload_length: h.le32::<OFF_PAYLOAD_LENGTH>(),
     })
 }
 
@@ -207,6 +200,7 @@ pub fn extract_vmlinux(data: &[u8]) -> Result<Vmlinux, BzImageError> {
 mod tests {
     use super::*;
     use crate::linux::elf::tests::tiny_elf;
+    use notifier::convert::{u64_to_usize, usize_to_u64};
 
     /// A minimal fake bzImage: boot sector + `setup_sects` sectors, then a
     /// protected-mode area holding `payload` at `payload_offset`.
@@ -220,9 +214,9 @@ mod tests {
         img[OFF_HEADER..OFF_HEADER + 4].copy_from_slice(b"HdrS");
         img[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
         img[OFF_PAYLOAD_OFFSET..OFF_PAYLOAD_OFFSET + 4]
-            .copy_from_slice(&(payload_offset as u32).to_le_bytes());
+            .copy_from_slice(&u32::try_from(payload_offset).unwrap().to_le_bytes());
         img[OFF_PAYLOAD_LENGTH..OFF_PAYLOAD_LENGTH + 4]
-            .copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            .copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
         img.extend_from_slice(payload);
         // Trailing bytes after the payload (as a signed image has) are ignored.
         img.extend_from_slice(&[0xee; 100]);
@@ -233,7 +227,7 @@ mod tests {
     fn round_trip_lz4_legacy() {
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let elf = tiny_elf(&body);
-        let img = fake_bzimage(&lz4_legacy::compress(&elf));
+        let img = fake_bzimage(&lz4_legacy::compress(&elf).unwrap());
         let v = extract_vmlinux(&img).unwrap();
         assert_eq!(v.compression, Compression::Lz4Legacy);
         assert_eq!(v.header.version, 0x020f);
@@ -251,7 +245,7 @@ mod tests {
 
     #[test]
     fn truncated_header_and_payload() {
-        let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&[0; 64])));
+        let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&[0; 64])).unwrap());
         assert!(matches!(
             extract_vmlinux(&img[..0x100]),
             Err(BzImageError::Truncated(t)) if t.what == "setup header"
@@ -293,7 +287,7 @@ mod tests {
     #[test]
     fn corrupted_payload_is_an_error() {
         let elf = tiny_elf(&vec![0x5a; 50_000]);
-        let mut packed = lz4_legacy::compress(&elf);
+        let mut packed = lz4_legacy::compress(&elf).unwrap();
         // Break the first block's first token: a match offset of zero.
         let n = packed.len();
         for b in &mut packed[8..n - 4] {
@@ -321,7 +315,7 @@ mod tests {
     #[test]
     fn random_damage_never_panics() {
         let body: Vec<u8> = (0..20_000u32).map(|i| (i % 13) as u8).collect();
-        let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&body)));
+        let img = fake_bzimage(&lz4_legacy::compress(&tiny_elf(&body)).unwrap());
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             x ^= x << 13;
@@ -332,10 +326,10 @@ mod tests {
         for _ in 0..2000 {
             let mut bad = img.clone();
             for _ in 0..1 + next() % 4 {
-                let at = (next() % bad.len() as u64) as usize;
-                bad[at] = next() as u8;
+                let at = u64_to_usize(next() % usize_to_u64(bad.len()));
+                bad[at] = next().to_le_bytes()[0];
             }
-            let cut = bad.len() - (next() % 64) as usize;
+            let cut = bad.len() - u64_to_usize(next() % 64);
             // Any outcome but a panic is fine; a success must still be an ELF.
             if let Ok(v) = extract_vmlinux(&bad[..cut]) {
                 assert!(elf::is_elf(&v.bytes));
@@ -345,7 +339,7 @@ mod tests {
 
     #[test]
     fn payload_that_is_not_elf() {
-        let img = fake_bzimage(&lz4_legacy::compress(b"definitely not an ELF file"));
+        let img = fake_bzimage(&lz4_legacy::compress(b"definitely not an ELF file").unwrap());
         assert!(matches!(
             extract_vmlinux(&img),
             Err(BzImageError::NotElf(ElfError::NotElf { .. }))

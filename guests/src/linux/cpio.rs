@@ -6,6 +6,7 @@
 //! fields), the NUL-terminated name padded to 4 bytes, then the data padded
 //! to 4 bytes. The archive ends with an entry named `TRAILER!!!`.
 
+use notifier::convert::{u64_to_usize, usize_to_u64};
 use std::io::{self, Write};
 
 use thiserror::Error;
@@ -88,7 +89,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     fn pad(&mut self) -> Result<(), CpioError> {
-        let n = pad4(self.written as usize);
+        let n = pad4(u64_to_usize(self.written));
         self.put(&[0u8; 3][..n])
     }
 
@@ -103,11 +104,16 @@ impl<W: Write> CpioWriter<W> {
         let filesize = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge {
             name: name.to_string(),
             what: "file size",
-            value: data.len() as u64,
+            value: usize_to_u64(data.len()),
         })?;
         let ino = if name == TRAILER { 0 } else { self.next_ino };
         self.next_ino += u32::from(name != TRAILER);
-        let namesize = name.len() as u32 + 1;
+        // checked_name: name.len() < u32::MAX, so + 1 fits.
+        let namesize = u32::try_from(name.len() + 1).map_err(|_| CpioError::TooLarge {
+            name: name.to_string(),
+            what: "name size",
+            value: usize_to_u64(name.len() + 1),
+        })?;
         let fields = [
             ino, mode, 0, 0, nlink, 0, filesize, 0, 0, rdev.0, rdev.1, namesize, 0,
         ];

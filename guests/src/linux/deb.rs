@@ -7,6 +7,7 @@
 //! and decompresses little: the kernel package's `boot/` files come first,
 //! before ~100 MiB of modules the guest never uses.
 
+use notifier::convert::u64_to_usize;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -62,7 +63,7 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
                     "{path} is {size} bytes, over the {MAX_MEMBER}-byte limit"
                 )));
             }
-            let mut data = Vec::with_capacity(size as usize);
+            let mut data = Vec::with_capacity(u64_to_usize(size));
             entry
                 .read_to_end(&mut data)
                 .map_err(|e| bad(format!("reading {path}: {e}")))?;

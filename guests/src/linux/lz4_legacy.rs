@@ -18,6 +18,7 @@
 use thiserror::Error;
 
 use super::bytes;
+use notifier::convert::{u32_to_usize, u64_to_usize, usize_to_u64};
 
 /// The legacy frame magic (LE on disk: `02 21 4c 18`).
 pub const MAGIC: u32 = 0x184C_2102;
@@ -56,8 +57,15 @@ pub enum Lz4LegacyError {
     SizeMismatch { declared: usize, actual: usize },
 }
 
-fn le32(data: &[u8], offset: usize, what: &'static str) -> Result<u32, Lz4LegacyError> {
-    bytes::le32(data, offset).ok_or(Lz4LegacyError::Truncated { offset, what })
+/// A short read names the offset it started at and what it read.
+impl From<bytes::Truncated> for Lz4LegacyError {
+    fn from(t: bytes::Truncated) -> Self {
+        Lz4LegacyError::Truncated {
+            // Every read here starts at a `usize` offset: lossless.
+            offset: u64_to_usize(t.start),
+            what: t.what,
+        }
+    }
 }
 
 /// True when `data` starts with the legacy frame magic.
@@ -67,7 +75,7 @@ pub fn is_lz4_legacy(data: &[u8]) -> bool {
 
 /// Decodes a whole payload: magic, blocks, trailing uncompressed size.
 pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
-    let magic = le32(payload, 0, "magic")?;
+    let magic = bytes::read_le32(payload, "magic", 0)?;
     if magic != MAGIC {
         return Err(Lz4LegacyError::BadMagic { found: magic });
     }
@@ -80,7 +88,11 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
                 offset: payload.len(),
                 what: "uncompressed-size trailer",
             })?;
-    let declared = le32(payload, trailer_at, "uncompressed-size trailer")? as usize;
+    let declared = u32_to_usize(bytes::read_le32(
+        payload,
+        "uncompressed-size trailer",
+        trailer_at,
+    )?);
     if declared > MAX_UNCOMPRESSED {
         return Err(Lz4LegacyError::TooLarge(declared));
     }
@@ -90,12 +102,12 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
     let mut pos = 4usize;
     let mut block = 0usize;
     while pos < stream.len() {
-        let size = le32(stream, pos, "block size")?;
+        let size = bytes::read_le32(stream, "block size", pos)?;
         if size == MAGIC {
             pos += 4;
             continue;
         }
-        let size = size as usize;
+        let size = u32_to_usize(size);
         let data_at = pos + 4;
         if size > compress_bound(BLOCK_MAX) {
             return Err(Lz4LegacyError::BlockTooLarge {
@@ -104,12 +116,12 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
                 size,
             });
         }
-        let input = stream
-            .get(data_at..data_at + size)
-            .ok_or(Lz4LegacyError::Truncated {
-                offset: data_at,
-                what: "block data",
-            })?;
+        let input = bytes::slice(
+            stream,
+            "block data",
+            usize_to_u64(data_at),
+            usize_to_u64(size),
+        )?;
         let slot_end = declared.min(produced + BLOCK_MAX);
         let n =
             lz4_flex::block::decompress_into(input, &mut out[produced..slot_end]).map_err(|e| {
@@ -133,27 +145,41 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
 }
 
 /// Encodes `data` in the legacy framing with the kernel's size trailer.
-/// The inverse of [`decompress`]; used by tests to build payloads.
-pub fn compress(data: &[u8]) -> Vec<u8> {
+/// The inverse of [`decompress`]; used by tests to build payloads. More
+/// than [`MAX_UNCOMPRESSED`] bytes is [`Lz4LegacyError::TooLarge`], as
+/// `decompress` would say (the 32-bit trailer could not hold 4 GiB).
+pub fn compress(data: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
+    let too_large = || Lz4LegacyError::TooLarge(data.len());
+    if data.len() > MAX_UNCOMPRESSED {
+        return Err(too_large());
+    }
+    let total = u32::try_from(data.len()).map_err(|_| too_large())?;
     let mut out = MAGIC.to_le_bytes().to_vec();
     for chunk in data.chunks(BLOCK_MAX) {
         let block = lz4_flex::block::compress(chunk);
-        // A block of at most 8 MiB compresses to at most compress_bound(8 MiB) < 4 GiB.
-        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        // A block of at most 8 MiB compresses to at most
+        // compress_bound(8 MiB) < 4 GiB: never an error.
+        let size = u32::try_from(block.len()).map_err(|_| too_large())?;
+        out.extend_from_slice(&size.to_le_bytes());
         out.extend_from_slice(&block);
     }
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
+    out.extend_from_slice(&total.to_le_bytes());
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The low 8 bits (a test pattern: truncation wanted).
+    fn low_byte(x: usize) -> u8 {
+        x.to_le_bytes()[0]
+    }
+
     fn sample(len: usize) -> Vec<u8> {
         // Compressible but not trivial: a counter pattern with some noise.
         (0..len)
-            .map(|i| ((i / 7) as u8) ^ ((i * 31) >> 11) as u8)
+            .map(|i| low_byte(i / 7) ^ low_byte((i * 31) >> 11))
             .collect()
     }
 
@@ -161,7 +187,7 @@ mod tests {
     fn round_trip_small_and_multi_block() {
         for len in [0, 1, 1000, BLOCK_MAX, BLOCK_MAX + 12345] {
             let data = sample(len);
-            let packed = compress(&data);
+            let packed = compress(&data).unwrap();
             assert_eq!(decompress(&packed).unwrap(), data, "len {len}");
         }
     }
@@ -173,16 +199,16 @@ mod tests {
         for chunk in data.chunks(BLOCK_MAX) {
             let block = lz4_flex::block::compress(chunk);
             packed.extend_from_slice(&MAGIC.to_le_bytes());
-            packed.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            packed.extend_from_slice(&u32::try_from(block.len()).unwrap().to_le_bytes());
             packed.extend_from_slice(&block);
         }
-        packed.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&u32::try_from(data.len()).unwrap().to_le_bytes());
         assert_eq!(decompress(&packed).unwrap(), data);
     }
 
     #[test]
     fn bad_magic() {
-        let mut packed = compress(b"hello");
+        let mut packed = compress(b"hello").unwrap();
         packed[0] ^= 0xff;
         assert!(matches!(
             decompress(&packed),
@@ -193,7 +219,7 @@ mod tests {
     #[test]
     fn truncated_anywhere_is_an_error_not_a_panic() {
         let data = sample(5000);
-        let packed = compress(&data);
+        let packed = compress(&data).unwrap();
         for cut in 0..packed.len() {
             assert!(decompress(&packed[..cut]).is_err(), "cut at {cut}");
         }
@@ -202,7 +228,7 @@ mod tests {
     #[test]
     fn corrupted_block_is_an_error() {
         let data = sample(100_000);
-        let packed = compress(&data);
+        let packed = compress(&data).unwrap();
         // Flip bytes throughout the block data: every result must be an Err or
         // (if the flip happened to stay valid) data of the declared size.
         for at in (8..packed.len() - 4).step_by(97) {
@@ -214,7 +240,7 @@ mod tests {
         }
         // A block-size field pointing past the end.
         let mut bad = packed.clone();
-        bad[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
+        bad[4..8].copy_from_slice(&u32::try_from(packed.len()).unwrap().to_le_bytes());
         assert!(matches!(
             decompress(&bad),
             Err(Lz4LegacyError::Truncated { .. })
@@ -224,7 +250,7 @@ mod tests {
     #[test]
     fn size_mismatch_and_hostile_size() {
         let data = sample(3000);
-        let mut packed = compress(&data);
+        let mut packed = compress(&data).unwrap();
         let n = packed.len();
         packed[n - 4..].copy_from_slice(&2000u32.to_le_bytes());
         assert!(decompress(&packed).is_err());
