@@ -8,10 +8,9 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use guests::linux::bzimage::is_bzimage;
-use guests::linux::elf::{self, is_elf, ElfError, ElfInfo};
+use guests::linux::elf::{self, is_elf, ElfError};
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{Elf, KernelLoader};
-use notifier::convert::usize_to_u64;
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout::HIMEM_START;
@@ -83,43 +82,17 @@ fn read_file(path: &Path, missing: fn(PathBuf) -> KernelError) -> Result<Vec<u8>
     })
 }
 
-/// The end of the loaded physical range of a checked ELF vmlinux: the
-/// highest `paddr + max(memsz, filesz)` over its `PT_LOAD` segments, each
-/// of whose file bytes must lie inside the image.
-fn phys_end(info: &ElfInfo, file_len: usize) -> Result<u64, KernelError> {
-    let t = |w: String| KernelError::Truncated(w);
-    if info.load_segments.is_empty() {
-        return Err(KernelError::NotX86_64("no PT_LOAD segment".into()));
-    }
-    let mut end = 0u64;
-    for (i, seg) in info.load_segments.iter().enumerate() {
-        let seg_end = seg
-            .offset
-            .checked_add(seg.filesz)
-            .ok_or_else(|| t(format!("segment {i} file range overflows")))?;
-        if seg_end > usize_to_u64(file_len) {
-            return Err(t(format!(
-                "segment {i} ends at byte {seg_end}, file has {file_len}"
-            )));
-        }
-        let pend = seg
-            .paddr
-            .checked_add(seg.memsz.max(seg.filesz))
-            .ok_or_else(|| t(format!("segment {i} address overflows")))?;
-        end = end.max(pend);
-    }
-    Ok(end)
-}
-
 /// A checked ELF vmlinux (the guests crate's ELF checks) and the end of
 /// its loaded physical range.
 pub fn validate_elf(b: &[u8]) -> Result<u64, KernelError> {
-    let info = elf::check_x86_64_exec(b).map_err(|e| match e {
+    let elf_err = |e: ElfError| match e {
         ElfError::Truncated(t) => KernelError::Truncated(t.to_string()),
         ElfError::NotElf { .. } => KernelError::Truncated("ELF header".into()),
         other => KernelError::NotX86_64(other.to_string()),
-    })?;
-    phys_end(&info, b.len())
+    };
+    elf::check_x86_64_exec(b)
+        .and_then(|info| info.phys_end())
+        .map_err(elf_err)
 }
 
 /// Extract the vmlinux from a bzImage (the guests crate's extractor: setup

@@ -70,7 +70,8 @@ use notifier::PageSize;
 use notifier::{HvaRange, Subscribers};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
-use std::os::fd::RawFd;
+use notifier::Mmap;
+use std::os::fd::{BorrowedFd, RawFd};
 use vm_memory::GuestMemoryMmap;
 
 /// How guest RAM faults are resolved (`--uffd`). `Kernel*` are baselines
@@ -157,43 +158,6 @@ fn os(op: &'static str) -> UffdRamError {
     }
 }
 
-/// One `MAP_SHARED` mapping of the memfd, unmapped on drop.
-struct Mapping {
-    addr: u64,
-    len: u64,
-}
-
-impl Mapping {
-    fn new(fd: RawFd, len: u64) -> Result<Self, UffdRamError> {
-        // SAFETY: a fresh shared mapping of `len` bytes of our memfd at a
-        // kernel-chosen address; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(os("mmap(guest RAM memfd alias)"));
-        }
-        Ok(Mapping {
-            addr: p as u64,
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping created in `new`, no longer used.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
-}
-
 /// Make every page of a COPY source buffer resident (write the value each
 /// page already holds, including the last, possibly partial, page): see
 /// the module docs. Every staged COPY source must go through this.
@@ -216,46 +180,17 @@ pub fn make_resident(buf: &mut [u8]) {
 /// A read-only private anonymous `MAP_POPULATE` mapping: every page is the
 /// shared zero page, so a resident COPY source of zeros that costs no
 /// memory.
-struct ZeroSource {
-    addr: u64,
-    len: usize,
-}
+struct ZeroSource(Mmap);
 
 impl ZeroSource {
     fn new(len: usize) -> Result<Self, UffdRamError> {
-        // SAFETY: a fresh private anonymous read-only mapping at a
-        // kernel-chosen address; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(os("mmap(COPY zero source)"));
-        }
-        Ok(ZeroSource {
-            addr: p as u64,
-            len,
-        })
+        Ok(ZeroSource(Mmap::anon(len, libc::PROT_READ, libc::MAP_POPULATE)?))
     }
 
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` readable bytes at `addr`, mapped until drop (which
-        // needs `&mut self`, so not while this borrow lives); nothing
-        // writes them (PROT_READ).
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
-    }
-}
-
-impl Drop for ZeroSource {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping created in `new`, no longer borrowed.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        // SAFETY: a private read-only mapping nobody writes (PROT_READ),
+        // mapped until `self` drops (not while this borrow lives).
+        unsafe { self.0.as_slice() }
     }
 }
 
@@ -270,7 +205,7 @@ pub struct UffdGuestRam {
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
     /// `None` for private RAM (reached through the guest-facing mapping).
-    alias: Option<Mapping>,
+    alias: Option<Mmap>,
     region: RegionId,
     /// -1 for private RAM.
     memfd: RawFd,
@@ -334,7 +269,11 @@ impl UffdGuestRam {
             }
         }
         let alias = if shared {
-            Some(Mapping::new(memfd, size)?)
+            // SAFETY: `memfd` is the region's memfd, owned by `hostmm`,
+            // which outlives this borrow (it is moved into the RAM below).
+            let fd = unsafe { BorrowedFd::borrow_raw(memfd) };
+            let len = notifier::convert::u64_to_usize(size);
+            Some(Mmap::shared(fd, len, libc::PROT_READ | libc::PROT_WRITE, 0)?)
         } else {
             None
         };
@@ -417,7 +356,7 @@ impl UffdGuestRam {
     /// Where the VMM reaches gpa 0: the alias, or (private RAM) the
     /// guest-facing mapping.
     fn access_base(&self) -> u64 {
-        self.alias.as_ref().map_or(self.guest_hva, |a| a.addr)
+        self.alias.as_ref().map_or(self.guest_hva, Mmap::addr)
     }
     /// The memfd (owned by the host-mm region); -1 for private RAM.
     pub fn memfd(&self) -> RawFd {

@@ -50,15 +50,13 @@ use crate::memory::uffd::UffdRamError;
 use measure::{Op, Sample, Scenario, Target, Tracer};
 use notifier::hostconf::{HugepageReservation, SysctlGuard};
 use notifier::hostmm::Backing;
-use notifier::HvaRange;
+use notifier::workload::NumaToucher;
 use notifier::PageSize;
 use report::{summarize, LatencyReport, Skipped};
 use session::Session;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Arguments of `vmm latency`.
@@ -204,79 +202,6 @@ pub(super) fn skip(rep: &mut LatencyReport, what: impl Into<String>, why: impl I
     });
 }
 
-/// A busy thread touching an anonymous region: with `numa_balancing=1`
-/// it makes the kernel's `task_numa_work` scan this mm. Stops on drop.
-struct NumaToucher {
-    region: HvaRange,
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NumaToucher {
-    fn start(len: u64) -> Result<Self, LatencyError> {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(LatencyError::Guest(format!(
-                "mmap of the NUMA control region: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let region = HvaRange::new(p as u64, p as u64 + len);
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("numa-touch".into())
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    let mut a = region.start;
-                    while a < region.end {
-                        // SAFETY: inside the anonymous mapping, which is
-                        // unmapped only after this thread is joined (Drop).
-                        unsafe {
-                            std::ptr::write_volatile(
-                                a as *mut u8,
-                                std::ptr::read_volatile(a as *const u8).wrapping_add(1),
-                            )
-                        };
-                        a += 4096;
-                    }
-                }
-            })
-            .map_err(|e| LatencyError::Guest(format!("spawning the NUMA toucher: {e}")))?;
-        Ok(NumaToucher {
-            region,
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for NumaToucher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        // SAFETY: the mapping created in `start`; its only user is joined.
-        unsafe {
-            libc::munmap(
-                self.region.start as *mut libc::c_void,
-                self.region.len() as usize,
-            )
-        };
-    }
-}
-
 /// The samples of one scenario on one RAM mode.
 pub(super) struct Measured {
     sc: Scenario,
@@ -320,14 +245,20 @@ fn run_session(
                     continue;
                 }
             };
-            let toucher = NumaToucher::start(32 << 20)?;
+            let toucher = NumaToucher::start(32 << 20, 1).map_err(|e| LatencyError::Op {
+                op: "the NUMA-touching control workload",
+                source: e,
+            })?;
+            let control = toucher
+                .region()
+                .ok_or_else(|| LatencyError::Guest("the NUMA toucher has no region".into()))?;
             let mut samples = Vec::new();
             let mut on_control = 0;
             for _ in 0..args.numa_windows() {
                 let (smp, c) = measure::numa_window(
                     s,
                     tr.as_mut(),
-                    toucher.region,
+                    control,
                     Duration::from_millis(args.numa_window_ms),
                 )?;
                 samples.push(smp);
