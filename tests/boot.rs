@@ -6,7 +6,7 @@
 //! only with `VMM_BOOT_ALL=1` (minutes each on this project's machines); the
 //! quick crafted-kernel paths cover those backings in every run.
 //! Kernel/initrd for the Linux boots: `VMM_TEST_KERNEL`/`VMM_TEST_INITRD`,
-//! else the provisioned guest image (`vmm::boot::default_image`).
+//! else the provisioned guest image (`vmm::machine::linux::default_image`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -14,10 +14,12 @@ use std::sync::Mutex;
 use integration_tests::{linux_image, require, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
 use notifier::PageSize;
-use vmm::boot::{self, BootArgs, BootError};
-use vmm::kernel::KernelError;
-use vmm::kvm::KvmError;
+use vmm::arch::x86_64::layout::MAX_LOW_RAM;
+use vmm::commands::boot::{self, BootArgs};
+use vmm::loader::kernel::KernelError;
+use vmm::machine::linux::BootError;
 use vmm::memory::MemoryError;
+use vmm::vstate::KvmError;
 
 /// Tests that change hugetlb pools run one at a time.
 static POOL: Mutex<()> = Mutex::new(());
@@ -51,9 +53,9 @@ fn args(kernel: &Path, initrd: &Path, hp: PageSize, mem: u64) -> BootArgs {
     let mut a = BootArgs::new(kernel.to_path_buf(), initrd.to_path_buf());
     a.hugepages = hp;
     a.mem = mem;
-    a.quiet = true;
+    a.linux.quiet = true;
     a.timeout = 60;
-    a.serial_log = Some(scratch(&format!("serial-{hp}-{mem}.log")));
+    a.linux.serial_log = Some(scratch(&format!("serial-{hp}-{mem}.log")));
     a
 }
 
@@ -142,7 +144,7 @@ fn not_enough_hugepages_says_free_needed_and_command() {
     let _pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     let free = notifier::hostconf::free_hugepages(PageSize::Size1G);
     let mem = (free + 1) << 30;
-    if mem > vmm::memory::MAX_LOW_RAM {
+    if mem > MAX_LOW_RAM {
         eprintln!("SKIP: {free} free 1G pages, cannot ask for more within the 3 GiB layout");
         return;
     }
@@ -276,7 +278,7 @@ fn boot_linux(hp: PageSize, mem: u64, pages: u64) {
     }
     let mut a = args(&k, &i, hp, mem);
     a.timeout = 2400;
-    a.serial_log = Some(scratch(&format!("linux-{hp}.log")));
+    a.linux.serial_log = Some(scratch(&format!("linux-{hp}.log")));
     let r = boot::run(&a).unwrap();
     eprintln!("{}\n{}", r.text, r.json);
     assert!(
@@ -336,7 +338,7 @@ fn reserve_hugepages_grows_the_pool_for_the_run_and_restores_it() {
     // Eight 2 MiB pages more than a new mapping can get right now.
     let pages = notifier::hostconf::free_hugepages(PageSize::Size2M) + 8;
     let mem = pages * (2 << 20);
-    if mem > vmm::memory::MAX_LOW_RAM {
+    if mem > MAX_LOW_RAM {
         eprintln!("SKIP: {pages} pages would exceed the 3 GiB low-RAM layout");
         return;
     }

@@ -5,7 +5,8 @@
 //! probe reported.
 
 use integration_tests::{require, require_kvm_root};
-use vmm::latency::{self, LatencyArgs};
+use vmm::cli::Guest;
+use vmm::commands::latency::{self, LatencyArgs};
 
 /// The tests of this file one at a time: each sets and restores
 /// `kernel.numa_balancing` (interleaved, a restore could leave it on) and
@@ -131,7 +132,7 @@ fn quick_pass_has_every_layer() {
         assert!(ops.contains(want), "missing scenario {want}: {ops:?}");
     }
     // The table names every scenario.
-    let t = latency::table(&rep);
+    let t = latency::report::table(&rep);
     for s in scenarios {
         assert!(t.contains(s["name"].as_str().unwrap()));
     }
@@ -161,7 +162,7 @@ fn linux_guest_quick_pass() {
     assert!(kernel.exists(), "{}", kernel.display());
     drop(_pool);
     let mut a = LatencyArgs::new();
-    a.guest = "linux".into();
+    a.guest = Guest::Linux;
     a.quick = true;
     a.mem = 512 << 20;
     a.numa_window_ms = 2000;

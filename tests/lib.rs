@@ -104,7 +104,7 @@ pub fn linux_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     ) {
         return Some((k.into(), i.into()));
     }
-    match vmm::boot::default_image() {
+    match vmm::machine::linux::default_image() {
         Ok(x) => Some(x),
         Err(e) => {
             eprintln!("no Linux guest image: {e}");

@@ -13,10 +13,10 @@ use integration_tests::{require_hugepages_2m, require_kvm_root};
 use notifier::hostconf::HugepageReservation;
 use notifier::PageSize;
 use std::sync::{Mutex, MutexGuard};
-use vmm::guest_ram_uffd::UffdRamError;
+use vmm::cli::OnOff;
+use vmm::commands::nested_run::{run, NestedRunArgs, NestedRunError, NestedRunReport, WriteTrack};
+use vmm::memory::uffd::UffdRamError;
 use vmm::memory::MemoryError;
-use vmm::nested_run::{run, NestedRunArgs, NestedRunError, NestedRunReport, WriteTrack};
-use vmm::soft_lockup::OnOff;
 
 const MEM: u64 = 256 << 20;
 const L2: u64 = 64 << 20;
@@ -40,9 +40,9 @@ fn ready() -> Option<(MutexGuard<'static, ()>, HugepageReservation)> {
 
 fn args(page: PageSize, yield_mode: OnOff) -> NestedRunArgs {
     let mut a = NestedRunArgs::new(MEM, L2, page);
-    a.yield_mode = yield_mode;
-    a.blind = true;
-    a.max_units = MAX_UNITS;
+    a.zap.yield_mode = yield_mode;
+    a.zap.blind = true;
+    a.zap.max_units = MAX_UNITS;
     a.timeout = 60;
     a
 }
@@ -184,6 +184,6 @@ fn bad_arguments_are_typed_errors() {
     a.density = 0.0;
     assert!(matches!(run(&a), Err(NestedRunError::Guest(_))));
     let mut a = args(PageSize::Size4K, OnOff::On);
-    a.watchdog_ms = 0;
+    a.zap.watchdog_ms = 0;
     assert!(matches!(run(&a), Err(NestedRunError::BadYieldArgs)));
 }

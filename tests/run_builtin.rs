@@ -9,11 +9,13 @@ use notifier::hostconf::HugepageReservation;
 use notifier::PageSize;
 use std::sync::Mutex;
 use std::time::Duration;
-use vmm::guest_ram_uffd::UffdMode;
-use vmm::host_events::EventSources;
-use vmm::run::RunReport;
-use vmm::run::{self, RunArgs, RunError};
-use vmm::run_inval::InvalKind;
+use vmm::host::events::EventSources;
+use vmm::host::invalidator::InvalKind;
+// The built-in guest's run (`vmm run --guest builtin`).
+use vmm::machine::builtin::touch::{
+    self as run, TouchArgs as RunArgs, TouchError as RunError, TouchReport as RunReport,
+};
+use vmm::memory::uffd::UffdMode;
 
 const MEM: u64 = 64 << 20;
 /// One run at a time: runs share the hugetlb pool.
@@ -108,9 +110,17 @@ fn invalidations_interleaved_keep_agreement_and_data() {
 
 #[test]
 fn bad_arguments_are_typed_errors() {
-    let mut a = RunArgs::new(MEM, UffdMode::Minor);
-    a.guest = "linux".into();
-    assert!(matches!(run::run(&a), Err(RunError::UnknownGuest(_))));
+    // `--guest` is typed: an unknown guest is refused when parsing.
+    {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: vmm::commands::run::RunArgs,
+        }
+        assert!(Cli::try_parse_from(["x", "--guest", "windows"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--guest", "linux"]).is_ok());
+    }
     let mut a = RunArgs::new(MEM, UffdMode::Minor);
     a.stride = 12;
     assert!(matches!(run::run(&a), Err(RunError::Guest(_))));

@@ -12,10 +12,11 @@ use notifier::hostconf::HugepageReservation;
 use notifier::PageSize;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
-use vmm::guest_ram_uffd::UffdMode;
-use vmm::run::RunArgs;
-use vmm::run_inval::InvalKind;
-use vmm::run_linux::{self, RunLinuxError};
+use vmm::commands::run::linux::{self as run_linux, RunLinuxError};
+use vmm::cli::Guest;
+use vmm::commands::run::RunArgs;
+use vmm::host::invalidator::InvalKind;
+use vmm::memory::uffd::UffdMode;
 
 /// One run at a time: runs share the hugetlb pool.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -45,11 +46,11 @@ fn ready(mem: u64) -> Option<(MutexGuard<'static, ()>, HugepageReservation)> {
 
 fn args(kernel: PathBuf, initrd: PathBuf, mem: u64, mode: UffdMode) -> RunArgs {
     let mut a = RunArgs::new(mem, mode);
-    a.guest = "linux".into();
+    a.guest = Guest::Linux;
     a.linux.kernel = Some(kernel);
     a.linux.initrd = Some(initrd);
     a.linux.quiet = true;
-    a.linux.boot_timeout = 60;
+    a.boot_timeout = 60;
     a.linux.serial_log = Some(scratch(&format!("serial-{mode}-{mem}.log")));
     a
 }
@@ -58,12 +59,12 @@ fn args(kernel: PathBuf, initrd: PathBuf, mem: u64, mode: UffdMode) -> RunArgs {
 fn between_pass_invalidations_and_missing_races_are_typed_errors() {
     let k = scratch("none");
     let mut a = args(k.clone(), k, 32 << 20, UffdMode::Minor);
-    a.invalidate = InvalKind::Discard;
+    a.touch.invalidate = InvalKind::Discard;
     let e = run_linux::run(&a).unwrap_err();
     assert!(matches!(e, RunLinuxError::Invalidate(_)), "{e}");
-    a.invalidate = InvalKind::None;
-    a.uffd = UffdMode::Missing;
-    a.race_discard_us = 100;
+    a.touch.invalidate = InvalKind::None;
+    a.touch.uffd = UffdMode::Missing;
+    a.touch.race_discard_us = 100;
     let e = run_linux::run(&a).unwrap_err();
     assert!(matches!(e, RunLinuxError::Inval(_)), "{e}");
 }
@@ -123,7 +124,7 @@ fn linux_boots_to_init_on_mmu_served_ram() {
     }
     let (k, i) = img.unwrap();
     let mut a = args(k, i, MEM, UffdMode::Minor);
-    a.linux.boot_timeout = 3600;
+    a.boot_timeout = 3600;
     a.linux.serial_log = Some(scratch("linux-minor.log"));
     let r = run_linux::run(&a).unwrap();
     eprintln!("{}\n{}", r.boot.text, r.json);

@@ -10,7 +10,7 @@ use mmu::model::{NestedModelConfig, TableShape, MODEL_L1_HVA};
 use mmu::shadow::WalkMode;
 use mmu::YieldPolicy;
 use std::time::Duration;
-use vmm::soft_lockup::{
+use vmm::commands::soft_lockup::{
     empty_range_speedup, predicted, run, RangeSource, Scenario, SoftLockupArgs, SoftLockupReport,
 };
 

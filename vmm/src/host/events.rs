@@ -262,7 +262,7 @@ pub struct EventsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mmu::memslot::{Memslot, Memslots};
+    use mmu::memslot::{Memslot, Memslots, PAGE_SHIFT};
     use mmu::tdp::{FaultOutcome, HostPage, ResolveError};
     use mmu::{KvmMmuNotifier, MmuContext, RemoteTlb, YieldPolicy};
     use notifier::PageSize;
