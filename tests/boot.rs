@@ -85,7 +85,8 @@ fn bad_kernels_and_initrds_are_typed_errors() {
     }
     let initrd = write("initrd", b"070701");
     let good = write("k-good", &tiny_elf(&[0xf4], 0));
-    let cases: Vec<(PathBuf, PathBuf, fn(&BootError) -> bool)> = vec![
+    type Case = (PathBuf, PathBuf, fn(&BootError) -> bool);
+    let cases: Vec<Case> = vec![
         (scratch("no-such-kernel"), initrd.clone(), |e| {
             matches!(e, BootError::Kernel(KernelError::KernelMissing(_)))
         }),

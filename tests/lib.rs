@@ -79,7 +79,7 @@ pub fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
     ] {
         b.extend_from_slice(&v.to_le_bytes());
     }
-    b.resize(code_off as usize, 0);
+    b.resize(notifier::convert::u64_to_usize(code_off), 0);
     b.extend_from_slice(code);
     b
 }

@@ -231,19 +231,17 @@ impl Pin {
         // SAFETY: cpu_set_t is plain data.
         let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: valid out-pointer of the right size; pid 0 = this thread.
-        assert_eq!(
-            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) },
-            0
-        );
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+        assert_eq!(rc, 0);
         // SAFETY: as above.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid cpu_set_t.
         unsafe { libc::CPU_SET(cpu, &mut set) };
         // SAFETY: valid mask of the right size; pid 0 = this thread.
-        assert_eq!(
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) },
-            0
-        );
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        assert_eq!(rc, 0);
         Pin(old)
     }
 }

@@ -297,8 +297,9 @@ fn missing_mode_on_1g_pages_needs_one_page() {
     // SAFETY: a fresh fd we own from here on.
     let _hold = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     if spare > 0 {
+        let len = libc::off_t::try_from(spare << 30).unwrap();
         // SAFETY: fallocate on our own memfd.
-        let rc = unsafe { libc::fallocate(fd, 0, 0, (spare << 30) as libc::off_t) };
+        let rc = unsafe { libc::fallocate(fd, 0, 0, len) };
         assert_eq!(rc, 0, "holding {spare} spare 1G pages");
     }
     assert_eq!(notifier::hostconf::free_hugepages(PageSize::Size1G), 1);

@@ -76,4 +76,3 @@ pub fn watchdog_until(
         std::thread::sleep(period);
     }
 }
-

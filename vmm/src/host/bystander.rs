@@ -15,6 +15,7 @@ use crate::memory::uffd::UffdGuestRam;
 use guests::builtin::Zeroed;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
+use notifier::convert::u64_to_usize;
 use notifier::HvaRange;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -90,7 +91,9 @@ impl Raw {
         // SAFETY: `r` lies inside the guest-facing mapping (picked inside
         // the working set), which Rust code only reaches by pointer; the
         // advice drops page-table entries, never a Rust allocation.
-        if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len() as usize, advice) } != 0 {
+        if unsafe { libc::madvise(r.start as *mut libc::c_void, u64_to_usize(r.len()), advice) }
+            != 0
+        {
             return Err(Self::err(op, r));
         }
         Ok(())
@@ -98,7 +101,8 @@ impl Raw {
 
     fn mprotect(r: HvaRange, prot: libc::c_int, op: &'static str) -> Result<(), EventsError> {
         // SAFETY: as in `madvise`; huge-page aligned inside guest RAM.
-        if unsafe { libc::mprotect(r.start as *mut libc::c_void, r.len() as usize, prot) } != 0 {
+        if unsafe { libc::mprotect(r.start as *mut libc::c_void, u64_to_usize(r.len()), prot) } != 0
+        {
             return Err(Self::err(op, r));
         }
         Ok(())

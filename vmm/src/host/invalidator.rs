@@ -25,6 +25,7 @@ use crate::memory::uffd::UffdGuestRam;
 use guests::builtin::Zeroed;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
+use notifier::convert::u64_to_usize;
 use notifier::ops::Discard;
 use notifier::HvaRange;
 use std::sync::Arc;
@@ -154,7 +155,7 @@ impl Invalidator {
         }
         for _ in 0..n {
             let kind = match self.kind {
-                InvalKind::Mixed => ROTATION[(self.count % 4) as usize],
+                InvalKind::Mixed => ROTATION[u64_to_usize(self.count % 4)],
                 k => k,
             };
             let (gs, ge) = self.pick();
@@ -303,16 +304,14 @@ impl Invalidator {
 /// hole punch, so the next touch is a MINOR fault again (what `--uffd
 /// minor` needs: a missing page-cache page is a MISSING fault there).
 pub fn refill(ram: &UffdGuestRam, gs: u64, ge: u64) -> Result<(), InvalError> {
+    let off = |v: u64| {
+        libc::off_t::try_from(v)
+            .map_err(|_| InvalError::Refill(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))
+    };
+    let (start, len) = (off(gs)?, off(ge.min(ram.size()).saturating_sub(gs))?);
     // SAFETY: fallocate on the RAM's own memfd; the range is the caller's
     // gpa range (the memfd offset is the gpa), clipped to the RAM size.
-    let rc = unsafe {
-        libc::fallocate(
-            ram.memfd(),
-            0,
-            gs as libc::off_t,
-            (ge.min(ram.size()).saturating_sub(gs)) as libc::off_t,
-        )
-    };
+    let rc = unsafe { libc::fallocate(ram.memfd(), 0, start, len) };
     if rc != 0 {
         return Err(InvalError::Refill(std::io::Error::last_os_error()));
     }

@@ -20,6 +20,8 @@ pub enum LoadError {
     Kernel(#[from] KernelError),
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    #[error("zero page: {0}")]
+    ZeroPage(#[from] zeropage::ZeroPageError),
     #[error("writing {what} to guest memory: {reason}")]
     Write { what: &'static str, reason: String },
 }
@@ -51,7 +53,7 @@ pub fn load_linux(
         mem_size,
         line.len() + 1,
         Some((initrd_addr, initrd_len)),
-    );
+    )?;
     zeropage::write(mem, &params).map_err(|e| LoadError::Write {
         what: "the zero page",
         reason: e.to_string(),

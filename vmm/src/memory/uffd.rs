@@ -60,17 +60,18 @@
 use crate::memory::{self, MemoryError};
 use crate::vstate::SlotMemory;
 use mmu::guest_walk::{GuestPhysMem, MemError};
+use notifier::convert::u64_to_usize;
 use notifier::hostmm::{Backing, HostMm, Placement, RegionId};
 use notifier::uffd::{
     Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
     UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
     UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
+use notifier::Mmap;
 use notifier::PageSize;
 use notifier::{HvaRange, Subscribers};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
-use notifier::Mmap;
 use std::os::fd::{BorrowedFd, RawFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -184,7 +185,11 @@ struct ZeroSource(Mmap);
 
 impl ZeroSource {
     fn new(len: usize) -> Result<Self, UffdRamError> {
-        Ok(ZeroSource(Mmap::anon(len, libc::PROT_READ, libc::MAP_POPULATE)?))
+        Ok(ZeroSource(Mmap::anon(
+            len,
+            libc::PROT_READ,
+            libc::MAP_POPULATE,
+        )?))
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -263,8 +268,12 @@ impl UffdGuestRam {
         };
         if mode.prefilled() {
             // Populate the page cache: MINOR faults need a page to map.
+            let len = libc::off_t::try_from(size).map_err(|_| UffdRamError::Os {
+                op: "fallocate(guest RAM memfd)",
+                source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+            })?;
             // SAFETY: fallocate on the region's memfd over its whole length.
-            if unsafe { libc::fallocate(memfd, 0, 0, size as libc::off_t) } != 0 {
+            if unsafe { libc::fallocate(memfd, 0, 0, len) } != 0 {
                 return Err(os("fallocate(guest RAM memfd)"));
             }
         }
@@ -273,7 +282,12 @@ impl UffdGuestRam {
             // which outlives this borrow (it is moved into the RAM below).
             let fd = unsafe { BorrowedFd::borrow_raw(memfd) };
             let len = notifier::convert::u64_to_usize(size);
-            Some(Mmap::shared(fd, len, libc::PROT_READ | libc::PROT_WRITE, 0)?)
+            Some(Mmap::shared(
+                fd,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                0,
+            )?)
         } else {
             None
         };
@@ -425,9 +439,9 @@ impl UffdGuestRam {
                     let end = (base + page).min(gpa + len);
                     let dst = staged
                         .entry(base)
-                        .or_insert_with(|| vec![0u8; page as usize].into_boxed_slice());
-                    let src = &bytes[(at - gpa) as usize..(end - gpa) as usize];
-                    dst[(at - base) as usize..(end - base) as usize].copy_from_slice(src);
+                        .or_insert_with(|| vec![0u8; u64_to_usize(page)].into_boxed_slice());
+                    let src = &bytes[u64_to_usize(at - gpa)..u64_to_usize(end - gpa)];
+                    dst[u64_to_usize(at - base)..u64_to_usize(end - base)].copy_from_slice(src);
                     at = end;
                 }
             }

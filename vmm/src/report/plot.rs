@@ -146,7 +146,8 @@ fn tick(v: f64) -> String {
 /// per decade (so they land on powers of ten), else plotters' usual 10.
 fn labels((lo, hi): (f64, f64), log: bool) -> usize {
     if log {
-        ((hi - lo).ceil() as usize + 1).clamp(2, 12)
+        let decades = notifier::convert::f64_to_u64_saturating((hi - lo).ceil());
+        notifier::convert::u64_to_usize(decades.saturating_add(1).clamp(2, 12))
     } else {
         10
     }

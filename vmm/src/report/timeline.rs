@@ -202,7 +202,7 @@ impl Timeline {
         assists: &[(String, u64)],
         extra: serde_json::Value,
     ) -> serde_json::Value {
-        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        let ms = |d: Option<Duration>| d.map(notifier::convert::duration_ms);
         let reason = match exit {
             Exit::InitKilled(w) | Exit::Error(w) => Some(w.clone()),
             Exit::Reboot => None,

@@ -529,9 +529,14 @@ mod tests {
         mem.write_obj(0x3003u64, GuestAddress(0x2000)).unwrap();
         mem.write_obj(0x83u64, GuestAddress(0x3000)).unwrap();
         mem.write_slice(code, GuestAddress(CODE)).unwrap();
-        let mut sregs = kvm_sregs::default();
-        sregs.cr3 = 0x1000;
-        sregs.cs.l = 1;
+        let sregs = kvm_sregs {
+            cr3: 0x1000,
+            cs: kvm_bindings::kvm_segment {
+                l: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let cpu = MockCpu {
             regs: RefCell::new(kvm_regs {
                 rip: CODE,
@@ -611,7 +616,7 @@ mod tests {
         let (cpu, mem) = setup(&[0x0f, 0xa2]); // cpuid
         let e = emulation_failure(&cpu, &mem, &mut AssistCounts::default()).unwrap_err();
         assert!(matches!(e, EmulateError::Unhandled { .. }), "{e}");
-        let (cpu, mem) = setup(&[0x0f, 0xff]);
+        let (cpu, mem) = setup(&[0xd6]); // salc: invalid in 64-bit mode
         let e = emulation_failure(&cpu, &mem, &mut AssistCounts::default()).unwrap_err();
         assert!(matches!(e, EmulateError::Undecodable { .. }), "{e}");
         // RIP outside what the page tables map.

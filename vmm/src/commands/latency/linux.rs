@@ -324,7 +324,7 @@ impl Target for LinuxSession {
         Ok(())
     }
     fn before_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError> {
-        let len = ge.min(self.ram.size()).saturating_sub(gs) as usize;
+        let len = notifier::convert::u64_to_usize(ge.min(self.ram.size()).saturating_sub(gs));
         let mut buf = vec![0u8; len];
         self.view
             .read_slice(&mut buf, GuestAddress(gs))

@@ -213,7 +213,9 @@ pub fn mono_ns() -> u64 {
     };
     // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 fn gettid() -> i32 {
@@ -363,12 +365,12 @@ pub fn iteration(
         let second: Vec<TraceEvent> = t.drain(m2)?.into_iter().filter(ours).collect();
         sample.ranges = first.len() as u64;
         sample.restore_ranges = second.len() as u64;
-        let base = s.ram().guest_hva() as i64;
+        let base = s.ram().guest_hva();
         sample.trace = first
             .iter()
             .map(|e| TraceRange {
-                gpa_start: e.range.start as i64 - base,
-                gpa_end: e.range.end as i64 - base,
+                gpa_start: e.range.start.wrapping_sub(base).cast_signed(),
+                gpa_end: e.range.end.wrapping_sub(base).cast_signed(),
                 at_ns: (t.mono && e.timestamp_ns >= t0).then(|| e.timestamp_ns - t0),
             })
             .collect();
@@ -415,8 +417,7 @@ pub fn numa_window(
     if let Some(t) = tr {
         let m = t.mark()?;
         let ev = t.drain(m)?;
-        let pid = std::process::id() as i32;
-        let tids = our_tids(pid);
+        let tids = our_tids();
         let guest = s.ram().guest_range();
         sample.ranges = ev
             .iter()
@@ -439,7 +440,8 @@ fn guest_window(sample: &mut Sample, w: Option<ProbeWindow>) {
     sample.guest_stall_ns = ns(w.stall_sum_tsc);
 }
 
-fn our_tids(_pid: i32) -> Vec<i32> {
+/// The thread ids of this process (`/proc/self/task`).
+fn our_tids() -> Vec<i32> {
     std::fs::read_dir("/proc/self/task")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())

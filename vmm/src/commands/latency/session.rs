@@ -438,7 +438,7 @@ fn page_tables(image: &[u8], mem: u64) -> Arc<SparseGuestMem> {
     let end = (LAYOUT.pml4 + (2 + gib) * 0x1000).min(image.len() as u64);
     let mut gpa = LAYOUT.pml4;
     while gpa + 8 <= end {
-        let o = gpa as usize;
+        let o = notifier::convert::u64_to_usize(gpa);
         let mut w = [0u8; 8];
         w.copy_from_slice(&image[o..o + 8]);
         let v = u64::from_le_bytes(w);

@@ -153,7 +153,7 @@ impl NestedPlane {
         // 3. Run L2.
         let t = Instant::now();
         self.fault_all(&mmu, &paging)?;
-        self.r.l2_fault_ns += t.elapsed().as_nanos() as u64;
+        self.r.l2_fault_ns += notifier::convert::duration_ns(t.elapsed());
         self.check_translations(&mmu, &paging, Some(gen));
         let tracked = self.tracked_tables(&mmu);
         self.r.ept_tables_shadowed = self.r.ept_tables_shadowed.max(tracked.len() as u64);

@@ -35,6 +35,7 @@ use crate::cli::LinuxGuestArgs;
 use crate::devices::serial::{IrqTrigger, SerialOut, StdinInput, COM1_GSI};
 use crate::devices::PioBus;
 use crate::loader::kernel::{self, KernelError, KernelImage};
+use crate::loader::zeropage::ZeroPageError;
 use crate::loader::{self, cmdline, LoadError};
 use crate::memory::{self, MemoryError};
 use crate::report::timeline::{Exit, Timeline};
@@ -116,6 +117,14 @@ impl From<LoadError> for BootError {
         match e {
             LoadError::Kernel(k) => BootError::Kernel(k),
             LoadError::Cmdline(c) => BootError::Cmdline(c),
+            LoadError::ZeroPage(ZeroPageError::NoHighMemory { mem_size }) => {
+                BootError::Kernel(KernelError::MemoryTooSmall {
+                    what: "the e820 map (RAM above 1 MiB)",
+                    needed_mib: 2,
+                    mem_mib: mem_size >> 20,
+                })
+            }
+            LoadError::ZeroPage(z) => BootError::Plumbing(z.to_string()),
             LoadError::Write { what, reason } => {
                 BootError::Plumbing(format!("writing {what}: {reason}"))
             }
