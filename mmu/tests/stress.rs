@@ -1,5 +1,5 @@
-//! Fault / invalidation stress (invariants 1 and 2 of DESIGN.md): several
-//! fault threads race one thread that invalidates host ranges through
+//! Fault / invalidation stress (no stale translation; racing faults retry):
+//! several fault threads race one thread that invalidates host ranges through
 //! `KvmMmuNotifier` (registered in a `notifier::Subscribers` list, as the
 //! host sources deliver them) and replaces the host pages behind them.
 //!

@@ -5,7 +5,7 @@
 //!
 //! This module never asks for a write-protecting scan: `PM_SCAN_WP_MATCHING`
 //! over an unpopulated hugetlb range self-deadlocks on kernels without the
-//! 2026 fixes (see research/host-invalidation.md §3.2), so `flags` is always 0.
+//! 2026 fixes to `pagemap_scan_hugetlb_entry()`, so `flags` is always 0.
 
 use crate::convert::u64_to_usize;
 use crate::error::{Error, Result};

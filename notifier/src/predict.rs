@@ -7,7 +7,7 @@
 //! differential check in `check` compares them with the kernel's tracepoint.
 //!
 //! Rules (mm/mprotect.c, mm/hugetlb.c, mm/memory.c, mm/huge_memory.c, mm/vma.c
-//! as of 6.18; measured in shared/research/host-invalidation.md):
+//! as of 6.18; each checked against the kernel's tracepoint by `check`):
 //! * non-hugetlb change_protection (mprotect, NUMA hinting, uffd-wp):
 //!   `change_pud_range()` starts one `PROTECTION_VMA` notifier at the first
 //!   non-none PUD entry of each PGD entry walked and runs it to the end of

@@ -1,5 +1,5 @@
-//! Loom model of the fault / invalidation sequence protocol (invariant 2 of
-//! DESIGN.md, KVM's `mmu_invalidate_retry_gfn`): over all interleavings of one
+//! Loom model of the fault / invalidation sequence protocol (racing faults
+//! retry: KVM's `mmu_invalidate_retry_gfn`): over all interleavings of one
 //! fault and one invalidation, the fault never installs a stale translation
 //! and never installs anything in the range between `start` and `end`.
 //!

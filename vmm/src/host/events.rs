@@ -3,7 +3,7 @@
 //! The VMM's own operations on guest RAM go through `notifier::ops` and are
 //! announced before the syscall (`Delivery::Before`). Everything else the
 //! kernel does to the guest-facing mapping reaches the MMU only through
-//! what user space can observe (research/host-invalidation.md §4, §5):
+//! what user space can observe:
 //!
 //! | source | what | delivery | thread |
 //! |---|---|---|---|

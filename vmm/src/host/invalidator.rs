@@ -28,7 +28,10 @@ use mmu::tdp::TdpMmu;
 use notifier::convert::u64_to_usize;
 use notifier::ops::Discard;
 use notifier::HvaRange;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Which invalidations run between passes (`--invalidate`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -70,6 +73,10 @@ pub enum InvalError {
         "racing discards need a page cache populated up front (--uffd minor or kernel-prefilled)"
     )]
     RaceNeedsPrefill,
+    #[error("spawning the racer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the racer thread panicked")]
+    RacerPanicked,
 }
 
 /// Runs invalidations and agreement checks; remembers what reads as zero.
@@ -318,25 +325,59 @@ pub fn refill(ram: &UffdGuestRam, gs: u64, ge: u64) -> Result<(), InvalError> {
     Ok(())
 }
 
-/// While the guest runs: discard (`MADV_DONTNEED`) a random run of huge
-/// pages every `every` until `stop`, so guest faults race invalidations
-/// (the fault path must retry, invariant 2). Only where discarding keeps
-/// the data (page cache populated up front), so the checksum still holds.
-/// Returns how many discards ran.
-pub fn spawn_racer(
-    mut inv: Invalidator,
-    every: std::time::Duration,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Result<u64, InvalError>> {
-    std::thread::spawn(move || {
-        while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            let (gs, ge) = inv.pick();
-            inv.apply(InvalKind::Discard, gs, ge, 0)?;
-            inv.count += 1;
-            std::thread::sleep(every);
+/// While the guest runs: a thread that discards (`MADV_DONTNEED`) a random
+/// run of huge pages every `every`, so guest faults race invalidations (the
+/// fault path must retry, invariant 2). Only where discarding keeps the
+/// data (page cache populated up front), so the checksum still holds.
+/// Stopped and joined on [`Racer::finish`] or on drop (an early return).
+pub struct Racer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<u64, InvalError>>>,
+}
+
+impl Racer {
+    /// Start discarding through `inv` (none: a racer that does nothing).
+    pub fn start(inv: Option<Invalidator>, every: Duration) -> Result<Self, InvalError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = match inv {
+            None => None,
+            Some(mut inv) => {
+                let st = stop.clone();
+                let h = std::thread::Builder::new()
+                    .name("racer".into())
+                    .spawn(move || {
+                        while !st.load(Ordering::Acquire) {
+                            let (gs, ge) = inv.pick();
+                            inv.apply(InvalKind::Discard, gs, ge, 0)?;
+                            inv.count += 1;
+                            std::thread::sleep(every);
+                        }
+                        Ok(inv.count)
+                    })
+                    .map_err(InvalError::Spawn)?;
+                Some(h)
+            }
+        };
+        Ok(Racer { stop, handle })
+    }
+
+    /// Stop it; how many discards it made.
+    pub fn finish(mut self) -> Result<u64, InvalError> {
+        self.stop.store(true, Ordering::Release);
+        match self.handle.take() {
+            None => Ok(0),
+            Some(h) => h.join().map_err(|_| InvalError::RacerPanicked)?,
         }
-        Ok(inv.count)
-    })
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// Whether the merged, sorted runs cover `[s, e)` entirely.

@@ -6,7 +6,7 @@ use linux_loader::loader::Cmdline;
 use crate::arch::x86_64::layout::CMDLINE_MAX;
 
 /// `clearcpuid=` list: host-passthrough CPUID features whose instructions
-/// the host emulator cannot run at guest CPL0 (PLATFORM.md).
+/// the host emulator cannot run at guest CPL0 (README, Booting Linux).
 pub const CLEARCPUID: &str = "ssse3,sse4_1,sse4_2,pclmulqdq,aes,avx,avx2,sha_ni,popcnt,rdrand,rdseed,fsgsbase,smap,smep,invpcid,pcid,avx512f";
 
 /// initcalls skipped by default: work a booting guest does not need that

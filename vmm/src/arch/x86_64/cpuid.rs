@@ -1,6 +1,7 @@
 //! The CPUID a guest sees: `KVM_GET_SUPPORTED_CPUID`, filtered to what this
-//! host can run at emulated guest CPL0 (PLATFORM.md: the PVM host's
-//! emulator fails on cmpxchg16b, xsave/xrstor and the AVX family).
+//! host can run at emulated guest CPL0 (the PVM host's instruction emulator
+//! fails on cmpxchg16b, xsave/xrstor and the AVX family: README, Booting
+//! Linux).
 
 use kvm_bindings::CpuId;
 

@@ -28,7 +28,11 @@
 //! (timed) syscall and written back after it (untimed).
 
 use super::measure::{MmuSample, State, Target};
-use super::LatencyError;
+use super::report::{summarize, LatencyReport};
+use super::{
+    measure, new_report, open_tracer, progress_bar, run_session, skip, start_retrying, LatencyArgs,
+    LatencyError,
+};
 use crate::machine::linux::{self, BootError, BootHooks, BootInputs, BootMemory, LinuxBoot};
 use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
 use crate::memory::mmu::{recorded_tdp, Mapped, ZapRecorder};
@@ -341,6 +345,85 @@ impl Target for LinuxSession {
         }
         Ok(())
     }
+}
+
+/// `--guest linux`: boot the Linux guest on MMU-served shared 2M RAM
+/// (uffd MINOR), let its kernel fault RAM in, run the populated-state
+/// scenarios on that RAM while it boots, stop it (see the module docs).
+pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
+    let t_start = Instant::now();
+    let mut rep = new_report(args, NO_GUEST_LAYER);
+    skip(
+        &mut rep,
+        "mmu_shadow layer of a Linux guest",
+        NO_SHADOW_LAYER,
+    );
+    skip(
+        &mut rep,
+        "shared-2M sparse, empty",
+        "the VMM cannot make a booting kernel's RAM sparse or empty without discarding its working set",
+    );
+    skip(
+        &mut rep,
+        "private-2M, shared-1G, private-1G",
+        "--guest linux runs on shared 2 MiB RAM served by uffd MINOR faults (as `vmm run --guest linux`)",
+    );
+    let mut tracer = open_tracer(&mut rep);
+    let name = "linux-shared-2M".to_string();
+    let mem = args.mem;
+    let ps = PageSize::Size2M;
+    let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true);
+    for (what, why) in skipped {
+        skip(&mut rep, format!("{name} {what}"), why);
+    }
+    scs.retain(|s| s.state == measure::State::Populated);
+    let total: u64 = scs.iter().map(|s| args.steps(s)).sum();
+    let (mut s, _pool) = start_retrying(ps, mem.div_ceil(ps.bytes()), || {
+        LinuxSession::start(mem, args.kvm_dev.clone(), Duration::from_secs(args.timeout))
+    })?;
+    let (warm, enough) = if args.quick {
+        (args.warmup.unwrap_or(30), (mem / 8) >> 20)
+    } else {
+        (args.warmup.unwrap_or(90), (mem / 4) >> 20)
+    };
+    let warm = Duration::from_secs(warm);
+    let progress = progress_bar(total);
+    progress.set_message(format!("{name}: the guest kernel faults its RAM in"));
+    let w = s.warm_up(warm, enough)?;
+    let measured = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name);
+    let still_running = s.running();
+    rep.efault_retries += s.efaults();
+    let log = s.serial_log.clone();
+    let exit = s.stop();
+    progress.finish_and_clear();
+    let measured = measured?;
+    let exit = exit?;
+    let mono = rep.trace_clock_mono;
+    let mut first = true;
+    for m in measured {
+        let mut r = summarize(&name, m, tracer.is_some(), mono, None);
+        if first {
+            first = false;
+            let note = format!(
+                "linux guest: measured from {:.0} s into its boot, {} MiB of {} MiB faulted in through the MMU ({} leaves); guest {} during the scenarios, then stopped ({exit}); last console line {:?}; serial log {}",
+                w.seconds,
+                w.mapped_mib,
+                mem >> 20,
+                w.leaves,
+                if still_running { "running" } else { "NOT running" },
+                last_line(&log),
+                log.display()
+            );
+            r.note = Some(match r.note {
+                Some(n) => format!("{note}; {n}"),
+                None => note,
+            });
+        }
+        rep.scenarios.push(r);
+    }
+    drop(tracer);
+    rep.elapsed_s = t_start.elapsed().as_secs_f64();
+    Ok(rep)
 }
 
 /// The last non-empty line of the guest's console log (empty if none).

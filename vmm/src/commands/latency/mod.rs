@@ -210,7 +210,7 @@ pub(super) struct Measured {
 }
 
 /// Run every scenario on one session.
-fn run_session(
+pub(super) fn run_session(
     s: &mut dyn Target,
     tr: &mut Option<Tracer>,
     scs: &[Scenario],
@@ -306,7 +306,7 @@ fn run_session(
 /// Start a session once `pages` huge pages are free: the pool is shared
 /// with other users of the machine, so a shortfall (or ENOSPC while
 /// populating) is waited out a few times before giving up.
-fn start_retrying<S>(
+pub(super) fn start_retrying<S>(
     ps: PageSize,
     pages: u64,
     start: impl Fn() -> Result<S, LatencyError>,
@@ -337,7 +337,7 @@ fn start_retrying<S>(
 pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let t_start = Instant::now();
     if args.guest == Guest::Linux {
-        return run_linux(args);
+        return linux::run(args);
     }
     let configs: Vec<Backing> = args
         .configs
@@ -483,7 +483,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
 
 /// An empty report for `args.guest`, the Linux guest's layer skipped with
 /// `why`.
-fn new_report(args: &LatencyArgs, why: &str) -> LatencyReport {
+pub(super) fn new_report(args: &LatencyArgs, why: &str) -> LatencyReport {
     let mut rep = LatencyReport {
         guest: args.guest,
         ..Default::default()
@@ -493,7 +493,7 @@ fn new_report(args: &LatencyArgs, why: &str) -> LatencyReport {
 }
 
 /// The kernel layer's tracepoint source, or why there is none (skipped).
-fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
+pub(super) fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
     match Tracer::open() {
         Ok(t) => {
             rep.trace_clock_mono = t.mono;
@@ -510,7 +510,7 @@ fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
     }
 }
 
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
+pub(super) fn progress_bar(total: u64) -> indicatif::ProgressBar {
     if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new(total);
         if let Ok(st) = indicatif::ProgressStyle::with_template(
@@ -522,85 +522,6 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     } else {
         indicatif::ProgressBar::hidden()
     }
-}
-
-/// `--guest linux`: boot the Linux guest on MMU-served shared 2M RAM
-/// (uffd MINOR), let its kernel fault RAM in, run the populated-state
-/// scenarios on that RAM while it boots, stop it. See [`linux`].
-fn run_linux(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
-    let t_start = Instant::now();
-    let mut rep = new_report(args, linux::NO_GUEST_LAYER);
-    skip(
-        &mut rep,
-        "mmu_shadow layer of a Linux guest",
-        linux::NO_SHADOW_LAYER,
-    );
-    skip(
-        &mut rep,
-        "shared-2M sparse, empty",
-        "the VMM cannot make a booting kernel's RAM sparse or empty without discarding its working set",
-    );
-    skip(
-        &mut rep,
-        "private-2M, shared-1G, private-1G",
-        "--guest linux runs on shared 2 MiB RAM served by uffd MINOR faults (as `vmm run --guest linux`)",
-    );
-    let mut tracer = open_tracer(&mut rep);
-    let name = "linux-shared-2M".to_string();
-    let mem = args.mem;
-    let ps = PageSize::Size2M;
-    let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true);
-    for (what, why) in skipped {
-        skip(&mut rep, format!("{name} {what}"), why);
-    }
-    scs.retain(|s| s.state == measure::State::Populated);
-    let total: u64 = scs.iter().map(|s| args.steps(s)).sum();
-    let (mut s, _pool) = start_retrying(ps, mem.div_ceil(ps.bytes()), || {
-        linux::LinuxSession::start(mem, args.kvm_dev.clone(), Duration::from_secs(args.timeout))
-    })?;
-    let (warm, enough) = if args.quick {
-        (args.warmup.unwrap_or(30), (mem / 8) >> 20)
-    } else {
-        (args.warmup.unwrap_or(90), (mem / 4) >> 20)
-    };
-    let warm = Duration::from_secs(warm);
-    let progress = progress_bar(total);
-    progress.set_message(format!("{name}: the guest kernel faults its RAM in"));
-    let w = s.warm_up(warm, enough)?;
-    let measured = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name);
-    let still_running = s.running();
-    rep.efault_retries += s.efaults();
-    let log = s.serial_log.clone();
-    let exit = s.stop();
-    progress.finish_and_clear();
-    let measured = measured?;
-    let exit = exit?;
-    let mono = rep.trace_clock_mono;
-    let mut first = true;
-    for m in measured {
-        let mut r = summarize(&name, m, tracer.is_some(), mono, None);
-        if first {
-            first = false;
-            let note = format!(
-                "linux guest: measured from {:.0} s into its boot, {} MiB of {} MiB faulted in through the MMU ({} leaves); guest {} during the scenarios, then stopped ({exit}); last console line {:?}; serial log {}",
-                w.seconds,
-                w.mapped_mib,
-                mem >> 20,
-                w.leaves,
-                if still_running { "running" } else { "NOT running" },
-                linux::last_line(&log),
-                log.display()
-            );
-            r.note = Some(match r.note {
-                Some(n) => format!("{note}; {n}"),
-                None => note,
-            });
-        }
-        rep.scenarios.push(r);
-    }
-    drop(tracer);
-    rep.elapsed_s = t_start.elapsed().as_secs_f64();
-    Ok(rep)
 }
 
 /// A `vmm latency` run and where its files went.

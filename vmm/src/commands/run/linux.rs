@@ -36,7 +36,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::RunArgs;
 use crate::cli::{self, Report};
-use crate::host::invalidator::{self, InvalError, InvalKind, Invalidator};
+use crate::host::invalidator::{InvalError, InvalKind, Invalidator, Racer};
 use crate::machine::linux::{
     self, BootError, BootHooks, BootInputs, BootMemory, BootReport, LinuxBoot, Staging,
     DEFAULT_INIT_MARKER,
@@ -197,17 +197,19 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
             ..FaultOptions::default()
         },
     )?;
-    let race_stop = Arc::new(AtomicBool::new(false));
     let racer = if args.touch.race_discard_us > 0 {
-        let inv = Invalidator::new(&ram, &tdp, InvalKind::Discard, false, 0, size)?;
-        Some(invalidator::spawn_racer(
-            inv,
-            Duration::from_micros(args.touch.race_discard_us),
-            race_stop.clone(),
-        ))
+        Some(Invalidator::new(
+            &ram,
+            &tdp,
+            InvalKind::Discard,
+            false,
+            0,
+            size,
+        )?)
     } else {
         None
     };
+    let racer = Racer::start(racer, Duration::from_micros(args.touch.race_discard_us))?;
 
     let memory = BootMemory {
         mem: view,
@@ -240,8 +242,7 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
         },
     );
 
-    race_stop.store(true, Ordering::Release);
-    let raced = racer.map(|h| h.join().map_err(|_| RunLinuxError::Panic));
+    let raced = racer.finish();
     stop.store(true, Ordering::Release);
     let faults = fault_thread
         .handle
@@ -249,10 +250,7 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
         .map_err(|_| RunLinuxError::Panic)?;
     let boot = booted?;
     let faults: FaultReport = faults?;
-    let race_invalidations = match raced {
-        None => 0,
-        Some(r) => r??,
-    };
+    let race_invalidations = raced?;
 
     // The MMU's mapped gfns against PAGEMAP_SCAN of the guest-facing mapping.
     let mut check = Invalidator::new(&ram, &tdp, InvalKind::None, true, 0, size)?;

@@ -34,7 +34,7 @@ use crate::cli::{parse_size, Guest, Report};
 use crate::host::bystander::Bystander;
 use crate::host::events::EventSources;
 use crate::host::events::{EventsError, EventsReport, TracePump};
-use crate::host::invalidator::{self, InvalError, InvalKind, Invalidator};
+use crate::host::invalidator::{InvalError, InvalKind, Invalidator, Racer};
 use crate::machine::linux::reserve_pool;
 use crate::memory::fault::{self, FaultOptions, FaultProgress, FaultThreadError};
 use crate::memory::mmu::tdp_mmu_for;
@@ -342,39 +342,6 @@ impl ExitHandler for TouchExits<'_> {
     }
 }
 
-/// A thread discarding guest RAM while the guest runs, stopped and joined
-/// on drop (also on an early return).
-struct Racer {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<u64, InvalError>>>,
-}
-
-impl Racer {
-    fn start(inv: Option<Invalidator>, every: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = inv.map(|inv| invalidator::spawn_racer(inv, every, stop.clone()));
-        Racer { stop, handle }
-    }
-
-    /// Stop it; how many discards it made.
-    fn finish(mut self) -> Result<u64, TouchError> {
-        self.stop.store(true, Ordering::Release);
-        match self.handle.take() {
-            None => Ok(0),
-            Some(h) => Ok(h.join().map_err(|_| TouchError::FaultPanic)??),
-        }
-    }
-}
-
-impl Drop for Racer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// Run the built-in guest once.
 pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
     let t_start = Instant::now();
@@ -469,7 +436,7 @@ pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
 
     let result = (|| -> Result<(u64, f64, u64), TouchError> {
         let mut bvm = BuiltinVm::new(&kvm, ram.clone())?;
-        let racer = Racer::start(racer, Duration::from_micros(args.race_discard_us));
+        let racer = Racer::start(racer, Duration::from_micros(args.race_discard_us))?;
         let bystander = bystander_picker
             .map(|picker| {
                 Bystander::start(

@@ -21,26 +21,12 @@
 //! write_protect) announce their invalidations to the [`Subscribers`] the
 //! MMU registered with.
 //!
-//! The COPY source must be resident. `UFFDIO_COPY` on hugetlb first copies
-//! with page faults disabled; if the source is not present it falls back
-//! to copying outside `mmap_lock` into a *temporary* huge page allocated
-//! outside the reservation (`alloc_hugetlb_folio_vma`), then retries. With
-//! 1 GiB pages that temporary page is a second free gigantic page, which a
-//! pool sized for the guest does not have: the COPY fails (`ENOMEM`), and
-//! the old fault thread then exited with the vCPU still asleep in the
-//! fault, so the run hung until the watchdog (what an earlier session saw
-//! as "a 1 GiB COPY that did not finish in two minutes"). Hence the zeros
-//! come from a read-only `MAP_POPULATE` anonymous mapping (every page the
-//! shared zero page: resident, no memory cost), every staged page goes
-//! through [`make_resident`], and a fault thread that fails now stops
-//! the run (where the vCPU is not stuck in the kernel for good: see
-//! [`super::fault`]).
-//! Measured here with both pages free: a 1 GiB COPY from a lazily zeroed
-//! buffer took ~0.6 s (the fallback path), from the populated one ~0.3 s.
+//! A COPY source must be resident ([`copy`]: staged pages and a zero
+//! source that is the shared zero page).
 //!
 //! Private hugetlb RAM (`Backing::PrivateHugetlb`, `MAP_PRIVATE`, MISSING
-//! or the kernel's own fault only): no memfd and no alias; the VMM reaches guest RAM through the
-//! guest-facing mapping itself (its pages fault through the same
+//! or the kernel's own fault only): no memfd and no alias; the VMM reaches
+//! guest RAM through the guest-facing mapping itself (its pages fault through the same
 //! userfaultfd), and no file operation (hole punch, page-cache refill)
 //! applies.
 //!
@@ -49,8 +35,8 @@
 //! handler asks for [`UffdGuestRam::populate_and_wake`] (see
 //! [`super::fault`] for why waking first is correct here).
 //!
-//! Non-cooperative events: when built with `events`, the userfaultfd also asks for
-//! `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`, so a
+//! Non-cooperative events: when built with `events`, the userfaultfd also
+//! asks for `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`, so a
 //! `madvise(DONTNEED/REMOVE)`, `munmap` or `mremap` of guest RAM by *any*
 //! thread - not only through [`HostMm`] - reaches the fault thread, which
 //! delivers it to [`UffdGuestRam::subscribers`]. Such a madvise blocks in
