@@ -52,4 +52,3 @@ impl ZeroSource {
         unsafe { self.0.as_slice() }
     }
 }
-

@@ -43,8 +43,11 @@
 //! the kernel until the message is read, and `UFFDIO_CONTINUE`/`COPY`
 //! answer `EAGAIN` meanwhile ([`UffdRamError::is_again`]).
 
+mod copy;
+
 use crate::memory::{self, MemoryError};
 use crate::vstate::SlotMemory;
+use copy::{make_resident, ZeroSource};
 use mmu::guest_walk::{GuestPhysMem, MemError};
 use notifier::convert::u64_to_usize;
 use notifier::hostmm::{Backing, HostMm, Placement, RegionId};
@@ -142,46 +145,6 @@ fn os(op: &'static str) -> UffdRamError {
     UffdRamError::Os {
         op,
         source: std::io::Error::last_os_error(),
-    }
-}
-
-/// Make every page of a COPY source buffer resident (write the value each
-/// page already holds, including the last, possibly partial, page): see
-/// the module docs. Every staged COPY source must go through this.
-pub fn make_resident(buf: &mut [u8]) {
-    let start = buf.as_ptr() as usize;
-    let len = buf.len();
-    // One byte in every 4 KiB page the buffer touches.
-    let mut off = 0usize;
-    while off < len {
-        // SAFETY: `off < len`: a valid element of `buf`, which we borrow
-        // mutably; volatile so the store of its own value is kept.
-        unsafe {
-            let p = buf.as_mut_ptr().add(off);
-            std::ptr::write_volatile(p, std::ptr::read_volatile(p));
-        }
-        off = ((start + off) / 4096 + 1) * 4096 - start;
-    }
-}
-
-/// A read-only private anonymous `MAP_POPULATE` mapping: every page is the
-/// shared zero page, so a resident COPY source of zeros that costs no
-/// memory.
-struct ZeroSource(Mmap);
-
-impl ZeroSource {
-    fn new(len: usize) -> Result<Self, UffdRamError> {
-        Ok(ZeroSource(Mmap::anon(
-            len,
-            libc::PROT_READ,
-            libc::MAP_POPULATE,
-        )?))
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: a private read-only mapping nobody writes (PROT_READ),
-        // mapped until `self` drops (not while this borrow lives).
-        unsafe { self.0.as_slice() }
     }
 }
 
