@@ -3,7 +3,7 @@
 //!
 //! - [`le16`] / [`le32`] / [`le64`]: at any offset, `None` when out of
 //!   bounds (offsets that overflow included);
-//! - [`read_le16`] / [`read_le32`] / [`read_le64`] and [`slice`]: the same
+//! - [`read_le16`] / [`read_le32`] / [`read_le64`] and [`slice()`]: the same
 //!   with a [`Truncated`] error naming what was read;
 //! - [`Header`]: a fixed-size header checked for length once, whose reads
 //!   at constant offsets are checked at compile time and cannot fail.

@@ -2,7 +2,7 @@
 //! hypervisor" guest ([`guests::l1hv`]) runs at CPL3 in a real KVM VM on
 //! hugetlb RAM, builds EPT tables for an L2 in its own RAM and rings the
 //! EPTP ("vmlaunch"); the VMM shadows those tables with the project's
-//! `NestedMmu` reading them straight out of guest RAM ([`plane`]).
+//! `NestedMmu` reading them straight out of guest RAM (`plane.rs`).
 //!
 //! There is no VMX on this host (nor does the guest execute VMLAUNCH): **L2
 //! does not run**. Its accesses are simulated by the VMM: at each vmlaunch

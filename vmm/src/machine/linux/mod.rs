@@ -454,7 +454,9 @@ pub fn boot(
         .map_err(plumb)?;
 
     let mut was_interrupted = false;
-    while !done.load(Ordering::SeqCst) {
+    // (A vCPU thread that died without writing its exit event ends the
+    // loop too: the join below says so.)
+    while !done.load(Ordering::SeqCst) && !handle.is_finished() {
         if let Err(e) = em.run_with_timeout(200) {
             if !matches!(e, event_manager::Error::Epoll(ref e) if e.errno() == libc::EINTR) {
                 stop.store(true, Ordering::SeqCst);

@@ -21,7 +21,7 @@
 //! write_protect) announce their invalidations to the [`Subscribers`] the
 //! MMU registered with.
 //!
-//! A COPY source must be resident ([`copy`]: staged pages and a zero
+//! A COPY source must be resident (`copy.rs`: staged pages and a zero
 //! source that is the shared zero page).
 //!
 //! Private hugetlb RAM (`Backing::PrivateHugetlb`, `MAP_PRIVATE`, MISSING
