@@ -197,13 +197,24 @@ impl Drop for Done<'_> {
     }
 }
 
-/// The kicker: see the module docs.
-fn kicker(target: libc::pthread_t, sig: libc::c_int, ctl: &RunControl, done: &AtomicBool) {
+/// The kicker: see the module docs. It alone reads the clock: when the
+/// deadline passes it sets `expired`, which the run loop checks (one load
+/// per exit, no clock read on the vCPU's path).
+fn kicker(
+    target: libc::pthread_t,
+    sig: libc::c_int,
+    ctl: &RunControl,
+    expired: &AtomicBool,
+    done: &AtomicBool,
+) {
     const POLL: Duration = Duration::from_millis(20);
     let mut next_sample = ctl.sample_every.map(|p| Instant::now() + p);
     while !done.load(Ordering::Acquire) {
         let now = Instant::now();
-        let stopping = ctl.stop_requested() || ctl.timed_out();
+        if ctl.timed_out() {
+            expired.store(true, Ordering::Release);
+        }
+        let stopping = ctl.stop_requested() || expired.load(Ordering::Acquire);
         if stopping || next_sample.is_some_and(|t| now >= t) {
             // SAFETY: `target` is the thread inside `Vcpu::run`, which
             // joins this scoped thread before it returns, so the thread
@@ -313,8 +324,10 @@ impl Vcpu {
         h: &mut H,
         ctl: &RunControl,
     ) -> Result<H::Stop, VcpuError> {
+        // Nothing to watch: nothing ever expires, no kicker.
+        let expired = AtomicBool::new(false);
         if !ctl.watched() {
-            return self.run_loop(h, ctl);
+            return self.run_loop(h, ctl, &expired);
         }
         let sig = kick_signal()?;
         // SAFETY: pthread_self has no preconditions.
@@ -324,11 +337,11 @@ impl Vcpu {
             let _done = Done(&done);
             let kick = std::thread::Builder::new()
                 .name("vcpu-kick".into())
-                .spawn_scoped(s, || kicker(me, sig, ctl, &done));
+                .spawn_scoped(s, || kicker(me, sig, ctl, &expired, &done));
             if let Err(e) = kick {
                 return Err(VcpuError::Signal(format!("spawning the kicker: {e}")));
             }
-            self.run_loop(h, ctl)
+            self.run_loop(h, ctl, &expired)
         })
     }
 
@@ -336,9 +349,10 @@ impl Vcpu {
         &mut self,
         h: &mut H,
         ctl: &RunControl,
+        expired: &AtomicBool,
     ) -> Result<H::Stop, VcpuError> {
         loop {
-            if ctl.timed_out() {
+            if expired.load(Ordering::Acquire) {
                 return Err(VcpuError::TimedOut { rip: self.rip() });
             }
             if ctl.stop_requested() {
@@ -364,9 +378,9 @@ impl Vcpu {
                     h.emulation_failure(self)
                 }
                 Ok(VcpuExit::MemoryFault { gpa, .. }) => h.memory_fault(self, Some(gpa)),
-                Ok(VcpuExit::Intr) => self.kicked(h, ctl),
+                Ok(VcpuExit::Intr) => self.kicked(h, ctl, expired),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.kicked(h, ctl)
+                    self.kicked(h, ctl, expired)
                 }
                 Err(e) if e.errno() == libc::EFAULT => match h.memory_fault(self, None) {
                     Handled::Unhandled(_) => {
@@ -400,8 +414,13 @@ impl Vcpu {
     }
 
     /// A kick: the loop's own checks stop the run; otherwise the handler's.
-    fn kicked<H: ExitHandler>(&self, h: &mut H, ctl: &RunControl) -> Handled<H::Stop> {
-        if ctl.timed_out() || ctl.stop_requested() {
+    fn kicked<H: ExitHandler>(
+        &self,
+        h: &mut H,
+        ctl: &RunControl,
+        expired: &AtomicBool,
+    ) -> Handled<H::Stop> {
+        if expired.load(Ordering::Acquire) || ctl.stop_requested() {
             return Handled::Continue;
         }
         h.kicked(self)
