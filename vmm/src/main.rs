@@ -29,6 +29,8 @@ enum Cmd {
     Bench(commands::bench::BenchArgs),
     /// Nested TDP, real plane: the built-in L1-hypervisor guest's EPT tables shadowed, host invalidations with a watchdog.
     NestedRun(commands::nested_run::NestedRunArgs),
+    /// Run a vmm subcommand inside an emulated AMD SVM host (QEMU TCG, the real kvm_amd, TDP MMU, nested SVM).
+    Host(commands::host::HostArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,5 +42,6 @@ fn main() -> ExitCode {
         Cmd::Latency(a) => commands::latency::main(a),
         Cmd::Bench(a) => commands::bench::main(a),
         Cmd::NestedRun(a) => commands::nested_run::main(a),
+        Cmd::Host(a) => commands::host::main(a),
     }
 }

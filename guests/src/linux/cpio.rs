@@ -168,6 +168,13 @@ impl<W: Write> CpioWriter<W> {
         self.entry(n, S_IFCHR | (perm & 0o7777), 1, (major, minor), &[])
     }
 
+    /// The sink, for bytes before the first entry (another archive): the
+    /// writer's alignment counts from its first entry, so what goes there
+    /// must keep a 4-byte multiple.
+    pub fn sink(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Writes the trailer and returns the sink.
     pub fn finish(mut self) -> Result<W, CpioError> {
         self.entry(TRAILER, 0, 1, (0, 0), &[])?;

@@ -26,6 +26,18 @@ fn normalise(path: &str) -> &str {
 /// Reads the regular files `members` (paths as in `dpkg-deb -c`, with or
 /// without `./`) from `deb`, in the order asked.
 pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, RecipeError> {
+    let wanted: Vec<Vec<&str>> = members.iter().map(|m| vec![*m]).collect();
+    let wanted: Vec<&[&str]> = wanted.iter().map(Vec::as_slice).collect();
+    Ok(read_any_of(deb, &wanted)?
+        .into_iter()
+        .map(|(_, data)| data)
+        .collect())
+}
+
+/// Like [`read_members`], where each wanted file may have several names (a
+/// kernel module is `kvm.ko`, `kvm.ko.xz` or `kvm.ko.zst` depending on the
+/// kernel): returns, per entry of `wanted`, the name found and its bytes.
+pub fn read_any_of(deb: &Path, wanted: &[&[&str]]) -> Result<Vec<(String, Vec<u8>)>, RecipeError> {
     let mut cmd = Command::new("dpkg-deb");
     cmd.arg("--fsys-tarfile")
         .arg(deb)
@@ -40,7 +52,7 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
     let Some(stdout) = child.stdout.take() else {
         return Err(bad("dpkg-deb has no stdout pipe".into()));
     };
-    let mut found: Vec<Option<Vec<u8>>> = vec![None; members.len()];
+    let mut found: Vec<Option<(String, Vec<u8>)>> = vec![None; wanted.len()];
     // Ok(true) when every member was found before the end of the stream.
     let scan = (|| -> Result<bool, RecipeError> {
         let mut archive = tar::Archive::new(stdout);
@@ -51,7 +63,10 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
             let Some(path) = path.to_str().map(|p| normalise(p).to_string()) else {
                 continue;
             };
-            let Some(i) = members.iter().position(|m| normalise(m) == path) else {
+            let Some(i) = wanted
+                .iter()
+                .position(|names| names.iter().any(|m| normalise(m) == path))
+            else {
                 continue;
             };
             if !entry.header().entry_type().is_file() {
@@ -67,7 +82,7 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
             entry
                 .read_to_end(&mut data)
                 .map_err(|e| bad(format!("reading {path}: {e}")))?;
-            found[i] = Some(data);
+            found[i] = Some((path, data));
             if found.iter().all(Option::is_some) {
                 return Ok(true);
             }
@@ -93,11 +108,11 @@ pub fn read_members(deb: &Path, members: &[&str]) -> Result<Vec<Vec<u8>>, Recipe
     }
     found
         .into_iter()
-        .zip(members)
-        .map(|(data, member)| {
+        .zip(wanted)
+        .map(|(data, names)| {
             data.ok_or_else(|| RecipeError::DebMemberMissing {
                 deb: deb.to_path_buf(),
-                member: member.to_string(),
+                member: names.join(" or "),
             })
         })
         .collect()

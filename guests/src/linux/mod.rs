@@ -20,6 +20,8 @@ pub mod bytes;
 pub mod bzimage;
 pub mod cpio;
 pub mod deb;
+pub mod decompress;
+pub mod dynamic;
 pub mod elf;
 pub mod initramfs;
 pub mod lz4_legacy;
@@ -230,6 +232,20 @@ fn stamp_valid(dir: &Path) -> bool {
 
 fn mib(n: usize) -> String {
     format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+}
+
+/// The image of a pinned kernel (placeholder: the default kernel only).
+pub fn provision_kernel(
+    pin: &recipe::KernelPin,
+    opts: &ProvisionOptions<'_>,
+) -> Result<LinuxImage, RecipeError> {
+    if pin == recipe::DEFAULT_KERNEL {
+        provision(opts)
+    } else {
+        Err(RecipeError::PackageUnavailable {
+            package: pin.package.spec(),
+        })
+    }
 }
 
 /// Provides the Linux guest image, building it on first use: download and

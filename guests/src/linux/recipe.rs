@@ -50,6 +50,64 @@ pub const KERNEL: DebPackage = DebPackage {
 /// The kernel release the package installs (`/boot/vmlinuz-<release>`).
 pub const KERNEL_RELEASE: &str = "6.1.0-50-cloud-amd64";
 
+/// A kernel the recipes know by name: the Debian package that ships it and
+/// the release it installs. The same package serves as the Linux guest's
+/// kernel (`vmm boot --kernel debian-6.12`) and as the emulated host's
+/// (`vmm host --kernel debian-6.12`), whose kvm modules it also ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPin {
+    /// The name on the command line, e.g. `debian-6.1`.
+    pub name: &'static str,
+    pub package: DebPackage,
+    /// `uname -r` of the kernel, e.g. `6.1.0-50-cloud-amd64`.
+    pub release: &'static str,
+}
+
+impl KernelPin {
+    /// The bzImage inside the package's data.tar.
+    pub fn vmlinuz_member(&self) -> String {
+        format!("boot/vmlinuz-{}", self.release)
+    }
+    /// The kernel config inside the package's data.tar.
+    pub fn config_member(&self) -> String {
+        format!("boot/config-{}", self.release)
+    }
+    /// Where the package's modules live, with a trailing `/`.
+    pub fn modules_member_prefix(&self) -> String {
+        format!("lib/modules/{}/", self.release)
+    }
+}
+
+/// Debian 12's 6.1 cloud kernel (the default guest and host kernel).
+pub const DEBIAN_6_1: KernelPin = KernelPin {
+    name: "debian-6.1",
+    package: KERNEL,
+    release: KERNEL_RELEASE,
+};
+
+/// Debian 12's 6.12 cloud kernel (bookworm-security; its bzImage payload is
+/// zstd, its modules `.ko.xz`).
+pub const DEBIAN_6_12: KernelPin = KernelPin {
+    name: "debian-6.12",
+    package: DebPackage {
+        name: "linux-image-6.12.117+deb12-cloud-amd64",
+        version: "6.12.117-1~deb12u1",
+        sha256: "5195b288dec79e2981d6b84457f38b7ce7310a2d702930ec7d07209c7f78ce37",
+    },
+    release: "6.12.117+deb12-cloud-amd64",
+};
+
+/// Every kernel known by name.
+pub const KERNELS: &[KernelPin] = &[DEBIAN_6_1, DEBIAN_6_12];
+
+/// The kernel used when none is named.
+pub const DEFAULT_KERNEL: &KernelPin = &DEBIAN_6_1;
+
+/// The pinned kernel called `name`.
+pub fn kernel_by_name(name: &str) -> Option<&'static KernelPin> {
+    KERNELS.iter().find(|k| k.name == name)
+}
+
 /// Static busybox: the whole of the guest's user space.
 pub const BUSYBOX: DebPackage = DebPackage {
     name: "busybox-static",

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod host;
 pub mod latency;
 pub mod nested_run;
 pub mod notifier_check;

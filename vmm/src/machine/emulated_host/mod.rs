@@ -1,0 +1,312 @@
+//! The emulated AMD SVM host (`vmm host`): QEMU's TCG emulates SVM with
+//! nested paging, a Debian kernel under it loads the real `kvm_amd`, and a
+//! command of ours (a `vmm` subcommand, or a test binary) runs inside - on
+//! a KVM host with the TDP MMU, nested SVM and guest user space, which this
+//! machine's PVM KVM has not.
+//!
+//! A run: provision the host's base image ([`guests::host`]), write the
+//! run's overlay (the programs with their libraries, the files they read,
+//! `/init`'s orders), boot QEMU, stream the console, watch the channel
+//! (COM2, a file here) for the command's start, status and last line,
+//! stop QEMU at the timeout.
+
+pub mod qemu;
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use guests::host::init::{ChannelReport, HostConfig};
+use guests::host::{self, HostImageError, HostKernel, Overlay, OverlayError};
+use guests::linux::ProvisionOptions;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error(
+        "{} not found: install it with `apt-get install qemu-system-x86`",
+        qemu::QEMU
+    )]
+    QemuMissing,
+    #[error("emulated host image: {0}")]
+    Image(#[from] HostImageError),
+    #[error("emulated host image: {0}")]
+    Overlay(#[from] OverlayError),
+    #[error("the emulated host's kernel {kernel} has no {module} module")]
+    NoKvmModule { kernel: String, module: String },
+    #[error("the emulated host could not load {module}; its dmesg ends:\n{dmesg}")]
+    ModuleLoad { module: String, dmesg: String },
+    #[error("the emulated host failed at {step}; its dmesg ends:\n{dmesg}")]
+    Setup { step: String, dmesg: String },
+    #[error(
+        "QEMU ended ({status}) before the host's /init finished; {stderr}console ends:\n{console}"
+    )]
+    QemuDied {
+        status: String,
+        stderr: String,
+        console: String,
+    },
+    #[error(
+        "timeout: the emulated host ran {0} s without finishing (QEMU killed; raise --timeout)"
+    )]
+    Timeout(u64),
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HostError {
+    let path = path.to_path_buf();
+    move |source| HostError::Io { op, path, source }
+}
+
+/// One run of a command inside the emulated host.
+#[derive(Debug, Clone)]
+pub struct EmulatedHost {
+    pub kernel: HostKernel,
+    /// Host RAM (bytes).
+    pub mem: u64,
+    pub cpus: u32,
+    pub npt: bool,
+    pub nested: bool,
+    /// 2 MiB hugepages reserved inside before the command runs.
+    pub hugepages_2m: u64,
+    pub sysctls: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Programs carried with their libraries (the first is argv[0]'s).
+    pub programs: Vec<PathBuf>,
+    /// Files carried as they are.
+    pub files: Vec<PathBuf>,
+    /// The command: argv[0] is an absolute path in the image.
+    pub argv: Vec<String>,
+    /// Working directory of the command.
+    pub cwd: PathBuf,
+    /// Extra host kernel command line.
+    pub append: Option<String>,
+    pub timeout: Duration,
+    /// Keep the run directory (image, console and channel logs).
+    pub keep: bool,
+    /// Echo the console to stdout.
+    pub echo: bool,
+}
+
+/// What a run measured and what the channel said.
+#[derive(Debug, Clone)]
+pub struct HostRun {
+    /// The kernel as named on the command line.
+    pub kernel_name: String,
+    pub channel: ChannelReport,
+    /// Seconds from QEMU's start to the command's start, seen here.
+    pub s_to_start: Option<f64>,
+    /// Seconds from QEMU's start to its exit.
+    pub s_qemu: f64,
+    /// Seconds spent building the image (base and overlay).
+    pub s_image: f64,
+    /// The initramfs QEMU loaded (bytes).
+    pub image_bytes: u64,
+    /// Where the console and channel logs are.
+    pub run_dir: PathBuf,
+}
+
+/// The host kernel's command line: the console on COM1, errors only, a
+/// panic ends QEMU (reboot, with `-no-reboot`).
+pub const HOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// How often the channel file is read while QEMU runs.
+const POLL: Duration = Duration::from_millis(20);
+
+impl EmulatedHost {
+    /// Builds the image, boots it, runs the command. `Err` when the host
+    /// could not run the command; a command that ran (whatever its status)
+    /// is `Ok`.
+    pub fn run(&self, opts: &ProvisionOptions<'_>) -> Result<HostRun, HostError> {
+        if !qemu::available() {
+            return Err(HostError::QemuMissing);
+        }
+        let t0 = Instant::now();
+        let base = host::provision(&self.kernel, opts)?;
+        let run_dir = run_dir();
+        fs::create_dir_all(&run_dir).map_err(io_err("create", &run_dir))?;
+        let initrd = run_dir.join("initrd.cpio");
+        let image_bytes = self.write_image(&base.base_cpio, &initrd)?;
+        let s_image = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "[host] image {:.1} MiB in {:.1} s; booting {} under QEMU (TCG, SVM+NPT), {} MiB, {} vCPUs",
+            image_bytes as f64 / f64::from(1u32 << 20),
+            s_image,
+            self.kernel.name(),
+            self.mem >> 20,
+            self.cpus
+        );
+        let outcome = self.boot(&base.bzimage, &initrd, &run_dir);
+        if !self.keep {
+            let _ = fs::remove_file(&initrd);
+        }
+        let (channel, s_to_start, s_qemu) = outcome?;
+        if !self.keep && channel.error.is_none() {
+            let _ = fs::remove_dir_all(&run_dir);
+        }
+        Ok(HostRun {
+            kernel_name: self.kernel.name(),
+            channel,
+            s_to_start,
+            s_qemu,
+            s_image,
+            image_bytes,
+            run_dir,
+        })
+    }
+
+    /// The initramfs: the base archive, then this run's overlay.
+    fn write_image(&self, base: &Path, out: &Path) -> Result<u64, HostError> {
+        let mut o = Overlay::create_after(out, base)?;
+        for p in &self.programs {
+            o.program(p)?;
+        }
+        for f in &self.files {
+            o.file(f)?;
+        }
+        o.config(&HostConfig {
+            npt: self.npt,
+            nested: self.nested,
+            hugepages_2m: self.hugepages_2m,
+            sysctls: self.sysctls.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            argv: self.argv.clone(),
+        })?;
+        Ok(o.finish()?)
+    }
+
+    /// Boots QEMU and waits for it: the channel's report, the seconds to
+    /// the command's start and QEMU's run time.
+    fn boot(
+        &self,
+        bzimage: &Path,
+        initrd: &Path,
+        run_dir: &Path,
+    ) -> Result<(ChannelReport, Option<f64>, f64), HostError> {
+        let channel_path = run_dir.join("channel.log");
+        let append = match &self.append {
+            Some(a) => format!("{HOST_CMDLINE} {a}"),
+            None => HOST_CMDLINE.to_string(),
+        };
+        let cfg = qemu::QemuConfig {
+            bzimage: bzimage.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            channel: channel_path.clone(),
+            mem_mib: self.mem >> 20,
+            cpus: self.cpus,
+            append,
+        };
+        let start = Instant::now();
+        let mut child = cfg.spawn().map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                HostError::QemuMissing
+            } else {
+                HostError::Io {
+                    op: "start",
+                    path: PathBuf::from(qemu::QEMU),
+                    source: e,
+                }
+            }
+        })?;
+        let tail: qemu::Tail = Arc::new(Mutex::new(Default::default()));
+        let console = child.stdout.take().map(|out| {
+            qemu::pump_console(out, &run_dir.join("console.log"), self.echo, tail.clone())
+        });
+        let stderr = child.stderr.take().map(qemu::pump_stderr);
+        let mut s_to_start = None;
+        let mut seen = 0usize;
+        let mut text = String::new();
+        let status = loop {
+            read_new(&channel_path, &mut seen, &mut text);
+            if s_to_start.is_none() && ChannelReport::parse(&text).start.is_some() {
+                s_to_start = Some(start.elapsed().as_secs_f64());
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(io_err("wait for", Path::new(qemu::QEMU))(e));
+                }
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HostError::Timeout(self.timeout.as_secs()));
+            }
+            std::thread::sleep(POLL);
+        };
+        let s_qemu = start.elapsed().as_secs_f64();
+        read_new(&channel_path, &mut seen, &mut text);
+        let channel = ChannelReport::parse(&text);
+        let fwd = console.and_then(|c| c.ok()).and_then(|h| h.join().ok());
+        if let Some(line) = fwd.and_then(|f| f.finish(channel.last_line.as_deref())) {
+            println!("{line}");
+        }
+        let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        if let Some(step) = &channel.error {
+            let dmesg = channel.dmesg.join("\n");
+            let (what, rest) = step.split_once(' ').unwrap_or((step, ""));
+            return Err(match what {
+                "module-missing" => HostError::NoKvmModule {
+                    kernel: channel.kernel.clone().unwrap_or_default(),
+                    module: rest.to_string(),
+                },
+                "module-load" => HostError::ModuleLoad {
+                    module: rest.to_string(),
+                    dmesg,
+                },
+                _ => HostError::Setup {
+                    step: step.clone(),
+                    dmesg,
+                },
+            });
+        }
+        if channel.status.is_none() {
+            let console = tail
+                .lock()
+                .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            let stderr = stderr.trim();
+            return Err(HostError::QemuDied {
+                status: status.to_string(),
+                stderr: if stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!("QEMU says: {stderr}; ")
+                },
+                console,
+            });
+        }
+        Ok((channel, s_to_start, s_qemu))
+    }
+}
+
+/// Appends what `path` gained since `seen` bytes to `text`.
+fn read_new(path: &Path, seen: &mut usize, text: &mut String) {
+    let Ok(mut f) = fs::File::open(path) else {
+        return;
+    };
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_ok() && buf.len() > *seen {
+        text.push_str(&String::from_utf8_lossy(&buf[*seen..]));
+        *seen = buf.len();
+    }
+}
+
+/// A fresh directory under `/tmp/vmm-runs` for this run's files.
+fn run_dir() -> PathBuf {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    PathBuf::from(format!("/tmp/vmm-runs/host-{ts}-{}", std::process::id()))
+}

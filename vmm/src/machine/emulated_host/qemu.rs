@@ -1,0 +1,220 @@
+//! The QEMU process of the emulated host: its command line, and the
+//! console (COM1 on QEMU's stdout) forwarded line by line to ours and to a
+//! log.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// The emulator binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// What the QEMU command line is made of.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub bzimage: PathBuf,
+    pub initrd: PathBuf,
+    /// The second serial port's file (`/dev/ttyS1` inside: the channel).
+    pub channel: PathBuf,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    /// The host kernel's command line.
+    pub append: String,
+}
+
+impl QemuConfig {
+    /// The arguments. Measured choices (PLATFORM.md, "A second host"): TCG
+    /// with one host thread per vCPU (`thread=multi`), q35, a `qemu64` CPU
+    /// with SVM and nested paging (NPT) - the CPU model QEMU's SVM emulation
+    /// is known to boot `kvm_amd` on; no default devices, no display, COM1
+    /// on stdio, COM2 to the channel file, and a reboot ends QEMU.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-nodefaults",
+            "-no-user-config",
+            "-accel",
+            "tcg,thread=multi",
+            "-machine",
+            "q35",
+            "-cpu",
+            "qemu64,+svm,+npt",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push("-serial".into());
+        a.push(format!("file:{}", self.channel.display()));
+        a.push("-m".into());
+        a.push(format!("{}M", self.mem_mib));
+        a.push("-smp".into());
+        a.push(self.cpus.to_string());
+        a.push("-kernel".into());
+        a.push(self.bzimage.display().to_string());
+        a.push("-initrd".into());
+        a.push(self.initrd.display().to_string());
+        a.push("-append".into());
+        a.push(self.append.clone());
+        a
+    }
+
+    /// Starts QEMU with stdin closed, stdout and stderr piped.
+    pub fn spawn(&self) -> std::io::Result<Child> {
+        Command::new(QEMU)
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    }
+}
+
+/// True when the emulator is on `PATH`.
+pub fn available() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(QEMU).is_file()))
+}
+
+/// Forwards console lines to stdout as they come, except that a line that
+/// looks like a JSON object is held until the next line of the command
+/// arrives: the inner command's JSON report is its last stdout line, and
+/// `vmm host` prints it once, as its own last line, with the host's report
+/// added. Kernel messages (`[   15.2] reboot: Power down`) pass without
+/// releasing it: only they can follow the command's last line.
+#[derive(Debug, Default)]
+pub struct Forward {
+    held: Option<String>,
+}
+
+impl Forward {
+    /// The lines to print now for a new console `line`.
+    pub fn line(&mut self, line: &str) -> Vec<String> {
+        if is_kernel_message(line) {
+            return vec![line.to_string()];
+        }
+        let mut out: Vec<String> = self.held.take().into_iter().collect();
+        if line.trim_start().starts_with('{') {
+            self.held = Some(line.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+        out
+    }
+
+    /// At the end: the held line, unless it is the inner report `json`.
+    pub fn finish(self, json: Option<&str>) -> Option<String> {
+        self.held.filter(|h| Some(h.trim()) != json.map(str::trim))
+    }
+}
+
+/// A printk line on the console: `[ seconds.micros] text`.
+fn is_kernel_message(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .is_some_and(|(t, _)| {
+            let t = t.trim();
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
+/// The console's last lines (for error reports).
+pub type Tail = Arc<Mutex<VecDeque<String>>>;
+const TAIL_LINES: usize = 40;
+
+/// Pumps QEMU's stdout: each line (without `\r`) to `log`, to our stdout
+/// through [`Forward`], and to the tail. Ends at EOF (QEMU exited);
+/// returns the forwarder to finish.
+pub fn pump_console(
+    out: impl Read + Send + 'static,
+    log: &Path,
+    echo: bool,
+    tail: Tail,
+) -> std::io::Result<JoinHandle<Forward>> {
+    let mut log = File::create(log)?;
+    Ok(std::thread::spawn(move || {
+        let mut fwd = Forward::default();
+        let mut reader = BufReader::new(out);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.trim_end_matches(['\n', '\r']).to_string();
+            let _ = writeln!(log, "{line}");
+            if echo {
+                let mut o = std::io::stdout().lock();
+                for l in fwd.line(&line) {
+                    // A closed stdout (`| head`) must not stop the pump.
+                    let _ = writeln!(o, "{l}");
+                }
+                let _ = o.flush();
+            }
+            if let Ok(mut t) = tail.lock() {
+                if t.len() == TAIL_LINES {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }
+        fwd
+    }))
+}
+
+/// Collects QEMU's stderr (its warnings and errors).
+pub fn pump_stderr(err: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(err).read_to_string(&mut s);
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_are_held_until_the_next_line() {
+        let mut f = Forward::default();
+        assert_eq!(f.line("booting"), vec!["booting"]);
+        assert!(f.line("{\"a\":1}").is_empty());
+        assert_eq!(f.line("more"), vec!["{\"a\":1}", "more"]);
+        assert!(f.line(" {\"b\":2}").is_empty());
+        assert_eq!(
+            f.line("[   15.203991] reboot: Power down"),
+            vec!["[   15.203991] reboot: Power down"]
+        );
+        assert_eq!(f.finish(Some("{\"b\":2}")), None);
+        let mut g = Forward::default();
+        g.line("{\"c\":3}");
+        assert_eq!(g.finish(Some("{\"d\":4}")).as_deref(), Some("{\"c\":3}"));
+    }
+
+    #[test]
+    fn command_line_has_svm_npt_and_both_serial_ports() {
+        let c = QemuConfig {
+            bzimage: "/k".into(),
+            initrd: "/i".into(),
+            channel: "/c".into(),
+            mem_mib: 4096,
+            cpus: 2,
+            append: "console=ttyS0".into(),
+        };
+        let a = c.args().join(" ");
+        assert!(a.contains("-cpu qemu64,+svm,+npt"));
+        assert!(a.contains("-serial stdio -no-reboot -serial file:/c"));
+        assert!(a.contains("-m 4096M -smp 2 -kernel /k -initrd /i -append console=ttyS0"));
+    }
+}
