@@ -289,10 +289,13 @@ fn boot_linux(hp: PageSize, mem: u64, pages: u64) {
         r.serial_log.display()
     );
     assert_eq!(r.json["init_reached"], true, "{}", r.json);
-    if r.json["userland"] == true {
+    if integration_tests::guest_userland_works() {
+        // The emulated SVM host (and real hardware): /init prints the
+        // marker and reboots.
+        assert_eq!(r.json["userland"], true, "{}", r.json);
         assert_eq!(r.json["exit"], "reboot", "{}", r.json);
     } else {
-        // This project's machines: no system calls from guest user space.
+        // This machine's PVM KVM: no system calls from guest user space.
         assert_eq!(r.json["exit"], "init-killed", "{}", r.json);
     }
 }

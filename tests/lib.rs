@@ -112,3 +112,49 @@ pub fn linux_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         }
     }
 }
+
+/// The KVM this test runs on: the two hosts the project tests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmHost {
+    /// This build machine's `kvm_pvm`: shadow MMU only, guest CPL0 code
+    /// emulated, guest user space cannot make a system call.
+    Pvm,
+    /// `vmm host`'s emulated AMD SVM host (`kvm_amd` under QEMU TCG): TDP
+    /// MMU, nested SVM, guest user space.
+    EmulatedSvm,
+    /// Any other KVM (real hardware): behaves like the emulated host.
+    Other,
+}
+
+/// Which KVM module serves `/dev/kvm`.
+pub fn kvm_host() -> KvmHost {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        KvmHost::Pvm
+    } else if std::env::var("HVMM_HOST").is_ok_and(|h| h == "emulated-svm") {
+        KvmHost::EmulatedSvm
+    } else {
+        KvmHost::Other
+    }
+}
+
+/// Guest user space runs (system calls work) on this host.
+pub fn guest_userland_works() -> bool {
+    kvm_host() != KvmHost::Pvm
+}
+
+/// The `vmm` binary `cargo test --workspace` built beside the test
+/// binaries (`target/<profile>/vmm`; the test binaries are in `deps/`).
+pub fn vmm_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("vmm"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build --release -p vmm` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}

@@ -147,8 +147,17 @@ impl Overlay {
     }
 
     /// A program (debug sections stripped when [`Overlay::strip`]), its
-    /// loader and its libraries, each at its path here.
+    /// loader and its libraries, each at its path here; a script as it is.
     pub fn program(&mut self, path: &Path) -> Result<(), OverlayError> {
+        let mut head = [0u8; 4];
+        let is_elf = File::open(path)
+            .and_then(|mut f| io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+            && head == *b"\x7fELF";
+        if !is_elf {
+            // A script: its interpreter is the image's busybox sh.
+            return self.file(path);
+        }
         let libs = dynamic::runtime_files(path).map_err(|source| OverlayError::Libraries {
             program: path.to_path_buf(),
             source,

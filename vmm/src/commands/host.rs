@@ -158,6 +158,13 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
             mem_mib,
         });
     }
+    let mut user_env = Vec::new();
+    for e in &args.env {
+        user_env.push(key_value("env", e)?);
+    }
+    for s in &args.sysctls {
+        key_value("sysctl", s)?;
+    }
     let kernel = HostKernel::parse(&args.kernel, args.modules.as_deref())?;
     let vmm = std::env::current_exe()
         .and_then(|p| p.canonicalize())
@@ -187,16 +194,15 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
         }
     }
     files.extend(args.carry.iter().map(|c| cwd.join(c)));
-    let mut env = vec![(
-        guests::linux::CACHE_ENV.to_string(),
-        opts.cache_dir.display().to_string(),
-    )];
-    for e in &args.env {
-        env.push(key_value("env", e)?);
-    }
-    for s in &args.sysctls {
-        key_value("sysctl", s)?;
-    }
+    let mut env = vec![
+        (
+            guests::linux::CACHE_ENV.to_string(),
+            opts.cache_dir.display().to_string(),
+        ),
+        // What the tests read to know which host they run on.
+        ("HVMM_HOST".to_string(), "emulated-svm".to_string()),
+    ];
+    env.extend(user_env);
     Ok(EmulatedHost {
         kernel,
         mem: mem_mib << 20,

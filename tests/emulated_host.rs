@@ -1,0 +1,231 @@
+//! The KVM test suite on the second host: `vmm host --exec` carries this
+//! workspace's KVM test binaries (built by the same `cargo test` run, found
+//! beside this one) into the emulated AMD SVM host - the real `kvm_amd`
+//! with the TDP MMU and nested SVM, guest user space - and runs them there
+//! with `CI=true`, so a prerequisite missing inside fails as it would in CI.
+//! Any failure inside fails this test. A test that applies to one host only
+//! says so in its own code ([`integration_tests::kvm_host`]).
+//!
+//! Also here: `vmm host`'s own contract (the inner JSON with the host's
+//! report, the inner exit status, typed errors).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime};
+
+use integration_tests::{in_ci, kvm_host, require, KvmHost};
+use vmm::machine::emulated_host::qemu;
+
+/// The test binaries whose tests use KVM, run inside the host in this order.
+/// Not carried: `linux_recipe` (apt and the recipe, no KVM; apt is not in
+/// the host image) and this file.
+const KVM_SUITES: &[&str] = &[
+    "boot",
+    "run_builtin",
+    "nested_run",
+    "soft_lockup",
+    "run_linux",
+    "latency",
+    "notifier_check",
+    "notifier_order",
+];
+
+/// Outside the host with QEMU at hand (inside it, there is no nested QEMU
+/// to run).
+fn ready() -> bool {
+    if kvm_host() == KvmHost::EmulatedSvm {
+        eprintln!("SKIP: already inside the emulated host");
+        return false;
+    }
+    require("qemu-system-x86_64 (apt-get install qemu-system-x86)", qemu::available())
+}
+
+/// `<name>-<16 hex digits>`: cargo's name for a test binary in `deps/`.
+fn is_test_binary(file: &str, name: &str) -> bool {
+    file.strip_prefix(name)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The newest `deps/<name>-<hash>` beside this test binary: the one this
+/// `cargo test` run built (older hashes are stale builds).
+fn sibling_test_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let deps = exe.parent()?;
+    let mut best: Option<(SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(deps).ok()?.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if !is_test_binary(&file, name) {
+            continue;
+        }
+        let Ok(modified) = e.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(t, _)| modified > *t) {
+            best = Some((modified, e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Runs `vmm host <args>`, streaming its output to stderr; returns its
+/// exit code and stdout lines.
+fn vmm_host(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let started = Instant::now();
+    let mut child = Command::new(integration_tests::vmm_binary())
+        .arg("host")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm host");
+    let out = child.stdout.take().expect("stdout pipe");
+    let mut lines = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    let status = child.wait().expect("wait for vmm host");
+    eprintln!(
+        "vmm host {} ended ({status}) after {:.1} s",
+        args.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    (status.code(), lines)
+}
+
+/// The script run inside: every suite with CI=true, one summary line each.
+fn suite_script(binaries: &[(&str, PathBuf)]) -> String {
+    let mut s = String::from("#!/bin/sh\nfailed=0\n");
+    for (name, bin) in binaries {
+        s += &format!(
+            "echo '== {name} inside the emulated host'\n\
+             start=$(cut -d' ' -f1 /proc/uptime)\n\
+             '{}'\n\
+             rc=$?\n\
+             echo \"HVMM-SUITE {name} $rc $start $(cut -d' ' -f1 /proc/uptime)\"\n\
+             [ $rc = 0 ] || failed=$((failed + 1))\n",
+            bin.display()
+        );
+    }
+    s += "echo \"{\\\"failed_suites\\\": $failed}\"\nexit $failed\n";
+    s
+}
+
+#[test]
+fn kvm_suite_passes_inside_the_emulated_svm_host() {
+    if !ready() {
+        return;
+    }
+    let mut binaries = Vec::new();
+    for name in KVM_SUITES {
+        let bin = sibling_test_binary(name);
+        assert!(
+            bin.is_some() || !in_ci(),
+            "the {name} test binary is not beside {:?}: build with `cargo test --workspace --release`",
+            std::env::current_exe()
+        );
+        if let Some(b) = bin {
+            binaries.push((*name, b));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("hvmm-suite-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("kvm-suite.sh");
+    std::fs::write(&script, suite_script(&binaries)).unwrap();
+    std::fs::set_permissions(
+        &script,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // The guest image the boot tests use, carried at its cache path.
+    let image = integration_tests::linux_image().expect("the Linux guest image");
+    let stamp = image.0.with_file_name("STAMP");
+    let (code, lines) = vmm_host(&[
+        "--mem",
+        "6G",
+        "--hugepages",
+        "1280",
+        "--env",
+        "CI=true",
+        "--timeout",
+        "1500",
+        "--carry",
+        image.0.to_str().unwrap(),
+        "--carry",
+        image.1.to_str().unwrap(),
+        "--carry",
+        stamp.to_str().unwrap(),
+        "--exec",
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let summary: Vec<&String> = lines.iter().filter(|l| l.starts_with("HVMM-SUITE ")).collect();
+    eprintln!("inside the emulated host (name, status, host uptime start/end):");
+    for l in &summary {
+        eprintln!("  {l}");
+    }
+    assert_eq!(summary.len(), binaries.len(), "not every suite ran: {summary:?}");
+    let failed: Vec<&&String> = summary
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) != Some("0"))
+        .collect();
+    assert!(failed.is_empty(), "suites failed inside the emulated host: {failed:?}");
+    assert_eq!(code, Some(0));
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["failed_suites"], 0);
+    assert_eq!(last["emulated_host"]["tdp_mmu"], true, "{last}");
+    assert_eq!(last["emulated_host"]["npt"], true, "{last}");
+}
+
+#[test]
+fn inner_status_and_json_pass_through_with_the_host_report() {
+    if !ready() {
+        return;
+    }
+    // An inner command that fails its argument check exits 2 inside; the
+    // host passes the status through and reports the kernel it ran.
+    let (code, lines) = vmm_host(&[
+        "--quiet",
+        "--npt",
+        "off",
+        "--",
+        "run",
+        "--guest",
+        "builtin",
+        "--mem",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(code, Some(2), "{lines:?}");
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let h = &last["emulated_host"];
+    assert_eq!(h["status"], 2, "{last}");
+    assert_eq!(h["npt"], false, "{last}");
+    assert!(h["release"].as_str().unwrap().contains("cloud-amd64"), "{last}");
+    assert!(h["s_to_command_start"].as_f64().unwrap() > 0.0, "{last}");
+}
+
+#[test]
+fn bad_host_arguments_are_typed_errors() {
+    let vmm = integration_tests::vmm_binary();
+    let run = |args: &[&str]| {
+        let o = Command::new(&vmm).arg("host").args(args).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, err) = run(&["--kernel", "debian-9", "--", "boot"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("debian-6.1") && err.contains("debian-6.12"), "{err}");
+    let (code, err) = run(&["--hugepages", "4096", "--", "boot"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("does not fit"), "{err}");
+    let (code, err) = run(&["--env", "NOEQUALS", "--", "boot"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("KEY=VALUE"), "{err}");
+    let (code, err) = run(&["--kernel", vmm.to_str().unwrap(), "--", "boot"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--modules"), "{err}");
+}
