@@ -38,7 +38,10 @@ fn ready() -> bool {
         eprintln!("SKIP: already inside the emulated host");
         return false;
     }
-    require("qemu-system-x86_64 (apt-get install qemu-system-x86)", qemu::available())
+    require(
+        "qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        qemu::available(),
+    )
 }
 
 /// `<name>-<16 hex digits>`: cargo's name for a test binary in `deps/`.
@@ -135,45 +138,63 @@ fn kvm_suite_passes_inside_the_emulated_svm_host() {
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("kvm-suite.sh");
     std::fs::write(&script, suite_script(&binaries)).unwrap();
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     // The guest image the boot tests use, carried at its cache path.
     let image = integration_tests::linux_image().expect("the Linux guest image");
     let stamp = image.0.with_file_name("STAMP");
-    let (code, lines) = vmm_host(&[
-        "--mem",
-        "6G",
-        "--hugepages",
-        "1280",
-        "--env",
-        "CI=true",
-        "--timeout",
-        "1500",
-        "--carry",
-        image.0.to_str().unwrap(),
-        "--carry",
-        image.1.to_str().unwrap(),
-        "--carry",
-        stamp.to_str().unwrap(),
-        "--exec",
-        "--",
-        script.to_str().unwrap(),
-    ]);
+    let mut args: Vec<String> = Vec::new();
+    for (_, bin) in &binaries {
+        args.push("--carry".into());
+        args.push(bin.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, lines) = vmm_host(
+        &[
+            &args[..],
+            &[
+                "--mem",
+                "6G",
+                "--hugepages",
+                "1280",
+                "--env",
+                "CI=true",
+                "--timeout",
+                "1500",
+                "--carry",
+                image.0.to_str().unwrap(),
+                "--carry",
+                image.1.to_str().unwrap(),
+                "--carry",
+                stamp.to_str().unwrap(),
+                "--exec",
+                "--",
+                script.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
     let _ = std::fs::remove_dir_all(&dir);
-    let summary: Vec<&String> = lines.iter().filter(|l| l.starts_with("HVMM-SUITE ")).collect();
+    let summary: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("HVMM-SUITE "))
+        .collect();
     eprintln!("inside the emulated host (name, status, host uptime start/end):");
     for l in &summary {
         eprintln!("  {l}");
     }
-    assert_eq!(summary.len(), binaries.len(), "not every suite ran: {summary:?}");
+    assert_eq!(
+        summary.len(),
+        binaries.len(),
+        "not every suite ran: {summary:?}"
+    );
     let failed: Vec<&&String> = summary
         .iter()
         .filter(|l| l.split_whitespace().nth(2) != Some("0"))
         .collect();
-    assert!(failed.is_empty(), "suites failed inside the emulated host: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "suites failed inside the emulated host: {failed:?}"
+    );
     assert_eq!(code, Some(0));
     let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(last["failed_suites"], 0);
@@ -189,23 +210,17 @@ fn inner_status_and_json_pass_through_with_the_host_report() {
     // An inner command that fails its argument check exits 2 inside; the
     // host passes the status through and reports the kernel it ran.
     let (code, lines) = vmm_host(&[
-        "--quiet",
-        "--npt",
-        "off",
-        "--",
-        "run",
-        "--guest",
-        "builtin",
-        "--mem",
-        "0",
-        "--json",
+        "--quiet", "--npt", "off", "--", "run", "--guest", "builtin", "--mem", "0", "--json",
     ]);
     assert_eq!(code, Some(2), "{lines:?}");
     let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     let h = &last["emulated_host"];
     assert_eq!(h["status"], 2, "{last}");
     assert_eq!(h["npt"], false, "{last}");
-    assert!(h["release"].as_str().unwrap().contains("cloud-amd64"), "{last}");
+    assert!(
+        h["release"].as_str().unwrap().contains("cloud-amd64"),
+        "{last}"
+    );
     assert!(h["s_to_command_start"].as_f64().unwrap() > 0.0, "{last}");
 }
 
@@ -214,11 +229,17 @@ fn bad_host_arguments_are_typed_errors() {
     let vmm = integration_tests::vmm_binary();
     let run = |args: &[&str]| {
         let o = Command::new(&vmm).arg("host").args(args).output().unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (code, err) = run(&["--kernel", "debian-9", "--", "boot"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("debian-6.1") && err.contains("debian-6.12"), "{err}");
+    assert!(
+        err.contains("debian-6.1") && err.contains("debian-6.12"),
+        "{err}"
+    );
     let (code, err) = run(&["--hugepages", "4096", "--", "boot"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("does not fit"), "{err}");

@@ -1,7 +1,8 @@
 //! The emulated host's `/init` and the channel it reports through.
 //!
 //! `/init` (busybox sh) mounts what KVM tests and the VMM use (proc, sys,
-//! devtmpfs, tmpfs, tracefs, debugfs, hugetlbfs), loads `irqbypass`, `kvm`
+//! devtmpfs, tracefs, debugfs, hugetlbfs; /tmp and /run stay on the
+//! initramfs's own tmpfs, where the carried files are), loads `irqbypass`, `kvm`
 //! and `kvm-amd` (with `npt=` and `nested=`), reserves 2 MiB hugepages,
 //! applies the sysctls, runs the command of `/hvmm/cmd` with its stdout on
 //! the console (and in a file) and its stderr on the console, then powers
@@ -33,8 +34,6 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/shm /dev/hugepages /tmp /run
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 mount -t hugetlbfs hugetlbfs /dev/hugepages
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
@@ -62,6 +61,7 @@ say npt "$(cat /sys/module/kvm_amd/parameters/npt)"
 say nested "$(cat /sys/module/kvm_amd/parameters/nested)"
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
 say hugepages "$(cat /proc/sys/vm/nr_hugepages)"
+say modules "$(cut -d' ' -f1 /proc/uptime)"
 while read -r s; do
   [ -n "$s" ] || continue
   sysctl -w "$s" > /dev/null || fail "sysctl $s"

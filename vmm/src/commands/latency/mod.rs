@@ -347,7 +347,8 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         .collect::<Result<_, _>>()?;
     let mut rep = new_report(
         args,
-        "this host's KVM (PVM) cannot run a Linux guest's user space; the built-in CPL3 probe is the guest layer \
+        "a Linux guest's own view needs a probe program in its user space (none yet; under this machine's PVM KVM \
+         guest user space cannot run at all); the built-in CPL3 probe is the guest layer \
          (`--guest linux` measures the host, kernel and MMU layers on a booting Linux guest)",
     );
     let kvm = crate::vstate::kvm::open(&args.kvm_dev)?;

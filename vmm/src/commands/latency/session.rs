@@ -71,7 +71,7 @@ pub struct TscCheck {
     pub uncertainty_ticks: u64,
 }
 
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Session {
     /// Boot the probe on `mem` bytes of `backing` RAM; with
