@@ -140,6 +140,8 @@ pub struct ChannelReport {
     pub hugepages: Option<u64>,
     /// Host uptime (s) when `/init` started.
     pub init: Option<f64>,
+    /// Host uptime (s) once the modules are loaded and the hugepages reserved.
+    pub modules: Option<f64>,
     /// Host uptime (s) when the command started, and when it ended.
     pub start: Option<f64>,
     pub end: Option<f64>,
@@ -177,6 +179,7 @@ impl ChannelReport {
                 "nested" => r.nested = Some(v),
                 "hugepages" => r.hugepages = v.trim().parse().ok(),
                 "init" => r.init = v.trim().parse().ok(),
+                "modules" => r.modules = v.trim().parse().ok(),
                 "start" => r.start = v.trim().parse().ok(),
                 "end" => r.end = v.trim().parse().ok(),
                 "status" => r.status = v.trim().parse().ok(),

@@ -244,6 +244,7 @@ pub fn host_json(r: &HostRun) -> Value {
         "hugepages_2m": c.hugepages,
         "s_to_command_start": r.s_to_start,
         "uptime_at_init": c.init,
+        "uptime_at_modules": c.modules,
         "uptime_at_command": c.start,
         "s_command": c.wall_s(),
         "s_qemu": r.s_qemu,
