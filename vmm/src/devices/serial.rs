@@ -100,3 +100,38 @@ impl MutEventSubscriber for StdinInput {
         let _ = ops.add(Events::new_raw(0, EventSet::IN));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the Linux 8250 driver's interrupt-driven TX relies on
+    /// (`serial8250_start_tx` sets IER.THRI and waits for the THRE
+    /// interrupt; `serial8250_do_startup`'s UART_BUG_THRE test expects it
+    /// raised again after IER is cleared and set): with THR empty, which
+    /// it always is here, enabling THRI raises the IRQ at once, each time.
+    #[test]
+    fn ier_thri_with_an_empty_thr_raises_the_irq() {
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut uart = Serial::new(IrqTrigger(evt.try_clone().unwrap()), Vec::new());
+        const IER: u8 = 1;
+        const IIR: u8 = 2;
+        const THRI: u8 = 0x02;
+        assert!(evt.read().is_err(), "no interrupt before IER is written");
+        for round in 0..2 {
+            uart.write(IER, THRI).unwrap();
+            assert_eq!(evt.read().unwrap(), 1, "round {round}: IRQ raised");
+            // IIR: THRE pending (0x02, FIFO bits set), then cleared.
+            assert_eq!(uart.read(IIR) & 0x0f, 0x02, "round {round}");
+            assert_eq!(uart.read(IIR) & 0x0f, 0x01, "round {round}");
+            uart.write(IER, 0).unwrap();
+        }
+        // A byte written while THRI is on raises it again (TX continues).
+        uart.write(IER, THRI).unwrap();
+        let _ = evt.read();
+        let _ = uart.read(IIR);
+        uart.write(0, b'x').unwrap();
+        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(uart.writer().as_slice(), b"x");
+    }
+}

@@ -3,7 +3,10 @@
 //! keeps its guest memory mapped, and one [`vcpu::Vcpu`] that owns a vCPU
 //! fd and runs the one `KVM_RUN` loop, handing each exit to an
 //! [`vcpu::ExitHandler`]. Commands talk to these types, never to raw fds.
+//! [`irqchip`] guards against a PIC interrupt the in-kernel irqchip
+//! leaves pending.
 
+pub mod irqchip;
 pub mod kvm;
 pub mod vcpu;
 pub mod vm;

@@ -12,7 +12,10 @@
 //! To stop a run it keeps kicking every 20 ms until the run has returned,
 //! since a signal can land just before the thread enters `KVM_RUN`. A kick
 //! that does not stop the run goes to [`ExitHandler::kicked`] (a profiling
-//! sample).
+//! sample). A third reason to kick: [`RunControl::reevaluate_irqs`], set
+//! when a PIC interrupt waits unserved ([`super::irqchip`]); the vCPU
+//! thread then makes KVM look at pending interrupts again
+//! ([`Vcpu::reevaluate_interrupts`]) before it re-enters.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -91,6 +94,9 @@ pub struct RunControl {
     pub stop: Vec<Arc<AtomicBool>>,
     /// Kick the vCPU this often; each kick goes to [`ExitHandler::kicked`].
     pub sample_every: Option<Duration>,
+    /// When set, the vCPU is kicked and, before it enters the guest
+    /// again, clears it and calls [`Vcpu::reevaluate_interrupts`].
+    pub reevaluate_irqs: Option<Arc<AtomicBool>>,
 }
 
 impl RunControl {
@@ -118,7 +124,23 @@ impl RunControl {
     }
 
     fn watched(&self) -> bool {
-        self.deadline.is_some() || !self.stop.is_empty() || self.sample_every.is_some()
+        self.deadline.is_some()
+            || !self.stop.is_empty()
+            || self.sample_every.is_some()
+            || self.reevaluate_irqs.is_some()
+    }
+
+    fn reevaluate_requested(&self) -> bool {
+        self.reevaluate_irqs
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// Clears the re-evaluation request; true if there was one.
+    fn take_reevaluate(&self) -> bool {
+        self.reevaluate_irqs
+            .as_ref()
+            .is_some_and(|f| f.swap(false, Ordering::AcqRel))
     }
 }
 
@@ -142,6 +164,15 @@ pub enum VcpuError {
     /// `KVM_RUN` failed.
     #[error("KVM_RUN: {source} (guest rip {rip:#x})")]
     Run {
+        rip: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// [`Vcpu::reevaluate_interrupts`] failed.
+    #[error(
+        "re-evaluating pending interrupts (KVM_GET/SET_MP_STATE): {source} (guest rip {rip:#x})"
+    )]
+    Reevaluate {
         rip: u64,
         #[source]
         source: kvm_ioctls::Error,
@@ -215,7 +246,9 @@ fn kicker(
             expired.store(true, Ordering::Release);
         }
         let stopping = ctl.stop_requested() || expired.load(Ordering::Acquire);
-        if stopping || next_sample.is_some_and(|t| now >= t) {
+        // A re-evaluation request is kicked until the vCPU thread takes
+        // it (a signal that lands outside KVM_RUN is lost).
+        if stopping || ctl.reevaluate_requested() || next_sample.is_some_and(|t| now >= t) {
             // SAFETY: `target` is the thread inside `Vcpu::run`, which
             // joins this scoped thread before it returns, so the thread
             // is alive; the signal's handler is a no-op.
@@ -284,6 +317,16 @@ impl Vcpu {
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         self.set_regs(&regs::cpl3_regs())?;
         Ok(())
+    }
+
+    /// Make KVM evaluate pending interrupts when this vCPU next enters
+    /// the guest: writing its own MP state back (`KVM_GET_MP_STATE`, then
+    /// `KVM_SET_MP_STATE` of the same state) raises `KVM_REQ_EVENT` and
+    /// changes nothing else. Call it between runs, from the vCPU's thread.
+    /// See [`super::irqchip`] for the interrupt this recovers.
+    pub fn reevaluate_interrupts(&self) -> Result<(), kvm_ioctls::Error> {
+        let mp = self.fd.get_mp_state()?;
+        self.fd.set_mp_state(mp)
     }
 
     /// The guest's RIP (0 if the registers cannot be read).
@@ -357,6 +400,14 @@ impl Vcpu {
             }
             if ctl.stop_requested() {
                 return Err(VcpuError::Stopped { rip: self.rip() });
+            }
+            if ctl.take_reevaluate() {
+                if let Err(source) = self.reevaluate_interrupts() {
+                    return Err(VcpuError::Reevaluate {
+                        rip: self.rip(),
+                        source,
+                    });
+                }
             }
             let exit = self.fd.run();
             let step = match exit {

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_PIC_MASTER,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -73,6 +76,24 @@ impl Vm {
             ..Default::default()
         };
         self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))
+    }
+
+    /// The master PIC's requests that should be reaching the vCPU now
+    /// ([`irqchip::waiting`](super::irqchip::waiting): raised, unmasked,
+    /// none in service), read with `KVM_GET_IRQCHIP` (callable while the
+    /// vCPU runs).
+    pub fn pic_waiting(&self) -> Result<u8, VmError> {
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_PIC_MASTER,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+        // SAFETY: for KVM_IRQCHIP_PIC_MASTER, KVM fills the `pic` member
+        // of the union (a plain-data struct, any bit pattern valid).
+        let pic = unsafe { chip.chip.pic };
+        Ok(super::irqchip::waiting(pic.irr, pic.imr, pic.isr))
     }
 
     /// Memslot `slot` at `gpa` over all of `mem`; the VM keeps `mem` alive.

@@ -39,6 +39,7 @@ use crate::loader::zeropage::ZeroPageError;
 use crate::loader::{self, cmdline, LoadError};
 use crate::memory::{self, MemoryError};
 use crate::report::timeline::{Exit, Timeline};
+use crate::vstate::irqchip::{StuckIrqWatch, STUCK_AFTER};
 use crate::vstate::vcpu::SetupError;
 use crate::vstate::{kvm, KvmError, RunControl, SlotMemory, Vcpu, VcpuError, Vm, VmError};
 use exits::{LinuxExits, LinuxStop};
@@ -429,6 +430,11 @@ pub fn boot(
         ctl = ctl.stop_on(f);
     }
     ctl.sample_every = cfg.profile.as_ref().map(|p| p.every);
+    // A PIC interrupt KVM left pending (vstate::irqchip): the main loop
+    // watches the PIC, the vCPU thread makes KVM look again.
+    let reevaluate = Arc::new(AtomicBool::new(false));
+    ctl.reevaluate_irqs = Some(reevaluate.clone());
+    let mut irq_watch = StuckIrqWatch::default();
     let mut exits = LinuxExits {
         pio: PioBus { serial },
         mem,
@@ -460,6 +466,11 @@ pub fn boot(
         if let Err(e) = em.run_with_timeout(200) {
             if !matches!(e, event_manager::Error::Epoll(ref e) if e.errno() == libc::EINTR) {
                 stop.store(true, Ordering::SeqCst);
+            }
+        }
+        if let Ok(lines) = vm.pic_waiting() {
+            if irq_watch.observe(lines, Instant::now()) {
+                reevaluate.store(true, Ordering::Release);
             }
         }
         if let (Some(f), Ok(t)) = (on_tick.as_mut(), timeline.lock()) {
@@ -496,6 +507,13 @@ pub fn boot(
     let exit = t.classify(error.as_ref().map(|e| e.to_string()));
     let assists: Vec<(String, u64)> = exits.assists.0.into_iter().collect();
     let mut text = t.report(&exit, &assists);
+    if irq_watch.fired > 0 {
+        text.push_str(&format!(
+            "\ninterrupts re-evaluated: {} (a PIC request waited {} ms unserved)",
+            irq_watch.fired,
+            STUCK_AFTER.as_millis()
+        ));
+    }
     if let (Some(p), Some(profile)) = (exits.profiler, &cfg.profile) {
         let syms = Symbols::load(profile.system_map.as_deref());
         text = format!("{}\n{text}", syms.report(&p.samples, 30));
@@ -508,6 +526,7 @@ pub fn boot(
             "hugepages": memory::hugepages_name(ram.hugepages),
             "cmdline": line,
             "serial_log": log_path,
+            "irq_reevaluations": irq_watch.fired,
         }),
     );
     drop(t);
