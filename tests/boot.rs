@@ -187,7 +187,14 @@ fn quick_paths(hp: PageSize, mem: u64) {
         "{:?}",
         r.error
     );
-    assert_eq!(r.json["assists"]["int3"], 1, "{}", r.json);
+    if integration_tests::kvm_host() == integration_tests::KvmHost::Pvm {
+        // PVM only: its emulated CPL0 reports an int3 as an emulation
+        // failure, which the VMM's assist turns into a #BP.
+        assert_eq!(r.json["assists"]["int3"], 1, "{}", r.json);
+    } else {
+        // Hardware (and the emulated SVM host) deliver the #BP themselves.
+        assert!(r.json["assists"]["int3"].is_null(), "{}", r.json);
+    }
 
     let hello = write(
         &format!("k-hello-{hp}"),

@@ -153,7 +153,7 @@ fn kvm_suite_passes_inside_the_emulated_svm_host() {
             &args[..],
             &[
                 "--mem",
-                "6G",
+                "7G",
                 "--hugepages",
                 "1280",
                 "--env",
@@ -242,7 +242,7 @@ fn bad_host_arguments_are_typed_errors() {
     );
     let (code, err) = run(&["--hugepages", "4096", "--", "boot"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("does not fit"), "{err}");
+    assert!(err.contains("do not fit"), "{err}");
     let (code, err) = run(&["--env", "NOEQUALS", "--", "boot"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("KEY=VALUE"), "{err}");

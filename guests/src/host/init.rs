@@ -61,6 +61,7 @@ say npt "$(cat /sys/module/kvm_amd/parameters/npt)"
 say nested "$(cat /sys/module/kvm_amd/parameters/nested)"
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
 say hugepages "$(cat /proc/sys/vm/nr_hugepages)"
+say hugepages_1g "$(cat /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages 2>/dev/null || echo 0)"
 say modules "$(cut -d' ' -f1 /proc/uptime)"
 while read -r s; do
   [ -n "$s" ] || continue
@@ -136,8 +137,10 @@ pub struct ChannelReport {
     pub tdp_mmu: Option<String>,
     pub npt: Option<String>,
     pub nested: Option<String>,
-    /// Hugepages reserved (what the kernel gave).
+    /// 2 MiB hugepages reserved (what the kernel gave).
     pub hugepages: Option<u64>,
+    /// 1 GiB hugepages the host kernel reserved at boot.
+    pub hugepages_1g: Option<u64>,
     /// Host uptime (s) when `/init` started.
     pub init: Option<f64>,
     /// Host uptime (s) once the modules are loaded and the hugepages reserved.
@@ -178,6 +181,7 @@ impl ChannelReport {
                 "npt" => r.npt = Some(v),
                 "nested" => r.nested = Some(v),
                 "hugepages" => r.hugepages = v.trim().parse().ok(),
+                "hugepages_1g" => r.hugepages_1g = v.trim().parse().ok(),
                 "init" => r.init = v.trim().parse().ok(),
                 "modules" => r.modules = v.trim().parse().ok(),
                 "start" => r.start = v.trim().parse().ok(),

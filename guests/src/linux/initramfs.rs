@@ -10,18 +10,29 @@ use super::cpio::{CpioError, CpioWriter};
 pub const INIT_MARKER: &str = "HVMM-INIT-OK";
 
 /// The busybox applets `/init` runs (each gets a `/bin/<applet>` link).
-pub const APPLETS: &[&str] = &["sh", "mount", "grep", "reboot"];
+pub const APPLETS: &[&str] = &["sh", "mount", "grep", "reboot", "sleep"];
+
+/// A kernel command-line word that keeps the guest's user space up after
+/// the marker instead of rebooting (`vmm latency --guest linux` measures
+/// while the guest runs; the VMM stops it). Dotted, so the kernel does not
+/// pass it to init as an argument.
+pub const STAY_PARAM: &str = "hvmm.stay";
 
 /// `/init`: mount /proc and /sys, print the marker, the memory lines the
 /// VMM reports, and reboot (the kernel command line carries `reboot=k`, so
-/// the reboot is an i8042 reset the VMM sees as a clean exit). The sysrq
-/// write is a fallback should `reboot -f` return.
+/// the reboot is an i8042 reset the VMM sees as a clean exit) - or, with
+/// [`STAY_PARAM`] on the command line, idle until the VMM stops the guest.
+/// The sysrq write is a fallback should `reboot -f` return.
 pub const INIT_SCRIPT: &str = "#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo HVMM-INIT-OK
 grep -E '^(MemTotal|HugePages_[A-Za-z]+):' /proc/meminfo
+if grep -qw hvmm.stay /proc/cmdline; then
+  echo HVMM-STAY
+  while :; do sleep 1; done
+fi
 reboot -f
 echo b > /proc/sysrq-trigger
 ";
@@ -55,12 +66,17 @@ mod tests {
             .any(|l| l == format!("echo {INIT_MARKER}")));
         for line in INIT_SCRIPT.lines().skip(1) {
             let cmd = line.split_whitespace().next().unwrap_or("");
-            // `export` and `echo` are shell builtins.
+            // `export`, `echo`, `if`, `while` and `fi` are shell syntax or builtins.
             assert!(
-                ["export", "echo"].contains(&cmd) || APPLETS.contains(&cmd),
+                ["export", "echo", "if", "while", "fi"].contains(&cmd) || APPLETS.contains(&cmd),
                 "{cmd} is neither a builtin nor a linked applet"
             );
         }
+    }
+
+    #[test]
+    fn stay_word_is_the_one_init_looks_for() {
+        assert!(INIT_SCRIPT.contains(&format!("grep -qw {STAY_PARAM} /proc/cmdline")));
     }
 
     #[test]

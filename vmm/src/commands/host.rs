@@ -38,6 +38,11 @@ pub struct HostArgs {
     /// a quarter of --mem).
     #[arg(long)]
     pub hugepages: Option<u64>,
+    /// 1 GiB hugepages, reserved by the host kernel at boot
+    /// (`hugepagesz=1G hugepages=N`: at run time the host's memory is too
+    /// fragmented for them).
+    #[arg(long, default_value_t = 0)]
+    pub hugepages_1g: u64,
     /// A sysctl applied inside before the command runs (repeatable).
     #[arg(long = "sysctl", value_name = "KEY=VALUE")]
     pub sysctls: Vec<String>,
@@ -85,8 +90,8 @@ pub enum HostArgError {
     NoCpus,
     #[error("--mem {0} MiB: the emulated host needs at least 512 MiB")]
     TooLittleMemory(u64),
-    #[error("--hugepages {pages} (x 2 MiB) does not fit in --mem {mem_mib} MiB with 384 MiB for the host kernel")]
-    TooManyHugepages { pages: u64, mem_mib: u64 },
+    #[error("hugepages of {pool_mib} MiB (--hugepages x 2 MiB + --hugepages-1g x 1 GiB) do not fit in --mem {mem_mib} MiB with 384 MiB for the host kernel")]
+    TooManyHugepages { pool_mib: u64, mem_mib: u64 },
     #[error("--exec {0}: no such program")]
     NoProgram(String),
     #[error("cannot find the running vmm binary: {0}")]
@@ -152,11 +157,11 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
         return Err(HostArgError::TooLittleMemory(mem_mib));
     }
     let hugepages_2m = args.hugepages.unwrap_or(mem_mib / 8);
-    if hugepages_2m.saturating_mul(2).saturating_add(384) > mem_mib {
-        return Err(HostArgError::TooManyHugepages {
-            pages: hugepages_2m,
-            mem_mib,
-        });
+    let pool_mib = hugepages_2m
+        .saturating_mul(2)
+        .saturating_add(args.hugepages_1g.saturating_mul(1024));
+    if pool_mib.saturating_add(384) > mem_mib {
+        return Err(HostArgError::TooManyHugepages { pool_mib, mem_mib });
     }
     let mut user_env = Vec::new();
     for e in &args.env {
@@ -216,7 +221,14 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
         files,
         argv,
         cwd,
-        append: args.append.clone(),
+        append: {
+            let mut words: Vec<String> = Vec::new();
+            if args.hugepages_1g > 0 {
+                words.push(format!("hugepagesz=1G hugepages={}", args.hugepages_1g));
+            }
+            words.extend(args.append.clone());
+            (!words.is_empty()).then(|| words.join(" "))
+        },
         timeout: Duration::from_secs(args.timeout),
         keep: args.keep,
         echo: !args.quiet,
@@ -242,6 +254,7 @@ pub fn host_json(r: &HostRun) -> Value {
         "npt": flag(c.npt.as_deref()),
         "nested": flag(c.nested.as_deref()),
         "hugepages_2m": c.hugepages,
+        "hugepages_1g": c.hugepages_1g,
         "s_to_command_start": r.s_to_start,
         "uptime_at_init": c.init,
         "uptime_at_modules": c.modules,

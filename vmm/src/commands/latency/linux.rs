@@ -11,9 +11,10 @@
 //! answer EFAULT: the vCPU re-enters (counted). Then the guest is stopped;
 //! it need not reach init.
 //!
-//! What this guest cannot give: a guest layer (this host's KVM, PVM, runs
-//! no Linux user space, so the probe cannot run as a static binary in the
-//! initramfs, and the guest kernel has no probe), and the shadow-MMU layer
+//! What this guest cannot give yet: a guest layer (this machine's KVM,
+//! PVM, runs no Linux user space, so the probe cannot run as a static
+//! binary in the initramfs; the emulated SVM host could, but the guest has
+//! no probe program yet - it idles in /init, `hvmm.stay`), and the shadow-MMU layer
 //! (the project's shadow MMU would need a walker over the booting kernel's
 //! changing page tables; the probe's identity tables are what it
 //! shadows). `memtest=1` would touch all of RAM early, but the Debian
@@ -53,10 +54,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Why the Linux guest has no guest layer (reported in `skipped`).
 pub const NO_GUEST_LAYER: &str =
-    "this host's KVM (PVM) emulates guest CPL0 and cannot enter a Linux \
-guest's user space (system-call entry from guest CPL3 fails), so the probe cannot run as a static \
-binary in the initramfs; the guest kernel has no probe. Host, kernel and MMU layers are measured \
-while the kernel boots";
+    "no probe program runs in the Linux guest yet: under this machine's KVM (PVM) guest user space \
+cannot make a system call at all, so the probe cannot run as a static binary in the initramfs; on \
+the emulated SVM host (`vmm host`) it could, and the guest idles in its /init meanwhile. Host, \
+kernel and MMU layers are measured while the guest runs";
 
 /// Why the Linux guest has no shadow-MMU layer.
 pub const NO_SHADOW_LAYER: &str =
@@ -106,6 +107,9 @@ impl LinuxSession {
             std::env::temp_dir().join(format!("vmm-latency-linux-{}.log", std::process::id()));
         let mut cfg = LinuxBoot::new(kernel, initrd);
         cfg.guest.quiet = true;
+        // Where guest user space runs (the emulated SVM host), /init would
+        // reboot within seconds: keep the guest up until it is stopped.
+        cfg.guest.append = Some(guests::linux::initramfs::STAY_PARAM.to_string());
         cfg.guest.serial_log = Some(serial_log.clone());
         cfg.timeout = timeout.max(Duration::from_secs(1));
         cfg.kvm_dev = kvm_dev;
