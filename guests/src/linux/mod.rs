@@ -20,9 +20,11 @@ pub mod bytes;
 pub mod bzimage;
 pub mod cpio;
 pub mod deb;
+pub mod decompress;
 pub mod elf;
 pub mod initramfs;
 pub mod lz4_legacy;
+pub mod lzo;
 pub mod recipe;
 
 use std::fs;
