@@ -374,7 +374,7 @@ mod tests {
             x ^= x << 5;
             let w = words[usize::try_from(x % 6).unwrap()];
             v.extend_from_slice(w);
-            if x % 7 == 0 {
+            if x.is_multiple_of(7) {
                 v.push(x.to_le_bytes()[1]);
             }
         }
