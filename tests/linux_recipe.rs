@@ -1,11 +1,12 @@
 //! The Linux guest recipe end to end: provision (download, verify, extract,
 //! build) into the default cache, provision again (cached), and check what
-//! the VMM will boot.
+//! the VMM will boot; the same for the `debian-6.12` pin (a zstd bzImage),
+//! and its `kvm.ko.xz` read from the package and decompressed.
 
 use std::process::Command;
 use std::time::Instant;
 
-use guests::linux::{self, bzimage, cpio, elf, recipe, ProvisionOptions, INIT_MARKER};
+use guests::linux::{self, bzimage, cpio, decompress, elf, recipe, ProvisionOptions, INIT_MARKER};
 use integration_tests::require;
 
 fn runs(tool: &str) -> bool {
@@ -50,7 +51,15 @@ fn linux_recipe_provisions_a_bootable_image() {
         info.entry
     );
     let bz = std::fs::read(image.bzimage()).unwrap();
+    let t = Instant::now();
     let decoded = bzimage::extract_vmlinux(&bz).unwrap();
+    eprintln!(
+        "6.1 extract ({}): {:.3} s, {} -> {} bytes",
+        decoded.compression,
+        t.elapsed().as_secs_f64(),
+        bz.len(),
+        decoded.bytes.len()
+    );
     assert_eq!(decoded.compression, bzimage::Compression::Lz4Legacy);
     assert!(
         decoded.bytes == vmlinux,
@@ -76,7 +85,11 @@ fn linux_recipe_provisions_a_bootable_image() {
     let console = find("dev/console");
     assert!(console.is_char_dev() && (console.rdev_major, console.rdev_minor) == (5, 1));
     // The pins agree with Debian's signed index, where apt knows them.
-    for pkg in [recipe::KERNEL, recipe::BUSYBOX] {
+    for pkg in recipe::KERNELS
+        .iter()
+        .map(|k| k.package)
+        .chain([recipe::BUSYBOX])
+    {
         let out = Command::new("apt-cache")
             .args(["show", "--no-all-versions", &pkg.spec()])
             .output()
@@ -158,4 +171,80 @@ fn damaged_cache_is_repaired() {
     linux::provision(&opts).unwrap();
     assert!(messages.borrow().is_empty(), "a valid cache is silent");
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn debian_6_12_provisions_from_a_zstd_bzimage() {
+    if !require(
+        "apt-get and dpkg-deb (a Debian host) for the Linux guest recipe",
+        runs("apt-get") && runs("dpkg-deb"),
+    ) {
+        return;
+    }
+    let pin = recipe::kernel_by_name("debian-6.12").expect("the 6.12 pin");
+    let image = linux::provision_kernel(pin, &ProvisionOptions::default())
+        .expect("provision the 6.12 guest");
+    assert_eq!(image.kernel_version, pin.release);
+    assert!(image
+        .vmlinux
+        .ends_with(format!("linux/{}/vmlinux", pin.release)));
+    let again = linux::provision_kernel(pin, &ProvisionOptions::quiet()).unwrap();
+    assert_eq!(again, image);
+    let default = linux::provision(&ProvisionOptions::quiet()).unwrap();
+    assert_ne!(
+        default.vmlinux, image.vmlinux,
+        "one cache directory per release"
+    );
+    assert_eq!(
+        std::fs::read(&default.initramfs).unwrap(),
+        std::fs::read(&image.initramfs).unwrap(),
+        "the initramfs (busybox pin) is shared"
+    );
+
+    let bz = std::fs::read(image.bzimage()).unwrap();
+    let t = Instant::now();
+    let decoded = bzimage::extract_vmlinux(&bz).unwrap();
+    eprintln!(
+        "6.12 extract ({}): {:.3} s, {} -> {} bytes",
+        decoded.compression,
+        t.elapsed().as_secs_f64(),
+        bz.len(),
+        decoded.bytes.len()
+    );
+    assert_eq!(decoded.compression, bzimage::Compression::Zstd);
+    let vmlinux = std::fs::read(&image.vmlinux).unwrap();
+    assert!(
+        decoded.bytes == vmlinux,
+        "cached vmlinux differs from the payload"
+    );
+    let info = elf::check_x86_64_exec(&vmlinux).unwrap();
+    assert!(info.entry_in_load_segment());
+
+    // The package's KVM module, as someone loading it would read it.
+    let debs = image
+        .vmlinux
+        .ancestors()
+        .nth(3)
+        .expect("cache root above linux/<release>/vmlinux")
+        .join("debs");
+    let deb = debs.join(pin.package.file_name());
+    linux::apt::verify(&pin.package, &deb).unwrap();
+    let member = format!(
+        "{}kernel/arch/x86/kvm/kvm.ko.xz",
+        pin.modules_member_prefix()
+    );
+    let xz = linux::deb::read_members(&deb, &[&member])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let ko = decompress::module(&member, &xz).expect("kvm.ko.xz decompresses");
+    assert!(elf::is_elf(&ko));
+    assert_eq!(ko[16], 1, "ET_REL: a relocatable module");
+    assert!(
+        ko.windows(b"vermagic=".len() + pin.release.len())
+            .any(|w| w.ends_with(pin.release.as_bytes()) && w.starts_with(b"vermagic=")),
+        "kvm.ko's vermagic names {}",
+        pin.release
+    );
+    eprintln!("kvm.ko.xz {} -> {} bytes", xz.len(), ko.len());
 }

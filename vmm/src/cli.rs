@@ -56,7 +56,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
 /// boot`, and `vmm run --guest linux`).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LinuxGuestArgs {
-    /// Kernel: ELF vmlinux or bzImage (LZ4 payload). Default: the provisioned Debian image.
+    /// Kernel: a file (ELF vmlinux, or bzImage in any compression: gzip, bzip2, lzma,
+    /// xz, lzo, lz4, zstd), or a pinned Debian kernel by name (debian-6.1, debian-6.12),
+    /// provisioned with its initramfs. Default: debian-6.1.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Initramfs (newc cpio). Default: the provisioned image's.

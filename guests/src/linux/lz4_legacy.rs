@@ -10,10 +10,10 @@
 //! - the kernel build appends the uncompressed size as a last 4-byte LE word
 //!   (`size_append`), which is not part of the LZ4 stream.
 //!
-//! Each block is decoded with `lz4_flex::block::decompress_into` straight
-//! into its slot of an output buffer sized from the declared total, so a
-//! block that decodes larger than 8 MiB or past the declared size is an
-//! error, never an unbounded allocation.
+//! Only the framing is decoded here; each block is decoded by
+//! `lz4_flex::block::decompress_into` straight into its slot of the output,
+//! at most 8 MiB and never past the caller's limit, so a hostile stream is
+//! an error, never an unbounded allocation.
 
 use thiserror::Error;
 
@@ -33,14 +33,14 @@ const fn compress_bound(n: usize) -> usize {
     n + n / 255 + 16
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum Lz4LegacyError {
     #[error("LZ4 legacy stream truncated at offset {offset}: {what}")]
     Truncated { offset: usize, what: &'static str },
     #[error("not an LZ4 legacy stream: magic {found:#010x}, expected {MAGIC:#010x}")]
     BadMagic { found: u32 },
-    #[error("declared uncompressed size {0} bytes exceeds the {MAX_UNCOMPRESSED}-byte limit")]
-    TooLarge(usize),
+    #[error("LZ4 stream decodes to more than the {limit}-byte limit")]
+    TooLarge { limit: usize },
     #[error("LZ4 block {block} at offset {offset}: compressed size {size} is larger than any 8 MiB block can need")]
     BlockTooLarge {
         block: usize,
@@ -73,39 +73,55 @@ pub fn is_lz4_legacy(data: &[u8]) -> bool {
     data.starts_with(&MAGIC.to_le_bytes())
 }
 
-/// Decodes a whole payload: magic, blocks, trailing uncompressed size.
+/// Decodes a whole payload: magic, blocks, the optional size trailer, into
+/// at most [`MAX_UNCOMPRESSED`] bytes.
 pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
+    decompress_limited(payload, MAX_UNCOMPRESSED)
+}
+
+/// [`decompress`] into at most `limit` bytes ([`Lz4LegacyError::TooLarge`]
+/// past it).
+///
+/// Follows `unlz4()` of the kernel's `lib/decompress_unlz4.c`: after the
+/// magic, 4-byte LE chunk sizes each followed by that many bytes of LZ4
+/// block data decoding to at most 8 MiB; a chunk size equal to the magic
+/// is skipped (a concatenated stream); a chunk size of 0, or fewer than 4
+/// bytes left, ends the stream. A last 4-byte word with nothing after it
+/// is the build's `size_append` trailer (absent in what `lz4 -l` writes
+/// alone): it must then equal the decoded size.
+pub fn decompress_limited(payload: &[u8], limit: usize) -> Result<Vec<u8>, Lz4LegacyError> {
     let magic = bytes::read_le32(payload, "magic", 0)?;
     if magic != MAGIC {
         return Err(Lz4LegacyError::BadMagic { found: magic });
     }
-    let trailer_at =
-        payload
-            .len()
-            .checked_sub(4)
-            .filter(|&at| at >= 4)
-            .ok_or(Lz4LegacyError::Truncated {
-                offset: payload.len(),
-                what: "uncompressed-size trailer",
-            })?;
-    let declared = u32_to_usize(bytes::read_le32(
-        payload,
-        "uncompressed-size trailer",
-        trailer_at,
-    )?);
-    if declared > MAX_UNCOMPRESSED {
-        return Err(Lz4LegacyError::TooLarge(declared));
-    }
-    let stream = &payload[..trailer_at];
-    let mut out = vec![0u8; declared];
-    let mut produced = 0usize;
+    // The last word, if it is the size trailer, sizes the output at once;
+    // whether it is one is known only at the end (no trailer after a
+    // stream of `lz4 -l` alone), so it is only a capacity hint here.
+    let hint = payload
+        .len()
+        .checked_sub(4)
+        .filter(|&at| at >= 4)
+        .and_then(|at| bytes::le32(payload, at))
+        .map_or(0, u32_to_usize)
+        .min(limit)
+        .min(payload.len().saturating_mul(255));
+    let mut out = Vec::with_capacity(hint);
     let mut pos = 4usize;
     let mut block = 0usize;
-    while pos < stream.len() {
-        let size = bytes::read_le32(stream, "block size", pos)?;
+    let mut trailer = None;
+    while pos < payload.len() {
+        let size = bytes::read_le32(payload, "block size", pos)?;
+        if pos + 4 == payload.len() {
+            // The size trailer (or a final end-of-stream 0).
+            trailer = Some(u32_to_usize(size)).filter(|&n| n != 0 || out.is_empty());
+            break;
+        }
         if size == MAGIC {
             pos += 4;
             continue;
+        }
+        if size == 0 {
+            break;
         }
         let size = u32_to_usize(size);
         let data_at = pos + 4;
@@ -117,29 +133,39 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
             });
         }
         let input = bytes::slice(
-            stream,
+            payload,
             "block data",
             usize_to_u64(data_at),
             usize_to_u64(size),
         )?;
-        let slot_end = declared.min(produced + BLOCK_MAX);
-        let n =
-            lz4_flex::block::decompress_into(input, &mut out[produced..slot_end]).map_err(|e| {
-                Lz4LegacyError::Corrupt {
+        let produced = out.len();
+        let room = BLOCK_MAX.min(limit - produced);
+        out.resize(produced + room, 0);
+        let decoded = lz4_flex::block::decompress_into(input, &mut out[produced..]);
+        let n = match decoded {
+            Ok(n) => n,
+            Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) if room < BLOCK_MAX => {
+                return Err(Lz4LegacyError::TooLarge { limit });
+            }
+            Err(e) => {
+                return Err(Lz4LegacyError::Corrupt {
                     block,
                     offset: pos,
                     reason: e.to_string(),
-                }
-            })?;
-        produced += n;
+                })
+            }
+        };
+        out.truncate(produced + n);
         pos = data_at + size;
         block += 1;
     }
-    if produced != declared {
-        return Err(Lz4LegacyError::SizeMismatch {
-            declared,
-            actual: produced,
-        });
+    if let Some(declared) = trailer {
+        if declared != out.len() {
+            return Err(Lz4LegacyError::SizeMismatch {
+                declared,
+                actual: out.len(),
+            });
+        }
     }
     Ok(out)
 }
@@ -149,7 +175,9 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
 /// than [`MAX_UNCOMPRESSED`] bytes is [`Lz4LegacyError::TooLarge`], as
 /// `decompress` would say (the 32-bit trailer could not hold 4 GiB).
 pub fn compress(data: &[u8]) -> Result<Vec<u8>, Lz4LegacyError> {
-    let too_large = || Lz4LegacyError::TooLarge(data.len());
+    let too_large = || Lz4LegacyError::TooLarge {
+        limit: MAX_UNCOMPRESSED,
+    };
     if data.len() > MAX_UNCOMPRESSED {
         return Err(too_large());
     }
@@ -221,8 +249,37 @@ mod tests {
         let data = sample(5000);
         let packed = compress(&data).unwrap();
         for cut in 0..packed.len() {
-            assert!(decompress(&packed[..cut]).is_err(), "cut at {cut}");
+            match cut {
+                // The magic alone: an empty stream, as the kernel reads it.
+                4 => assert_eq!(decompress(&packed[..cut]).unwrap(), b""),
+                // Without the size trailer: what `lz4 -l` writes alone.
+                c if c == packed.len() - 4 => {
+                    assert_eq!(decompress(&packed[..cut]).unwrap(), data)
+                }
+                _ => assert!(decompress(&packed[..cut]).is_err(), "cut at {cut}"),
+            }
         }
+    }
+
+    #[test]
+    fn limit_is_enforced_with_and_without_trailer() {
+        let data = sample(BLOCK_MAX + 5000);
+        let packed = compress(&data).unwrap();
+        assert!(matches!(
+            decompress_limited(&packed, data.len() - 1),
+            Err(Lz4LegacyError::TooLarge { .. })
+        ));
+        let bare = &packed[..packed.len() - 4];
+        for limit in [0, 100, BLOCK_MAX, data.len() - 1] {
+            assert!(
+                matches!(
+                    decompress_limited(bare, limit),
+                    Err(Lz4LegacyError::TooLarge { .. })
+                ),
+                "limit {limit}"
+            );
+        }
+        assert_eq!(decompress_limited(bare, data.len()).unwrap(), data);
     }
 
     #[test]
@@ -262,10 +319,11 @@ mod tests {
                 actual: 3000
             })
         );
+        // A hostile trailer allocates nothing: it is a mismatch.
         packed[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decompress(&packed),
-            Err(Lz4LegacyError::TooLarge(_))
+            Err(Lz4LegacyError::SizeMismatch { .. })
         ));
     }
 }

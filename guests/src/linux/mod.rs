@@ -1,10 +1,13 @@
-//! The Linux guest recipe: a pinned Debian cloud kernel and busybox, fetched
-//! with `apt-get download`, verified by sha256, turned into an uncompressed
-//! `vmlinux` and a minimal initramfs, cached.
+//! The Linux guest recipe: a pinned Debian cloud kernel (one of
+//! [`recipe::KERNELS`]: `debian-6.1`, the default, or `debian-6.12`) and
+//! busybox, fetched with `apt-get download`, verified by sha256, turned into
+//! an uncompressed `vmlinux` and a minimal initramfs, cached.
 //!
 //! ```no_run
 //! let image = guests::linux::provision(&Default::default())?;
 //! println!("{} {}", image.vmlinux.display(), image.initramfs.display());
+//! let pin = guests::linux::recipe::kernel_by_name("debian-6.12").unwrap();
+//! let image = guests::linux::provision_kernel(pin, &Default::default())?;
 //! # Ok::<(), guests::linux::RecipeError>(())
 //! ```
 //!
@@ -25,6 +28,7 @@ pub mod dynamic;
 pub mod elf;
 pub mod initramfs;
 pub mod lz4_legacy;
+pub mod lzo;
 pub mod recipe;
 
 use std::fs;
@@ -214,8 +218,8 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RecipeError> {
 const STAMP: &str = "STAMP";
 const STAMPED: [&str; 2] = ["vmlinux", "initramfs.cpio"];
 
-fn stamp_text(dir: &Path) -> Option<String> {
-    let mut s = format!("fingerprint {}\n", recipe::fingerprint());
+fn stamp_text(dir: &Path, kernel: &recipe::KernelPin) -> Option<String> {
+    let mut s = format!("fingerprint {}\n", recipe::fingerprint(kernel));
     for name in STAMPED {
         let len = fs::metadata(dir.join(name)).ok()?.len();
         s.push_str(&format!("{name} {len}\n"));
@@ -223,8 +227,8 @@ fn stamp_text(dir: &Path) -> Option<String> {
     Some(s)
 }
 
-fn stamp_valid(dir: &Path) -> bool {
-    match (fs::read_to_string(dir.join(STAMP)), stamp_text(dir)) {
+fn stamp_valid(dir: &Path, kernel: &recipe::KernelPin) -> bool {
+    match (fs::read_to_string(dir.join(STAMP)), stamp_text(dir, kernel)) {
         (Ok(found), Some(expected)) => found == expected,
         _ => false,
     }
@@ -234,42 +238,39 @@ fn mib(n: usize) -> String {
     format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
 }
 
-/// The image of a pinned kernel (placeholder: the default kernel only).
+/// Provides the default Linux guest image ([`recipe::DEFAULT_KERNEL`]):
+/// [`provision_kernel`] of it.
+pub fn provision(opts: &ProvisionOptions<'_>) -> Result<LinuxImage, RecipeError> {
+    provision_kernel(recipe::DEFAULT_KERNEL, opts)
+}
+
+/// Provides the Linux guest image of the pinned kernel `pin`, building it
+/// on first use: download and verify its package and busybox's, extract
+/// `vmlinux` from the kernel's bzImage (whatever its compression), build
+/// the initramfs. Later calls find the stamped artefacts in
+/// `linux/<release>/` and return at once.
 pub fn provision_kernel(
     pin: &recipe::KernelPin,
     opts: &ProvisionOptions<'_>,
 ) -> Result<LinuxImage, RecipeError> {
-    if pin == recipe::DEFAULT_KERNEL {
-        provision(opts)
-    } else {
-        Err(RecipeError::PackageUnavailable {
-            package: pin.package.spec(),
-        })
-    }
-}
-
-/// Provides the Linux guest image, building it on first use: download and
-/// verify the pinned packages, extract `vmlinux` from the kernel's bzImage,
-/// build the initramfs. Later calls find the stamped artefacts and return
-/// at once.
-pub fn provision(opts: &ProvisionOptions<'_>) -> Result<LinuxImage, RecipeError> {
     let progress: Progress<'_> = opts.progress.unwrap_or(&no_progress);
     let cache = &opts.cache_dir;
     fs::create_dir_all(cache).map_err(io_err("create", cache))?;
     let _lock = CacheLock::acquire(&cache.join(".lock"))?;
-    let out = cache.join("linux").join(recipe::KERNEL_RELEASE);
+    let out = cache.join("linux").join(pin.release);
     let image = LinuxImage {
         vmlinux: out.join("vmlinux"),
         initramfs: out.join("initramfs.cpio"),
-        kernel_version: recipe::KERNEL_RELEASE.to_string(),
+        kernel_version: pin.release.to_string(),
     };
-    if stamp_valid(&out) {
+    if stamp_valid(&out, pin) {
         return Ok(image);
     }
     let started = Instant::now();
     progress(&format!(
-        "provisioning Linux guest {} into {}",
-        recipe::KERNEL_RELEASE,
+        "provisioning Linux guest {} ({}) into {}",
+        pin.name,
+        pin.release,
         out.display()
     ));
     let debs = cache.join("debs");
@@ -277,24 +278,24 @@ pub fn provision(opts: &ProvisionOptions<'_>) -> Result<LinuxImage, RecipeError>
     fs::create_dir_all(&out).map_err(io_err("create", &out))?;
     let _ = fs::remove_file(out.join(STAMP));
 
-    let [kernel_deb, busybox_deb] =
-        apt::fetch(&[recipe::KERNEL, recipe::BUSYBOX], &debs, progress)?;
+    let [kernel_deb, busybox_deb] = apt::fetch(&[pin.package, recipe::BUSYBOX], &debs, progress)?;
     let fetched = started.elapsed();
 
     progress(&format!(
         "extracting the kernel from {}",
         kernel_deb.display()
     ));
-    let (vmlinuz_m, config_m) = (recipe::vmlinuz_member(), recipe::config_member());
+    let (vmlinuz_m, config_m) = (pin.vmlinuz_member(), pin.config_member());
     let mut k = deb::read_members(&kernel_deb, &[&vmlinuz_m, &config_m])?.into_iter();
     let (vmlinuz, config) = (k.next().unwrap_or_default(), k.next().unwrap_or_default());
 
     let extracted = started.elapsed();
-    let payload_len = bzimage::payload(&vmlinuz)
-        .map(|(_, p)| p.len())
-        .unwrap_or(0);
+    let (payload_len, payload_format) = bzimage::payload(&vmlinuz)
+        .map_or((0, bzimage::Compression::Unknown([0; 4])), |(_, p)| {
+            (p.len(), bzimage::Compression::detect(p))
+        });
     progress(&format!(
-        "decompressing vmlinux from the bzImage payload ({})",
+        "decompressing vmlinux from the bzImage payload ({}, {payload_format})",
         mib(payload_len)
     ));
     let vmlinux = bzimage::extract_vmlinux(&vmlinuz)?;
@@ -310,7 +311,7 @@ pub fn provision(opts: &ProvisionOptions<'_>) -> Result<LinuxImage, RecipeError>
     write_atomic(&out.join("config"), &config)?;
     write_atomic(&image.vmlinux, &vmlinux.bytes)?;
     write_atomic(&image.initramfs, &initrd)?;
-    let stamp = stamp_text(&out).ok_or_else(|| RecipeError::Io {
+    let stamp = stamp_text(&out, pin).ok_or_else(|| RecipeError::Io {
         op: "stat",
         path: out.clone(),
         source: io::Error::from(io::ErrorKind::NotFound),

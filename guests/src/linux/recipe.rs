@@ -2,9 +2,11 @@
 //! and the sha256 of each `.deb` (the value apt's signed index lists as
 //! `SHA256:` for that version; `apt-cache show <pkg>=<version>` shows it).
 //!
-//! To move to another kernel: `apt-get update && apt-cache policy
-//! 'linux-image-6.1*-cloud-amd64'`, pick a version, `apt-get download` it,
-//! `sha256sum` it, and update [`KERNEL`] and [`KERNEL_RELEASE`].
+//! The kernels are a named list ([`KERNELS`]: `debian-6.1`, the default, and
+//! `debian-6.12`). To move a pin or add one: `apt-get update && apt-cache
+//! policy 'linux-image-6.1*-cloud-amd64'`, pick a version, `apt-get
+//! download` it, `sha256sum` it (the `SHA256:` of `apt-cache show
+//! <pkg>=<version>`), and update or add a [`KernelPin`].
 
 use sha2::{Digest, Sha256};
 
@@ -37,56 +39,55 @@ impl DebPackage {
     }
 }
 
-/// The Debian 12 (bookworm) cloud kernel, 6.1 line. 6.1.176-1 is the
-/// bookworm point-release kernel (in `bookworm/main` and in
-/// `bookworm-security`), so it stays downloadable longer than a
-/// security-only upload. Its bzImage payload is LZ4 (`CONFIG_KERNEL_LZ4=y`).
-pub const KERNEL: DebPackage = DebPackage {
-    name: "linux-image-6.1.0-50-cloud-amd64",
-    version: "6.1.176-1",
-    sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
-};
-
-/// The kernel release the package installs (`/boot/vmlinuz-<release>`).
-pub const KERNEL_RELEASE: &str = "6.1.0-50-cloud-amd64";
-
-/// A kernel the recipes know by name: the Debian package that ships it and
-/// the release it installs. The same package serves as the Linux guest's
-/// kernel (`vmm boot --kernel debian-6.12`) and as the emulated host's
-/// (`vmm host --kernel debian-6.12`), whose kvm modules it also ships.
+/// A pinned kernel the recipe can provision, chosen by [`name`](Self::name)
+/// (`vmm boot --kernel debian-6.12`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPin {
-    /// The name on the command line, e.g. `debian-6.1`.
+    /// What `--kernel` calls it, e.g. `debian-6.1`.
     pub name: &'static str,
+    /// The `linux-image-*` package.
     pub package: DebPackage,
-    /// `uname -r` of the kernel, e.g. `6.1.0-50-cloud-amd64`.
+    /// The kernel release the package installs (`/boot/vmlinuz-<release>`,
+    /// `/lib/modules/<release>/`).
     pub release: &'static str,
 }
 
 impl KernelPin {
-    /// The bzImage inside the package's data.tar.
+    /// Path of the kernel image inside the package's data.tar.
     pub fn vmlinuz_member(&self) -> String {
         format!("boot/vmlinuz-{}", self.release)
     }
-    /// The kernel config inside the package's data.tar.
+
+    /// Path of the kernel config inside the package's data.tar.
     pub fn config_member(&self) -> String {
         format!("boot/config-{}", self.release)
     }
-    /// Where the package's modules live, with a trailing `/`.
+
+    /// The directory of the package's modules inside its data.tar
+    /// (`lib/modules/<release>/`, with the slash): e.g.
+    /// `lib/modules/<release>/kernel/arch/x86/kvm/kvm.ko.xz` for 6.12.
     pub fn modules_member_prefix(&self) -> String {
         format!("lib/modules/{}/", self.release)
     }
 }
 
-/// Debian 12's 6.1 cloud kernel (the default guest and host kernel).
+/// The Debian 12 (bookworm) cloud kernel, 6.1 line: the default. 6.1.176-1
+/// is the bookworm point-release kernel (in `bookworm/main` and in
+/// `bookworm-security`), so it stays downloadable longer than a
+/// security-only upload. Its bzImage payload is LZ4 (`CONFIG_KERNEL_LZ4=y`).
 pub const DEBIAN_6_1: KernelPin = KernelPin {
     name: "debian-6.1",
-    package: KERNEL,
-    release: KERNEL_RELEASE,
+    package: DebPackage {
+        name: "linux-image-6.1.0-50-cloud-amd64",
+        version: "6.1.176-1",
+        sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
+    },
+    release: "6.1.0-50-cloud-amd64",
 };
 
-/// Debian 12's 6.12 cloud kernel (bookworm-security; its bzImage payload is
-/// zstd, its modules `.ko.xz`).
+/// The 6.12 cloud kernel of bookworm-security (the trixie kernel built for
+/// bookworm). Its bzImage payload is zstd (`CONFIG_KERNEL_ZSTD=y`, `zstd -22
+/// --ultra`), its modules `.ko.xz`.
 pub const DEBIAN_6_12: KernelPin = KernelPin {
     name: "debian-6.12",
     package: DebPackage {
@@ -97,16 +98,31 @@ pub const DEBIAN_6_12: KernelPin = KernelPin {
     release: "6.12.117+deb12-cloud-amd64",
 };
 
-/// Every kernel known by name.
+/// Every kernel the recipe can provision.
 pub const KERNELS: &[KernelPin] = &[DEBIAN_6_1, DEBIAN_6_12];
 
-/// The kernel used when none is named.
+/// The kernel `provision` and `vmm boot` without `--kernel` use.
 pub const DEFAULT_KERNEL: &KernelPin = &DEBIAN_6_1;
 
-/// The pinned kernel called `name`.
+/// The pinned kernel called `name` (`debian-6.1`, `debian-6.12`).
 pub fn kernel_by_name(name: &str) -> Option<&'static KernelPin> {
     KERNELS.iter().find(|k| k.name == name)
 }
+
+/// The names of [`KERNELS`], comma-separated (for messages).
+pub fn kernel_names() -> String {
+    KERNELS
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The default kernel's package ([`DEFAULT_KERNEL`]`.package`).
+pub const KERNEL: DebPackage = DEFAULT_KERNEL.package;
+
+/// The default kernel's release ([`DEFAULT_KERNEL`]`.release`).
+pub const KERNEL_RELEASE: &str = DEFAULT_KERNEL.release;
 
 /// Static busybox: the whole of the guest's user space.
 pub const BUSYBOX: DebPackage = DebPackage {
@@ -115,16 +131,6 @@ pub const BUSYBOX: DebPackage = DebPackage {
     sha256: "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744",
 };
 
-/// Path of the kernel image inside the kernel package's data.tar.
-pub fn vmlinuz_member() -> String {
-    format!("boot/vmlinuz-{KERNEL_RELEASE}")
-}
-
-/// Path of the kernel config inside the kernel package's data.tar.
-pub fn config_member() -> String {
-    format!("boot/config-{KERNEL_RELEASE}")
-}
-
 /// Path of the static busybox inside busybox-static's data.tar.
 pub const BUSYBOX_MEMBER: &str = "bin/busybox";
 
@@ -132,16 +138,16 @@ pub const BUSYBOX_MEMBER: &str = "bin/busybox";
 /// changing (e.g. a fix in the cpio writer).
 const BUILD_REVISION: u32 = 1;
 
-/// A digest of everything the built artefacts depend on: the pins, the
-/// `/init` script and applets, the build revision. The cache keeps built
-/// artefacts only while this matches.
-pub fn fingerprint() -> String {
+/// A digest of everything one kernel's built artefacts depend on: its pin
+/// and busybox's, the `/init` script and applets, the build revision. The
+/// cache keeps built artefacts only while this matches.
+pub fn fingerprint(kernel: &KernelPin) -> String {
     let mut h = Sha256::new();
     h.update(format!("rev={BUILD_REVISION}\n"));
-    for p in [KERNEL, BUSYBOX] {
+    for p in [kernel.package, BUSYBOX] {
         h.update(format!("{}={} {}\n", p.name, p.version, p.sha256));
     }
-    h.update(KERNEL_RELEASE);
+    h.update(kernel.release);
     h.update(initramfs::INIT_SCRIPT);
     for a in initramfs::APPLETS {
         h.update(a);
@@ -161,7 +167,8 @@ mod tests {
 
     #[test]
     fn pins_are_well_formed() {
-        for p in [KERNEL, BUSYBOX] {
+        let packages = KERNELS.iter().map(|k| k.package).chain([BUSYBOX]);
+        for p in packages {
             assert_eq!(p.sha256.len(), 64);
             assert!(p
                 .sha256
@@ -169,11 +176,27 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert!(!p.file_name().contains(':'));
         }
-        assert!(KERNEL.name.ends_with(KERNEL_RELEASE));
+        for k in KERNELS {
+            assert!(k.package.name.ends_with(k.release), "{}", k.name);
+            assert_eq!(kernel_by_name(k.name), Some(k));
+            assert_eq!(k.vmlinuz_member(), format!("boot/vmlinuz-{}", k.release));
+            assert!(k.modules_member_prefix().starts_with("lib/modules/"));
+            assert!(k.modules_member_prefix().ends_with('/'));
+            assert_eq!(fingerprint(k), fingerprint(k));
+        }
+        assert_eq!(kernel_by_name("debian-6.1"), Some(&DEBIAN_6_1));
+        assert_eq!(kernel_by_name("debian-6.12"), Some(&DEBIAN_6_12));
+        assert_eq!(kernel_by_name("debian-7"), None);
+        assert_eq!(DEFAULT_KERNEL, &DEBIAN_6_1);
+        assert_eq!(kernel_names(), "debian-6.1, debian-6.12");
+        assert_ne!(fingerprint(&DEBIAN_6_1), fingerprint(&DEBIAN_6_12));
+        assert_eq!(
+            DEBIAN_6_12.config_member(),
+            "boot/config-6.12.117+deb12-cloud-amd64"
+        );
         assert_eq!(
             BUSYBOX.file_name(),
             "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
         );
-        assert_eq!(fingerprint(), fingerprint());
     }
 }

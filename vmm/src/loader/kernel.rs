@@ -21,7 +21,11 @@ const SETUP_HDR_OFF: usize = 0x1f1;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The kernel file does not exist.
-    #[error("kernel image {0} does not exist")]
+    #[error(
+        "kernel image {} does not exist (--kernel takes a file or a pinned kernel: {})",
+        .0.display(),
+        guests::linux::recipe::kernel_names()
+    )]
     KernelMissing(PathBuf),
     /// The initrd file does not exist.
     #[error("initrd {0} does not exist")]
@@ -96,8 +100,8 @@ pub fn validate_elf(b: &[u8]) -> Result<u64, KernelError> {
 }
 
 /// Extract the vmlinux from a bzImage (the guests crate's extractor: setup
-/// header, payload, LZ4-legacy, ELF check) and return it with the setup
-/// header the zero page starts from.
+/// header, payload in any compression, ELF check) and return it with the
+/// setup header the zero page starts from.
 pub fn extract_bzimage(b: &[u8]) -> Result<(Vec<u8>, setup_header), KernelError> {
     let vmlinux = guests::linux::bzimage::extract_vmlinux(b)?;
     let mut hdr = setup_header::default();
@@ -110,7 +114,7 @@ pub fn extract_bzimage(b: &[u8]) -> Result<(Vec<u8>, setup_header), KernelError>
 }
 
 impl KernelImage {
-    /// Read and validate a kernel: an ELF vmlinux or an LZ4 bzImage.
+    /// Read and validate a kernel: an ELF vmlinux or a bzImage.
     pub fn open(path: &Path) -> Result<Self, KernelError> {
         let b = read_file(path, KernelError::KernelMissing)?;
         Self::from_bytes(path, b)

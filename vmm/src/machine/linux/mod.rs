@@ -186,10 +186,12 @@ impl LinuxBoot {
     }
 }
 
-/// The default guest image: the pinned Debian kernel and the project's
-/// initramfs, provisioned (downloaded, verified, extracted) on first use.
+/// The default guest image: the default pinned Debian kernel
+/// (`guests::linux::recipe::DEFAULT_KERNEL`) and the project's initramfs,
+/// provisioned (downloaded, verified, extracted) on first use.
 pub fn default_image() -> Result<(PathBuf, PathBuf), BootError> {
-    let image = guests::linux::provision(&guests::linux::ProvisionOptions::default())?;
+    let pin = guests::linux::recipe::DEFAULT_KERNEL;
+    let image = guests::linux::provision_kernel(pin, &guests::linux::ProvisionOptions::default())?;
     Ok((image.vmlinux, image.initramfs))
 }
 
@@ -221,14 +223,30 @@ pub struct BootInputs {
 }
 
 impl BootInputs {
-    /// Open /dev/kvm, the kernel (default: the provisioned image) and the
-    /// initramfs.
+    /// Open /dev/kvm, the kernel and the initramfs. `--kernel` is a file
+    /// (ELF vmlinux or bzImage), or the name of a pinned kernel
+    /// (`guests::linux::recipe::KERNELS`, e.g. `debian-6.12`: that kernel
+    /// is provisioned and its vmlinux and initramfs used); without it, the
+    /// default pinned image. `--initrd` replaces the provisioned initramfs.
     pub fn prepare(cfg: &LinuxBoot) -> Result<Self, BootError> {
         let start = Instant::now();
         let kvm = kvm::open(&cfg.kvm_dev)?;
-        let (kernel_path, initrd_path) = match (&cfg.guest.kernel, &cfg.guest.initrd) {
-            (Some(k), Some(i)) => (k.clone(), i.clone()),
-            (k, i) => {
+        let pinned = match &cfg.guest.kernel {
+            None => Some(guests::linux::recipe::DEFAULT_KERNEL),
+            // A name of the list, even when a file of that name exists
+            // (`./debian-6.1` for the file).
+            Some(k) => k.to_str().and_then(guests::linux::recipe::kernel_by_name),
+        };
+        let (kernel_path, initrd_path) = match (pinned, &cfg.guest.kernel, &cfg.guest.initrd) {
+            // A file and an initrd: nothing to provision.
+            (None, Some(k), Some(i)) => (k.clone(), i.clone()),
+            (Some(pin), _, i) => {
+                let opts = guests::linux::ProvisionOptions::default();
+                let image = guests::linux::provision_kernel(pin, &opts)?;
+                (image.vmlinux, i.clone().unwrap_or(image.initramfs))
+            }
+            // A file without an initrd: the default image's initramfs.
+            (None, k, i) => {
                 let (dk, di) = default_image()?;
                 (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
             }
