@@ -255,7 +255,7 @@ fn custom_kernel(bzimage: &Path, dir: &Path) -> Result<(Vec<u8>, Modules), HostI
             }
         }
     }
-    let mut modules = Vec::new();
+    let mut found = Vec::new();
     for (name, _) in MODULE_PATHS {
         let file = files
             .iter()
@@ -275,6 +275,11 @@ fn custom_kernel(bzimage: &Path, dir: &Path) -> Result<(Vec<u8>, Modules), HostI
                     dir.display()
                 ),
             })?;
+        found.push((name, file));
+    }
+    // All three found: only then read and decompress them.
+    let mut modules = Vec::new();
+    for (name, file) in found {
         let bytes = fs::read(file).map_err(io_err("read", file))?;
         modules.push((name, plain_module(&file.to_string_lossy(), &bytes)?));
     }
