@@ -279,13 +279,37 @@ impl HostMm {
     }
 
     /// `UFFDIO_WRITEPROTECT(r)` through `uffd` (which must have `r`
-    /// registered in WP mode).
+    /// registered in WP mode), one ioctl per VMA `r` covers: 6.1's
+    /// `mwriteprotect_range()` (mm/userfaultfd.c) takes a range "fully
+    /// within a single existing vma" and answers ENOENT otherwise (a range
+    /// an earlier mprotect split); later kernels walk the VMAs themselves
+    /// (`for_each_vma_range`), one `uffd_wp_range()` - one notifier range -
+    /// per VMA either way, so the prediction is the same.
     pub fn write_protect(&mut self, uffd: &Uffd, r: HvaRange, wp: bool) -> Result<Vec<Notified>> {
         self.check_inside("write_protect", r)?;
         self.refresh_puds(r)?;
-        let notes = predict::uffd_writeprotect(&self.shapes(r), r, &self.pud_fn())
+        let shapes = self.shapes(r);
+        let notes = predict::uffd_writeprotect(&shapes, r, &self.pud_fn())
             .map_err(|e| Self::unaligned("write_protect", r, e))?;
-        self.announce(&notes, || uffd.write_protect(r, wp))?;
+        let pieces: Vec<HvaRange> = shapes
+            .iter()
+            .map(|s| HvaRange::new(s.range.start.max(r.start), s.range.end.min(r.end)))
+            .filter(|p| !p.is_empty())
+            .collect();
+        self.announce(&notes, || {
+            match pieces.iter().try_for_each(|p| uffd.write_protect(*p, wp)) {
+                // A VMA split this HostMm did not make (a raw mprotect of
+                // someone else's): split at the kernel's own VMAs.
+                Err(Error::Syscall { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    kernel_vma_pieces(r)?
+                        .iter()
+                        .try_for_each(|p| uffd.write_protect(*p, wp))
+                }
+                other => other,
+            }
+        })?;
         Ok(notes)
     }
 
@@ -356,6 +380,26 @@ impl HostMm {
         }
         Ok(out)
     }
+}
+
+/// `r` cut at the boundaries of this process's VMAs (`/proc/self/maps`).
+fn kernel_vma_pieces(r: HvaRange) -> Result<Vec<HvaRange>> {
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|source| Error::Syscall {
+        op: "read /proc/self/maps",
+        source,
+    })?;
+    Ok(maps
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            let p = HvaRange::new(a.max(r.start), b.min(r.end));
+            (a < r.end && b > r.start && !p.is_empty()).then_some(p)
+        })
+        .collect())
 }
 
 #[cfg(test)]
