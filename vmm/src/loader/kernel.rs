@@ -217,6 +217,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, KernelError::KernelMissing(_)), "{e}");
+        // `--kernel debian-6.21`: the message lists the pinned names.
+        let msg = e.to_string();
+        assert!(msg.contains("debian-6.1, debian-6.12"), "{msg}");
         let e = read_initrd(Path::new("/nonexistent/initrd")).unwrap_err();
         assert!(matches!(e, KernelError::InitrdMissing(_)), "{e}");
     }

@@ -237,6 +237,13 @@ impl BootInputs {
             // (`./debian-6.1` for the file).
             Some(k) => k.to_str().and_then(guests::linux::recipe::kernel_by_name),
         };
+        // Neither a pinned name nor a file: say so (with the names) before
+        // provisioning anything.
+        if let (None, Some(k)) = (pinned, &cfg.guest.kernel) {
+            if !k.exists() {
+                return Err(KernelError::KernelMissing(k.clone()).into());
+            }
+        }
         let (kernel_path, initrd_path) = match (pinned, &cfg.guest.kernel, &cfg.guest.initrd) {
             // A file and an initrd: nothing to provision.
             (None, Some(k), Some(i)) => (k.clone(), i.clone()),
