@@ -20,14 +20,18 @@ use vmm::machine::emulated_host::qemu;
 /// The test binaries whose tests use KVM, run inside the host in this order.
 /// Not carried: `linux_recipe` (apt and the recipe, no KVM; apt is not in
 /// the host image) and this file.
+/// The suites that need a free 1 GiB hugepage go first: after the boot
+/// suite the emulated host's boot-time 1 GiB pool was found empty (not yet
+/// explained: each boot test alone leaves it whole); the script prints the
+/// pool after every suite to find out.
 const KVM_SUITES: &[&str] = &[
-    "boot",
     "run_builtin",
+    "notifier_check",
+    "boot",
     "nested_run",
     "soft_lockup",
     "run_linux",
     "latency",
-    "notifier_check",
     "notifier_order",
 ];
 
@@ -109,6 +113,7 @@ fn suite_script(binaries: &[(&str, PathBuf)]) -> String {
              '{}'\n\
              rc=$?\n\
              echo \"HVMM-SUITE {name} $rc $start $(cut -d' ' -f1 /proc/uptime)\"\n\
+             grep -H . /sys/kernel/mm/hugepages/hugepages-1048576kB/*_hugepages\n\
              [ $rc = 0 ] || failed=$((failed + 1))\n",
             bin.display()
         );

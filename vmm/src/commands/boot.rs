@@ -1,4 +1,4 @@
-//! `vmm boot`: boot a Linux guest (ELF vmlinux or LZ4 bzImage + initrd) on
+//! `vmm boot`: boot a Linux guest (ELF vmlinux or bzImage in any compression, or a pinned kernel by name, + initrd) on
 //! hugetlb guest RAM (or a plain memfd) and report the boot timeline. The
 //! boot itself is the Linux machine's ([`crate::machine::linux`]).
 

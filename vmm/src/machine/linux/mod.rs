@@ -69,9 +69,9 @@ pub enum BootError {
     /// A VM-level KVM ioctl.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// No kernel given, and the default image could not be provisioned.
+    /// The default or a named (pinned) guest image could not be provisioned.
     #[error(
-        "no --kernel/--initrd given and the default Linux image could not be provisioned: {0}"
+        "the Linux guest image (the default, or the kernel named by --kernel) could not be provisioned: {0}"
     )]
     Provision(#[from] guests::linux::RecipeError),
     /// Bad command line.
