@@ -213,7 +213,7 @@ fn pinned_kernel(
                 .collect()
         })
         .collect();
-    let vmlinuz = vec![pin.vmlinuz_member()];
+    let vmlinuz = [pin.vmlinuz_member()];
     let mut wanted: Vec<Vec<&str>> = vec![vmlinuz.iter().map(String::as_str).collect()];
     wanted.extend(names.iter().map(|n| n.iter().map(String::as_str).collect()));
     let wanted: Vec<&[&str]> = wanted.iter().map(Vec::as_slice).collect();
