@@ -28,14 +28,16 @@ pub struct HostArgs {
     /// kvm-amd modules (.ko, .ko.xz, .ko.zst or .ko.gz; searched recursively).
     #[arg(long)]
     pub modules: Option<PathBuf>,
-    /// Host RAM (e.g. 4G; a bare number is MiB).
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    /// Host RAM (e.g. 6G; a bare number is MiB). QEMU allocates it as the
+    /// host touches it.
+    #[arg(long, default_value = "6G", value_parser = parse_size)]
     pub mem: u64,
     /// Host vCPUs (QEMU runs one thread per vCPU).
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
     /// 2 MiB hugepages to reserve inside before the command runs (default:
-    /// a quarter of --mem).
+    /// all of --mem but 2 GiB, for the host kernel, the initramfs and the
+    /// command).
     #[arg(long)]
     pub hugepages: Option<u64>,
     /// 1 GiB hugepages, reserved by the host kernel at boot
@@ -156,7 +158,9 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
     if mem_mib < 512 {
         return Err(HostArgError::TooLittleMemory(mem_mib));
     }
-    let hugepages_2m = args.hugepages.unwrap_or(mem_mib / 8);
+    let hugepages_2m = args
+        .hugepages
+        .unwrap_or(mem_mib.saturating_sub(2048) / 2);
     let pool_mib = hugepages_2m
         .saturating_mul(2)
         .saturating_add(args.hugepages_1g.saturating_mul(1024));
