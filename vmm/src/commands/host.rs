@@ -158,9 +158,7 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
     if mem_mib < 512 {
         return Err(HostArgError::TooLittleMemory(mem_mib));
     }
-    let hugepages_2m = args
-        .hugepages
-        .unwrap_or(mem_mib.saturating_sub(2048) / 2);
+    let hugepages_2m = args.hugepages.unwrap_or(mem_mib.saturating_sub(2048) / 2);
     let pool_mib = hugepages_2m
         .saturating_mul(2)
         .saturating_add(args.hugepages_1g.saturating_mul(1024));
