@@ -155,12 +155,26 @@ pub fn validate(size: u64, hp: PageSize) -> Result<u64, MemoryError> {
         let Some(total) = read_sysfs_u64(&dir.join("nr_hugepages")) else {
             return Err(MemoryError::NoPool { size: hp, dir });
         };
-        let free = read_sysfs_u64(&dir.join("free_hugepages")).unwrap_or(0);
-        let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
-        check_hugepages(hp, size, free, resv, total)?;
+        // The pages of a VM destroyed a moment ago can come back to the
+        // pool a little later (measured: the second of two back-to-back
+        // 1 GiB boots of one process found 0 free pages): a short pool
+        // is looked at again for up to POOL_SETTLE before it is an error.
+        let started = std::time::Instant::now();
+        loop {
+            let free = read_sysfs_u64(&dir.join("free_hugepages")).unwrap_or(0);
+            let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
+            match check_hugepages(hp, size, free, resv, total) {
+                Err(e) if started.elapsed() >= POOL_SETTLE => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Ok(()) => break,
+            }
+        }
     }
     Ok(size)
 }
+
+/// How long a short hugepage pool is waited on (see [`validate`]).
+const POOL_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `size` bytes of the memfd `fd` mapped `MAP_SHARED` as a vm-memory
 /// `GuestMemoryMmap` at gpa 0 (its own mapping: the memfd is dup'ed).
