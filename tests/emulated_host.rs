@@ -19,14 +19,18 @@ use vmm::machine::emulated_host::qemu;
 
 /// The test binaries whose tests use KVM, run inside the host in this order.
 /// Not carried: `linux_recipe` (apt and the recipe, no KVM; apt is not in
-/// the host image) and this file.
+/// the host image), this file, and `notifier_check`: its predictions are
+/// the host mm rules of this machine's kernel (6.18), and the emulated
+/// host's 6.1 differs - measured there, MADV_DONTNEED and munmap of
+/// hugetlb and anonymous ranges notify each range twice, and an mprotect of
+/// sparse anonymous memory notifies only the populated part (16 of 45
+/// cases differ). Predicting per kernel version is issue 14's work.
 /// The suites that need a free 1 GiB hugepage go first: after the boot
 /// suite the emulated host's boot-time 1 GiB pool was found empty (not yet
 /// explained: each boot test alone leaves it whole); the script prints the
 /// pool after every suite to find out.
 const KVM_SUITES: &[&str] = &[
     "run_builtin",
-    "notifier_check",
     "boot",
     "nested_run",
     "soft_lockup",
