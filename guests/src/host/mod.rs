@@ -25,7 +25,9 @@ use thiserror::Error;
 
 use crate::linux::cpio::{CpioError, CpioWriter};
 use crate::linux::recipe::{self, hex, KernelPin};
-use crate::linux::{apt, deb, decompress, elf, io_err, ProvisionOptions, RecipeError};
+use crate::linux::{
+    apt, deb, decompress, elf, io_err, write_atomic, ProvisionOptions, RecipeError,
+};
 
 #[derive(Debug, Error)]
 pub enum HostImageError {
@@ -292,12 +294,6 @@ fn plain_module(file: &str, bytes: &[u8]) -> Result<Vec<u8>, HostImageError> {
         name: file.to_string(),
         detail: e.to_string(),
     })
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RecipeError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path))
 }
 
 #[cfg(test)]

@@ -149,12 +149,7 @@ impl Overlay {
     /// A program (debug sections stripped when [`Overlay::strip`]), its
     /// loader and its libraries, each at its path here; a script as it is.
     pub fn program(&mut self, path: &Path) -> Result<(), OverlayError> {
-        let mut head = [0u8; 4];
-        let is_elf = File::open(path)
-            .and_then(|mut f| io::Read::read_exact(&mut f, &mut head))
-            .is_ok()
-            && head == *b"\x7fELF";
-        if !is_elf {
+        if !is_elf(path) {
             // A script: its interpreter is the image's busybox sh.
             return self.file(path);
         }
@@ -170,6 +165,17 @@ impl Overlay {
             self.file(&lib)?;
         }
         Ok(())
+    }
+
+    /// A file to carry: an executable ELF as a [`Overlay::program`] (with
+    /// its libraries), anything else (a guest vmlinux, data) as it is.
+    pub fn carry(&mut self, path: &Path) -> Result<(), OverlayError> {
+        let exec = fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+        if exec && is_elf(path) {
+            self.program(path)
+        } else {
+            self.file(path)
+        }
     }
 
     /// `path` without debug sections, or `None` when objcopy is missing or fails.
@@ -214,6 +220,15 @@ impl Overlay {
             .map_err(io_err("sync", &path))?;
         Ok(fs::metadata(&path).map_err(io_err("stat", &path))?.len())
     }
+}
+
+/// True when `path` starts with the ELF magic.
+fn is_elf(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && head == *b"\x7fELF"
 }
 
 #[cfg(test)]

@@ -209,7 +209,7 @@ pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) ->
 }
 
 /// Writes `data` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RecipeError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RecipeError> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data).map_err(io_err("write", &tmp))?;
     fs::rename(&tmp, path).map_err(io_err("rename", path))

@@ -170,12 +170,7 @@ impl EmulatedHost {
             o.program(p)?;
         }
         for f in &self.files {
-            // An executable goes with its libraries (and stripped).
-            if is_executable_elf(f) {
-                o.program(f)?;
-            } else {
-                o.file(f)?;
-            }
+            o.carry(f)?;
         }
         o.config(&HostConfig {
             npt: self.npt,
@@ -294,17 +289,6 @@ impl EmulatedHost {
         }
         Ok((channel, s_to_start, s_qemu))
     }
-}
-
-/// An ELF file with an execute bit.
-fn is_executable_elf(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let exec = fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
-    let mut head = [0u8; 4];
-    exec && fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head == *b"\x7fELF"
 }
 
 /// Appends what `path` gained since `seen` bytes to `text`.
