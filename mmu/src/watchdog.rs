@@ -17,10 +17,16 @@ pub struct WatchdogReport {
     pub worst_wait_ns: u64,
     /// Most rmap heads the zapper visited during one wait.
     pub worst_wait_entries: u64,
-    /// The same, not counting the one-head stretches between releases the
-    /// watchdog missed (it had registered as a waiter but was not parked
-    /// yet, or was descheduled, when the zapper released): the zap work the
-    /// watchdog was really held off by.
+    /// Most rmap heads the zapper visited from the moment the watchdog
+    /// wanted the lock to the zapper's first release of it after that: the
+    /// zap work the watchdog was held off by, whether or not it was on a CPU
+    /// to take the lock at that release (a watchdog descheduled while it
+    /// queues - 2 shared cores, an emulated host's vCPU - misses handovers
+    /// the zapper did offer). At most one stretch (+ [`PROGRESS_EVERY`]: the
+    /// start is the last published count) when the zap yields; the whole
+    /// zap when it never does.
+    ///
+    /// [`PROGRESS_EVERY`]: crate::shadow::zap::PROGRESS_EVERY
     pub worst_wait_work: u64,
     pub acquisitions: u64,
 }
@@ -51,25 +57,35 @@ pub fn watchdog_until(
     }
     loop {
         let done = over();
-        let (u0, y0) = (
-            progress.heads_visited.load(Ordering::Acquire),
-            progress.yields.load(Ordering::Acquire),
-        );
+        // Wanted first, then where the zap is: a release in between counts
+        // as no work (it did come after the want); never the other way
+        // round, where a watchdog descheduled between the two would count
+        // the stretches it slept through.
+        progress.want_release();
+        let zap0 = progress.zaps.load(Ordering::SeqCst);
+        let u0 = progress.heads_visited.load(Ordering::SeqCst);
         let t0 = Instant::now();
         let g = lock.read();
         let waited = notifier::convert::duration_ns(t0.elapsed());
-        let (u1, y1) = (
+        let released = progress.take_release();
+        let at_acquire = (
             progress.heads_visited.load(Ordering::Acquire),
-            progress.yields.load(Ordering::Acquire),
+            progress.zaps.load(Ordering::SeqCst),
         );
         drop(g);
         r.acquisitions += 1;
         r.worst_wait_ns = r.worst_wait_ns.max(waited);
-        // (A new zap restarted the counters: its own work.)
-        let entries = if u1 >= u0 { u1 - u0 } else { u1 };
-        let yields = if y1 >= y0 { y1 - y0 } else { y1 };
-        r.worst_wait_entries = r.worst_wait_entries.max(entries);
-        r.worst_wait_work = r.worst_wait_work.max(entries.saturating_sub(yields));
+        // Heads of zap work since the want, up to a point of zap `zap`
+        // (a zap started meanwhile restarted the counters: all its own).
+        let since = |(heads, zap): (u64, u64)| {
+            if zap == zap0 {
+                heads.saturating_sub(u0)
+            } else {
+                heads
+            }
+        };
+        r.worst_wait_entries = r.worst_wait_entries.max(since(at_acquire));
+        r.worst_wait_work = r.worst_wait_work.max(since(released.unwrap_or(at_acquire)));
         if done {
             return r;
         }

@@ -408,13 +408,28 @@ impl TraceSource {
     }
 }
 
+/// How long dropping a [`TraceSource`] retries an instance removal that
+/// says EBUSY.
+const RMDIR_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for TraceSource {
     fn drop(&mut self) {
         // Every open file of the instance must be closed or rmdir says EBUSY.
         self.pipe = None;
         self.marker = None;
         let _ = std::fs::write(self.instance.join(EVENT).join("enable"), "0");
-        let _ = std::fs::remove_dir(&self.instance);
+        // EBUSY while another process still holds one of its files: a
+        // child forked by another thread of this process inherits them
+        // until it exits or execs (`__remove_instance()` refuses while
+        // `tr->ref` is raised). Retry briefly; what is left is reaped by
+        // the next `open()` once this process is gone.
+        let deadline = std::time::Instant::now() + RMDIR_RETRY;
+        while let Err(e) = std::fs::remove_dir(&self.instance) {
+            if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         // `_mount` unmounts after this, if it is the last user.
     }
 }

@@ -48,10 +48,61 @@ pub struct ZapProgress {
     pub heads_visited: AtomicU64,
     /// Times the zap released the lock so far (published before releasing).
     pub yields: AtomicU64,
+    /// Zaps started on this progress (one per notifier range of an
+    /// operation): tells an observer that the counters restarted.
+    pub zaps: AtomicU64,
+    /// 0 while nobody asks; set to [`RELEASE_WANTED`] by an observer about
+    /// to wait for the lock; the zap's first release after that (a yield or
+    /// its end) replaces it with 1 + the rmap heads visited by then
+    /// ([`Self::want_release`], [`Self::take_release`]).
+    pub released_at: AtomicU64,
+    /// [`Self::zaps`] at that release: which zap's heads they are.
+    pub released_zap: AtomicU64,
     /// Measurement gate: once it holds `mmu_lock`, the zap waits (at most
     /// [`GATE_TIMEOUT`]) until someone is blocked on the lock before it
     /// starts, so an observer's first wait covers the zap from its start.
     pub hold_until_contended: bool,
+}
+
+/// [`ZapProgress::released_at`] while an observer waits for a release.
+pub const RELEASE_WANTED: u64 = u64::MAX;
+
+impl ZapProgress {
+    /// An observer is about to wait for `mmu_lock`: the zap's next release
+    /// records where it was.
+    pub fn want_release(&self) {
+        self.released_at.store(RELEASE_WANTED, Ordering::SeqCst);
+    }
+
+    /// The rmap heads visited at the first release since
+    /// [`Self::want_release`] and the zap ([`Self::zaps`]) they belong to,
+    /// or None if no zap has released since. Call with `mmu_lock` held.
+    pub fn take_release(&self) -> Option<(u64, u64)> {
+        match self.released_at.swap(0, Ordering::SeqCst) {
+            0 | RELEASE_WANTED => None,
+            h => Some((h - 1, self.released_zap.load(Ordering::SeqCst))),
+        }
+    }
+
+    /// Before a release of `mmu_lock`: answer a pending
+    /// [`Self::want_release`] (only the first release after it).
+    fn released(&self, heads: u64) {
+        if self
+            .released_at
+            .compare_exchange(
+                RELEASE_WANTED,
+                heads.saturating_add(1).min(RELEASE_WANTED - 1),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            // Read by the observer once it holds the lock this zap is
+            // about to release: ordered by the lock.
+            self.released_zap
+                .store(self.zaps.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+    }
 }
 
 /// Reports of notifier-started zaps kept for [`ShadowMmu::take_notifier_reports`].
@@ -119,6 +170,7 @@ pub struct ZapReport {
 fn progress_start(p: &ZapProgress, lock: &MmuLock) {
     p.heads_visited.store(0, Ordering::Relaxed);
     p.yields.store(0, Ordering::Relaxed);
+    p.zaps.fetch_add(1, Ordering::SeqCst);
     p.started.store(true, Ordering::Release);
     let t = std::time::Instant::now();
     while p.hold_until_contended && !lock.contended() && t.elapsed() < GATE_TIMEOUT {
@@ -129,6 +181,7 @@ fn progress_start(p: &ZapProgress, lock: &MmuLock) {
 fn progress_done(p: &ZapProgress, rep: &ZapReport) {
     p.heads_visited
         .store(rep.rmap_heads_visited, Ordering::Release);
+    p.released(rep.rmap_heads_visited);
     p.done.store(true, Ordering::Release);
 }
 
@@ -213,6 +266,7 @@ impl<P: GuestPaging> ShadowMmu<P> {
                     p.heads_visited
                         .store(rep.rmap_heads_visited, Ordering::Release);
                     p.yields.fetch_add(1, Ordering::Release);
+                    p.released(rep.rmap_heads_visited);
                 }
                 drop(st);
                 MmuLock::yield_write(g);
@@ -325,5 +379,27 @@ impl<P: GuestPaging> SecondaryMmu for ShadowMmu<P> {
         }
         reports.push(rep);
         pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wanted_release_records_the_first_release_and_its_zap() {
+        let p = ZapProgress::default();
+        p.zaps.store(3, Ordering::SeqCst);
+        // Not wanted: a release records nothing.
+        p.released(10);
+        assert_eq!(p.take_release(), None);
+        p.want_release();
+        assert_eq!(p.take_release(), None, "no release since the want");
+        p.want_release();
+        p.released(20);
+        p.zaps.store(4, Ordering::SeqCst);
+        p.released(5); // a later release (of the next zap) does not overwrite
+        assert_eq!(p.take_release(), Some((20, 3)));
+        assert_eq!(p.take_release(), None, "taken once");
     }
 }

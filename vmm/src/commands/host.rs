@@ -273,7 +273,7 @@ fn host_text(r: &HostRun) -> String {
     let c = &r.channel;
     let opt = |v: Option<f64>| v.map_or("?".to_string(), |s| format!("{s:.1}"));
     format!(
-        "[host] {} ({}): tdp_mmu={} npt={} nested={}, {} x 2M hugepages\n\
+        "[host] {} ({}): tdp_mmu={} npt={} nested={}, {} x 2M + {} x 1G hugepages\n\
          [host] /init at host uptime {} s; command started {} s after QEMU, ran {} s (emulated time), status {}; QEMU ran {:.1} s, image built in {:.1} s",
         c.kernel.as_deref().unwrap_or("?"),
         r.kernel_name,
@@ -281,6 +281,7 @@ fn host_text(r: &HostRun) -> String {
         c.npt.as_deref().unwrap_or("?"),
         c.nested.as_deref().unwrap_or("?"),
         c.hugepages.map_or("?".into(), |h| h.to_string()),
+        c.hugepages_1g.map_or("?".into(), |h| h.to_string()),
         opt(c.init),
         opt(r.s_to_start),
         opt(c.wall_s()),
