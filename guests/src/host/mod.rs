@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::linux::cpio::{CpioError, CpioWriter};
 use crate::linux::recipe::{self, hex, KernelPin};
 use crate::linux::{
-    apt, deb, decompress, elf, io_err, write_atomic, ProvisionOptions, RecipeError,
+    apt, deb, decompress, elf, io_err, write_atomic, CacheLock, ProvisionOptions, RecipeError,
 };
 
 #[derive(Debug, Error)]
@@ -129,6 +129,9 @@ pub fn provision(
     let cache = &opts.cache_dir;
     let debs = cache.join("debs");
     fs::create_dir_all(&debs).map_err(io_err("create", &debs))?;
+    // One builder at a time: concurrent `vmm host` runs (the test suite's
+    // threads) would otherwise race on the same temporary files.
+    let _lock = CacheLock::acquire(&cache.join(".lock"))?;
     let (label, kernel_digest) = match kernel {
         HostKernel::Pinned(p) => (p.release.to_string(), p.package.sha256.to_string()),
         HostKernel::Custom { bzimage, modules } => {

@@ -166,10 +166,10 @@ impl<'a> ProvisionOptions<'a> {
 
 /// An exclusive `flock` on `<cache>/.lock` for the duration of a provision:
 /// concurrent test threads and processes share one cache.
-struct CacheLock(fs::File);
+pub(crate) struct CacheLock(fs::File);
 
 impl CacheLock {
-    fn acquire(path: &Path) -> Result<Self, RecipeError> {
+    pub(crate) fn acquire(path: &Path) -> Result<Self, RecipeError> {
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)

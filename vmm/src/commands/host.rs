@@ -15,6 +15,7 @@ use guests::linux::ProvisionOptions;
 use serde_json::{json, Value};
 
 use crate::cli::{parse_size, OnOff, EXIT_ERROR};
+use crate::machine::emulated_host::qemu::TcgThreads;
 use crate::machine::emulated_host::{EmulatedHost, HostError, HostRun};
 
 /// Arguments of `vmm host`.
@@ -32,9 +33,14 @@ pub struct HostArgs {
     /// host touches it.
     #[arg(long, default_value = "6G", value_parser = parse_size)]
     pub mem: u64,
-    /// Host vCPUs (QEMU runs one thread per vCPU).
+    /// Host vCPUs.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
+    /// How QEMU's TCG runs the host's vCPUs: single (one thread takes
+    /// turns; as fast here, and reliable) or multi (MTTCG, a thread each;
+    /// its cross-vCPU text patching was seen to hang the host kernel).
+    #[arg(long, value_enum, default_value = "single")]
+    pub tcg: TcgThreads,
     /// 2 MiB hugepages to reserve inside before the command runs (default:
     /// all of --mem but 2 GiB, for the host kernel, the initramfs and the
     /// command).
@@ -72,6 +78,10 @@ pub struct HostArgs {
     /// Stop QEMU after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
+    /// Stop QEMU once the host kernel reports a soft lockup of this many
+    /// seconds (its watchdog, on the console); 0: never.
+    #[arg(long, default_value_t = 120)]
+    pub lockup_limit: u64,
     /// Keep the run directory (initramfs, console and channel logs).
     #[arg(long)]
     pub keep: bool,
@@ -214,6 +224,7 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
         kernel,
         mem: mem_mib << 20,
         cpus: args.cpus,
+        tcg: args.tcg,
         npt: args.npt == OnOff::On,
         nested: args.nested == OnOff::On,
         hugepages_2m,
@@ -232,6 +243,7 @@ fn plan(args: &HostArgs, opts: &ProvisionOptions<'_>) -> Result<EmulatedHost, Ho
             (!words.is_empty()).then(|| words.join(" "))
         },
         timeout: Duration::from_secs(args.timeout),
+        lockup_limit: (args.lockup_limit > 0).then(|| Duration::from_secs(args.lockup_limit)),
         keep: args.keep,
         echo: !args.quiet,
     })
@@ -251,6 +263,7 @@ pub fn host_json(r: &HostRun) -> Value {
     let c = &r.channel;
     json!({
         "kernel": r.kernel_name,
+        "tcg": r.tcg,
         "release": c.kernel,
         "tdp_mmu": flag(c.tdp_mmu.as_deref()),
         "npt": flag(c.npt.as_deref()),
@@ -266,6 +279,7 @@ pub fn host_json(r: &HostRun) -> Value {
         "s_image": r.s_image,
         "image_bytes": r.image_bytes,
         "status": c.status,
+        "kernel_lockups": r.lockups,
     })
 }
 
@@ -311,6 +325,9 @@ pub fn main(args: HostArgs) -> ExitCode {
     match outcome {
         Ok(r) => {
             eprintln!("{}", host_text(&r));
+            for l in &r.lockups {
+                eprintln!("[host] the host kernel reported: {l}");
+            }
             if r.channel.status.is_some_and(|s| s > 128) {
                 eprintln!(
                     "vmm host: the inner command was killed by signal {}",

@@ -52,6 +52,19 @@ pub enum HostError {
         "timeout: the emulated host ran {0} s without finishing (QEMU killed; raise --timeout)"
     )]
     Timeout(u64),
+    #[error(
+        "the emulated host did not start the command within {secs} s of QEMU's start (it boots in 5-20 s; QEMU killed); console ends:\n{console}"
+    )]
+    NoBoot { secs: u64, console: String },
+    #[error(
+        "the emulated host's kernel reported a CPU stuck for {secs} s (--lockup-limit {limit} s; QEMU killed): {line}\nconsole ends:\n{console}"
+    )]
+    Lockup {
+        secs: u64,
+        limit: u64,
+        line: String,
+        console: String,
+    },
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -73,6 +86,8 @@ pub struct EmulatedHost {
     /// Host RAM (bytes).
     pub mem: u64,
     pub cpus: u32,
+    /// How QEMU runs the vCPUs.
+    pub tcg: qemu::TcgThreads,
     pub npt: bool,
     pub nested: bool,
     /// 2 MiB hugepages reserved inside before the command runs.
@@ -90,6 +105,9 @@ pub struct EmulatedHost {
     /// Extra host kernel command line.
     pub append: Option<String>,
     pub timeout: Duration,
+    /// End the run when the host kernel reports a soft lockup this long
+    /// (its own detector, on the console); None: only the timeout ends it.
+    pub lockup_limit: Option<Duration>,
     /// Keep the run directory (image, console and channel logs).
     pub keep: bool,
     /// Echo the console to stdout.
@@ -101,6 +119,7 @@ pub struct EmulatedHost {
 pub struct HostRun {
     /// The kernel as named on the command line.
     pub kernel_name: String,
+    pub tcg: qemu::TcgThreads,
     pub channel: ChannelReport,
     /// Seconds from QEMU's start to the command's start, seen here.
     pub s_to_start: Option<f64>,
@@ -112,11 +131,18 @@ pub struct HostRun {
     pub image_bytes: u64,
     /// Where the console and channel logs are.
     pub run_dir: PathBuf,
+    /// The host kernel's soft-lockup and RCU-stall reports, verbatim.
+    pub lockups: Vec<String>,
 }
 
 /// The host kernel's command line: the console on COM1, errors only, a
 /// panic ends QEMU (reboot, with `-no-reboot`).
 pub const HOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// How long the host may take from QEMU's start to the command's: it
+/// boots in 5-20 s (PLATFORM.md); under multi-threaded TCG one boot was
+/// seen silent for 10 minutes, which this turns into an error at once.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
 /// How often the channel file is read while QEMU runs.
 const POLL: Duration = Duration::from_millis(20);
@@ -137,10 +163,11 @@ impl EmulatedHost {
         let image_bytes = self.write_image(&base.base_cpio, &initrd)?;
         let s_image = t0.elapsed().as_secs_f64();
         eprintln!(
-            "[host] image {:.1} MiB in {:.1} s; booting {} under QEMU (TCG, SVM+NPT), {} MiB, {} vCPUs",
+            "[host] image {:.1} MiB in {:.1} s; booting {} under QEMU (TCG {}, SVM+NPT), {} MiB, {} vCPUs",
             image_bytes as f64 / f64::from(1u32 << 20),
             s_image,
             self.kernel.name(),
+            self.tcg.name(),
             self.mem >> 20,
             self.cpus
         );
@@ -148,18 +175,20 @@ impl EmulatedHost {
         if !self.keep {
             let _ = fs::remove_file(&initrd);
         }
-        let (channel, s_to_start, s_qemu) = outcome?;
+        let (channel, s_to_start, s_qemu, lockups) = outcome?;
         if !self.keep && channel.error.is_none() {
             let _ = fs::remove_dir_all(&run_dir);
         }
         Ok(HostRun {
             kernel_name: self.kernel.name(),
+            tcg: self.tcg,
             channel,
             s_to_start,
             s_qemu,
             s_image,
             image_bytes,
             run_dir,
+            lockups,
         })
     }
 
@@ -185,13 +214,13 @@ impl EmulatedHost {
     }
 
     /// Boots QEMU and waits for it: the channel's report, the seconds to
-    /// the command's start and QEMU's run time.
+    /// the command's start, QEMU's run time and the kernel's lockup reports.
     fn boot(
         &self,
         bzimage: &Path,
         initrd: &Path,
         run_dir: &Path,
-    ) -> Result<(ChannelReport, Option<f64>, f64), HostError> {
+    ) -> Result<(ChannelReport, Option<f64>, f64, Vec<String>), HostError> {
         let channel_path = run_dir.join("channel.log");
         let append = match &self.append {
             Some(a) => format!("{HOST_CMDLINE} {a}"),
@@ -204,6 +233,7 @@ impl EmulatedHost {
             mem_mib: self.mem >> 20,
             cpus: self.cpus,
             append,
+            tcg: self.tcg,
         };
         let start = Instant::now();
         let mut child = cfg.spawn().map_err(|e| {
@@ -217,9 +247,9 @@ impl EmulatedHost {
                 }
             }
         })?;
-        let tail: qemu::Tail = Arc::new(Mutex::new(Default::default()));
+        let watch: qemu::Console = Arc::new(Mutex::new(Default::default()));
         let console = child.stdout.take().map(|out| {
-            qemu::pump_console(out, &run_dir.join("console.log"), self.echo, tail.clone())
+            qemu::pump_console(out, &run_dir.join("console.log"), self.echo, watch.clone())
         });
         let stderr = child.stderr.take().map(qemu::pump_stderr);
         let mut s_to_start = None;
@@ -242,6 +272,19 @@ impl EmulatedHost {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(HostError::Timeout(self.timeout.as_secs()));
+            }
+            if s_to_start.is_none() && start.elapsed() > BOOT_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HostError::NoBoot {
+                    secs: BOOT_LIMIT.as_secs(),
+                    console: watch.lock().map(|w| w.tail()).unwrap_or_default(),
+                });
+            }
+            if let Some(e) = self.lockup(&watch) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
             }
             std::thread::sleep(POLL);
         };
@@ -271,11 +314,11 @@ impl EmulatedHost {
                 },
             });
         }
+        let (console, lockups) = watch
+            .lock()
+            .map(|w| (w.tail(), w.lockups.clone()))
+            .unwrap_or_default();
         if channel.status.is_none() {
-            let console = tail
-                .lock()
-                .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-                .unwrap_or_default();
             let stderr = stderr.trim();
             return Err(HostError::QemuDied {
                 status: status.to_string(),
@@ -287,7 +330,23 @@ impl EmulatedHost {
                 console,
             });
         }
-        Ok((channel, s_to_start, s_qemu))
+        Ok((channel, s_to_start, s_qemu, lockups))
+    }
+
+    /// The run's end when the host kernel reported a soft lockup of
+    /// [`Self::lockup_limit`] or more: a host CPU stuck that long does not
+    /// come back in a useful time (under TCG one was seen stuck until the
+    /// timeout, 900 s and counting).
+    fn lockup(&self, watch: &qemu::Console) -> Option<HostError> {
+        let limit = self.lockup_limit?;
+        let w = watch.lock().ok()?;
+        let (secs, line) = w.worst_soft_lockup.as_ref()?;
+        (Duration::from_secs(*secs) >= limit).then(|| HostError::Lockup {
+            secs: *secs,
+            limit: limit.as_secs(),
+            line: line.clone(),
+            console: w.tail(),
+        })
     }
 }
 

@@ -24,21 +24,55 @@ pub struct QemuConfig {
     pub cpus: u32,
     /// The host kernel's command line.
     pub append: String,
+    pub tcg: TcgThreads,
+}
+
+/// How QEMU's TCG runs the vCPUs: `single`, one host thread taking turns
+/// among them; `multi` (MTTCG), one host thread each. Measured here
+/// (QEMU 7.2, 2 host cores, 2 vCPUs, debian-6.1 host, the run_builtin
+/// suite 4 times in a row): both take 20-22 s a round after the first
+/// (31-33 s); under `multi` the host kernel's live text patching
+/// (`text_poke_bp()` from a tracepoint or static key flip) once waited
+/// forever for the other vCPU's IPI answer (a soft lockup, 900 s and
+/// counting), once oopsed on its own int3 (6.12), and one boot of two
+/// never reached /init. `single` is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcgThreads {
+    Single,
+    Multi,
+}
+
+impl TcgThreads {
+    fn accel(self) -> &'static str {
+        match self {
+            TcgThreads::Single => "tcg,thread=single",
+            TcgThreads::Multi => "tcg,thread=multi",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcgThreads::Single => "single",
+            TcgThreads::Multi => "multi",
+        }
+    }
 }
 
 impl QemuConfig {
     /// The arguments. Measured choices (PLATFORM.md, "A second host"): TCG
-    /// with one host thread per vCPU (`thread=multi`), q35, a `qemu64` CPU
+    /// with the threading asked for ([`TcgThreads`]), q35, a `qemu64` CPU
     /// with SVM and nested paging (NPT) - the CPU model QEMU's SVM emulation
     /// is known to boot `kvm_amd` on - and 1 GiB pages (`pdpe1gb`: without
-    /// it the host has no 1 GiB hugepage pool, and the 1G backings skip); no default devices, no display, COM1
-    /// on stdio, COM2 to the channel file, and a reboot ends QEMU.
+    /// it the host has no 1 GiB hugepage pool, and the 1G backings skip); no
+    /// default devices, no display, COM1 on stdio, COM2 to the channel file,
+    /// and a reboot ends QEMU.
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = [
             "-nodefaults",
             "-no-user-config",
             "-accel",
-            "tcg,thread=multi",
+            self.tcg.accel(),
             "-machine",
             "q35",
             "-cpu",
@@ -141,18 +175,72 @@ fn is_kernel_message(line: &str) -> bool {
         })
 }
 
-/// The console's last lines (for error reports).
-pub type Tail = Arc<Mutex<VecDeque<String>>>;
+/// What the console said that the run needs while QEMU runs: its last
+/// lines (for error reports) and the host kernel's own lockup detectors.
+#[derive(Debug, Default)]
+pub struct ConsoleWatch {
+    tail: VecDeque<String>,
+    /// Soft-lockup and RCU-stall lines, verbatim (the first [`MAX_LOCKUP_LINES`]).
+    pub lockups: Vec<String>,
+    /// The longest soft lockup reported so far (seconds) and its line.
+    pub worst_soft_lockup: Option<(u64, String)>,
+}
+
+pub type Console = Arc<Mutex<ConsoleWatch>>;
 const TAIL_LINES: usize = 40;
+const MAX_LOCKUP_LINES: usize = 16;
+
+impl ConsoleWatch {
+    fn line(&mut self, line: &str) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+        if let Some(secs) = soft_lockup_secs(line) {
+            if self
+                .worst_soft_lockup
+                .as_ref()
+                .is_none_or(|(w, _)| secs > *w)
+            {
+                self.worst_soft_lockup = Some((secs, line.to_string()));
+            }
+        }
+        if (soft_lockup_secs(line).is_some() || is_rcu_stall(line))
+            && self.lockups.len() < MAX_LOCKUP_LINES
+        {
+            self.lockups.push(line.to_string());
+        }
+    }
+
+    /// The console's last lines.
+    pub fn tail(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Seconds of a soft-lockup report, `watchdog: BUG: soft lockup - CPU#1
+/// stuck for 45s! [trace-pump:172]` (`watchdog_timer_fn()`,
+/// kernel/watchdog.c).
+pub fn soft_lockup_secs(line: &str) -> Option<u64> {
+    let rest = line.split_once("soft lockup - CPU#")?.1;
+    let secs = rest.split_once("stuck for ")?.1.split_once("s!")?.0;
+    secs.trim().parse().ok()
+}
+
+/// An RCU CPU stall warning (`rcu: INFO: rcu_preempt self-detected stall on
+/// CPU`, `... detected stalls on CPUs/tasks`: kernel/rcu/tree_stall.h).
+fn is_rcu_stall(line: &str) -> bool {
+    line.contains("rcu: INFO:") && line.contains("stall")
+}
 
 /// Pumps QEMU's stdout: each line (without `\r`) to `log`, to our stdout
-/// through [`Forward`], and to the tail. Ends at EOF (QEMU exited);
-/// returns the forwarder to finish.
+/// through [`Forward`], and to the [`ConsoleWatch`]. Ends at EOF (QEMU
+/// exited); returns the forwarder to finish.
 pub fn pump_console(
     out: impl Read + Send + 'static,
     log: &Path,
     echo: bool,
-    tail: Tail,
+    watch: Console,
 ) -> std::io::Result<JoinHandle<Forward>> {
     let mut log = File::create(log)?;
     Ok(std::thread::spawn(move || {
@@ -176,11 +264,8 @@ pub fn pump_console(
                 }
                 let _ = o.flush();
             }
-            if let Ok(mut t) = tail.lock() {
-                if t.len() == TAIL_LINES {
-                    t.pop_front();
-                }
-                t.push_back(line);
+            if let Ok(mut w) = watch.lock() {
+                w.line(&line);
             }
         }
         fwd
@@ -218,6 +303,23 @@ mod tests {
     }
 
     #[test]
+    fn soft_lockups_and_rcu_stalls_are_watched() {
+        let mut w = ConsoleWatch::default();
+        w.line("[   82.748622] watchdog: BUG: soft lockup - CPU#1 stuck for 45s! [trace-pump:172]");
+        w.line("[   58.577630] rcu: INFO: rcu_preempt self-detected stall on CPU");
+        w.line("[  110.746485] watchdog: BUG: soft lockup - CPU#1 stuck for 71s! [trace-pump:172]");
+        w.line("[  111.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [kworker/0:1:33]");
+        w.line("test every_page_goes_through_the_mmu ... ok");
+        assert_eq!(w.lockups.len(), 4);
+        let (secs, line) = w.worst_soft_lockup.clone().unwrap();
+        assert_eq!(secs, 71);
+        assert!(line.contains("CPU#1 stuck for 71s"));
+        assert!(w.tail().ends_with("... ok"));
+        assert_eq!(soft_lockup_secs("soft lockup - CPU#1 stuck for xs!"), None);
+        assert_eq!(soft_lockup_secs("no lockup here"), None);
+    }
+
+    #[test]
     fn command_line_has_svm_npt_and_both_serial_ports() {
         let c = QemuConfig {
             bzimage: "/k".into(),
@@ -226,8 +328,10 @@ mod tests {
             mem_mib: 4096,
             cpus: 2,
             append: "console=ttyS0".into(),
+            tcg: TcgThreads::Single,
         };
         let a = c.args().join(" ");
+        assert!(a.contains("-accel tcg,thread=single"));
         assert!(a.contains("-cpu qemu64,+svm,+npt,+pdpe1gb"));
         assert!(a.contains("-serial stdio -no-reboot -serial file:/c"));
         assert!(a.contains("-m 4096M -smp 2 -kernel /k -initrd /i -append console=ttyS0"));
