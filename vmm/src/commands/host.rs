@@ -36,10 +36,11 @@ pub struct HostArgs {
     /// Host vCPUs.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
-    /// How QEMU's TCG runs the host's vCPUs: single (one thread takes
-    /// turns; as fast here, and reliable) or multi (MTTCG, a thread each;
-    /// its cross-vCPU text patching was seen to hang the host kernel).
-    #[arg(long, value_enum, default_value = "single")]
+    /// How QEMU's TCG runs the host's vCPUs: multi (MTTCG, a thread each;
+    /// the host kernel's text patching was seen to hang) or single (one
+    /// thread takes turns; Linux guests were seen to deadlock on an
+    /// interrupt delivered with IF=0).
+    #[arg(long, value_enum, default_value = "multi")]
     pub tcg: TcgThreads,
     /// 2 MiB hugepages to reserve inside before the command runs (default:
     /// all of --mem but 2 GiB, for the host kernel, the initramfs and the

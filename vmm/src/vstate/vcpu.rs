@@ -177,9 +177,9 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// The [`RunControl::deadline`] passed.
+    /// The [`RunControl::deadline`] passed; `dump`: the registers then.
     #[error("the guest ran past its deadline (guest rip {rip:#x})")]
-    TimedOut { rip: u64 },
+    TimedOut { rip: u64, dump: String },
     /// One of the [`RunControl::stop`] flags was set.
     #[error("the guest was stopped (guest rip {rip:#x})")]
     Stopped { rip: u64 },
@@ -396,7 +396,10 @@ impl Vcpu {
     ) -> Result<H::Stop, VcpuError> {
         loop {
             if expired.load(Ordering::Acquire) {
-                return Err(VcpuError::TimedOut { rip: self.rip() });
+                return Err(VcpuError::TimedOut {
+                    rip: self.rip(),
+                    dump: self.dump(),
+                });
             }
             if ctl.stop_requested() {
                 return Err(VcpuError::Stopped { rip: self.rip() });

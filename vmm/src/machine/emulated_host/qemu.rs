@@ -29,13 +29,22 @@ pub struct QemuConfig {
 
 /// How QEMU's TCG runs the vCPUs: `single`, one host thread taking turns
 /// among them; `multi` (MTTCG), one host thread each. Measured here
-/// (QEMU 7.2, 2 host cores, 2 vCPUs, debian-6.1 host, the run_builtin
-/// suite 4 times in a row): both take 20-22 s a round after the first
-/// (31-33 s); under `multi` the host kernel's live text patching
-/// (`text_poke_bp()` from a tracepoint or static key flip) once waited
-/// forever for the other vCPU's IPI answer (a soft lockup, 900 s and
-/// counting), once oopsed on its own int3 (6.12), and one boot of two
-/// never reached /init. `single` is the default.
+/// (QEMU 7.2, 2 host cores, 2 vCPUs, debian-6.1 host), each has its own
+/// failure, both QEMU's:
+/// - `multi`: the host kernel's live text patching (`text_poke_bp()`, from
+///   a tracepoint or static key flip) once waited forever for the other
+///   vCPU's IPI answer (a soft lockup, 900 s and counting), once oopsed on
+///   its own int3 (6.12), and one host boot of three stayed silent.
+/// - `single`: a Linux guest on userfaultfd RAM deadlocked in 3 of 9 boots
+///   (0 of 8 under `multi`): its vCPU spun in
+///   `native_queued_spin_lock_slowpath()` on the hard-IRQ stack with the
+///   lock held by the code it interrupted - an interrupt delivered while
+///   the guest had IF=0 (the VMM injects none itself; KVM's in-kernel PIC
+///   does, through QEMU's SVM emulation).
+///
+/// `multi` is the default: the boot hang ends at [`super::BOOT_LIMIT`]
+/// and the soft lockup at `--lockup-limit`, both as typed errors, while
+/// a guest deadlock looks like a hang of the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TcgThreads {

@@ -99,9 +99,9 @@ pub enum BootError {
     /// `KVM_RUN` failed.
     #[error(transparent)]
     Run(VcpuError),
-    /// The boot took longer than its timeout.
-    #[error("timed out after {secs} s (guest rip {rip:#x})")]
-    Timeout { secs: u64, rip: u64 },
+    /// The boot took longer than its timeout; `dump`: the registers then.
+    #[error("timed out after {secs} s (guest rip {rip:#x})\n{dump}")]
+    Timeout { secs: u64, rip: u64, dump: String },
     /// SIGINT/SIGTERM.
     #[error("interrupted by a signal (guest rip {rip:#x})")]
     Interrupted { rip: u64 },
@@ -517,9 +517,10 @@ pub fn boot(
         Ok(LinuxStop::Error(e)) => Some(e),
         Err(VcpuError::Stopped { rip }) if was_interrupted => Some(BootError::Interrupted { rip }),
         Err(VcpuError::Stopped { .. }) => Some(BootError::Plumbing("stopped".into())),
-        Err(VcpuError::TimedOut { rip }) => Some(BootError::Timeout {
+        Err(VcpuError::TimedOut { rip, dump }) => Some(BootError::Timeout {
             secs: cfg.timeout.as_secs(),
             rip,
+            dump,
         }),
         Err(VcpuError::Shutdown { dump }) => Some(BootError::TripleFault { dump }),
         Err(VcpuError::Internal { suberror, dump }) => Some(BootError::Internal { suberror, dump }),
