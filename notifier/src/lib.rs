@@ -19,17 +19,24 @@
 //! * [`workload`]: busy threads that make the kernel act on this mm
 //!   (the NUMA scanner).
 //! * [`check`]: the differential check (predicted vs tracepoint).
+//! * [`kmsg`]: the kernel's own soft-lockup, RCU-stall and need_resched
+//!   reports (`/dev/kmsg`, or any console's lines).
+//! * [`lateness`]: a `SCHED_FIFO` watchdog pinned to a CPU: the longest
+//!   stretch in which that CPU did not reschedule.
 
 pub mod check;
 pub mod convert;
 pub mod error;
 pub mod hostconf;
 pub mod hostmm;
+pub mod kmsg;
+pub mod lateness;
 pub mod mmap;
 pub mod ops;
 pub mod page_size;
 pub mod pagemap;
 pub mod predict;
+pub mod sched;
 pub mod seq;
 pub mod subscriber;
 mod sync;

@@ -550,20 +550,9 @@ impl Drop for UffdSource {
 }
 
 fn make_realtime(cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t; cpu is bounds-checked by CPU_SET.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 = this thread; `set` is valid for the call.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(Error::last_os("sched_setaffinity(uffd handler)"));
-    }
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: pid 0 = this thread; `param` is valid for the call.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        return Err(Error::last_os("sched_setscheduler(SCHED_FIFO)"));
-    }
-    Ok(())
+    let os = |op: &'static str| move |source| Error::Syscall { op, source };
+    crate::sched::pin_to_cpu(cpu).map_err(os("sched_setaffinity(uffd handler)"))?;
+    crate::sched::set_fifo(1).map_err(os("sched_setscheduler(SCHED_FIFO)"))
 }
 
 /// The invalidation an event stands for (`None` for page faults).

@@ -7,6 +7,7 @@ use super::LatencyError;
 use crate::memory::uffd::UffdGuestRam;
 use guests::probe::{ProbeMode, ProbeWindow};
 use notifier::ops::Discard;
+use notifier::sched::mono_ns;
 use notifier::trace::{TraceEvent, TraceSource};
 use notifier::HvaRange;
 use std::sync::Arc;
@@ -203,19 +204,6 @@ impl Tracer {
     fn drain(&mut self, n: u64) -> Result<Vec<TraceEvent>, LatencyError> {
         Ok(self.src.drain_until(n, Duration::from_secs(5))?)
     }
-}
-
-/// CLOCK_MONOTONIC in ns (the trace clock `mono`).
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
-    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 fn gettid() -> i32 {

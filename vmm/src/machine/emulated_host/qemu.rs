@@ -2,6 +2,7 @@
 //! console (COM1 on QEMU's stdout) forwarded line by line to ours and to a
 //! log.
 
+use notifier::kmsg::KernelReport;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -205,7 +206,10 @@ impl ConsoleWatch {
             self.tail.pop_front();
         }
         self.tail.push_back(line.to_string());
-        if let Some(secs) = soft_lockup_secs(line) {
+        let Some(report) = KernelReport::classify(line) else {
+            return;
+        };
+        if let Some(secs) = report.soft_lockup_secs() {
             if self
                 .worst_soft_lockup
                 .as_ref()
@@ -214,10 +218,8 @@ impl ConsoleWatch {
                 self.worst_soft_lockup = Some((secs, line.to_string()));
             }
         }
-        if (soft_lockup_secs(line).is_some() || is_rcu_stall(line))
-            && self.lockups.len() < MAX_LOCKUP_LINES
-        {
-            self.lockups.push(line.to_string());
+        if self.lockups.len() < MAX_LOCKUP_LINES {
+            self.lockups.push(report.line);
         }
     }
 
@@ -225,21 +227,6 @@ impl ConsoleWatch {
     pub fn tail(&self) -> String {
         self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
-}
-
-/// Seconds of a soft-lockup report, `watchdog: BUG: soft lockup - CPU#1
-/// stuck for 45s! [trace-pump:172]` (`watchdog_timer_fn()`,
-/// kernel/watchdog.c).
-pub fn soft_lockup_secs(line: &str) -> Option<u64> {
-    let rest = line.split_once("soft lockup - CPU#")?.1;
-    let secs = rest.split_once("stuck for ")?.1.split_once("s!")?.0;
-    secs.trim().parse().ok()
-}
-
-/// An RCU CPU stall warning (`rcu: INFO: rcu_preempt self-detected stall on
-/// CPU`, `... detected stalls on CPUs/tasks`: kernel/rcu/tree_stall.h).
-fn is_rcu_stall(line: &str) -> bool {
-    line.contains("rcu: INFO:") && line.contains("stall")
 }
 
 /// Pumps QEMU's stdout: each line (without `\r`) to `log`, to our stdout
@@ -324,8 +311,6 @@ mod tests {
         assert_eq!(secs, 71);
         assert!(line.contains("CPU#1 stuck for 71s"));
         assert!(w.tail().ends_with("... ok"));
-        assert_eq!(soft_lockup_secs("soft lockup - CPU#1 stuck for xs!"), None);
-        assert_eq!(soft_lockup_secs("no lockup here"), None);
     }
 
     #[test]
