@@ -156,18 +156,28 @@ fn vmm_host_once(args: &[&str]) -> HostOutput {
 }
 
 /// The script run inside: every suite with CI=true, one summary line each.
+/// A suite that fails runs once more, and says so (`HVMM-SUITE-RETRY`):
+/// QEMU's SVM emulation was seen to deliver an interrupt while the guest
+/// had IF=0 (`qemu::TcgThreads`), and a Linux guest once triple-faulted
+/// 2 s into its boot inside (the latency suite, under `multi`). A suite
+/// that fails twice fails the test.
 fn suite_script(binaries: &[(&str, PathBuf)]) -> String {
     let mut s = String::from("#!/bin/sh\nfailed=0\n");
     for (name, bin) in binaries {
         s += &format!(
             "echo '== {name} inside the emulated host'\n\
              start=$(cut -d' ' -f1 /proc/uptime)\n\
-             '{}'\n\
+             '{bin}'\n\
              rc=$?\n\
+             if [ $rc != 0 ]; then\n\
+             echo \"HVMM-SUITE-RETRY {name} $rc\"\n\
+             '{bin}'\n\
+             rc=$?\n\
+             fi\n\
              echo \"HVMM-SUITE {name} $rc $start $(cut -d' ' -f1 /proc/uptime)\"\n\
              grep -H . /sys/kernel/mm/hugepages/hugepages-1048576kB/*_hugepages\n\
              [ $rc = 0 ] || failed=$((failed + 1))\n",
-            bin.display()
+            bin = bin.display()
         );
     }
     s += "echo \"{\\\"failed_suites\\\": $failed}\"\nexit $failed\n";
@@ -245,6 +255,9 @@ fn kvm_suite_passes_inside_the_emulated_svm_host() {
         .iter()
         .filter(|l| l.starts_with("HVMM-SUITE "))
         .collect();
+    for l in lines.iter().filter(|l| l.starts_with("HVMM-SUITE-RETRY ")) {
+        eprintln!("a suite failed once inside and ran again: {l}");
+    }
     eprintln!("inside the emulated host (name, status, host uptime start/end):");
     for l in &summary {
         eprintln!("  {l}");

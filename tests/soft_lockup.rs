@@ -5,6 +5,9 @@
 //!
 //! Behaviour, not speed: stretch bounds are in rmap heads; the never-yield
 //! growth is a ratio between ranges measured in the same run.
+//!
+//! Also the kernel plane's contract (`--plane kernel`: this host's KVM,
+//! its invalidations measured by a SCHED_FIFO watchdog and the tracepoint).
 
 use mmu::model::{NestedModelConfig, TableShape, MODEL_L1_HVA};
 use mmu::shadow::WalkMode;
@@ -259,4 +262,51 @@ fn predicted_numa_hint_ranges() {
         notifier::HvaRange::new(l1.start, l1.start + (256 << 20))
     );
     assert!(predicted(RangeSource::NumaHint, l1, l1, 2, 256 << 20).is_empty());
+}
+
+/// `--plane kernel` on a small L1: every kind at every size is measured
+/// (a syscall time, a stretch), the tracepoint saw the L1's ranges, the
+/// fit has a verdict per kind, and the L1's memory is usable after the
+/// munmap/re-map (the run ends cleanly). Figures are not judged here.
+#[test]
+fn kernel_plane_measures_every_kind_and_size() {
+    if !integration_tests::require_kvm_root() {
+        return;
+    }
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    let _s = serial();
+    let cli =
+        Cli::try_parse_from(["x", "--plane", "kernel", "--l1", "1G", "--repeat", "2"]).unwrap();
+    let rep = vmm::commands::soft_lockup::kernel_plane(&cli.a)
+        .unwrap()
+        .run()
+        .expect("kernel plane");
+    let v = vmm::cli::Report::json(&rep);
+    eprintln!("{}", vmm::cli::Report::text(&rep));
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 9, "{v}");
+    for p in points {
+        assert!(p["syscall_ns"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["lateness_ns"].as_u64().is_some(), "{p}");
+        let ranges = p["ranges"].as_u64().expect("tracepoint ranges as root");
+        assert!(ranges >= 1, "{p}");
+        assert!(
+            p["largest_range"].as_u64().unwrap() <= p["bytes"].as_u64().unwrap(),
+            "{p}"
+        );
+    }
+    let fits = v["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 3, "{v}");
+    for f in fits {
+        assert!(
+            ["yields", "does-not-yield", "undecided"].contains(&f["verdict"].as_str().unwrap()),
+            "{f}"
+        );
+    }
+    assert_eq!(v["memslots"], 1);
 }

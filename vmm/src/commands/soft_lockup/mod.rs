@@ -1,5 +1,6 @@
 //! `vmm soft-lockup`: the nested-TDP soft-lockup scenario on the model
-//! plane (`mmu::model`).
+//! plane (`mmu::model`, this file), or on the host kernel's own KVM
+//! (`--plane kernel`, [`kernel`]).
 //!
 //! An L1 of up to 4 TiB maps a fraction of its memory into an L2 through
 //! EPT tables; the nested MMU shadows them. A host invalidation of an L1
@@ -24,6 +25,17 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
 
+pub mod kernel;
+
+/// Which MMU `vmm soft-lockup` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Plane {
+    /// The project's model MMU (`mmu::model`).
+    Model,
+    /// This host's KVM: host invalidations of a VM's huge memslots.
+    Kernel,
+}
+
 /// Where `vmm soft-lockup`'s invalidation ranges come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum RangeSource {
@@ -35,10 +47,31 @@ pub enum RangeSource {
 /// Arguments of `vmm soft-lockup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoftLockupArgs {
+    /// Which MMU: the project's model, or this host's KVM (`kernel`).
+    #[arg(long, value_enum, default_value = "model")]
+    pub plane: Plane,
     /// L1 guest memory size (e.g. 4T, 64G, 1G; at most 4T; a bare number
-    /// is MiB).
-    #[arg(long, default_value = "4T")]
-    pub l1: String,
+    /// is MiB). Default: 4T on the model plane, 64G on the kernel plane
+    /// (whose shadow MMU allocates 8 bytes of rmap per 4 KiB page).
+    #[arg(long)]
+    pub l1: Option<String>,
+    /// Kernel plane: the host invalidations, each over 1/16, 1/4 and all
+    /// of the L1.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "dontneed,mprotect,munmap"
+    )]
+    pub kinds: Vec<kernel::KernelInval>,
+    /// Kernel plane: runs per kind and size (the fastest syscall and the
+    /// worst stretch are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// Kernel plane: `kernel.watchdog_thresh` for the run (restored after),
+    /// so the kernel's soft-lockup detector fires at 2 x this many seconds.
+    #[arg(long)]
+    pub watchdog_thresh: Option<u32>,
     /// Fraction of L1 4 KiB pages mapped into L2 (0..=1).
     #[arg(long, default_value_t = 0.0001)]
     pub density: f64,
@@ -115,7 +148,7 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn from_args(a: &SoftLockupArgs) -> Result<Self, SoftLockupError> {
-        let l1 = parse_size(&a.l1)?;
+        let l1 = parse_size(a.l1.as_deref().unwrap_or("4T"))?;
         let shape: TableShape = a.shape.parse()?;
         let model = NestedModelConfig {
             l1_bytes: l1,
@@ -542,5 +575,26 @@ pub fn run_args(args: &SoftLockupArgs) -> Result<SoftLockupOutcome, SoftLockupEr
 
 /// `vmm soft-lockup`.
 pub fn main(args: &SoftLockupArgs) -> ExitCode {
-    cli::conclude("vmm soft-lockup", args.json, run_args(args), None)
+    match args.plane {
+        Plane::Model => cli::conclude("vmm soft-lockup", args.json, run_args(args), None),
+        Plane::Kernel => cli::conclude(
+            "vmm soft-lockup",
+            args.json,
+            kernel_plane(args).and_then(|k| k.run()),
+            None,
+        ),
+    }
+}
+
+/// The kernel plane of `args`.
+pub fn kernel_plane(
+    args: &SoftLockupArgs,
+) -> Result<kernel::KernelPlane, kernel::KernelPlaneError> {
+    let l1 = parse_size(args.l1.as_deref().unwrap_or("64G"))?;
+    Ok(kernel::KernelPlane {
+        l1,
+        kinds: args.kinds.clone(),
+        repeat: args.repeat,
+        watchdog_thresh: args.watchdog_thresh,
+    })
 }

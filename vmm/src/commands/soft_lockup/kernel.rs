@@ -1,0 +1,480 @@
+//! `vmm soft-lockup --plane kernel`: the host kernel's own walk. A VM on
+//! this host gets memslots over `--l1` of `MAP_NORESERVE` anonymous memory
+//! (no vCPU runs: every rmap head is empty, the case PLATFORM.md measured),
+//! then host invalidations of growing prefixes of it - `dontneed` (one
+//! `madvise(MADV_DONTNEED)`: one notifier range), `mprotect` (read-only and
+//! back: the kernel notifies PUD-level ranges, `change_protection()`),
+//! `munmap` (and the same range mapped again). Each syscall runs on the CPU
+//! a `SCHED_FIFO` watchdog is pinned to ([`notifier::lateness`]): its worst
+//! wake-up lateness is the longest stretch in which the kernel did not
+//! reschedule. Beside it: the `kvm:kvm_unmap_hva_range` tracepoint (how
+//! many ranges, how large) and the kernel's own detectors from
+//! `/dev/kmsg` ([`notifier::kmsg`]), quoted. Per kind, a line through
+//! (GiB, stretch) says at what range the stretch would reach the kernel's
+//! soft-lockup threshold (2 x `kernel.watchdog_thresh`) and whether the
+//! kernel yields ([`crate::report::fit`]).
+//!
+//! Not yet here (issue 13): backings other than anonymous memory, a guest
+//! that populates SPTEs (`--density`), punch-hole and NUMA-hint kinds,
+//! plots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use notifier::hostconf::SysctlGuard;
+use notifier::kmsg::{KernelReport, Kmsg};
+use notifier::lateness::{LatenessError, LatenessWatchdog};
+use notifier::sched::mono_ns;
+use notifier::trace::TraceSource;
+use notifier::{HvaRange, Mmap};
+use serde_json::{json, Value};
+
+use crate::cli::Report;
+use crate::report::fit::{self, Line, Verdict};
+use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::vm::{SlotMemory, Vm, VmError};
+
+/// A host invalidation of the L1's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelInval {
+    Dontneed,
+    Mprotect,
+    Munmap,
+}
+
+/// The largest memslot KVM takes (`KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages
+/// in include/linux/kvm_host.h), rounded down to 1 GiB.
+const SLOT_MAX: u64 = (((1u64 << 31) - 1) * 4096) & !((1 << 30) - 1);
+/// The watchdog's period and `SCHED_FIFO` priority.
+const PERIOD: Duration = Duration::from_millis(1);
+const PRIORITY: i32 = 90;
+/// Prefixes of the L1 the sweep invalidates: 1/16, 1/4, all of it.
+const SWEEP: [u64; 3] = [16, 4, 1];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelPlaneError {
+    #[error("--l1 {0} bytes: the kernel plane takes 64 MiB to 4 TiB in whole 2 MiB")]
+    BadSize(u64),
+    #[error(transparent)]
+    Size(#[from] crate::cli::SizeError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Lateness(#[from] LatenessError),
+    #[error("{op} of the L1's memory failed: {source}")]
+    Syscall {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Host(#[from] notifier::Error),
+    #[error("cannot tell which CPU this thread runs on")]
+    NoCpu,
+}
+
+/// What the kernel plane runs.
+#[derive(Debug, Clone)]
+pub struct KernelPlane {
+    pub l1: u64,
+    pub kinds: Vec<KernelInval>,
+    pub repeat: u32,
+    /// `kernel.watchdog_thresh` for the run (restored after).
+    pub watchdog_thresh: Option<u32>,
+}
+
+/// The L1's memory: one `MAP_NORESERVE` anonymous mapping.
+struct L1Ram(Mmap);
+
+/// One memslot's part of [`L1Ram`].
+struct SlotPart {
+    ram: Arc<L1Ram>,
+    offset: u64,
+    len: u64,
+}
+
+// SAFETY: the part lies inside the mapping (built from its length), which
+// lives as long as the `Arc` this value holds; the mapping is only ever
+// replaced in place with the same length (munmap + MAP_FIXED), never moved.
+unsafe impl SlotMemory for SlotPart {
+    fn slot_hva(&self) -> u64 {
+        self.ram.0.addr() + self.offset
+    }
+    fn slot_size(&self) -> u64 {
+        self.len
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelPoint {
+    pub kind: KernelInval,
+    pub bytes: u64,
+    /// The fastest syscall of the repeats (ns).
+    pub syscall_ns: u64,
+    /// The worst stretch without a reschedule over the repeats (ns).
+    pub lateness_ns: u64,
+    /// `kvm_unmap_hva_range` ranges in the L1 per syscall, and the largest.
+    pub ranges: Option<u64>,
+    pub largest_range: Option<u64>,
+}
+
+/// Per kind: the line through (GiB, stretch ms) and what it says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelFit {
+    pub kind: KernelInval,
+    pub ms_per_gib: Option<f64>,
+    /// The range (GiB) at which the stretch reaches the soft-lockup
+    /// threshold, by the line.
+    pub gib_at_soft_lockup: Option<f64>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone)]
+pub struct KernelPlaneReport {
+    pub kernel: String,
+    pub cpu: usize,
+    pub l1: u64,
+    pub slots: usize,
+    pub watchdog_thresh_s: u32,
+    /// The watchdog's lateness over a quiet CPU (ns): the probe floor.
+    pub floor_ns: u64,
+    pub points: Vec<KernelPoint>,
+    pub fits: Vec<KernelFit>,
+    pub kernel_reports: Vec<KernelReport>,
+    /// Why there are no range counts (no tracefs, not root).
+    pub trace_note: Option<String>,
+}
+
+fn os(op: &'static str) -> KernelPlaneError {
+    KernelPlaneError::Syscall {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// Runs `kind` over `[hva, hva + len)` once.
+fn invalidate(kind: KernelInval, hva: u64, len: u64) -> Result<(), KernelPlaneError> {
+    let ptr = hva as *mut libc::c_void;
+    let n = notifier::convert::u64_to_usize(len);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    match kind {
+        KernelInval::Dontneed => {
+            // SAFETY: the range is inside the L1 mapping, which no Rust
+            // reference points into; dropping its pages is what we want.
+            if unsafe { libc::madvise(ptr, n, libc::MADV_DONTNEED) } != 0 {
+                return Err(os("madvise(MADV_DONTNEED)"));
+            }
+        }
+        KernelInval::Mprotect => {
+            // SAFETY: as above; the protection goes back to what the
+            // mapping was created with.
+            if unsafe { libc::mprotect(ptr, n, libc::PROT_READ) } != 0 {
+                return Err(os("mprotect(PROT_READ)"));
+            }
+            // SAFETY: as above.
+            if unsafe { libc::mprotect(ptr, n, rw) } != 0 {
+                return Err(os("mprotect(PROT_READ|PROT_WRITE)"));
+            }
+        }
+        KernelInval::Munmap => {
+            // SAFETY: the range is inside the L1 mapping and is mapped
+            // again at once with the flags it was created with, so the
+            // `Mmap` that owns it finds it mapped when it unmaps it.
+            if unsafe { libc::munmap(ptr, n) } != 0 {
+                return Err(os("munmap"));
+            }
+            let flags =
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED;
+            // SAFETY: MAP_FIXED over the hole just made, nothing else can
+            // have been placed there by us; on failure the run stops with
+            // the error (and the hole is never touched).
+            let p = unsafe { libc::mmap(ptr, n, rw, flags, -1, 0) };
+            if p == libc::MAP_FAILED {
+                return Err(os("mmap(MAP_FIXED) after munmap"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn watchdog_thresh() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/watchdog_thresh")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(10)
+}
+
+impl KernelPlane {
+    pub fn run(&self) -> Result<KernelPlaneReport, KernelPlaneError> {
+        const MIB2: u64 = 2 << 20;
+        if self.l1 < (64 << 20) || self.l1 > (4 << 40) || !self.l1.is_multiple_of(MIB2) {
+            return Err(KernelPlaneError::BadSize(self.l1));
+        }
+        let _thresh = match self.watchdog_thresh {
+            Some(t) => Some(SysctlGuard::set("kernel.watchdog_thresh", &t.to_string())?),
+            None => None,
+        };
+        let kvm = kvm::open(std::path::Path::new("/dev/kvm"))?;
+        let mut vm = Vm::new(&kvm)?;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let ram = Arc::new(L1Ram(Mmap::anon(
+            notifier::convert::u64_to_usize(self.l1),
+            rw,
+            libc::MAP_NORESERVE,
+        )?));
+        let mut slots = 0usize;
+        let mut offset = 0u64;
+        while offset < self.l1 {
+            let len = SLOT_MAX.min(self.l1 - offset);
+            let part = SlotPart {
+                ram: ram.clone(),
+                offset,
+                len,
+            };
+            vm.add_memslot(
+                u32::try_from(slots).unwrap_or(u32::MAX),
+                offset,
+                Arc::new(part),
+            )?;
+            slots += 1;
+            offset += len;
+        }
+        let cpu = notifier::sched::current_cpu().ok_or(KernelPlaneError::NoCpu)?;
+        notifier::sched::pin_to_cpu(cpu).map_err(|source| KernelPlaneError::Syscall {
+            op: "sched_setaffinity",
+            source,
+        })?;
+        let watchdog = LatenessWatchdog::start(cpu, PERIOD, PRIORITY)?;
+        let mut kmsg = Kmsg::open().ok();
+        let (mut trace, trace_note) = match TraceSource::open() {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        // The probe floor: the median of five quiet windows (a shared
+        // machine steals the CPU now and then; the median is the usual).
+        let mut quiet = Vec::new();
+        for _ in 0..5 {
+            let ((), late) = watchdog.measure(|| std::thread::sleep(Duration::from_millis(20)))?;
+            quiet.push(notifier::convert::duration_ns(late));
+        }
+        quiet.sort_unstable();
+        let floor_ns = quiet[quiet.len() / 2];
+        let base = ram.0.addr();
+        let mut points = Vec::new();
+        for &kind in &self.kinds {
+            for div in SWEEP {
+                let bytes = (self.l1 / div) & !(MIB2 - 1);
+                let mut p = KernelPoint {
+                    kind,
+                    bytes,
+                    syscall_ns: u64::MAX,
+                    lateness_ns: 0,
+                    ranges: None,
+                    largest_range: None,
+                };
+                for _ in 0..self.repeat.max(1) {
+                    if let Some(t) = trace.as_mut() {
+                        t.collect()?;
+                    }
+                    let (res, late) = watchdog.measure(|| {
+                        let t0 = mono_ns();
+                        invalidate(kind, base, bytes).map(|()| mono_ns() - t0)
+                    })?;
+                    p.syscall_ns = p.syscall_ns.min(res?);
+                    p.lateness_ns = p.lateness_ns.max(notifier::convert::duration_ns(late));
+                    if let Some(t) = trace.as_mut() {
+                        let mine = l1_ranges(&t.collect()?, HvaRange::new(base, base + self.l1));
+                        p.ranges = Some(mine.len() as u64);
+                        p.largest_range = mine.iter().map(HvaRange::len).max();
+                    }
+                }
+                points.push(p);
+            }
+        }
+        let kernel_reports = kmsg
+            .as_mut()
+            .and_then(|k| k.reports().ok())
+            .unwrap_or_default();
+        let thresh = watchdog_thresh();
+        let fits = self
+            .kinds
+            .iter()
+            .map(|&kind| fit_of(kind, &points, floor_ns, thresh))
+            .collect();
+        drop(vm);
+        Ok(KernelPlaneReport {
+            kernel: kernel_release(),
+            cpu,
+            l1: self.l1,
+            slots,
+            watchdog_thresh_s: thresh,
+            floor_ns,
+            points,
+            fits,
+            kernel_reports,
+            trace_note,
+        })
+    }
+}
+
+/// The ranges the kernel notified in `l1`, once each: every KVM VM of
+/// this mm fires `kvm_unmap_hva_range` for the same range (ours, and the
+/// one [`TraceSource`] attaches so that the event exists), back to back
+/// from the same task.
+fn l1_ranges(events: &[notifier::trace::TraceEvent], l1: HvaRange) -> Vec<HvaRange> {
+    let mut out: Vec<(HvaRange, i32)> = Vec::new();
+    for e in events {
+        if e.range.start >= l1.end || e.range.end <= l1.start {
+            continue;
+        }
+        if out.last() != Some(&(e.range, e.tid)) {
+            out.push((e.range, e.tid));
+        }
+    }
+    out.into_iter().map(|(r, _)| r).collect()
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn fit_of(kind: KernelInval, points: &[KernelPoint], floor_ns: u64, thresh_s: u32) -> KernelFit {
+    let xy: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|p| p.kind == kind)
+        .map(|p| (p.bytes as f64 / GIB, ms(p.lateness_ns)))
+        .collect();
+    let line = Line::least_squares(&xy);
+    // The soft-lockup detector fires after 2 x watchdog_thresh seconds.
+    let threshold_ms = 2.0 * f64::from(thresh_s) * 1000.0;
+    KernelFit {
+        kind,
+        ms_per_gib: line.map(|l| l.slope),
+        gib_at_soft_lockup: line.and_then(|l| l.x_at(threshold_ms)),
+        verdict: fit::verdict(&xy, ms(floor_ns) * 2.0),
+    }
+}
+
+impl Report for KernelPlaneReport {
+    fn text(&self) -> String {
+        let mut s = format!(
+            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), empty rmaps; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms)\n",
+            self.kernel,
+            self.cpu,
+            self.l1 >> 30,
+            self.slots,
+            PERIOD.as_millis(),
+            ms(self.floor_ns)
+        );
+        s += &format!(
+            "{:<9} {:>10} {:>12} {:>13} {:>8} {:>12}\n",
+            "kind", "range", "syscall ms", "stretch ms", "ranges", "ms per GiB"
+        );
+        for p in &self.points {
+            s += &format!(
+                "{:<9} {:>6} MiB {:>12.2} {:>13.2} {:>8} {:>12.3}\n",
+                serde_json::to_value(p.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                p.bytes >> 20,
+                ms(p.syscall_ns),
+                ms(p.lateness_ns),
+                p.ranges.map_or("-".into(), |r| r.to_string()),
+                ms(p.lateness_ns) / (p.bytes as f64 / GIB)
+            );
+        }
+        for f in &self.fits {
+            s += &format!(
+                "{:?}: {:?}; {} ms per GiB; the soft-lockup threshold ({} s) at {}\n",
+                f.kind,
+                f.verdict,
+                f.ms_per_gib.map_or("-".into(), |v| format!("{v:.3}")),
+                2 * self.watchdog_thresh_s,
+                f.gib_at_soft_lockup
+                    .map_or("never (the stretch does not grow)".into(), |g| format!(
+                        "{g:.0} GiB"
+                    )),
+            );
+        }
+        if let Some(n) = &self.trace_note {
+            s += &format!("no tracepoint ranges: {n}\n");
+        }
+        for r in &self.kernel_reports {
+            s += &format!("the kernel reported: {}\n", r.line);
+        }
+        s
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "plane": "kernel",
+            "kernel": self.kernel,
+            "cpu": self.cpu,
+            "l1_bytes": self.l1,
+            "memslots": self.slots,
+            "watchdog_thresh_s": self.watchdog_thresh_s,
+            "floor_ns": self.floor_ns,
+            "points": self.points,
+            "fits": self.fits,
+            "kernel_reports": self.kernel_reports.iter().map(|r| r.line.clone()).collect::<Vec<_>>(),
+            "trace_note": self.trace_note,
+        })
+    }
+
+    fn ok(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notifier::trace::TraceEvent;
+
+    #[test]
+    fn each_range_counts_once_whatever_the_number_of_vms() {
+        let l1 = HvaRange::new(0x1000_0000, 0x2000_0000);
+        let ev = |start, end, tid| TraceEvent {
+            range: HvaRange::new(start, end),
+            timestamp_ns: 0,
+            tid,
+        };
+        let events = [
+            ev(0x1000_0000, 0x1800_0000, 7),
+            ev(0x1000_0000, 0x1800_0000, 7),
+            ev(0x0, 0x1000, 7),
+            ev(0x1800_0000, 0x2000_0000, 7),
+            ev(0x1800_0000, 0x2000_0000, 7),
+            ev(0x1800_0000, 0x2000_0000, 9),
+        ];
+        let r = l1_ranges(&events, l1);
+        assert_eq!(r.len(), 3, "{r:?}");
+        assert_eq!(r[0].len(), 0x800_0000);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_before_kvm() {
+        for l1 in [0, 32 << 20, (64 << 20) + 4096, 8 << 40] {
+            let k = KernelPlane {
+                l1,
+                kinds: vec![KernelInval::Dontneed],
+                repeat: 1,
+                watchdog_thresh: None,
+            };
+            assert!(matches!(k.run(), Err(KernelPlaneError::BadSize(_))), "{l1}");
+        }
+    }
+}
