@@ -294,11 +294,15 @@ fn kernel_plane_measures_every_kind_and_size() {
         assert!(p["syscall_ns"].as_u64().unwrap() > 0, "{p}");
         assert!(p["lateness_ns"].as_u64().is_some(), "{p}");
         let ranges = p["ranges"].as_u64().expect("tracepoint ranges as root");
-        assert!(ranges >= 1, "{p}");
-        assert!(
-            p["largest_range"].as_u64().unwrap() <= p["bytes"].as_u64().unwrap(),
-            "{p}"
-        );
+        // madvise and munmap notify their whole range (zap_page_range_single(),
+        // unmap_region()); mprotect only where page tables exist on 6.1
+        // (change_pmd_range() starts the notifier lazily), so maybe none.
+        if p["kind"] != "mprotect" {
+            assert!(ranges >= 1, "{p}");
+        }
+        if let Some(largest) = p["largest_range"].as_u64() {
+            assert!(largest <= p["bytes"].as_u64().unwrap(), "{p}");
+        }
     }
     let fits = v["fits"].as_array().unwrap();
     assert_eq!(fits.len(), 3, "{v}");
