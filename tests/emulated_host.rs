@@ -89,13 +89,15 @@ struct HostOutput {
 }
 
 impl HostOutput {
-    /// QEMU's own hangs, which `vmm host` ends with a typed error before
-    /// anything of ours misbehaved: a host that never started the command
-    /// (`HostError::NoBoot`) and a host kernel that reported a soft lockup
-    /// (`HostError::Lockup`; under MTTCG, its text patching waiting on an
-    /// IPI). See `qemu::TcgThreads`.
+    /// QEMU's own hangs, which `vmm host` ends with a typed error: a host
+    /// that never started the command (`HostError::NoBoot`), a host whose
+    /// `/init` stopped beating (`HostError::Hung`: the whole emulated
+    /// machine stopped, console and all) and a host kernel that reported a
+    /// soft lockup (`HostError::Lockup`; under MTTCG, its text patching
+    /// waiting on an IPI). See `qemu::TcgThreads`.
     fn emulator_hung(&self) -> bool {
         self.stderr.contains("did not start the command within")
+            || self.stderr.contains("no heartbeat from its /init")
             || self.stderr.contains("reported a CPU stuck for")
     }
 }

@@ -69,7 +69,10 @@ while read -r s; do
 done < /hvmm/sysctl
 cd "$CWD" 2>/dev/null || cd /
 say start "$(cut -d' ' -f1 /proc/uptime)"
+( while sleep 5; do say beat "$(cut -d' ' -f1 /proc/uptime)"; done ) &
+beat=$!
 ( sh /hvmm/cmd 2> /dev/console; echo $? > /tmp/hvmm-status ) | tee /tmp/hvmm-stdout
+kill $beat
 say end "$(cut -d' ' -f1 /proc/uptime)"
 say status "$(cat /tmp/hvmm-status)"
 printf 'HVMM-HOST json %s\n' "$(tail -n 1 /tmp/hvmm-stdout)" > $ch
@@ -131,6 +134,9 @@ impl HostConfig {
 /// What the channel said, in the order `/init` says it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChannelReport {
+    /// Heartbeats while the command runs (`/init` says `beat` every 5 s of
+    /// host uptime): the host's user space is being scheduled.
+    pub beats: u64,
     /// `uname -r` of the host.
     pub kernel: Option<String>,
     /// `/sys/module/kvm/parameters/tdp_mmu` (Y/N, or n/a before 5.x).
@@ -190,6 +196,7 @@ impl ChannelReport {
                 "json" => r.last_line = Some(v),
                 "error" => r.error = Some(v),
                 "dmesg" => r.dmesg.push(v),
+                "beat" => r.beats += 1,
                 "done" => r.done = true,
                 _ => {
                     r.other.insert(key.to_string(), v);
@@ -244,12 +251,14 @@ mod tests {
     fn channel_parses_what_init_says() {
         let text = "junk\r\nHVMM-HOST kernel 6.12.117+deb12-cloud-amd64\r\n\
             HVMM-HOST tdp_mmu Y\nHVMM-HOST npt 1\nHVMM-HOST nested 1\n\
-            HVMM-HOST hugepages 1024\nHVMM-HOST start 5.12\nHVMM-HOST end 9.62\n\
+            HVMM-HOST hugepages 1024\nHVMM-HOST start 5.12\nHVMM-HOST beat 5.2\n\
+            HVMM-HOST beat 10.2\nHVMM-HOST end 9.62\n\
             HVMM-HOST status 0\nHVMM-HOST json {\"ok\": true}\r\nHVMM-HOST done\n";
         let r = ChannelReport::parse(text);
         assert_eq!(r.kernel.as_deref(), Some("6.12.117+deb12-cloud-amd64"));
         assert_eq!(r.tdp_mmu.as_deref(), Some("Y"));
         assert_eq!(r.hugepages, Some(1024));
+        assert_eq!(r.beats, 2);
         assert_eq!(r.status, Some(0));
         assert_eq!(r.last_line.as_deref(), Some("{\"ok\": true}"));
         assert!((r.wall_s().unwrap() - 4.5).abs() < 1e-9);

@@ -57,6 +57,10 @@ pub enum HostError {
     )]
     NoBoot { secs: u64, console: String },
     #[error(
+        "the emulated host stopped: no heartbeat from its /init for {secs} s while the command ran (QEMU killed); console ends:\n{console}"
+    )]
+    Hung { secs: u64, console: String },
+    #[error(
         "the emulated host's kernel reported a CPU stuck for {secs} s (--lockup-limit {limit} s; QEMU killed): {line}\nconsole ends:\n{console}"
     )]
     Lockup {
@@ -143,6 +147,11 @@ pub const HOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// boots in 5-20 s (PLATFORM.md); under multi-threaded TCG one boot was
 /// seen silent for 10 minutes, which this turns into an error at once.
 pub const BOOT_LIMIT: Duration = Duration::from_secs(240);
+
+/// How long the host's `/init` may go without a heartbeat (it beats every
+/// 5 s of host uptime) while the command runs: a whole emulated machine
+/// was seen to stop under MTTCG, console and all, until the timeout.
+pub const HEARTBEAT_LIMIT: Duration = Duration::from_secs(120);
 
 /// How often the channel file is read while QEMU runs.
 const POLL: Duration = Duration::from_millis(20);
@@ -255,10 +264,17 @@ impl EmulatedHost {
         let mut s_to_start = None;
         let mut seen = 0usize;
         let mut text = String::new();
+        let mut beats = (0u64, Instant::now());
         let status = loop {
-            read_new(&channel_path, &mut seen, &mut text);
-            if s_to_start.is_none() && ChannelReport::parse(&text).start.is_some() {
-                s_to_start = Some(start.elapsed().as_secs_f64());
+            if read_new(&channel_path, &mut seen, &mut text) {
+                let report = ChannelReport::parse(&text);
+                if s_to_start.is_none() && report.start.is_some() {
+                    s_to_start = Some(start.elapsed().as_secs_f64());
+                    beats.1 = Instant::now();
+                }
+                if report.beats > beats.0 {
+                    beats = (report.beats, Instant::now());
+                }
             }
             match child.try_wait() {
                 Ok(Some(status)) => break status,
@@ -278,6 +294,14 @@ impl EmulatedHost {
                 let _ = child.wait();
                 return Err(HostError::NoBoot {
                     secs: BOOT_LIMIT.as_secs(),
+                    console: watch.lock().map(|w| w.tail()).unwrap_or_default(),
+                });
+            }
+            if s_to_start.is_some() && beats.1.elapsed() > HEARTBEAT_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HostError::Hung {
+                    secs: beats.1.elapsed().as_secs(),
                     console: watch.lock().map(|w| w.tail()).unwrap_or_default(),
                 });
             }
@@ -350,16 +374,19 @@ impl EmulatedHost {
     }
 }
 
-/// Appends what `path` gained since `seen` bytes to `text`.
-fn read_new(path: &Path, seen: &mut usize, text: &mut String) {
+/// Appends what `path` gained since `seen` bytes to `text`; true when it
+/// gained anything.
+fn read_new(path: &Path, seen: &mut usize, text: &mut String) -> bool {
     let Ok(mut f) = fs::File::open(path) else {
-        return;
+        return false;
     };
     let mut buf = Vec::new();
     if f.read_to_end(&mut buf).is_ok() && buf.len() > *seen {
         text.push_str(&String::from_utf8_lossy(&buf[*seen..]));
         *seen = buf.len();
+        return true;
     }
+    false
 }
 
 /// A fresh directory under `/tmp/vmm-runs` for this run's files.
