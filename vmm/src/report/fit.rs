@@ -57,6 +57,17 @@ pub enum Verdict {
     Undecided,
 }
 
+impl Verdict {
+    /// As in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Yields => "yields",
+            Verdict::DoesNotYield => "does-not-yield",
+            Verdict::Undecided => "undecided",
+        }
+    }
+}
+
 /// How much wider than the smallest range the largest must be to judge.
 pub const MIN_SPAN: f64 = 4.0;
 

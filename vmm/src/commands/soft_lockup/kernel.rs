@@ -43,6 +43,16 @@ pub enum KernelInval {
     Munmap,
 }
 
+impl KernelInval {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelInval::Dontneed => "dontneed",
+            KernelInval::Mprotect => "mprotect",
+            KernelInval::Munmap => "munmap",
+        }
+    }
+}
+
 /// The largest memslot KVM takes (`KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages
 /// in include/linux/kvm_host.h), rounded down to 1 GiB.
 const SLOT_MAX: u64 = (((1u64 << 31) - 1) * 4096) & !((1 << 30) - 1);
@@ -385,10 +395,7 @@ impl Report for KernelPlaneReport {
         for p in &self.points {
             s += &format!(
                 "{:<9} {:>6} MiB {:>12.2} {:>13.2} {:>8} {:>12.3}\n",
-                serde_json::to_value(p.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                p.kind.name(),
                 p.bytes >> 20,
                 ms(p.syscall_ns),
                 ms(p.lateness_ns),
@@ -398,9 +405,9 @@ impl Report for KernelPlaneReport {
         }
         for f in &self.fits {
             s += &format!(
-                "{:?}: {:?}; {} ms per GiB; the soft-lockup threshold ({} s) at {}\n",
-                f.kind,
-                f.verdict,
+                "{}: {}; {} ms per GiB; the soft-lockup threshold ({} s) at {}\n",
+                f.kind.name(),
+                f.verdict.name(),
                 f.ms_per_gib.map_or("-".into(), |v| format!("{v:.3}")),
                 2 * self.watchdog_thresh_s,
                 f.gib_at_soft_lockup

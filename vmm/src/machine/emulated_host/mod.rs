@@ -284,28 +284,8 @@ impl EmulatedHost {
                     return Err(io_err("wait for", Path::new(qemu::QEMU))(e));
                 }
             }
-            if start.elapsed() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(HostError::Timeout(self.timeout.as_secs()));
-            }
-            if s_to_start.is_none() && start.elapsed() > BOOT_LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(HostError::NoBoot {
-                    secs: BOOT_LIMIT.as_secs(),
-                    console: watch.lock().map(|w| w.tail()).unwrap_or_default(),
-                });
-            }
-            if s_to_start.is_some() && beats.1.elapsed() > HEARTBEAT_LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(HostError::Hung {
-                    secs: beats.1.elapsed().as_secs(),
-                    console: watch.lock().map(|w| w.tail()).unwrap_or_default(),
-                });
-            }
-            if let Some(e) = self.lockup(&watch) {
+            let beat_age = s_to_start.map(|_| beats.1.elapsed());
+            if let Some(e) = self.stop_reason(start.elapsed(), beat_age, &watch) {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(e);
@@ -357,11 +337,37 @@ impl EmulatedHost {
         Ok((channel, s_to_start, s_qemu, lockups))
     }
 
-    /// The run's end when the host kernel reported a soft lockup of
-    /// [`Self::lockup_limit`] or more: a host CPU stuck that long does not
-    /// come back in a useful time (under TCG one was seen stuck until the
-    /// timeout, 900 s and counting).
-    fn lockup(&self, watch: &qemu::Console) -> Option<HostError> {
+    /// Why QEMU must be stopped now, if it must: `--timeout`; no command
+    /// started by [`BOOT_LIMIT`]; no heartbeat for [`HEARTBEAT_LIMIT`]
+    /// while it runs (`beat_age`: since the last beat, once it started);
+    /// or a host soft lockup of [`Self::lockup_limit`] or more (a host CPU
+    /// stuck that long does not come back in a useful time: under TCG one
+    /// was seen stuck until the timeout, 900 s and counting).
+    fn stop_reason(
+        &self,
+        elapsed: Duration,
+        beat_age: Option<Duration>,
+        watch: &qemu::Console,
+    ) -> Option<HostError> {
+        let console = || watch.lock().map(|w| w.tail()).unwrap_or_default();
+        if elapsed > self.timeout {
+            return Some(HostError::Timeout(self.timeout.as_secs()));
+        }
+        match beat_age {
+            None if elapsed > BOOT_LIMIT => {
+                return Some(HostError::NoBoot {
+                    secs: BOOT_LIMIT.as_secs(),
+                    console: console(),
+                })
+            }
+            Some(age) if age > HEARTBEAT_LIMIT => {
+                return Some(HostError::Hung {
+                    secs: age.as_secs(),
+                    console: console(),
+                })
+            }
+            _ => {}
+        }
         let limit = self.lockup_limit?;
         let w = watch.lock().ok()?;
         let (secs, line) = w.worst_soft_lockup.as_ref()?;
