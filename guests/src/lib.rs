@@ -3,5 +3,6 @@
 pub mod builtin;
 pub mod host;
 pub mod l1hv;
+pub mod l1svm;
 pub mod linux;
 pub mod probe;

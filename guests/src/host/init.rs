@@ -30,6 +30,8 @@ pub const MODULES: [&str; 3] = ["irqbypass", "kvm", "kvm-amd"];
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin
+# The console is a terminal, but a log streamed to the outer vmm: no bars.
+export VMM_PROGRESS=0
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

@@ -5,6 +5,8 @@
 pub mod fit;
 pub mod percentiles;
 pub mod plot;
+pub mod progress;
 pub mod timeline;
 
 pub use percentiles::Percentiles;
+pub use progress::progress_bar;

@@ -312,8 +312,17 @@ impl Vcpu {
 
     /// Long mode at CPL3 at the built-in guests' entry ([`regs::cpl3_sregs`]).
     pub fn setup_cpl3(&self) -> Result<(), SetupError> {
+        self.setup_builtin(regs::cpl3_sregs)
+    }
+
+    /// Long mode at CPL0 at the same entry ([`regs::cpl0_sregs`]).
+    pub fn setup_cpl0(&self) -> Result<(), SetupError> {
+        self.setup_builtin(regs::cpl0_sregs)
+    }
+
+    fn setup_builtin(&self, sregs_for: fn(&mut kvm_sregs)) -> Result<(), SetupError> {
         let mut sregs = self.sregs()?;
-        regs::cpl3_sregs(&mut sregs);
+        sregs_for(&mut sregs);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         self.set_regs(&regs::cpl3_regs())?;
         Ok(())

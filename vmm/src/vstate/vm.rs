@@ -66,6 +66,11 @@ impl Vm {
         })
     }
 
+    /// The CPUID its vCPUs get.
+    pub fn cpuid(&self) -> &CpuId {
+        &self.cpuid
+    }
+
     /// The in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT (speaker dummy).
     pub fn create_irqchip(&self) -> Result<(), VmError> {
         self.fd

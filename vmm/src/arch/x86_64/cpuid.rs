@@ -51,6 +51,17 @@ pub fn filter(cpuid: &mut CpuId) {
     }
 }
 
+/// Whether the CPUID offers SVM (leaf 0x8000_0001 ECX bit 2) with nested
+/// paging (leaf 0x8000_000a EDX bit 0): what a guest hypervisor that uses
+/// NPT needs. `KVM_GET_SUPPORTED_CPUID` reports both on `kvm_amd` with
+/// `nested=1` (`svm_set_cpu_caps()`), and [`filter`] leaves them alone.
+pub fn svm_with_npt(cpuid: &CpuId) -> bool {
+    let leaf = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f);
+    let svm = leaf(0x8000_0001).is_some_and(|e| e.ecx & (1 << 2) != 0);
+    let npt = leaf(0x8000_000a).is_some_and(|e| e.edx & 1 != 0);
+    svm && npt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +97,24 @@ mod tests {
         assert_eq!(e[1].ebx, 0);
         assert_eq!(e[2].ebx & (1 << 5), 0);
         assert_eq!(e[2].ecx, 0);
+    }
+
+    #[test]
+    fn svm_passes_the_filter_and_needs_npt_too() {
+        let leaf = |function, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let mut both = CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 1)])
+            .unwrap();
+        filter(&mut both);
+        assert!(svm_with_npt(&both));
+        let no_npt = CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 0)])
+            .unwrap();
+        assert!(!svm_with_npt(&no_npt));
+        let none = CpuId::from_entries(&[leaf(1, 0, 0)]).unwrap();
+        assert!(!svm_with_npt(&none));
     }
 }

@@ -140,6 +140,16 @@ pub fn set_lvt_mode(regs: &mut [i8], off: usize, mode: u32) {
 /// code and stack segments of their GDT, the busy 64-bit TSS, CR3 at their
 /// identity tables, interrupts off (they talk through MMIO doorbells).
 pub fn cpl3_sregs(sregs: &mut kvm_sregs) {
+    builtin_sregs(sregs, 3);
+}
+
+/// The same at CPL0, with the GDT's kernel segments: the built-in guest
+/// hypervisor (`guests::l1svm`), which needs WRMSR and VMRUN.
+pub fn cpl0_sregs(sregs: &mut kvm_sregs) {
+    builtin_sregs(sregs, 0);
+}
+
+fn builtin_sregs(sregs: &mut kvm_sregs, cpl: u16) {
     use guests::builtin::{self, LAYOUT};
     let gdt = builtin::gdt();
     let seg = |sel: u16, rpl: u16| {
@@ -148,15 +158,16 @@ pub fn cpl3_sregs(sregs: &mut kvm_sregs) {
         s.selector |= rpl;
         s
     };
+    let (cs, ds) = if cpl == 3 {
+        (builtin::SEL_USER_CS, builtin::SEL_USER_DS)
+    } else {
+        (builtin::SEL_KERNEL_CS, builtin::SEL_KERNEL_DS)
+    };
     set_long_mode_segments(
         sregs,
         (LAYOUT.gdt, gdt.len()),
         (0, 0),
-        [
-            seg(builtin::SEL_USER_CS, 3),
-            seg(builtin::SEL_USER_DS, 3),
-            seg(builtin::SEL_TSS, 0),
-        ],
+        [seg(cs, cpl), seg(ds, cpl), seg(builtin::SEL_TSS, 0)],
         LAYOUT.pml4,
     );
     sregs.cr4 = CR4_PAE;

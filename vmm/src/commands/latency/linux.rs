@@ -29,9 +29,10 @@
 //! (timed) syscall and written back after it (untimed).
 
 use super::measure::{MmuSample, State, Target};
+use crate::report::progress_bar;
 use super::report::{summarize, LatencyReport};
 use super::{
-    measure, new_report, open_tracer, progress_bar, run_session, skip, start_retrying, LatencyArgs,
+    measure, new_report, open_tracer, run_session, skip, start_retrying, LatencyArgs,
     LatencyError,
 };
 use crate::machine::linux::{self, BootError, BootHooks, BootInputs, BootMemory, LinuxBoot};

@@ -46,6 +46,7 @@ pub mod report;
 pub mod session;
 
 use crate::cli::{self, parse_size, Guest, Report};
+use crate::report::progress_bar;
 use crate::memory::uffd::UffdRamError;
 use measure::{Op, Sample, Scenario, Target, Tracer};
 use notifier::hostconf::{HugepageReservation, SysctlGuard};
@@ -54,7 +55,6 @@ use notifier::workload::NumaToucher;
 use notifier::PageSize;
 use report::{summarize, LatencyReport, Skipped};
 use session::Session;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -508,20 +508,6 @@ pub(super) fn open_tracer(rep: &mut LatencyReport) -> Option<Tracer> {
             );
             None
         }
-    }
-}
-
-pub(super) fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(total);
-        if let Ok(st) = indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} {msg}",
-        ) {
-            pb.set_style(st.progress_chars("=> "));
-        }
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
     }
 }
 

@@ -1,7 +1,11 @@
 //! `vmm soft-lockup --plane kernel`: the host kernel's own walk. A VM on
 //! this host gets memslots over `--l1` of `MAP_NORESERVE` anonymous memory
-//! (no vCPU runs: every rmap head is empty, the case PLATFORM.md measured),
-//! then host invalidations of growing prefixes of it - `dontneed` (one
+//! (`MADV_NOHUGEPAGE`: 4 KiB host pages) from gpa 4 GiB. With no guest
+//! every rmap head is empty (the case PLATFORM.md measured); with
+//! `--populate` a guest writes `--density` of its pages first and again
+//! before every measurement ([`PopulatingGuest`]: directly, or as the L2 of
+//! a built-in guest hypervisor, so the host KVM shadows its NPT - nested
+//! TDP, rmaps by L1 gfn). Then host invalidations of growing prefixes of it - `dontneed` (one
 //! `madvise(MADV_DONTNEED)`: one notifier range), `mprotect` (read-only and
 //! back: the kernel notifies PUD-level ranges, `change_protection()`),
 //! `munmap` (and the same range mapped again). Each syscall runs on the CPU
@@ -14,9 +18,8 @@
 //! soft-lockup threshold (2 x `kernel.watchdog_thresh`) and whether the
 //! kernel yields ([`crate::report::fit`]).
 //!
-//! Not yet here (issue 13): backings other than anonymous memory, a guest
-//! that populates SPTEs (`--density`), punch-hole and NUMA-hint kinds,
-//! plots.
+//! Not yet here (issue 13): backings other than anonymous memory,
+//! punch-hole and NUMA-hint kinds, plots.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,11 @@ use notifier::trace::TraceSource;
 use notifier::{HvaRange, Mmap};
 use serde_json::{json, Value};
 
+use guests::l1svm::{self, Mode, Touch};
+
 use crate::cli::Report;
+use crate::machine::builtin::populate::{PopulateError, PopulatingGuest};
+use crate::report::progress_bar;
 use crate::report::fit::{self, Line, Verdict};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::vm::{SlotMemory, Vm, VmError};
@@ -84,6 +91,8 @@ pub enum KernelPlaneError {
     Host(#[from] notifier::Error),
     #[error("cannot tell which CPU this thread runs on")]
     NoCpu,
+    #[error(transparent)]
+    Populate(#[from] PopulateError),
 }
 
 /// What the kernel plane runs.
@@ -94,6 +103,31 @@ pub struct KernelPlane {
     pub repeat: u32,
     /// `kernel.watchdog_thresh` for the run (restored after).
     pub watchdog_thresh: Option<u32>,
+    /// A guest that writes some of the L1's pages before each measurement.
+    pub populate: Option<Populate>,
+}
+
+/// Who writes the pages, and which fraction of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Populate {
+    pub mode: Mode,
+    pub density: f64,
+}
+
+/// The longest a populating round may take (under TCG a nested round of
+/// 2^18 pages takes minutes).
+const ROUND_LIMIT: Duration = Duration::from_secs(900);
+
+/// What the populating guest did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PopulateReport {
+    pub mode: Mode,
+    pub density: f64,
+    pub pages: u64,
+    pub stride_bytes: u64,
+    pub rounds: u64,
+    pub first_round_ms: f64,
+    pub worst_round_ms: f64,
 }
 
 /// The L1's memory: one `MAP_NORESERVE` anonymous mapping.
@@ -157,6 +191,7 @@ pub struct KernelPlaneReport {
     pub kernel_reports: Vec<KernelReport>,
     /// Why there are no range counts (no tracefs, not root).
     pub trace_note: Option<String>,
+    pub populate: Option<PopulateReport>,
 }
 
 fn os(op: &'static str) -> KernelPlaneError {
@@ -206,7 +241,27 @@ fn invalidate(kind: KernelInval, hva: u64, len: u64) -> Result<(), KernelPlaneEr
             if p == libc::MAP_FAILED {
                 return Err(os("mmap(MAP_FIXED) after munmap"));
             }
+            no_thp(hva, len)?;
         }
+    }
+    Ok(())
+}
+
+/// `MADV_NOHUGEPAGE` over the range: a populating guest's writes stay
+/// 4 KiB host pages (THP would make each a 2 MiB page and a 2 MiB SPTE,
+/// leaving the 4 KiB rmap level empty - PLATFORM.md's trap - and cost
+/// 512 times the memory).
+fn no_thp(hva: u64, len: u64) -> Result<(), KernelPlaneError> {
+    // SAFETY: advice only, over a range of the L1 mapping.
+    let r = unsafe {
+        libc::madvise(
+            hva as *mut libc::c_void,
+            notifier::convert::u64_to_usize(len),
+            libc::MADV_NOHUGEPAGE,
+        )
+    };
+    if r != 0 {
+        return Err(os("madvise(MADV_NOHUGEPAGE)"));
     }
     Ok(())
 }
@@ -242,6 +297,7 @@ impl KernelPlane {
             rw,
             libc::MAP_NORESERVE,
         )?));
+        no_thp(ram.0.addr(), self.l1)?;
         let mut slots = 0usize;
         let mut offset = 0u64;
         while offset < self.l1 {
@@ -253,12 +309,20 @@ impl KernelPlane {
             };
             vm.add_memslot(
                 u32::try_from(slots).unwrap_or(u32::MAX),
-                offset,
+                l1svm::DATA_GPA + offset,
                 Arc::new(part),
             )?;
             slots += 1;
             offset += len;
         }
+        let mut guest = match self.populate {
+            Some(p) => {
+                let touch = Touch::new(p.mode, self.l1, p.density).map_err(PopulateError::from)?;
+                let slot = u32::try_from(slots).unwrap_or(u32::MAX);
+                Some((p, PopulatingGuest::new(&mut vm, slot, touch)?))
+            }
+            None => None,
+        };
         let cpu = notifier::sched::current_cpu().ok_or(KernelPlaneError::NoCpu)?;
         notifier::sched::pin_to_cpu(cpu).map_err(|source| KernelPlaneError::Syscall {
             op: "sched_setaffinity",
@@ -279,8 +343,14 @@ impl KernelPlane {
         }
         quiet.sort_unstable();
         let floor_ns = quiet[quiet.len() / 2];
+        let first_round = match guest.as_mut() {
+            Some((_, g)) => Some(g.round(ROUND_LIMIT)?),
+            None => None,
+        };
         let base = ram.0.addr();
         let mut points = Vec::new();
+        let steps = self.kinds.len() * SWEEP.len() * self.repeat.max(1) as usize;
+        let progress = progress_bar(steps as u64);
         for &kind in &self.kinds {
             for div in SWEEP {
                 let bytes = (self.l1 / div) & !(MIB2 - 1);
@@ -293,6 +363,10 @@ impl KernelPlane {
                     largest_range: None,
                 };
                 for _ in 0..self.repeat.max(1) {
+                    progress.set_message(format!("{} {} MiB", kind.name(), bytes >> 20));
+                    if let Some((_, g)) = guest.as_mut() {
+                        g.round(ROUND_LIMIT)?;
+                    }
                     if let Some(t) = trace.as_mut() {
                         t.collect()?;
                     }
@@ -307,6 +381,7 @@ impl KernelPlane {
                         p.ranges = Some(mine.len() as u64);
                         p.largest_range = mine.iter().map(HvaRange::len).max();
                     }
+                    progress.inc(1);
                 }
                 points.push(p);
             }
@@ -321,6 +396,16 @@ impl KernelPlane {
             .iter()
             .map(|&kind| fit_of(kind, &points, floor_ns, thresh))
             .collect();
+        progress.finish_and_clear();
+        let populate = guest.map(|(p, g)| PopulateReport {
+            mode: p.mode,
+            density: p.density,
+            pages: g.touch.pages,
+            stride_bytes: g.touch.stride,
+            rounds: g.rounds,
+            first_round_ms: first_round.map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            worst_round_ms: g.worst_round.as_secs_f64() * 1e3,
+        });
         drop(vm);
         Ok(KernelPlaneReport {
             kernel: kernel_release(),
@@ -333,6 +418,7 @@ impl KernelPlane {
             fits,
             kernel_reports,
             trace_note,
+            populate,
         })
     }
 }
@@ -379,8 +465,24 @@ fn fit_of(kind: KernelInval, points: &[KernelPoint], floor_ns: u64, thresh_s: u3
 
 impl Report for KernelPlaneReport {
     fn text(&self) -> String {
+        let rmaps = match &self.populate {
+            None => "empty rmaps".to_string(),
+            Some(p) => format!(
+                "{} pages ({} of them, one every {} MiB) written {} before each measurement ({} rounds, the first {:.0} ms, the longest {:.0} ms)",
+                p.pages,
+                p.density,
+                p.stride_bytes >> 20,
+                match p.mode {
+                    Mode::Direct => "by the L1",
+                    Mode::Nested => "by an L2 under the built-in SVM guest hypervisor (nested NPT)",
+                },
+                p.rounds,
+                p.first_round_ms,
+                p.worst_round_ms
+            ),
+        };
         let mut s = format!(
-            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), empty rmaps; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms)\n",
+            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), {rmaps}; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms)\n",
             self.kernel,
             self.cpu,
             self.l1 >> 30,
@@ -438,6 +540,7 @@ impl Report for KernelPlaneReport {
             "fits": self.fits,
             "kernel_reports": self.kernel_reports.iter().map(|r| r.line.clone()).collect::<Vec<_>>(),
             "trace_note": self.trace_note,
+            "populate": self.populate,
         })
     }
 
@@ -480,6 +583,7 @@ mod tests {
                 kinds: vec![KernelInval::Dontneed],
                 repeat: 1,
                 watchdog_thresh: None,
+                populate: None,
             };
             assert!(matches!(k.run(), Err(KernelPlaneError::BadSize(_))), "{l1}");
         }

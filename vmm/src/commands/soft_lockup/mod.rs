@@ -44,6 +44,13 @@ pub enum RangeSource {
     NumaHint,
 }
 
+/// Who populates the kernel plane's L1 (`guests::l1svm::Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PopulateMode {
+    Direct,
+    Nested,
+}
+
 /// Arguments of `vmm soft-lockup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoftLockupArgs {
@@ -72,9 +79,17 @@ pub struct SoftLockupArgs {
     /// so the kernel's soft-lockup detector fires at 2 x this many seconds.
     #[arg(long)]
     pub watchdog_thresh: Option<u32>,
-    /// Fraction of L1 4 KiB pages mapped into L2 (0..=1).
+    /// Fraction of L1 4 KiB pages mapped into L2 (0..=1); on the kernel
+    /// plane, the fraction `--populate` writes.
     #[arg(long, default_value_t = 0.0001)]
     pub density: f64,
+    /// Kernel plane: a guest writes `--density` of the L1's pages before
+    /// each measurement, so the host KVM holds SPTEs and rmaps there:
+    /// `direct` (the L1 itself) or `nested` (an L2 under the built-in SVM
+    /// guest hypervisor: nested NPT; needs a host whose KVM offers SVM,
+    /// such as `vmm host`). Default: none (every rmap head empty).
+    #[arg(long, value_enum)]
+    pub populate: Option<PopulateMode>,
     #[command(flatten)]
     pub zap: ZapArgs,
     /// Size of the invalidated L1 range, from gfn 0 (default: all of L1).
@@ -596,5 +611,12 @@ pub fn kernel_plane(
         kinds: args.kinds.clone(),
         repeat: args.repeat,
         watchdog_thresh: args.watchdog_thresh,
+        populate: args.populate.map(|m| kernel::Populate {
+            mode: match m {
+                PopulateMode::Direct => guests::l1svm::Mode::Direct,
+                PopulateMode::Nested => guests::l1svm::Mode::Nested,
+            },
+            density: args.density,
+        }),
     })
 }

@@ -3,8 +3,11 @@
 //! mapping at gpa 0, one vCPU started in long mode directly at CPL3 at the
 //! program's entry, no devices: the guests talk through MMIO doorbells,
 //! the [`ExitHandler`](crate::vstate::ExitHandler) of whoever runs them
-//! reads them ([`touch`]: the touch guest end to end).
+//! reads them ([`touch`]: the touch guest end to end). [`populate`] is the
+//! odd one: `guests::l1svm`'s system slot beside huge data memslots, at
+//! CPL0 when it is a guest hypervisor.
 
+pub mod populate;
 pub mod touch;
 
 use std::sync::Arc;
