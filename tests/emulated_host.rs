@@ -350,3 +350,56 @@ fn bad_host_arguments_are_typed_errors() {
     assert_eq!(code, Some(2));
     assert!(err.contains("--modules"), "{err}");
 }
+
+/// Issue 13's nested A/B at small scale: on debian-6.1 and debian-6.12, an
+/// L2 under the built-in SVM guest hypervisor writes 1 in 10,000 pages of
+/// a 64 GiB L1 (so the host KVM shadows the L1's NPT, rmaps by L1 gfn),
+/// then one MADV_DONTNEED per size notifies one range over it; the stretch
+/// is measured and judged per kernel. 6.1's `kvm_unmap_gfn_range()` never
+/// yields (`kvm_handle_gfn_range()` walks the rmaps of the whole range under
+/// `mmu_lock`): its verdict must be "does-not-yield". 6.12's is reported.
+#[test]
+fn nested_tdp_stretch_on_6_1_and_6_12() {
+    if !ready() {
+        return;
+    }
+    for kernel in ["debian-6.1", "debian-6.12"] {
+        let run = vmm_host(&[
+            "--quiet",
+            "--kernel",
+            kernel,
+            "--cpus",
+            "1",
+            "--hugepages",
+            "0",
+            "--",
+            "soft-lockup",
+            "--plane",
+            "kernel",
+            "--l1",
+            "64G",
+            "--populate",
+            "nested",
+            "--kinds",
+            "dontneed",
+            "--repeat",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(run.code, Some(0), "{kernel}: {}", run.stderr);
+        let last: serde_json::Value = serde_json::from_str(run.stdout.last().unwrap()).unwrap();
+        let p = &last["populate"];
+        assert_eq!(p["mode"], "nested", "{last}");
+        assert_eq!(p["pages"], 1678, "{last}");
+        assert_eq!(p["rounds"], 7, "{last}");
+        for pt in last["points"].as_array().unwrap() {
+            assert_eq!(pt["ranges"], 1, "{kernel}: {pt}");
+            assert_eq!(pt["largest_range"], pt["bytes"], "{kernel}: {pt}");
+        }
+        let verdict = last["fits"][0]["verdict"].as_str().unwrap().to_string();
+        eprintln!("{kernel}: nested-TDP dontneed verdict {verdict}");
+        if kernel == "debian-6.1" {
+            assert_eq!(verdict, "does-not-yield", "{last}");
+        }
+    }
+}

@@ -314,3 +314,71 @@ fn kernel_plane_measures_every_kind_and_size() {
     }
     assert_eq!(v["memslots"], 1);
 }
+
+/// `--populate`: a guest writes `--density` of the L1's pages first and
+/// again before every measurement, so the host KVM's walk meets populated
+/// rmap heads. `direct` runs on every host; `nested` (an L2 under the
+/// built-in SVM guest hypervisor, nested NPT) runs where the host KVM
+/// offers SVM - the emulated host - and is refused with the reason on
+/// this machine's PVM KVM, which has none.
+#[test]
+fn kernel_plane_with_a_populating_guest() {
+    if !integration_tests::require_kvm_root() {
+        return;
+    }
+    use clap::Parser;
+    use integration_tests::{kvm_host, KvmHost};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    let _s = serial();
+    let run = |mode: &str| {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--plane",
+            "kernel",
+            "--l1",
+            "4G",
+            "--repeat",
+            "1",
+            "--kinds",
+            "dontneed,munmap",
+            "--populate",
+            mode,
+            "--density",
+            "0.001",
+        ])
+        .unwrap();
+        vmm::commands::soft_lockup::kernel_plane(&cli.a)
+            .unwrap()
+            .run()
+    };
+    let check = |rep: &vmm::commands::soft_lockup::kernel::KernelPlaneReport, mode: &str| {
+        let v = vmm::cli::Report::json(rep);
+        eprintln!("{}", vmm::cli::Report::text(rep));
+        let p = &v["populate"];
+        assert_eq!(p["mode"], mode, "{v}");
+        // round(4 GiB / 4 KiB * 0.001) pages, 4 MiB apart.
+        assert_eq!(p["pages"], 1049, "{v}");
+        assert_eq!(p["stride_bytes"], (4u64 << 30) / 1049 & !0xfff, "{v}");
+        // The first round, then one before each of 2 kinds x 3 sizes.
+        assert_eq!(p["rounds"], 7, "{v}");
+        for pt in v["points"].as_array().unwrap() {
+            assert!(pt["ranges"].as_u64().unwrap() >= 1, "{pt}");
+            assert_eq!(pt["runs"].as_array().unwrap().len(), 1, "{pt}");
+        }
+    };
+    check(&run("direct").expect("direct populate"), "direct");
+    match (kvm_host(), run("nested")) {
+        (KvmHost::Pvm, Ok(_)) => panic!("PVM KVM ran a guest hypervisor"),
+        (_, Ok(r)) => check(&r, "nested"),
+        // The emulated host always offers SVM; other hardware may not.
+        (host, Err(e)) if host != KvmHost::EmulatedSvm => {
+            let e = e.to_string();
+            assert!(e.contains("no SVM") && e.contains("vmm host"), "{e}");
+        }
+        (_, Err(e)) => panic!("nested populate under the emulated SVM host: {e}"),
+    }
+}

@@ -68,6 +68,8 @@ const PERIOD: Duration = Duration::from_millis(1);
 const PRIORITY: i32 = 90;
 /// Prefixes of the L1 the sweep invalidates: 1/16, 1/4, all of it.
 const SWEEP: [u64; 3] = [16, 4, 1];
+/// The longest quiet window the verdict's floor is measured over.
+const QUIET_LONG_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelPlaneError {
@@ -191,6 +193,10 @@ pub struct KernelPlaneReport {
     pub watchdog_thresh_s: u32,
     /// The watchdog's lateness over a quiet CPU (ns): the probe floor.
     pub floor_ns: u64,
+    /// Its worst lateness over one quiet window as long as the longest
+    /// syscall of the sweep (ns, at most [`QUIET_LONG_MAX`]): what a CPU
+    /// that holds nothing shows over that time (under TCG: several ms).
+    pub quiet_long_ns: u64,
     pub points: Vec<KernelPoint>,
     pub fits: Vec<KernelFit>,
     pub kernel_reports: Vec<KernelReport>,
@@ -400,11 +406,18 @@ impl KernelPlane {
             .as_mut()
             .and_then(|k| k.reports().ok())
             .unwrap_or_default();
+        let longest = points.iter().map(|p| p.syscall_ns).max().unwrap_or(0);
+        let window = Duration::from_nanos(longest).clamp(Duration::from_millis(20), QUIET_LONG_MAX);
+        let ((), quiet_long) = watchdog.measure(|| std::thread::sleep(window))?;
+        let quiet_long_ns = notifier::convert::duration_ns(quiet_long);
+        // Nothing was held below twice what a quiet CPU shows, over a
+        // short window or over the longest syscall's time.
+        let held_floor_ns = 2 * floor_ns.max(quiet_long_ns);
         let thresh = watchdog_thresh();
         let fits = self
             .kinds
             .iter()
-            .map(|&kind| fit_of(kind, &points, floor_ns, thresh))
+            .map(|&kind| fit_of(kind, &points, held_floor_ns, thresh))
             .collect();
         progress.finish_and_clear();
         let populate = guest.map(|(p, g)| PopulateReport {
@@ -424,6 +437,7 @@ impl KernelPlane {
             slots,
             watchdog_thresh_s: thresh,
             floor_ns,
+            quiet_long_ns,
             points,
             fits,
             kernel_reports,
@@ -466,6 +480,7 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
+/// The fit of `kind`'s points; a stretch at or below `floor_ns` held nothing.
 fn fit_of(kind: KernelInval, points: &[KernelPoint], floor_ns: u64, thresh_s: u32) -> KernelFit {
     let xy: Vec<(f64, f64)> = points
         .iter()
@@ -475,7 +490,7 @@ fn fit_of(kind: KernelInval, points: &[KernelPoint], floor_ns: u64, thresh_s: u3
     let line = Line::least_squares(&xy);
     // The soft-lockup detector fires after 2 x watchdog_thresh seconds.
     let threshold_ms = 2.0 * f64::from(thresh_s) * 1000.0;
-    let verdict = fit::verdict(&xy, ms(floor_ns) * 2.0);
+    let verdict = fit::verdict(&xy, ms(floor_ns));
     KernelFit {
         kind,
         ms_per_gib: line.map(|l| l.slope),
@@ -506,13 +521,14 @@ impl Report for KernelPlaneReport {
             ),
         };
         let mut s = format!(
-            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), {rmaps}; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms)\n",
+            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), {rmaps}; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms, {:.2} ms over the longest syscall's time)\n",
             self.kernel,
             self.cpu,
             self.l1 >> 30,
             self.slots,
             PERIOD.as_millis(),
-            ms(self.floor_ns)
+            ms(self.floor_ns),
+            ms(self.quiet_long_ns)
         );
         s += &format!(
             "{:<9} {:>10} {:>12} {:>13} {:>9} {:>8} {:>12}\n",
@@ -561,6 +577,7 @@ impl Report for KernelPlaneReport {
             "memslots": self.slots,
             "watchdog_thresh_s": self.watchdog_thresh_s,
             "floor_ns": self.floor_ns,
+            "quiet_long_ns": self.quiet_long_ns,
             "points": self.points,
             "fits": self.fits,
             "kernel_reports": self.kernel_reports.iter().map(|r| r.line.clone()).collect::<Vec<_>>(),

@@ -74,7 +74,10 @@ impl QemuConfig {
     /// with the threading asked for ([`TcgThreads`]), q35, a `qemu64` CPU
     /// with SVM and nested paging (NPT) - the CPU model QEMU's SVM emulation
     /// is known to boot `kvm_amd` on - and 1 GiB pages (`pdpe1gb`: without
-    /// it the host has no 1 GiB hugepage pool, and the 1G backings skip); no
+    /// it the host has no 1 GiB hugepage pool, and the 1G backings skip),
+    /// 48 physical address bits (`phys-bits=48`: qemu64's default 40 caps
+    /// the host KVM's guest physical space at 1 TiB, `kvm_mmu_max_gfn()`,
+    /// and a memslot reaching past it is EINVAL; TCG takes 48); no
     /// default devices, no display, COM1 on stdio, COM2 to the channel file,
     /// and a reboot ends QEMU.
     pub fn args(&self) -> Vec<String> {
@@ -86,7 +89,7 @@ impl QemuConfig {
             "-machine",
             "q35",
             "-cpu",
-            "qemu64,+svm,+npt,+pdpe1gb",
+            "qemu64,+svm,+npt,+pdpe1gb,phys-bits=48",
             "-display",
             "none",
             "-monitor",
@@ -326,7 +329,7 @@ mod tests {
         };
         let a = c.args().join(" ");
         assert!(a.contains("-accel tcg,thread=single"));
-        assert!(a.contains("-cpu qemu64,+svm,+npt,+pdpe1gb"));
+        assert!(a.contains("-cpu qemu64,+svm,+npt,+pdpe1gb,phys-bits=48"));
         assert!(a.contains("-serial stdio -no-reboot -serial file:/c"));
         assert!(a.contains("-m 4096M -smp 2 -kernel /k -initrd /i -append console=ttyS0"));
     }
