@@ -289,7 +289,11 @@ fn write_vmcb(img: &mut [u8], npt_root: u64) {
     // Every exception, HLT and SHUTDOWN exit to the L1 (so any L2 fault
     // reaches the VMM as an exit code); VMRUN (KVM requires it) and VMMCALL.
     put(img, at(vmcb::INTERCEPT_EXCEPTIONS), u32::MAX.to_le_bytes());
-    put(img, at(vmcb::INTERCEPT_3), ((1u32 << 24) | (1 << 31)).to_le_bytes());
+    put(
+        img,
+        at(vmcb::INTERCEPT_3),
+        ((1u32 << 24) | (1 << 31)).to_le_bytes(),
+    );
     put(img, at(vmcb::INTERCEPT_4), 0b11u32.to_le_bytes());
     put(img, at(vmcb::IOPM_BASE_PA), IOPM.to_le_bytes());
     put(img, at(vmcb::MSRPM_BASE_PA), MSRPM.to_le_bytes());
@@ -321,10 +325,16 @@ fn l1_program() -> Result<Vec<u8>, L1svmError> {
     let mut top = a.create_label();
     a.mov(ecx, MSR_EFER)?;
     a.rdmsr()?;
-    a.or(eax, i32::try_from(EFER_SVME).map_err(|e| L1svmError::Asm(e.to_string()))?)?;
+    a.or(
+        eax,
+        i32::try_from(EFER_SVME).map_err(|e| L1svmError::Asm(e.to_string()))?,
+    )?;
     a.wrmsr()?;
     a.mov(ecx, MSR_VM_HSAVE_PA)?;
-    a.mov(eax, u32::try_from(HSAVE).map_err(|e| L1svmError::Asm(e.to_string()))?)?;
+    a.mov(
+        eax,
+        u32::try_from(HSAVE).map_err(|e| L1svmError::Asm(e.to_string()))?,
+    )?;
     a.xor(edx, edx)?;
     a.wrmsr()?;
     a.set_label(&mut top)?;
@@ -351,7 +361,10 @@ fn l2_program(pages: u64) -> Result<Vec<u8>, L1svmError> {
     let mut top = a.create_label();
     let mut touch = a.create_label();
     a.set_label(&mut top)?;
-    a.mov(esi, u32::try_from(L2_WINDOW).map_err(|e| L1svmError::Asm(e.to_string()))?)?;
+    a.mov(
+        esi,
+        u32::try_from(L2_WINDOW).map_err(|e| L1svmError::Asm(e.to_string()))?,
+    )?;
     a.mov(ecx, count(pages)?)?;
     a.set_label(&mut touch)?;
     a.mov(dword_ptr(esi), esi)?;
@@ -378,7 +391,10 @@ fn direct_program(pages: u64) -> Result<Vec<u8>, L1svmError> {
     a.dec(rcx)?;
     a.jnz(touch)?;
     a.mov(rdx, ROUND_MMIO)?;
-    a.mov(eax, u32::try_from(EXIT_VMMCALL).map_err(|e| L1svmError::Asm(e.to_string()))?)?;
+    a.mov(
+        eax,
+        u32::try_from(EXIT_VMMCALL).map_err(|e| L1svmError::Asm(e.to_string()))?,
+    )?;
     a.mov(qword_ptr(rdx), rax)?;
     a.jmp(top)?;
     Ok(a.assemble(LAYOUT.code)?)
@@ -463,7 +479,10 @@ mod tests {
         let o = u64_to_usize(LAYOUT.code);
         let mut d = Decoder::with_ip(64, &img[o..o + 128], LAYOUT.code, DecoderOptions::NONE);
         let m: Vec<_> = d.iter().take(16).map(|i| i.mnemonic()).collect();
-        assert!(m.contains(&Mnemonic::Vmrun) && m.contains(&Mnemonic::Wrmsr), "{m:?}");
+        assert!(
+            m.contains(&Mnemonic::Vmrun) && m.contains(&Mnemonic::Wrmsr),
+            "{m:?}"
+        );
     }
 
     #[test]

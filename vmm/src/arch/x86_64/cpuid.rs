@@ -107,12 +107,12 @@ mod tests {
             edx,
             ..Default::default()
         };
-        let mut both = CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 1)])
-            .unwrap();
+        let mut both =
+            CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 1)]).unwrap();
         filter(&mut both);
         assert!(svm_with_npt(&both));
-        let no_npt = CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 0)])
-            .unwrap();
+        let no_npt =
+            CpuId::from_entries(&[leaf(0x8000_0001, 4, 0), leaf(0x8000_000a, 0, 0)]).unwrap();
         assert!(!svm_with_npt(&no_npt));
         let none = CpuId::from_entries(&[leaf(1, 0, 0)]).unwrap();
         assert!(!svm_with_npt(&none));

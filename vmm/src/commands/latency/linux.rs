@@ -29,16 +29,15 @@
 //! (timed) syscall and written back after it (untimed).
 
 use super::measure::{MmuSample, State, Target};
-use crate::report::progress_bar;
 use super::report::{summarize, LatencyReport};
 use super::{
-    measure, new_report, open_tracer, run_session, skip, start_retrying, LatencyArgs,
-    LatencyError,
+    measure, new_report, open_tracer, run_session, skip, start_retrying, LatencyArgs, LatencyError,
 };
 use crate::machine::linux::{self, BootError, BootHooks, BootInputs, BootMemory, LinuxBoot};
 use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
 use crate::memory::mmu::{recorded_tdp, Mapped, ZapRecorder};
 use crate::memory::uffd::{UffdGuestRam, UffdMode};
+use crate::report::progress_bar;
 use guests::probe::ProbeWindow;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;

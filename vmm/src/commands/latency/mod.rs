@@ -46,8 +46,8 @@ pub mod report;
 pub mod session;
 
 use crate::cli::{self, parse_size, Guest, Report};
-use crate::report::progress_bar;
 use crate::memory::uffd::UffdRamError;
+use crate::report::progress_bar;
 use measure::{Op, Sample, Scenario, Target, Tracer};
 use notifier::hostconf::{HugepageReservation, SysctlGuard};
 use notifier::hostmm::Backing;

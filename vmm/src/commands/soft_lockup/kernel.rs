@@ -36,8 +36,8 @@ use guests::l1svm::{self, Mode, Touch};
 
 use crate::cli::Report;
 use crate::machine::builtin::populate::{PopulateError, PopulatingGuest};
-use crate::report::progress_bar;
 use crate::report::fit::{self, Line, Verdict};
+use crate::report::progress_bar;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::vm::{SlotMemory, Vm, VmError};
 
@@ -95,6 +95,8 @@ pub enum KernelPlaneError {
     NoCpu,
     #[error(transparent)]
     Populate(#[from] PopulateError),
+    #[error(transparent)]
+    Plots(#[from] super::plots::PlotsError),
 }
 
 /// What the kernel plane runs.
@@ -203,6 +205,8 @@ pub struct KernelPlaneReport {
     /// Why there are no range counts (no tracefs, not root).
     pub trace_note: Option<String>,
     pub populate: Option<PopulateReport>,
+    /// The plot `--out` wrote.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 fn os(op: &'static str) -> KernelPlaneError {
@@ -443,6 +447,7 @@ impl KernelPlane {
             kernel_reports,
             trace_note,
             populate,
+            plot: None,
         })
     }
 }
@@ -565,6 +570,9 @@ impl Report for KernelPlaneReport {
         for r in &self.kernel_reports {
             s += &format!("the kernel reported: {}\n", r.line);
         }
+        if let Some(p) = &self.plot {
+            s += &format!("plot: {}\n", p.display());
+        }
         s
     }
 
@@ -583,6 +591,7 @@ impl Report for KernelPlaneReport {
             "kernel_reports": self.kernel_reports.iter().map(|r| r.line.clone()).collect::<Vec<_>>(),
             "trace_note": self.trace_note,
             "populate": self.populate,
+            "plot": self.plot,
         })
     }
 

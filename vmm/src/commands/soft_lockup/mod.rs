@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
 
 pub mod kernel;
+pub mod plots;
 
 /// Which MMU `vmm soft-lockup` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -123,6 +124,14 @@ pub struct SoftLockupArgs {
     /// The NUMA-hinting scan window (`numa_balancing_scan_size_mb`).
     #[arg(long, default_value = "256M")]
     pub numa_window: String,
+    /// Kernel plane: write report.json, table.txt and the stretch-vs-range
+    /// plot (log-log, a line per kernel and kind) under this directory.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Kernel plane, with `--out`: an earlier run's saved `--json` output
+    /// (an emulated host's, say) whose points join the plot (repeatable).
+    #[arg(long = "with", requires = "out")]
+    pub with: Vec<std::path::PathBuf>,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -592,13 +601,21 @@ pub fn run_args(args: &SoftLockupArgs) -> Result<SoftLockupOutcome, SoftLockupEr
 pub fn main(args: &SoftLockupArgs) -> ExitCode {
     match args.plane {
         Plane::Model => cli::conclude("vmm soft-lockup", args.json, run_args(args), None),
-        Plane::Kernel => cli::conclude(
-            "vmm soft-lockup",
-            args.json,
-            kernel_plane(args).and_then(|k| k.run()),
-            None,
-        ),
+        Plane::Kernel => cli::conclude("vmm soft-lockup", args.json, kernel_main(args), None),
     }
+}
+
+/// The kernel plane: the runs of `--with` read first, the measurement,
+/// then `--out`.
+fn kernel_main(
+    args: &SoftLockupArgs,
+) -> Result<kernel::KernelPlaneReport, kernel::KernelPlaneError> {
+    let earlier = plots::read_runs(&args.with)?;
+    let mut rep = kernel_plane(args)?.run()?;
+    if let Some(dir) = &args.out {
+        rep.plot = Some(plots::write_out(dir, &rep, &earlier)?);
+    }
+    Ok(rep)
 }
 
 /// The kernel plane of `args`.

@@ -209,6 +209,12 @@ impl ConsoleWatch {
             self.tail.pop_front();
         }
         self.tail.push_back(line.to_string());
+        // The console carries the inner command's output too, which may
+        // quote kernel lines (`vmm soft-lockup` does): only the kernel's
+        // own lines count.
+        if !is_printk(line) {
+            return;
+        }
         let Some(report) = KernelReport::classify(line) else {
             return;
         };
@@ -230,6 +236,14 @@ impl ConsoleWatch {
     pub fn tail(&self) -> String {
         self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A kernel console line: it starts with printk's `[    seconds.micros]`
+/// (Debian's kernels are built with `CONFIG_PRINTK_TIME`).
+fn is_printk(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .is_some_and(|(t, _)| t.trim().parse::<f64>().is_ok())
 }
 
 /// Pumps QEMU's stdout: each line (without `\r`) to `log`, to our stdout
@@ -308,6 +322,9 @@ mod tests {
         w.line("[   58.577630] rcu: INFO: rcu_preempt self-detected stall on CPU");
         w.line("[  110.746485] watchdog: BUG: soft lockup - CPU#1 stuck for 71s! [trace-pump:172]");
         w.line("[  111.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [kworker/0:1:33]");
+        // The inner command quoting the kernel is not the kernel.
+        w.line("the kernel reported: watchdog: BUG: soft lockup - CPU#0 stuck for 99s! [vmm:104]");
+        w.line("{\"kernel_reports\":[\"watchdog: BUG: soft lockup - CPU#0 stuck for 99s! [x]\"]}");
         w.line("test every_page_goes_through_the_mmu ... ok");
         assert_eq!(w.lockups.len(), 4);
         let (secs, line) = w.worst_soft_lockup.clone().unwrap();
