@@ -362,7 +362,7 @@ fn kernel_plane_with_a_populating_guest() {
         assert_eq!(p["mode"], mode, "{v}");
         // round(4 GiB / 4 KiB * 0.001) pages, 4 MiB apart.
         assert_eq!(p["pages"], 1049, "{v}");
-        assert_eq!(p["stride_bytes"], (4u64 << 30) / 1049 & !0xfff, "{v}");
+        assert_eq!(p["stride_bytes"], ((4u64 << 30) / 1049) & !0xfff, "{v}");
         // The first round, then one before each of 2 kinds x 3 sizes.
         assert_eq!(p["rounds"], 7, "{v}");
         for pt in v["points"].as_array().unwrap() {
