@@ -382,3 +382,50 @@ fn kernel_plane_with_a_populating_guest() {
         (_, Err(e)) => panic!("nested populate under the emulated SVM host: {e}"),
     }
 }
+
+/// `--backing`: a memfd (shmem, hugetlbfs) behind the L1, and the kinds
+/// only a file has (`punch-hole`: `fallocate(PUNCH_HOLE)`, `remove`:
+/// `MADV_REMOVE`), each notifying the L1; bad combinations are refused
+/// before KVM with what would work.
+#[test]
+fn kernel_plane_backings_and_file_kinds() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    let plane = |args: &[&str]| {
+        let mut v = vec!["x", "--plane", "kernel", "--repeat", "1"];
+        v.extend_from_slice(args);
+        vmm::commands::soft_lockup::kernel_plane(&Cli::try_parse_from(v).unwrap().a)
+            .unwrap()
+            .run()
+    };
+    let e = plane(&["--l1", "1G", "--kinds", "punch-hole"]).unwrap_err();
+    assert!(e.to_string().contains("shared-2M"), "{e}");
+    let e = plane(&["--l1", "1536M", "--backing", "shared-1G"]).unwrap_err();
+    assert!(e.to_string().contains("whole number"), "{e}");
+    if !integration_tests::require_kvm_root() {
+        return;
+    }
+    let _s = serial();
+    for backing in ["shared-4K", "shared-2M"] {
+        let rep = plane(&[
+            "--l1",
+            "1G",
+            "--backing",
+            backing,
+            "--kinds",
+            "dontneed,punch-hole,remove,munmap",
+        ])
+        .unwrap_or_else(|e| panic!("{backing}: {e}"));
+        let v = vmm::cli::Report::json(&rep);
+        assert_eq!(v["backing"], backing, "{v}");
+        let points = v["points"].as_array().unwrap();
+        assert_eq!(points.len(), 12, "{v}");
+        for p in points {
+            assert!(p["ranges"].as_u64().unwrap() >= 1, "{backing}: {p}");
+        }
+    }
+}

@@ -1,35 +1,39 @@
 //! `vmm soft-lockup --plane kernel`: the host kernel's own walk. A VM on
-//! this host gets memslots over `--l1` of `MAP_NORESERVE` anonymous memory
-//! (`MADV_NOHUGEPAGE`: 4 KiB host pages) from gpa 4 GiB. With no guest
-//! every rmap head is empty (the case PLATFORM.md measured); with
-//! `--populate` a guest writes `--density` of its pages first and again
-//! before every measurement ([`PopulatingGuest`]: directly, or as the L2 of
-//! a built-in guest hypervisor, so the host KVM shadows its NPT - nested
-//! TDP, rmaps by L1 gfn). Then host invalidations of growing prefixes of it - `dontneed` (one
-//! `madvise(MADV_DONTNEED)`: one notifier range), `mprotect` (read-only and
-//! back: the kernel notifies PUD-level ranges, `change_protection()`),
-//! `munmap` (and the same range mapped again). Each syscall runs on the CPU
-//! a `SCHED_FIFO` watchdog is pinned to ([`notifier::lateness`]): its worst
-//! wake-up lateness is the longest stretch in which the kernel did not
-//! reschedule. Beside it: the `kvm:kvm_unmap_hva_range` tracepoint (how
-//! many ranges, how large) and the kernel's own detectors from
-//! `/dev/kmsg` ([`notifier::kmsg`]), quoted. Per kind, a line through
-//! (GiB, stretch) says at what range the stretch would reach the kernel's
-//! soft-lockup threshold (2 x `kernel.watchdog_thresh`) and whether the
-//! kernel yields ([`crate::report::fit`]).
+//! this host gets memslots over `--l1` of `MAP_NORESERVE` memory (by
+//! default anonymous with `MADV_NOHUGEPAGE`: 4 KiB host pages) from gpa
+//! 4 GiB. With no guest every rmap head is empty (the case PLATFORM.md
+//! measured); with `--populate` a guest writes `--density` of its pages
+//! first and again before every measurement ([`PopulatingGuest`]: directly,
+//! or as the L2 of a built-in guest hypervisor, so the host KVM shadows its
+//! NPT - nested TDP, rmaps by L1 gfn). Then host invalidations of growing
+//! prefixes of it - `dontneed` (one `madvise(MADV_DONTNEED)`: one notifier
+//! range), `mprotect` (read-only and back: the kernel notifies PUD- or
+//! PGD-level ranges, `change_protection()`), `munmap` (and the same range
+//! mapped again), and on memfds `punch-hole` and `remove`. Each syscall
+//! runs on the CPU a `SCHED_FIFO` watchdog is pinned to
+//! ([`notifier::lateness`]): its worst wake-up lateness is the longest
+//! stretch in which the kernel did not reschedule. Beside it: the
+//! `kvm:kvm_unmap_hva_range` tracepoint (how many ranges, how large) and
+//! the kernel's own detectors from `/dev/kmsg` ([`notifier::kmsg`]),
+//! quoted. Per kind, a line through (GiB, stretch) says at what range the
+//! stretch would reach the kernel's soft-lockup threshold (2 x
+//! `kernel.watchdog_thresh`) and whether the kernel yields
+//! ([`crate::report::fit`]).
 //!
-//! Not yet here (issue 13): backings other than anonymous memory,
-//! punch-hole and NUMA-hint kinds, plots.
+//! The memory and the invalidations of it are [`super::l1ram`]'s
+//! (`--backing`, `--kinds`, punch-hole and remove on memfd backings); the
+//! plot is [`super::plots`]'. Not yet here (issue 13): NUMA-hint windows.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use notifier::hostconf::SysctlGuard;
+use notifier::hostmm::Backing;
 use notifier::kmsg::{KernelReport, Kmsg};
 use notifier::lateness::{LatenessError, LatenessWatchdog};
 use notifier::sched::mono_ns;
 use notifier::trace::TraceSource;
-use notifier::{HvaRange, Mmap};
+use notifier::HvaRange;
 use serde_json::{json, Value};
 
 use guests::l1svm::{self, Mode, Touch};
@@ -41,24 +45,8 @@ use crate::report::progress_bar;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::vm::{SlotMemory, Vm, VmError};
 
-/// A host invalidation of the L1's memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KernelInval {
-    Dontneed,
-    Mprotect,
-    Munmap,
-}
-
-impl KernelInval {
-    pub fn name(self) -> &'static str {
-        match self {
-            KernelInval::Dontneed => "dontneed",
-            KernelInval::Mprotect => "mprotect",
-            KernelInval::Munmap => "munmap",
-        }
-    }
-}
+pub use super::l1ram::KernelInval;
+use super::l1ram::{L1Ram, L1RamError};
 
 /// The largest memslot KVM takes (`KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages
 /// in include/linux/kvm_host.h), rounded down to 1 GiB.
@@ -75,6 +63,19 @@ const QUIET_LONG_MAX: Duration = Duration::from_secs(10);
 pub enum KernelPlaneError {
     #[error("--l1 {0} bytes: the kernel plane takes 64 MiB to 4 TiB in whole 2 MiB")]
     BadSize(u64),
+    #[error("--l1 {l1} bytes is not a whole number of --backing {backing}'s {page} pages")]
+    NotWholePages {
+        l1: u64,
+        backing: Backing,
+        page: u64,
+    },
+    #[error("--kinds {kind} needs a file behind the memory: --backing shared-4K, shared-2M or shared-1G (not {backing})")]
+    NeedsFile {
+        kind: &'static str,
+        backing: Backing,
+    },
+    #[error(transparent)]
+    Ram(#[from] L1RamError),
     #[error(transparent)]
     Size(#[from] crate::cli::SizeError),
     #[error(transparent)]
@@ -83,7 +84,7 @@ pub enum KernelPlaneError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Lateness(#[from] LatenessError),
-    #[error("{op} of the L1's memory failed: {source}")]
+    #[error("{op} failed: {source}")]
     Syscall {
         op: &'static str,
         #[source]
@@ -103,6 +104,8 @@ pub enum KernelPlaneError {
 #[derive(Debug, Clone)]
 pub struct KernelPlane {
     pub l1: u64,
+    /// What backs the L1 (`MAP_NORESERVE` always).
+    pub backing: Backing,
     pub kinds: Vec<KernelInval>,
     pub repeat: u32,
     /// `kernel.watchdog_thresh` for the run (restored after).
@@ -134,9 +137,6 @@ pub struct PopulateReport {
     pub worst_round_ms: f64,
 }
 
-/// The L1's memory: one `MAP_NORESERVE` anonymous mapping.
-struct L1Ram(Mmap);
-
 /// One memslot's part of [`L1Ram`].
 struct SlotPart {
     ram: Arc<L1Ram>,
@@ -149,7 +149,7 @@ struct SlotPart {
 // replaced in place with the same length (munmap + MAP_FIXED), never moved.
 unsafe impl SlotMemory for SlotPart {
     fn slot_hva(&self) -> u64 {
-        self.ram.0.addr() + self.offset
+        self.ram.addr() + self.offset
     }
     fn slot_size(&self) -> u64 {
         self.len
@@ -189,6 +189,7 @@ pub struct KernelFit {
 #[derive(Debug, Clone)]
 pub struct KernelPlaneReport {
     pub kernel: String,
+    pub backing: Backing,
     pub cpu: usize,
     pub l1: u64,
     pub slots: usize,
@@ -207,78 +208,6 @@ pub struct KernelPlaneReport {
     pub populate: Option<PopulateReport>,
     /// The plot `--out` wrote.
     pub plot: Option<std::path::PathBuf>,
-}
-
-fn os(op: &'static str) -> KernelPlaneError {
-    KernelPlaneError::Syscall {
-        op,
-        source: std::io::Error::last_os_error(),
-    }
-}
-
-/// Runs `kind` over `[hva, hva + len)` once.
-fn invalidate(kind: KernelInval, hva: u64, len: u64) -> Result<(), KernelPlaneError> {
-    let ptr = hva as *mut libc::c_void;
-    let n = notifier::convert::u64_to_usize(len);
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    match kind {
-        KernelInval::Dontneed => {
-            // SAFETY: the range is inside the L1 mapping, which no Rust
-            // reference points into; dropping its pages is what we want.
-            if unsafe { libc::madvise(ptr, n, libc::MADV_DONTNEED) } != 0 {
-                return Err(os("madvise(MADV_DONTNEED)"));
-            }
-        }
-        KernelInval::Mprotect => {
-            // SAFETY: as above; the protection goes back to what the
-            // mapping was created with.
-            if unsafe { libc::mprotect(ptr, n, libc::PROT_READ) } != 0 {
-                return Err(os("mprotect(PROT_READ)"));
-            }
-            // SAFETY: as above.
-            if unsafe { libc::mprotect(ptr, n, rw) } != 0 {
-                return Err(os("mprotect(PROT_READ|PROT_WRITE)"));
-            }
-        }
-        KernelInval::Munmap => {
-            // SAFETY: the range is inside the L1 mapping and is mapped
-            // again at once with the flags it was created with, so the
-            // `Mmap` that owns it finds it mapped when it unmaps it.
-            if unsafe { libc::munmap(ptr, n) } != 0 {
-                return Err(os("munmap"));
-            }
-            let flags =
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED;
-            // SAFETY: MAP_FIXED over the hole just made, nothing else can
-            // have been placed there by us; on failure the run stops with
-            // the error (and the hole is never touched).
-            let p = unsafe { libc::mmap(ptr, n, rw, flags, -1, 0) };
-            if p == libc::MAP_FAILED {
-                return Err(os("mmap(MAP_FIXED) after munmap"));
-            }
-            no_thp(hva, len)?;
-        }
-    }
-    Ok(())
-}
-
-/// `MADV_NOHUGEPAGE` over the range: a populating guest's writes stay
-/// 4 KiB host pages (THP would make each a 2 MiB page and a 2 MiB SPTE,
-/// leaving the 4 KiB rmap level empty - PLATFORM.md's trap - and cost
-/// 512 times the memory).
-fn no_thp(hva: u64, len: u64) -> Result<(), KernelPlaneError> {
-    // SAFETY: advice only, over a range of the L1 mapping.
-    let r = unsafe {
-        libc::madvise(
-            hva as *mut libc::c_void,
-            notifier::convert::u64_to_usize(len),
-            libc::MADV_NOHUGEPAGE,
-        )
-    };
-    if r != 0 {
-        return Err(os("madvise(MADV_NOHUGEPAGE)"));
-    }
-    Ok(())
 }
 
 fn kernel_release() -> String {
@@ -300,19 +229,29 @@ impl KernelPlane {
         if self.l1 < (64 << 20) || self.l1 > (4 << 40) || !self.l1.is_multiple_of(MIB2) {
             return Err(KernelPlaneError::BadSize(self.l1));
         }
+        let page = self.backing.page_size().bytes();
+        if !self.l1.is_multiple_of(page) {
+            return Err(KernelPlaneError::NotWholePages {
+                l1: self.l1,
+                backing: self.backing,
+                page,
+            });
+        }
+        if let Some(k) = self.kinds.iter().find(|k| k.needs_file()) {
+            if !self.backing.is_shared() {
+                return Err(KernelPlaneError::NeedsFile {
+                    kind: k.name(),
+                    backing: self.backing,
+                });
+            }
+        }
         let _thresh = match self.watchdog_thresh {
             Some(t) => Some(SysctlGuard::set("kernel.watchdog_thresh", &t.to_string())?),
             None => None,
         };
         let kvm = kvm::open(std::path::Path::new("/dev/kvm"))?;
         let mut vm = Vm::new(&kvm)?;
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        let ram = Arc::new(L1Ram(Mmap::anon(
-            notifier::convert::u64_to_usize(self.l1),
-            rw,
-            libc::MAP_NORESERVE,
-        )?));
-        no_thp(ram.0.addr(), self.l1)?;
+        let ram = Arc::new(L1Ram::new(self.backing, self.l1)?);
         let mut slots = 0usize;
         let mut offset = 0u64;
         while offset < self.l1 {
@@ -362,13 +301,13 @@ impl KernelPlane {
             Some((_, g)) => Some(g.round(ROUND_LIMIT)?),
             None => None,
         };
-        let base = ram.0.addr();
+        let base = ram.addr();
         let mut points = Vec::new();
         let steps = self.kinds.len() * SWEEP.len() * self.repeat.max(1) as usize;
         let progress = progress_bar(steps as u64);
         for &kind in &self.kinds {
             for div in SWEEP {
-                let bytes = (self.l1 / div) & !(MIB2 - 1);
+                let bytes = (self.l1 / div) & !(page - 1);
                 let mut p = KernelPoint {
                     kind,
                     bytes,
@@ -389,7 +328,7 @@ impl KernelPlane {
                     }
                     let (res, late) = watchdog.measure(|| {
                         let t0 = mono_ns();
-                        invalidate(kind, base, bytes).map(|()| mono_ns() - t0)
+                        ram.invalidate(kind, bytes).map(|()| mono_ns() - t0)
                     })?;
                     let (took, late) = (res?, notifier::convert::duration_ns(late));
                     p.syscall_ns = p.syscall_ns.min(took);
@@ -436,6 +375,7 @@ impl KernelPlane {
         drop(vm);
         Ok(KernelPlaneReport {
             kernel: kernel_release(),
+            backing: self.backing,
             cpu,
             l1: self.l1,
             slots,
@@ -526,10 +466,11 @@ impl Report for KernelPlaneReport {
             ),
         };
         let mut s = format!(
-            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE anonymous memory in {} memslot(s), {rmaps}; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms, {:.2} ms over the longest syscall's time)\n",
+            "kernel plane on {} (CPU {}): L1 {} GiB of MAP_NORESERVE {} memory in {} memslot(s), {rmaps}; SCHED_FIFO watchdog every {} ms (quiet-CPU lateness {:.2} ms, {:.2} ms over the longest syscall's time)\n",
             self.kernel,
             self.cpu,
             self.l1 >> 30,
+            self.backing,
             self.slots,
             PERIOD.as_millis(),
             ms(self.floor_ns),
@@ -582,6 +523,7 @@ impl Report for KernelPlaneReport {
             "kernel": self.kernel,
             "cpu": self.cpu,
             "l1_bytes": self.l1,
+            "backing": self.backing.to_string(),
             "memslots": self.slots,
             "watchdog_thresh_s": self.watchdog_thresh_s,
             "floor_ns": self.floor_ns,
@@ -639,6 +581,7 @@ mod tests {
         for l1 in [0, 32 << 20, (64 << 20) + 4096, 8 << 40] {
             let k = KernelPlane {
                 l1,
+                backing: Backing::Anon { thp: false },
                 kinds: vec![KernelInval::Dontneed],
                 repeat: 1,
                 watchdog_thresh: None,

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
 
 pub mod kernel;
+pub mod l1ram;
 pub mod plots;
 
 /// Which MMU `vmm soft-lockup` measures.
@@ -72,6 +73,11 @@ pub struct SoftLockupArgs {
         default_value = "dontneed,mprotect,munmap"
     )]
     pub kinds: Vec<kernel::KernelInval>,
+    /// Kernel plane: what backs the L1 (always `MAP_NORESERVE`): anon
+    /// (4 KiB pages), thp, shared-4K (shmem), shared-2M, shared-1G
+    /// (hugetlbfs memfds), private-2M, private-1G.
+    #[arg(long, default_value = "anon")]
+    pub backing: notifier::hostmm::Backing,
     /// Kernel plane: runs per kind and size (the fastest syscall and the
     /// worst stretch are reported).
     #[arg(long, default_value_t = 3)]
@@ -625,6 +631,7 @@ pub fn kernel_plane(
     let l1 = parse_size(args.l1.as_deref().unwrap_or("64G"))?;
     Ok(kernel::KernelPlane {
         l1,
+        backing: args.backing,
         kinds: args.kinds.clone(),
         repeat: args.repeat,
         watchdog_thresh: args.watchdog_thresh,
