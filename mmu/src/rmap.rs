@@ -282,6 +282,28 @@ impl RmapArray {
         }
     }
 
+    /// How many heads from `idx` (below `end`) are empty before the first
+    /// populated one: the blind walk's inner loop (KVM's
+    /// `slot_rmap_walk_next()` skips empty heads the same way, in a tight
+    /// loop over the array). Unallocated chunks are empty without a look.
+    #[inline]
+    pub fn empty_run(&self, idx: u64, end: u64) -> u64 {
+        const CHUNK: u64 = RMAP_CHUNK as u64;
+        let mut i = idx;
+        while i < end {
+            let c = i / CHUNK;
+            let chunk_end = end.min((c + 1) * CHUNK);
+            if let Some(Some(heads)) = self.chunks.get(u64_to_usize(c)) {
+                let (from, to) = (u64_to_usize(i % CHUNK), u64_to_usize(chunk_end - c * CHUNK));
+                if let Some(p) = heads[from..to].iter().position(|h| !h.is_empty()) {
+                    return i - idx + p as u64;
+                }
+            }
+            i = chunk_end;
+        }
+        end.saturating_sub(idx)
+    }
+
     /// The head at `idx` for update, allocating its chunk. `None` if out of
     /// range.
     pub fn get_mut(&mut self, idx: u64) -> Option<&mut RmapHead> {
@@ -303,6 +325,23 @@ impl RmapArray {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_runs_stop_at_the_first_populated_head() {
+        let mut a = RmapArray::new(4 * RMAP_CHUNK as u64);
+        // Chunk 0 unallocated; a head in chunk 2.
+        let at = 2 * RMAP_CHUNK as u64 + 7;
+        *a.get_mut(at).unwrap() = RmapHead(2);
+        assert_eq!(a.empty_run(0, at + 10), at);
+        assert_eq!(a.empty_run(at, at + 10), 0);
+        assert_eq!(a.empty_run(at + 1, at + 10), 9);
+        assert_eq!(a.empty_run(5, 5), 0);
+        // Past the end: empty, like `get`.
+        assert_eq!(
+            a.empty_run(at + 1, 10 * RMAP_CHUNK as u64),
+            10 * RMAP_CHUNK as u64 - at - 1
+        );
+    }
 
     #[test]
     fn compact_form_add_remove_count() {

@@ -171,6 +171,21 @@ impl<'a> Yielder<'a> {
         self.countdown == 0 && self.window_done()
     }
 
+    /// Units the caller may count at once with [`Self::skip`]: each of them
+    /// would answer no (the next decision falls on the unit after them).
+    #[inline]
+    pub fn free_units(&self) -> u64 {
+        self.countdown.saturating_sub(1)
+    }
+
+    /// Count `n` (at most [`Self::free_units`]) units at once: the same as
+    /// `n` calls of [`Self::need_yield`], which would all answer no.
+    #[inline]
+    pub fn skip(&mut self, n: u64) {
+        debug_assert!(n <= self.free_units());
+        self.countdown -= n.min(self.free_units());
+    }
+
     /// End of a counting window: account it, sample the clock and the
     /// waiters, decide.
     #[cold]
@@ -269,6 +284,38 @@ mod tests {
         assert_eq!(r.units, 10_000);
         assert!(r.longest.units <= 100, "{r:?}");
         assert_eq!(r.yields, 100);
+    }
+
+    #[test]
+    fn skipping_free_units_yields_where_counting_one_by_one_does() {
+        let policy = YieldPolicy::default()
+            .with_max_units(100)
+            .with_slice(Duration::from_secs(60));
+        let lock = MmuLock::new();
+        let stats = MmuStats::default();
+        let mut guard = lock.write();
+        let mut y = Yielder::new(policy, &lock, &stats);
+        let (mut done, mut yields_at) = (0u64, Vec::new());
+        while done < 1_000 {
+            // Bulk-count 7 units at a time where allowed.
+            let k = y.free_units().min(7).min(1_000 - done);
+            if k > 0 {
+                y.skip(k);
+                done += k;
+                continue;
+            }
+            done += 1;
+            if y.need_yield() {
+                yields_at.push(done);
+                MmuLock::yield_write(&mut guard);
+                y.yielded();
+            }
+        }
+        let r = y.finish();
+        assert_eq!(r.units, 1_000);
+        assert_eq!(r.longest.units, 100, "{r:?}");
+        // A yield after every 100th unit, as in `unit_budget_bounds_every_stretch`.
+        assert_eq!(yields_at, (1..=10).map(|i| i * 100).collect::<Vec<_>>());
     }
 
     #[test]

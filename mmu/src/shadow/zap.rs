@@ -293,6 +293,24 @@ impl<P: GuestPaging> ShadowMmu<P> {
                 );
                 let mut idx = first;
                 while idx <= last {
+                    if mode == WalkMode::Blind {
+                        // A run of empty heads, counted and yield-checked in
+                        // one step exactly as one by one: the run stops
+                        // before the head at which the yielder decides or
+                        // progress is published, which takes the path
+                        // below.
+                        let room = y
+                            .free_units()
+                            .min(PROGRESS_EVERY - 1 - rep.rmap_heads_visited % PROGRESS_EVERY)
+                            .min(last + 1 - idx);
+                        let k = st.slots[s].rmap[level as usize - 1].empty_run(idx, idx + room);
+                        if k > 0 {
+                            rep.rmap_heads_visited += k;
+                            y.skip(k);
+                            idx += k;
+                            continue;
+                        }
+                    }
                     if mode == WalkMode::Summary {
                         match st.slots[s].populated[level as usize - 1].next_set(idx, last + 1) {
                             Some(next) => idx = next,

@@ -98,6 +98,8 @@ pub enum KernelPlaneError {
     Populate(#[from] PopulateError),
     #[error(transparent)]
     Plots(#[from] super::plots::PlotsError),
+    #[error("the model beside the kernel: {0}")]
+    Model(#[from] mmu::model::ModelError),
 }
 
 /// What the kernel plane runs.
@@ -208,6 +210,8 @@ pub struct KernelPlaneReport {
     pub populate: Option<PopulateReport>,
     /// The plot `--out` wrote.
     pub plot: Option<std::path::PathBuf>,
+    /// `--model`: the same ranges on the project's model.
+    pub model: Option<super::side_by_side::SideBySide>,
 }
 
 fn kernel_release() -> String {
@@ -388,6 +392,7 @@ impl KernelPlane {
             trace_note,
             populate,
             plot: None,
+            model: None,
         })
     }
 }
@@ -511,6 +516,9 @@ impl Report for KernelPlaneReport {
         for r in &self.kernel_reports {
             s += &format!("the kernel reported: {}\n", r.line);
         }
+        if let Some(m) = &self.model {
+            s += &m.text();
+        }
         if let Some(p) = &self.plot {
             s += &format!("plot: {}\n", p.display());
         }
@@ -534,6 +542,7 @@ impl Report for KernelPlaneReport {
             "trace_note": self.trace_note,
             "populate": self.populate,
             "plot": self.plot,
+            "model": self.model,
         })
     }
 

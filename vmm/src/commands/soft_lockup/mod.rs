@@ -28,6 +28,7 @@ use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
 pub mod kernel;
 pub mod l1ram;
 pub mod plots;
+pub mod side_by_side;
 
 /// Which MMU `vmm soft-lockup` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -134,6 +135,12 @@ pub struct SoftLockupArgs {
     /// plot (log-log, a line per kernel and kind) under this directory.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Kernel plane: also zap the same ranges on the project's model (an
+    /// L1 of `--l1` at `--density`), blind without and with yielding and
+    /// by the summary, and compare its cost per rmap head with the
+    /// kernel's dontneed per gfn.
+    #[arg(long)]
+    pub model: bool,
     /// Kernel plane, with `--out`: an earlier run's saved `--json` output
     /// (an emulated host's, say) whose points join the plot (repeatable).
     #[arg(long = "with", requires = "out")]
@@ -617,7 +624,19 @@ fn kernel_main(
     args: &SoftLockupArgs,
 ) -> Result<kernel::KernelPlaneReport, kernel::KernelPlaneError> {
     let earlier = plots::read_runs(&args.with)?;
-    let mut rep = kernel_plane(args)?.run()?;
+    let plane = kernel_plane(args)?;
+    let mut rep = plane.run()?;
+    if args.model {
+        let mut sizes: Vec<u64> = rep.points.iter().map(|p| p.bytes).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        rep.model = Some(side_by_side::measure(
+            plane.l1,
+            args.density,
+            &sizes,
+            &rep.points,
+        )?);
+    }
     if let Some(dir) = &args.out {
         rep.plot = Some(plots::write_out(dir, &rep, &earlier)?);
     }
