@@ -313,6 +313,19 @@ fn kernel_plane_measures_every_kind_and_size() {
         );
     }
     assert_eq!(v["memslots"], 1);
+    // `--model`: the same ranges on the model, per head beside the
+    // kernel's dontneed per gfn.
+    let sizes: Vec<u64> = points
+        .iter()
+        .take(3)
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .collect();
+    let side =
+        vmm::commands::soft_lockup::side_by_side::measure(1 << 30, 0.0001, &sizes, &rep.points)
+            .unwrap();
+    eprintln!("{}", side.text());
+    assert!(side.kernel_ns_per_gfn.unwrap() > 0.0);
+    assert!(side.model_over_kernel.unwrap() > 0.0);
 }
 
 /// `--populate`: a guest writes `--density` of the L1's pages first and

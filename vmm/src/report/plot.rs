@@ -69,7 +69,9 @@ const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
 /// Line colours, one per series in order (colour-blind safe, Okabe-Ito).
-const PALETTE: [RGBColor; 7] = [
+/// Okabe-Ito's colour-blind-safe colours, then darker and lighter ones,
+/// so a plot of up to 14 series repeats none.
+const PALETTE: [RGBColor; 14] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
@@ -77,6 +79,13 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(230, 159, 0),
     RGBColor(86, 180, 233),
     RGBColor(0, 0, 0),
+    RGBColor(128, 0, 0),
+    RGBColor(0, 0, 128),
+    RGBColor(128, 128, 0),
+    RGBColor(0, 128, 128),
+    RGBColor(128, 0, 128),
+    RGBColor(150, 150, 150),
+    RGBColor(240, 228, 66),
 ];
 
 /// Register the system font with plotters once; the error is remembered.

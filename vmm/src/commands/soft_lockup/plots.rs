@@ -3,7 +3,8 @@
 //! against the range per kernel and kind - this run's and those of the
 //! earlier runs' `--json` outputs given with `--with` (an emulated host's
 //! 6.1 and 6.12, say: `vmm host` prints the inner JSON as its last line),
-//! so an A/B across hosts is one plot.
+//! so an A/B across hosts is one plot; with `--model`, the model's modes
+//! too.
 
 use std::path::{Path, PathBuf};
 
@@ -105,7 +106,26 @@ pub fn write_out(
     write("table.txt", rep.text())?;
     let mut runs: Vec<Run> = earlier.to_vec();
     runs.extend(run_of(&json));
-    let series = series(&runs);
+    let mut series = series(&runs);
+    // `--model`: the model's longest stretch per mode, same ranges.
+    if let Some(m) = &rep.model {
+        for mode in super::side_by_side::ModelMode::ALL {
+            series.push(plot::Series {
+                label: format!("model: {}", mode.name()),
+                points: m
+                    .points
+                    .iter()
+                    .filter(|p| p.mode == mode)
+                    .map(|p| {
+                        (
+                            p.bytes as f64 / (1u64 << 30) as f64,
+                            p.stretch_ns as f64 / 1e6,
+                        )
+                    })
+                    .collect(),
+            });
+        }
+    }
     let stem = dir.join("stretch-vs-range");
     let w = plot::line_chart(
         &stem,

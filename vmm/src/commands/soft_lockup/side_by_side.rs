@@ -161,3 +161,38 @@ impl SideBySide {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_zaps_every_range_and_the_blind_walks_visit_every_head() {
+        let sizes = [64 << 20, 1 << 30];
+        let s = measure(1 << 30, 0.001, &sizes, &[]).unwrap();
+        assert_eq!(s.points.len(), 6);
+        for &b in &sizes {
+            let at = |m| {
+                s.points
+                    .iter()
+                    .find(|p| p.bytes == b && p.mode == m)
+                    .unwrap()
+            };
+            let (never, yielding, summary) = (
+                at(ModelMode::BlindNeverYield),
+                at(ModelMode::BlindYield),
+                at(ModelMode::Summary),
+            );
+            // Heads of all three levels in the range.
+            let pages = b >> 12;
+            let heads = pages + pages.div_ceil(512) + pages.div_ceil(512 * 512);
+            assert_eq!(never.rmap_heads_visited, heads, "{never:?}");
+            assert_eq!(yielding.rmap_heads_visited, heads, "{yielding:?}");
+            assert!(summary.rmap_heads_visited < heads / 100, "{summary:?}");
+        }
+        // No kernel points: nothing to compare.
+        assert!(s.model_ns_per_head.is_some() && s.kernel_ns_per_gfn.is_none());
+        assert!(s.model_over_kernel.is_none());
+        assert!(s.text().contains("blind, never yield"));
+    }
+}
