@@ -212,6 +212,10 @@ pub struct KernelPlaneReport {
     pub plot: Option<std::path::PathBuf>,
     /// `--model`: the same ranges on the project's model.
     pub model: Option<super::side_by_side::SideBySide>,
+    /// The runs of `--with` and `--emulated-hosts`.
+    pub earlier: Vec<super::plots::Run>,
+    /// What the report should say first (the A/B's host without SVM).
+    pub note: Option<String>,
 }
 
 fn kernel_release() -> String {
@@ -393,6 +397,8 @@ impl KernelPlane {
             populate,
             plot: None,
             model: None,
+            earlier: Vec::new(),
+            note: None,
         })
     }
 }
@@ -519,6 +525,16 @@ impl Report for KernelPlaneReport {
         if let Some(m) = &self.model {
             s += &m.text();
         }
+        for r in &self.earlier {
+            s += &format!("beside it, {}:", r.label);
+            for (kind, gib, stretch) in &r.points {
+                s += &format!(" {kind} {gib:.0} GiB {stretch:.1} ms;");
+            }
+            s += "\n";
+        }
+        if let Some(n) = &self.note {
+            s += &format!("note: {n}\n");
+        }
         if let Some(p) = &self.plot {
             s += &format!("plot: {}\n", p.display());
         }
@@ -543,6 +559,8 @@ impl Report for KernelPlaneReport {
             "populate": self.populate,
             "plot": self.plot,
             "model": self.model,
+            "earlier": self.earlier,
+            "note": self.note,
         })
     }
 

@@ -23,8 +23,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::machine::builtin::populate::PopulateError;
 use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
 
+pub mod ab;
 pub mod kernel;
 pub mod l1ram;
 pub mod plots;
@@ -145,6 +147,14 @@ pub struct SoftLockupArgs {
     /// (an emulated host's, say) whose points join the plot (repeatable).
     #[arg(long = "with", requires = "out")]
     pub with: Vec<std::path::PathBuf>,
+    /// Kernel plane: first run the same arguments inside each of these
+    /// emulated SVM hosts (`vmm host --kernel K`, e.g.
+    /// `debian-6.1,debian-6.12`), whose reports join this run's (and its
+    /// `--out` plot): the kernel A/B in one command. Where this host
+    /// offers no SVM, its own run of `--populate nested` is left empty
+    /// (said in the report).
+    #[arg(long, value_delimiter = ',')]
+    pub emulated_hosts: Vec<String>,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     pub json: bool,
@@ -623,9 +633,24 @@ pub fn main(args: &SoftLockupArgs) -> ExitCode {
 fn kernel_main(
     args: &SoftLockupArgs,
 ) -> Result<kernel::KernelPlaneReport, kernel::KernelPlaneError> {
-    let earlier = plots::read_runs(&args.with)?;
-    let plane = kernel_plane(args)?;
-    let mut rep = plane.run()?;
+    let mut earlier = plots::read_runs(&args.with)?;
+    let mut plane = kernel_plane(args)?;
+    for k in &args.emulated_hosts {
+        earlier.push(ab::run_on(k, args, plane.l1)?);
+    }
+    let mut rep = match plane.run() {
+        // The A/B's own host without SVM: its run goes on without the guest.
+        Err(kernel::KernelPlaneError::Populate(e @ PopulateError::NoSvm))
+            if !args.emulated_hosts.is_empty() =>
+        {
+            plane.populate = None;
+            let mut rep = plane.run()?;
+            rep.note = Some(format!("this host: {e}; its run has empty rmaps"));
+            rep
+        }
+        r => r?,
+    };
+    rep.earlier = earlier;
     if args.model {
         let mut sizes: Vec<u64> = rep.points.iter().map(|p| p.bytes).collect();
         sizes.sort_unstable();
@@ -638,7 +663,7 @@ fn kernel_main(
         )?);
     }
     if let Some(dir) = &args.out {
-        rep.plot = Some(plots::write_out(dir, &rep, &earlier)?);
+        rep.plot = Some(plots::write_out(dir, &rep)?);
     }
     Ok(rep)
 }

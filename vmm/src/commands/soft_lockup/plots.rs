@@ -26,10 +26,12 @@ pub enum PlotsError {
     },
     #[error("the plot: {0}")]
     Plot(#[from] plot::PlotError),
+    #[error("--emulated-hosts {kernel}: {why}")]
+    Host { kernel: String, why: String },
 }
 
 /// One kernel's points: its label and (kind, GiB, stretch ms).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Run {
     pub label: String,
     pub points: Vec<(String, f64, f64)>,
@@ -87,13 +89,9 @@ pub fn read_runs(with: &[PathBuf]) -> Result<Vec<Run>, PlotsError> {
     with.iter().map(|p| read_run(p)).collect()
 }
 
-/// Writes report.json, table.txt and stretch-vs-range.{svg,png}; returns
-/// the plot's path.
-pub fn write_out(
-    dir: &Path,
-    rep: &KernelPlaneReport,
-    earlier: &[Run],
-) -> Result<PathBuf, PlotsError> {
+/// Writes report.json, table.txt and stretch-vs-range.{svg,png} (this
+/// run and `rep.earlier`); returns the plot's path.
+pub fn write_out(dir: &Path, rep: &KernelPlaneReport) -> Result<PathBuf, PlotsError> {
     let io = |path: PathBuf| move |source| PlotsError::Write { path, source };
     std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
     let json = rep.json();
@@ -104,7 +102,7 @@ pub fn write_out(
         serde_json::to_string_pretty(&json).unwrap_or_default(),
     )?;
     write("table.txt", rep.text())?;
-    let mut runs: Vec<Run> = earlier.to_vec();
+    let mut runs: Vec<Run> = rep.earlier.clone();
     runs.extend(run_of(&json));
     let mut series = series(&runs);
     // `--model`: the model's longest stretch per mode, same ranges.
