@@ -55,7 +55,15 @@ pub fn run_on(kernel: &str, args: &SoftLockupArgs, l1: u64) -> Result<Run, Plots
     let exe = std::env::current_exe().map_err(|e| err(format!("this binary: {e}")))?;
     let l1_arg = format!("{}M", l1 >> 20);
     let mut child = Command::new(exe)
-        .args(["host", "--kernel", kernel, "--cpus", "1", "--hugepages", "0"])
+        .args([
+            "host",
+            "--kernel",
+            kernel,
+            "--cpus",
+            "1",
+            "--hugepages",
+            "0",
+        ])
         .args(["--mem", &format!("{}M", host_mem_mib(l1)), "--"])
         .args(inner_args(args, &l1_arg))
         .stdin(Stdio::null())

@@ -23,8 +23,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::machine::builtin::populate::PopulateError;
 use crate::cli::{self, parse_size, Report, SizeError, ZapArgs};
+use crate::machine::builtin::populate::PopulateError;
 
 pub mod ab;
 pub mod kernel;

@@ -30,11 +30,22 @@ pub enum PlotsError {
     Host { kernel: String, why: String },
 }
 
-/// One kernel's points: its label and (kind, GiB, stretch ms).
+/// One kernel's run: its label, points, verdicts and detector lines.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Run {
     pub label: String,
-    pub points: Vec<(String, f64, f64)>,
+    pub points: Vec<RunPoint>,
+    /// (kind, verdict).
+    pub verdicts: Vec<(String, String)>,
+    pub kernel_reports: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunPoint {
+    pub kind: String,
+    pub gib: f64,
+    pub stretch_ms: f64,
+    pub syscall_ms: f64,
 }
 
 /// The kernel-plane report in `v` (the JSON of `--plane kernel --json`,
@@ -56,16 +67,36 @@ pub fn run_of(v: &Value) -> Option<Run> {
         .as_array()?
         .iter()
         .filter_map(|p| {
-            Some((
-                p["kind"].as_str()?.to_string(),
-                p["bytes"].as_u64()? as f64 / (1u64 << 30) as f64,
-                p["lateness_ns"].as_u64()? as f64 / 1e6,
-            ))
+            Some(RunPoint {
+                kind: p["kind"].as_str()?.to_string(),
+                gib: p["bytes"].as_u64()? as f64 / (1u64 << 30) as f64,
+                stretch_ms: p["lateness_ns"].as_u64()? as f64 / 1e6,
+                syscall_ms: p["syscall_ns"].as_u64().unwrap_or(0) as f64 / 1e6,
+            })
         })
         .collect();
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let verdicts = v["fits"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| Some((f["kind"].as_str()?.into(), f["verdict"].as_str()?.into())))
+                .collect()
+        })
+        .unwrap_or_default();
     Some(Run {
         label: format!("{kernel} ({host}, {rmaps})"),
         points,
+        verdicts,
+        kernel_reports: strings(&v["kernel_reports"]),
     })
 }
 
@@ -143,7 +174,7 @@ pub fn write_out(dir: &Path, rep: &KernelPlaneReport) -> Result<PathBuf, PlotsEr
 fn series(runs: &[Run]) -> Vec<plot::Series> {
     let mut out = Vec::new();
     for r in runs {
-        let mut kinds: Vec<&str> = r.points.iter().map(|p| p.0.as_str()).collect();
+        let mut kinds: Vec<&str> = r.points.iter().map(|p| p.kind.as_str()).collect();
         kinds.dedup();
         for k in kinds {
             out.push(plot::Series {
@@ -151,8 +182,8 @@ fn series(runs: &[Run]) -> Vec<plot::Series> {
                 points: r
                     .points
                     .iter()
-                    .filter(|p| p.0 == k)
-                    .map(|p| (p.1, p.2))
+                    .filter(|p| p.kind == k)
+                    .map(|p| (p.gib, p.stretch_ms))
                     .collect(),
             });
         }
@@ -179,7 +210,11 @@ mod tests {
             runs[0].label,
             "6.1.0 (emulated debian-6.1, nested populate)"
         );
-        assert_eq!(runs[0].points[1], ("dontneed".into(), 128.0, 4.0));
+        let p = &runs[0].points[1];
+        assert_eq!(
+            (p.kind.as_str(), p.gib, p.stretch_ms),
+            ("dontneed", 128.0, 4.0)
+        );
         let s = series(&runs);
         assert_eq!(s.len(), 1);
         std::fs::write(&f, "{\"plane\":\"model\"}\n").unwrap();
