@@ -639,8 +639,8 @@ mod tests {
         KernelPoint {
             kind,
             bytes: gib << 30,
-            syscall_ns: (syscall_ms * 1e6) as u64,
-            lateness_ns: (stretch_ms * 1e6) as u64,
+            syscall_ns: notifier::convert::f64_to_u64_saturating(syscall_ms * 1e6),
+            lateness_ns: notifier::convert::f64_to_u64_saturating(stretch_ms * 1e6),
             ranges: Some(1),
             largest_range: Some(largest_gib << 30),
             runs: Vec::new(),
