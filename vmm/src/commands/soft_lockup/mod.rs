@@ -1,6 +1,8 @@
 //! `vmm soft-lockup`: the nested-TDP soft-lockup scenario on the model
 //! plane (`mmu::model`, this file), or on the host kernel's own KVM
-//! (`--plane kernel`, [`kernel`]).
+//! (`--plane kernel`, [`kernel`]: its memory and invalidations in
+//! [`l1ram`], the model beside it in [`side_by_side`], the plot in
+//! [`plots`], the A/B across emulated hosts in [`ab`]).
 //!
 //! An L1 of up to 4 TiB maps a fraction of its memory into an L2 through
 //! EPT tables; the nested MMU shadows them. A host invalidation of an L1
