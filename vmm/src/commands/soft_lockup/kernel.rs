@@ -199,7 +199,7 @@ pub struct KernelPlaneReport {
     /// The watchdog's lateness over a quiet CPU (ns): the probe floor.
     pub floor_ns: u64,
     /// Its worst lateness over one quiet window as long as the longest
-    /// syscall of the sweep (ns, at most [`QUIET_LONG_MAX`]): what a CPU
+    /// syscall of the sweep (ns, at most 10 s): what a CPU
     /// that holds nothing shows over that time (under TCG: several ms).
     pub quiet_long_ns: u64,
     pub points: Vec<KernelPoint>,

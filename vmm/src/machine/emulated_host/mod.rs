@@ -98,11 +98,11 @@ pub struct EmulatedHost {
     pub hugepages_2m: u64,
     pub sysctls: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Programs carried with their libraries (the first is argv[0]'s).
+    /// Programs carried with their libraries (the first is `argv[0]`'s).
     pub programs: Vec<PathBuf>,
     /// Files carried as they are.
     pub files: Vec<PathBuf>,
-    /// The command: argv[0] is an absolute path in the image.
+    /// The command: `argv[0]` is an absolute path in the image.
     pub argv: Vec<String>,
     /// Working directory of the command.
     pub cwd: PathBuf,

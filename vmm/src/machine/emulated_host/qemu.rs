@@ -193,7 +193,7 @@ fn is_kernel_message(line: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct ConsoleWatch {
     tail: VecDeque<String>,
-    /// Soft-lockup and RCU-stall lines, verbatim (the first [`MAX_LOCKUP_LINES`]).
+    /// Soft-lockup and RCU-stall lines, verbatim (the first 16).
     pub lockups: Vec<String>,
     /// The longest soft lockup reported so far (seconds) and its line.
     pub worst_soft_lockup: Option<(u64, String)>,
