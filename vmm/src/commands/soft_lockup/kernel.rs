@@ -331,6 +331,7 @@ impl KernelPlane {
                     if let Some((_, g)) = guest.as_mut() {
                         g.round(ROUND_LIMIT)?;
                     }
+                    ram.prepare(kind, bytes)?;
                     if let Some(t) = trace.as_mut() {
                         t.collect()?;
                     }
@@ -338,6 +339,7 @@ impl KernelPlane {
                         let t0 = mono_ns();
                         ram.invalidate(kind, bytes).map(|()| mono_ns() - t0)
                     })?;
+                    ram.finish(kind, bytes)?;
                     let (took, late) = (res?, notifier::convert::duration_ns(late));
                     p.syscall_ns = p.syscall_ns.min(took);
                     p.lateness_ns = p.lateness_ns.max(late);
@@ -513,12 +515,12 @@ impl Report for KernelPlaneReport {
             ms(self.quiet_long_ns)
         );
         s += &format!(
-            "{:<9} {:>10} {:>12} {:>13} {:>9} {:>8} {:>12}\n",
+            "{:<11} {:>10} {:>12} {:>13} {:>9} {:>8} {:>12}\n",
             "kind", "range", "syscall ms", "stretch ms", "/syscall", "ranges", "ms per GiB"
         );
         for p in &self.points {
             s += &format!(
-                "{:<9} {:>6} MiB {:>12.2} {:>13.2} {:>9.2} {:>8} {:>12.3}\n",
+                "{:<11} {:>6} MiB {:>12.2} {:>13.2} {:>9.2} {:>8} {:>12.3}\n",
                 p.kind.name(),
                 p.bytes >> 20,
                 ms(p.syscall_ns),

@@ -17,7 +17,13 @@ use notifier::{Mmap, PageSize};
 #[serde(rename_all = "kebab-case")]
 pub enum KernelInval {
     Dontneed,
+    /// Read-only and back, both measured.
     Mprotect,
+    /// Only the read-only call measured (made writable again after).
+    MprotectRo,
+    /// Only the call back to read-write measured (made read-only before):
+    /// it meets the rmaps the first call emptied.
+    MprotectRw,
     Munmap,
     PunchHole,
     Remove,
@@ -28,6 +34,8 @@ impl KernelInval {
         match self {
             KernelInval::Dontneed => "dontneed",
             KernelInval::Mprotect => "mprotect",
+            KernelInval::MprotectRo => "mprotect-ro",
+            KernelInval::MprotectRw => "mprotect-rw",
             KernelInval::Munmap => "munmap",
             KernelInval::PunchHole => "punch-hole",
             KernelInval::Remove => "remove",
@@ -134,7 +142,39 @@ impl L1Ram {
         Ok(())
     }
 
-    /// Runs `kind` over the first `len` bytes (a multiple of the page size).
+    /// What `kind` needs done, unmeasured, before it runs: the read-only
+    /// call of [`KernelInval::MprotectRw`].
+    pub fn prepare(&self, kind: KernelInval, len: u64) -> Result<(), L1RamError> {
+        match kind {
+            KernelInval::MprotectRw => self.protect(len, libc::PROT_READ),
+            _ => Ok(()),
+        }
+    }
+
+    /// What `kind` leaves to undo, unmeasured, after it ran: the call back
+    /// to read-write of [`KernelInval::MprotectRo`].
+    pub fn finish(&self, kind: KernelInval, len: u64) -> Result<(), L1RamError> {
+        match kind {
+            KernelInval::MprotectRo => self.protect(len, RW),
+            _ => Ok(()),
+        }
+    }
+
+    fn protect(&self, len: u64, prot: i32) -> Result<(), L1RamError> {
+        // SAFETY: the range is inside the L1 mapping, which no Rust
+        // reference points into; the protection ends as it was created.
+        if unsafe { libc::mprotect(self.addr() as *mut libc::c_void, to_usize(len), prot) } != 0 {
+            return Err(os(if prot == RW {
+                "mprotect(PROT_READ|PROT_WRITE)"
+            } else {
+                "mprotect(PROT_READ)"
+            }));
+        }
+        Ok(())
+    }
+
+    /// Runs `kind` over the first `len` bytes (a multiple of the page size),
+    /// between [`Self::prepare`] and [`Self::finish`].
     pub fn invalidate(&self, kind: KernelInval, len: u64) -> Result<(), L1RamError> {
         let hva = self.addr();
         let ptr = hva as *mut libc::c_void;
@@ -163,16 +203,11 @@ impl L1Ram {
                 }
             }
             KernelInval::Mprotect => {
-                // SAFETY: as above; the protection goes back to what the
-                // mapping was created with.
-                if unsafe { libc::mprotect(ptr, n, libc::PROT_READ) } != 0 {
-                    return Err(os("mprotect(PROT_READ)"));
-                }
-                // SAFETY: as above.
-                if unsafe { libc::mprotect(ptr, n, RW) } != 0 {
-                    return Err(os("mprotect(PROT_READ|PROT_WRITE)"));
-                }
+                self.protect(len, libc::PROT_READ)?;
+                self.protect(len, RW)?;
             }
+            KernelInval::MprotectRo => self.protect(len, libc::PROT_READ)?,
+            KernelInval::MprotectRw => self.protect(len, RW)?,
             KernelInval::Munmap => {
                 // SAFETY: the range is inside the L1 mapping and is mapped
                 // again at once with the flags it was created with, so the
@@ -275,6 +310,13 @@ mod tests {
         }
         ram.invalidate(KernelInval::Mprotect, 1 << 20).unwrap();
         write_first(&ram, 1);
+        for kind in [KernelInval::MprotectRo, KernelInval::MprotectRw] {
+            ram.prepare(kind, 1 << 20).unwrap();
+            ram.invalidate(kind, 1 << 20).unwrap();
+            ram.finish(kind, 1 << 20).unwrap();
+            // Writable again either way.
+            write_first(&ram, 2);
+        }
         let anon = L1Ram::new(Backing::Anon { thp: false }, 1 << 20).unwrap();
         write_first(&anon, 9);
         anon.invalidate(KernelInval::Munmap, 1 << 20).unwrap();
