@@ -224,6 +224,20 @@ fn bad_arguments_are_errors_not_panics() {
         assert!(r.is_err(), "{args:?} accepted");
         eprintln!("{args:?}: {}", r.unwrap_err());
     }
+    // Kernel-plane options on the model plane are refused, not ignored.
+    for flag in [
+        &["--populate", "direct"][..],
+        &["--model"],
+        &["--out", "/tmp/x"],
+    ] {
+        let mut args = vec!["x", "--l1", "1G"];
+        args.extend_from_slice(flag);
+        let cli = Cli::try_parse_from(args).unwrap();
+        let e = vmm::commands::soft_lockup::run_args(&cli.a)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("--plane kernel only"), "{e}");
+    }
 }
 
 /// Input (c): the kernel's own ranges from `notifier::predict`. An mprotect

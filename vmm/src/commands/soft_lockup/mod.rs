@@ -170,6 +170,8 @@ pub enum SoftLockupError {
     Size(#[from] SizeError),
     #[error("--range {range} bytes must be a multiple of 4 KiB and at most the L1 size {l1}")]
     BadRange { range: u64, l1: u64 },
+    #[error("{0} applies to --plane kernel only")]
+    KernelOnly(&'static str),
     #[error("--max-units must be at least 1, --watchdog-ms at least 1")]
     BadYieldArgs,
     #[error("stale translation after the zap: {0}")]
@@ -612,6 +614,17 @@ impl SoftLockupOutcome {
 
 /// The scenario of `args`, run, with the empty-range comparison.
 pub fn run_args(args: &SoftLockupArgs) -> Result<SoftLockupOutcome, SoftLockupError> {
+    let kernel_only = [
+        ("--populate", args.populate.is_some()),
+        ("--watchdog-thresh", args.watchdog_thresh.is_some()),
+        ("--out", args.out.is_some()),
+        ("--with", !args.with.is_empty()),
+        ("--model", args.model),
+        ("--emulated-hosts", !args.emulated_hosts.is_empty()),
+    ];
+    if let Some((flag, _)) = kernel_only.iter().find(|(_, set)| *set) {
+        return Err(SoftLockupError::KernelOnly(flag));
+    }
     let sc = Scenario::from_args(args)?;
     let report = run(&sc)?;
     let (empty_1g_blind_ns, empty_1g_summary_ns, _) = empty_range_speedup(1 << 30, 11)?;
