@@ -433,6 +433,19 @@ fn kernel_plane_backings_and_file_kinds() {
     assert!(e.to_string().contains("shared-2M"), "{e}");
     let e = plane(&["--l1", "1536M", "--backing", "shared-1G"]).unwrap_err();
     assert!(e.to_string().contains("whole number"), "{e}");
+    // More 1 GiB pages to write than any pool here holds: said before KVM.
+    let e = plane(&[
+        "--l1",
+        "4T",
+        "--backing",
+        "shared-1G",
+        "--populate",
+        "direct",
+        "--density",
+        "0.0001",
+    ])
+    .unwrap_err();
+    assert!(e.to_string().contains("huge pages of 1024 MiB"), "{e}");
     if !integration_tests::require_kvm_root() {
         return;
     }

@@ -76,6 +76,8 @@ pub enum KernelPlaneError {
     },
     #[error(transparent)]
     Ram(#[from] L1RamError),
+    #[error("--populate writes {need} huge pages of {page} MiB but the pool has {free} free: reserve them (nr_hugepages) or lower --density")]
+    PoolTooSmall { need: u64, free: u64, page: u64 },
     #[error(transparent)]
     Size(#[from] crate::cli::SizeError),
     #[error(transparent)]
@@ -232,6 +234,31 @@ fn watchdog_thresh() -> u32 {
 }
 
 impl KernelPlane {
+    /// On hugetlb (`MAP_NORESERVE`: nothing reserved) every huge page the
+    /// guest writes comes from the pool at fault time; a short pool would
+    /// end the run with an EFAULT from KVM_RUN. Say it before.
+    fn check_pool(&self, touch: &Touch) -> Result<(), KernelPlaneError> {
+        let page = self.backing.page_size();
+        let Some(dir) = page.hugetlb_pool().filter(|_| self.backing.is_hugetlb()) else {
+            return Ok(());
+        };
+        // Pages one stride apart share a huge page when the stride is smaller.
+        let per_page = (page.bytes() / touch.stride.max(1)).max(1);
+        let need = touch.pages.div_ceil(per_page);
+        let free = std::fs::read_to_string(dir.join("free_hugepages"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if free < need {
+            return Err(KernelPlaneError::PoolTooSmall {
+                need,
+                free,
+                page: page.bytes() >> 20,
+            });
+        }
+        Ok(())
+    }
+
     pub fn run(&self) -> Result<KernelPlaneReport, KernelPlaneError> {
         const MIB2: u64 = 2 << 20;
         if self.l1 < (64 << 20) || self.l1 > (4 << 40) || !self.l1.is_multiple_of(MIB2) {
@@ -253,6 +280,14 @@ impl KernelPlane {
                 });
             }
         }
+        let touch = match self.populate {
+            Some(p) => {
+                let t = Touch::new(p.mode, self.l1, p.density).map_err(PopulateError::from)?;
+                self.check_pool(&t)?;
+                Some(t)
+            }
+            None => None,
+        };
         let _thresh = match self.watchdog_thresh {
             Some(t) => Some(SysctlGuard::set("kernel.watchdog_thresh", &t.to_string())?),
             None => None,
@@ -277,13 +312,12 @@ impl KernelPlane {
             slots += 1;
             offset += len;
         }
-        let mut guest = match self.populate {
-            Some(p) => {
-                let touch = Touch::new(p.mode, self.l1, p.density).map_err(PopulateError::from)?;
+        let mut guest = match (self.populate, touch) {
+            (Some(p), Some(touch)) => {
                 let slot = u32::try_from(slots).unwrap_or(u32::MAX);
                 Some((p, PopulatingGuest::new(&mut vm, slot, touch)?))
             }
-            None => None,
+            _ => None,
         };
         let cpu = notifier::sched::current_cpu().ok_or(KernelPlaneError::NoCpu)?;
         notifier::sched::pin_to_cpu(cpu).map_err(|source| KernelPlaneError::Syscall {
