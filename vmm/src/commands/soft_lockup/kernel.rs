@@ -76,6 +76,12 @@ pub enum KernelPlaneError {
     },
     #[error(transparent)]
     Ram(#[from] L1RamError),
+    #[error("--l1 {l1_gib} GiB needs {need_mib} MiB of kernel memory for the host KVM's rmaps (8 bytes per 4 KiB gfn: 2 GiB per TiB, vmalloc'ed when a shadow MMU is in use, as here) but only {available_mib} MiB is available: a smaller --l1, or more memory (vmm host --mem)")]
+    RmapMemory {
+        l1_gib: u64,
+        need_mib: u64,
+        available_mib: u64,
+    },
     #[error("--populate writes {need} huge pages of {page} MiB but the pool has {free} free: reserve them (nr_hugepages) or lower --density")]
     PoolTooSmall { need: u64, free: u64, page: u64 },
     #[error(transparent)]
@@ -233,6 +239,45 @@ fn watchdog_thresh() -> u32 {
         .unwrap_or(10)
 }
 
+/// The host KVM's rmap arrays for `l1` bytes (`memslot_rmap_alloc()`: one
+/// 8-byte head per 4 KiB gfn, and per 2 MiB and 1 GiB frame) against
+/// `available` bytes, when `shadow` says they get allocated at all (this
+/// machine's PVM KVM, `kvm_amd npt=0`, or a nested guest's shadow NPT; the
+/// TDP MMU alone allocates none).
+pub fn check_rmap_memory(l1: u64, available: u64, shadow: bool) -> Result<(), KernelPlaneError> {
+    let gfns = l1 / 4096;
+    let need = (gfns + gfns / 512 + gfns / (512 * 512)) * 8;
+    // Leave a tenth for everything else the run needs.
+    if shadow && need > available / 10 * 9 {
+        return Err(KernelPlaneError::RmapMemory {
+            l1_gib: l1 >> 30,
+            need_mib: need.div_ceil(1 << 20),
+            available_mib: available >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// Whether this host's KVM will allocate rmaps for the L1's memslots.
+fn shadow_mmu_in_use(nested: bool) -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    nested
+        || std::path::Path::new("/sys/module/kvm_pvm").exists()
+        || read("/sys/module/kvm_amd/parameters/npt").is_ok_and(|v| v == "N" || v == "0")
+        || read("/sys/module/kvm_intel/parameters/ept").is_ok_and(|v| v == "N" || v == "0")
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024)
+}
+
 impl KernelPlane {
     /// On hugetlb (`MAP_NORESERVE`: nothing reserved) every huge page the
     /// guest writes comes from the pool at fault time; a short pool would
@@ -280,6 +325,8 @@ impl KernelPlane {
                 });
             }
         }
+        let nested = self.populate.is_some_and(|p| p.mode == Mode::Nested);
+        check_rmap_memory(self.l1, mem_available(), shadow_mmu_in_use(nested))?;
         let touch = match self.populate {
             Some(p) => {
                 let t = Touch::new(p.mode, self.l1, p.density).map_err(PopulateError::from)?;
@@ -736,6 +783,22 @@ mod tests {
         let r = median_ratio(&[(10, 9), (10, 30), (10, 10)]);
         assert!((r - 1.0).abs() < 1e-9, "{r}");
         assert_eq!(median_ratio(&[(0, 5)]), 5.0);
+    }
+
+    #[test]
+    fn rmaps_that_do_not_fit_are_refused_with_what_they_need() {
+        let gib = 1u64 << 30;
+        // 1 TiB: 2 GiB + 4 MiB + 8 KiB of heads, rounded up.
+        let e = check_rmap_memory(1 << 40, 2 * gib, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs 2053 MiB") && e.contains("2048 MiB is available"),
+            "{e}"
+        );
+        assert!(check_rmap_memory(1 << 40, 3 * gib, true).is_ok());
+        // The TDP MMU alone allocates none.
+        assert!(check_rmap_memory(4 << 40, gib, false).is_ok());
     }
 
     #[test]
