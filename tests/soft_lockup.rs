@@ -469,3 +469,54 @@ fn kernel_plane_backings_and_file_kinds() {
         }
     }
 }
+
+/// `--kinds numa-hint`: one 3 s window of `kernel.numa_balancing=1` (its
+/// old value restored after) with a toucher thread on the watched CPU, so
+/// `task_numa_work()` scans this mm - the L1 included; hugetlb backings,
+/// which the scanner skips, are refused.
+#[test]
+fn kernel_plane_numa_hint_window() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    let plane = |args: &[&str]| {
+        let mut v = vec![
+            "x",
+            "--plane",
+            "kernel",
+            "--repeat",
+            "1",
+            "--kinds",
+            "numa-hint",
+        ];
+        v.extend_from_slice(args);
+        vmm::commands::soft_lockup::kernel_plane(&Cli::try_parse_from(v).unwrap().a)
+            .unwrap()
+            .run()
+    };
+    let e = plane(&["--l1", "1G", "--backing", "shared-2M"]).unwrap_err();
+    assert!(e.to_string().contains("does not scan hugetlb"), "{e}");
+    if !integration_tests::require_kvm_root() {
+        return;
+    }
+    let _s = serial();
+    let before = std::fs::read_to_string("/proc/sys/kernel/numa_balancing").unwrap();
+    let rep = plane(&["--l1", "1G", "--populate", "direct", "--density", "0.01"]).unwrap();
+    let v = vmm::cli::Report::json(&rep);
+    eprintln!("{}", vmm::cli::Report::text(&rep));
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1, "{v}");
+    assert_eq!(points[0]["bytes"], 1u64 << 30, "{v}");
+    assert!(
+        points[0]["syscall_ns"].as_u64().unwrap() >= 3_000_000_000,
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/numa_balancing").unwrap(),
+        before,
+        "kernel.numa_balancing not restored"
+    );
+}

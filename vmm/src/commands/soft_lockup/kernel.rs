@@ -82,6 +82,8 @@ pub enum KernelPlaneError {
         need_mib: u64,
         available_mib: u64,
     },
+    #[error("--kinds numa-hint: NUMA balancing does not scan hugetlb memory (task_numa_work() skips it): --backing anon, thp or shared-4K, not {0}")]
+    NumaHugetlb(Backing),
     #[error("--populate writes {need} huge pages of {page} MiB but the pool has {free} free: reserve them (nr_hugepages) or lower --density")]
     PoolTooSmall { need: u64, free: u64, page: u64 },
     #[error(transparent)]
@@ -317,6 +319,9 @@ impl KernelPlane {
                 page,
             });
         }
+        if self.kinds.contains(&KernelInval::NumaHint) && self.backing.is_hugetlb() {
+            return Err(KernelPlaneError::NumaHugetlb(self.backing));
+        }
         if let Some(k) = self.kinds.iter().find(|k| k.needs_file()) {
             if !self.backing.is_shared() {
                 return Err(KernelPlaneError::NeedsFile {
@@ -392,10 +397,28 @@ impl KernelPlane {
         };
         let base = ram.addr();
         let mut points = Vec::new();
-        let steps = self.kinds.len() * SWEEP.len() * self.repeat.max(1) as usize;
+        let sizes: usize = self
+            .kinds
+            .iter()
+            .map(|&k| {
+                if k == KernelInval::NumaHint {
+                    1
+                } else {
+                    SWEEP.len()
+                }
+            })
+            .sum();
+        let steps = sizes * self.repeat.max(1) as usize;
         let progress = progress_bar(steps as u64);
         for &kind in &self.kinds {
-            for div in SWEEP {
+            // NUMA hinting is not a range the VMM picks: one window over
+            // the whole L1.
+            let divs: &[u64] = if kind == KernelInval::NumaHint {
+                &[1]
+            } else {
+                &SWEEP
+            };
+            for &div in divs {
                 let bytes = (self.l1 / div) & !(page - 1);
                 let mut p = KernelPoint {
                     kind,
@@ -416,10 +439,16 @@ impl KernelPlane {
                     if let Some(t) = trace.as_mut() {
                         t.collect()?;
                     }
-                    let (res, late) = watchdog.measure(|| {
-                        let t0 = mono_ns();
-                        ram.invalidate(kind, bytes).map(|()| mono_ns() - t0)
-                    })?;
+                    let (res, late) = if kind == KernelInval::NumaHint {
+                        numa_window(&watchdog)?
+                    } else {
+                        watchdog.measure(|| {
+                            let t0 = mono_ns();
+                            ram.invalidate(kind, bytes)
+                                .map(|()| mono_ns() - t0)
+                                .map_err(KernelPlaneError::from)
+                        })?
+                    };
                     ram.finish(kind, bytes)?;
                     let (took, late) = (res?, notifier::convert::duration_ns(late));
                     p.syscall_ns = p.syscall_ns.min(took);
@@ -484,6 +513,30 @@ impl KernelPlane {
             note: None,
         })
     }
+}
+
+/// How long a `numa-hint` window lasts (`vmm latency`'s too).
+const NUMA_WINDOW: Duration = Duration::from_secs(3);
+
+/// One `numa-hint` window: `kernel.numa_balancing=1` (restored after) while
+/// a thread of this process touches memory of its own - the scanner,
+/// `task_numa_work()`, runs from a busy task's task-work and changes the
+/// protection of this mm's anonymous memory (the L1 included) a window at a
+/// time. The toucher is started from this thread, pinned to the watched
+/// CPU, and inherits that affinity: the scan runs where the watchdog
+/// looks. Returns the window's length as the "syscall" time.
+fn numa_window(
+    watchdog: &LatenessWatchdog,
+) -> Result<(Result<u64, KernelPlaneError>, Duration), KernelPlaneError> {
+    let _on = SysctlGuard::set("kernel.numa_balancing", "1")?;
+    let toucher = notifier::workload::NumaToucher::start(32 << 20, 1)?;
+    let out = watchdog.measure(|| {
+        let t0 = mono_ns();
+        std::thread::sleep(NUMA_WINDOW);
+        Ok(mono_ns() - t0)
+    })?;
+    drop(toucher);
+    Ok(out)
 }
 
 /// The ranges the kernel notified in `l1`, once each: every KVM VM of

@@ -27,6 +27,9 @@ pub enum KernelInval {
     Munmap,
     PunchHole,
     Remove,
+    /// A `kernel.numa_balancing=1` window (the kernel plane's: not a
+    /// syscall of this module).
+    NumaHint,
 }
 
 impl KernelInval {
@@ -39,6 +42,7 @@ impl KernelInval {
             KernelInval::Munmap => "munmap",
             KernelInval::PunchHole => "punch-hole",
             KernelInval::Remove => "remove",
+            KernelInval::NumaHint => "numa-hint",
         }
     }
 
@@ -208,6 +212,12 @@ impl L1Ram {
             }
             KernelInval::MprotectRo => self.protect(len, libc::PROT_READ)?,
             KernelInval::MprotectRw => self.protect(len, RW)?,
+            KernelInval::NumaHint => {
+                return Err(L1RamError::Syscall {
+                    op: "numa-hint (a window, not a syscall on the memory)",
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                })
+            }
             KernelInval::Munmap => {
                 // SAFETY: the range is inside the L1 mapping and is mapped
                 // again at once with the flags it was created with, so the
