@@ -520,3 +520,38 @@ fn kernel_plane_numa_hint_window() {
         "kernel.numa_balancing not restored"
     );
 }
+
+/// Not root: the kernel plane stops with what it needs, a failing status.
+#[test]
+fn kernel_plane_as_nobody_says_it_needs_root() {
+    if !integration_tests::require_kvm_root() {
+        return;
+    }
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !integration_tests::require("setpriv (util-linux)", setpriv.exists()) {
+        return;
+    }
+    // A copy nobody may run (the build tree may not be traversable).
+    let bin = std::env::temp_dir().join(format!("vmm-nobody-{}", std::process::id()));
+    std::fs::copy(integration_tests::vmm_binary(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args([
+            "soft-lockup",
+            "--plane",
+            "kernel",
+            "--l1",
+            "1G",
+            "--repeat",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&bin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("run as root"), "{err}");
+}

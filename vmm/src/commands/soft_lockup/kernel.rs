@@ -217,6 +217,8 @@ pub struct KernelPlaneReport {
     pub kernel_reports: Vec<KernelReport>,
     /// Why there are no range counts (no tracefs, not root).
     pub trace_note: Option<String>,
+    /// Why `/dev/kmsg` was not read.
+    pub kmsg_note: Option<String>,
     pub populate: Option<PopulateReport>,
     /// The plot `--out` wrote.
     pub plot: Option<std::path::PathBuf>,
@@ -377,7 +379,10 @@ impl KernelPlane {
             source,
         })?;
         let watchdog = LatenessWatchdog::start(cpu, PERIOD, PRIORITY)?;
-        let mut kmsg = Kmsg::open().ok();
+        let (mut kmsg, kmsg_note) = match Kmsg::open() {
+            Ok(k) => (Some(k), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
         let (mut trace, trace_note) = match TraceSource::open() {
             Ok(t) => (Some(t), None),
             Err(e) => (None, Some(e.to_string())),
@@ -506,6 +511,7 @@ impl KernelPlane {
             fits,
             kernel_reports,
             trace_note,
+            kmsg_note,
             populate,
             plot: None,
             model: None,
@@ -680,6 +686,9 @@ impl Report for KernelPlaneReport {
         if let Some(n) = &self.trace_note {
             s += &format!("no tracepoint ranges: {n}\n");
         }
+        if let Some(n) = &self.kmsg_note {
+            s += &format!("the kernel's own detectors were not read: {n}\n");
+        }
         for r in &self.kernel_reports {
             s += &format!("the kernel reported: {}\n", r.line);
         }
@@ -726,6 +735,7 @@ impl Report for KernelPlaneReport {
             "fits": self.fits,
             "kernel_reports": self.kernel_reports.iter().map(|r| r.line.clone()).collect::<Vec<_>>(),
             "trace_note": self.trace_note,
+            "kmsg_note": self.kmsg_note,
             "populate": self.populate,
             "plot": self.plot,
             "model": self.model,
