@@ -13,6 +13,7 @@ use mmu::model::{NestedModelConfig, TableShape, MODEL_L1_HVA};
 use mmu::shadow::WalkMode;
 use mmu::YieldPolicy;
 use std::time::Duration;
+use vmm::commands::soft_lockup::kernel::{KernelPlaneError, KernelPlaneReport};
 use vmm::commands::soft_lockup::{
     empty_range_speedup, predicted, run, RangeSource, Scenario, SoftLockupArgs, SoftLockupReport,
 };
@@ -25,6 +26,26 @@ const MAX_UNITS: u64 = 1024;
 /// `mmu::watchdog::WatchdogReport::worst_wait_work`). A 1 GiB range is 256
 /// stretches; a never-yield zap holds the watchdog off for all of it.
 const STARVED_HEADS: u64 = MAX_UNITS + mmu::shadow::zap::PROGRESS_EVERY;
+
+/// `vmm soft-lockup <args>` parsed as the CLI would.
+fn args_of(args: &[&str]) -> SoftLockupArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SoftLockupArgs,
+    }
+    let mut v = vec!["vmm-soft-lockup"];
+    v.extend_from_slice(args);
+    Cli::try_parse_from(v).unwrap().a
+}
+
+/// `vmm soft-lockup --plane kernel <args>`, run.
+fn kernel_run(args: &[&str]) -> Result<KernelPlaneReport, KernelPlaneError> {
+    let mut v = vec!["--plane", "kernel"];
+    v.extend_from_slice(args);
+    vmm::commands::soft_lockup::kernel_plane(&args_of(&v))?.run()
+}
 
 /// The timing-sensitive tests run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -203,12 +224,6 @@ fn empty_gib_summary_beats_blind_walk() {
 
 #[test]
 fn bad_arguments_are_errors_not_panics() {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: SoftLockupArgs,
-    }
     for args in [
         &["x", "--l1", "4X"][..],
         &["x", "--l1", "8T"],
@@ -219,8 +234,8 @@ fn bad_arguments_are_errors_not_panics() {
         &["x", "--l1", "4T", "--density", "1", "--budget", "1G"],
         &["x", "--l1", "1G", "--max-units", "0"],
     ] {
-        let cli = Cli::try_parse_from(args).unwrap();
-        let r = Scenario::from_args(&cli.a).and_then(|sc| run(&sc));
+        let a = args_of(&args[1..]);
+        let r = Scenario::from_args(&a).and_then(|sc| run(&sc));
         assert!(r.is_err(), "{args:?} accepted");
         eprintln!("{args:?}: {}", r.unwrap_err());
     }
@@ -230,10 +245,9 @@ fn bad_arguments_are_errors_not_panics() {
         &["--model"],
         &["--out", "/tmp/x"],
     ] {
-        let mut args = vec!["x", "--l1", "1G"];
+        let mut args = vec!["--l1", "1G"];
         args.extend_from_slice(flag);
-        let cli = Cli::try_parse_from(args).unwrap();
-        let Err(e) = vmm::commands::soft_lockup::run_args(&cli.a) else {
+        let Err(e) = vmm::commands::soft_lockup::run_args(&args_of(&args)) else {
             panic!("{flag:?} accepted on the model plane");
         };
         assert!(e.to_string().contains("--plane kernel only"), "{e}");
@@ -287,19 +301,8 @@ fn kernel_plane_measures_every_kind_and_size() {
     if !integration_tests::require_kvm_root() {
         return;
     }
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: SoftLockupArgs,
-    }
     let _s = serial();
-    let cli =
-        Cli::try_parse_from(["x", "--plane", "kernel", "--l1", "1G", "--repeat", "2"]).unwrap();
-    let rep = vmm::commands::soft_lockup::kernel_plane(&cli.a)
-        .unwrap()
-        .run()
-        .expect("kernel plane");
+    let rep = kernel_run(&["--l1", "1G", "--repeat", "2"]).expect("kernel plane");
     let v = vmm::cli::Report::json(&rep);
     eprintln!("{}", vmm::cli::Report::text(&rep));
     let points = v["points"].as_array().unwrap();
@@ -353,19 +356,10 @@ fn kernel_plane_with_a_populating_guest() {
     if !integration_tests::require_kvm_root() {
         return;
     }
-    use clap::Parser;
     use integration_tests::{kvm_host, KvmHost};
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: SoftLockupArgs,
-    }
     let _s = serial();
     let run = |mode: &str| {
-        let cli = Cli::try_parse_from([
-            "x",
-            "--plane",
-            "kernel",
+        kernel_run(&[
             "--l1",
             "4G",
             "--repeat",
@@ -377,12 +371,8 @@ fn kernel_plane_with_a_populating_guest() {
             "--density",
             "0.001",
         ])
-        .unwrap();
-        vmm::commands::soft_lockup::kernel_plane(&cli.a)
-            .unwrap()
-            .run()
     };
-    let check = |rep: &vmm::commands::soft_lockup::kernel::KernelPlaneReport, mode: &str| {
+    let check = |rep: &KernelPlaneReport, mode: &str| {
         let v = vmm::cli::Report::json(rep);
         eprintln!("{}", vmm::cli::Report::text(rep));
         let p = &v["populate"];
@@ -416,18 +406,10 @@ fn kernel_plane_with_a_populating_guest() {
 /// before KVM with what would work.
 #[test]
 fn kernel_plane_backings_and_file_kinds() {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: SoftLockupArgs,
-    }
     let plane = |args: &[&str]| {
-        let mut v = vec!["x", "--plane", "kernel", "--repeat", "1"];
+        let mut v = vec!["--repeat", "1"];
         v.extend_from_slice(args);
-        vmm::commands::soft_lockup::kernel_plane(&Cli::try_parse_from(v).unwrap().a)
-            .unwrap()
-            .run()
+        kernel_run(&v)
     };
     let e = plane(&["--l1", "1G", "--kinds", "punch-hole"]).unwrap_err();
     assert!(e.to_string().contains("shared-2M"), "{e}");
@@ -476,26 +458,10 @@ fn kernel_plane_backings_and_file_kinds() {
 /// which the scanner skips, are refused.
 #[test]
 fn kernel_plane_numa_hint_window() {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: SoftLockupArgs,
-    }
     let plane = |args: &[&str]| {
-        let mut v = vec![
-            "x",
-            "--plane",
-            "kernel",
-            "--repeat",
-            "1",
-            "--kinds",
-            "numa-hint",
-        ];
+        let mut v = vec!["--repeat", "1", "--kinds", "numa-hint"];
         v.extend_from_slice(args);
-        vmm::commands::soft_lockup::kernel_plane(&Cli::try_parse_from(v).unwrap().a)
-            .unwrap()
-            .run()
+        kernel_run(&v)
     };
     let e = plane(&["--l1", "1G", "--backing", "shared-2M"]).unwrap_err();
     assert!(e.to_string().contains("does not scan hugetlb"), "{e}");
