@@ -21,7 +21,7 @@ enum Cmd {
     Run(commands::run::RunArgs),
     /// Compare predicted host notifier ranges with the kernel's tracepoint.
     NotifierCheck(commands::notifier_check::NotifierCheckArgs),
-    /// Nested-TDP soft-lockup scenario (model plane): zap an L1 range through the rmaps with a watchdog.
+    /// Nested-TDP soft lockups: zap an L1 range through the model MMU's rmaps with a watchdog, or (--plane kernel) measure this host kernel's own walk under host invalidations.
     SoftLockup(commands::soft_lockup::SoftLockupArgs),
     /// Invalidation latency per layer (host, kernel, guest, MMU) on the built-in probe guest.
     Latency(commands::latency::LatencyArgs),

@@ -27,8 +27,9 @@ pub enum KernelInval {
     Munmap,
     PunchHole,
     Remove,
-    /// A `kernel.numa_balancing=1` window (the kernel plane's: not a
-    /// syscall of this module).
+    /// A 3 s window of `kernel.numa_balancing=1` (restored after) over the
+    /// whole L1: the NUMA scanner's own ranges (run by the kernel plane,
+    /// not a syscall on the memory).
     NumaHint,
 }
 
