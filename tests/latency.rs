@@ -232,3 +232,72 @@ fn linux_guest_quick_pass() {
         assert!(ops.contains(want), "missing scenario {want}: {ops:?}");
     }
 }
+
+/// A scenario of `config` by name (`op/size/state`).
+fn scenario<'a>(v: &'a serde_json::Value, config: &str, name: &str) -> &'a serde_json::Value {
+    let want = format!("{config}/{name}");
+    v["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == want.as_str())
+        .unwrap_or_else(|| panic!("no scenario {want}: {v}"))
+}
+
+/// Anonymous guest RAM (4 KiB pages, and THP), served by userfaultfd
+/// MISSING faults through the project's MMU: NUMA hinting, a no-op on
+/// hugetlb, really invalidates it - the tracepoint sees `task_numa_work`'s
+/// ranges on guest RAM, they reach the MMU (zaps), and the probe sees the
+/// refaults; with guest RAM under `mbind(MPOL_LOCAL)` the scanner leaves
+/// it alone. On THP the MMU maps 2 MiB leaves where the host maps huge
+/// PMDs (collapsed after each 2 MiB MISSING fault), so a 2 MiB zap visits
+/// one leaf, not 512.
+#[test]
+fn numa_hint_on_anonymous_ram_reaches_the_mmu() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !ready() {
+        return;
+    }
+    let mut a = LatencyArgs::new();
+    a.quick = true;
+    a.mem = 512 << 20;
+    a.configs = "thp,anon".into();
+    a.numa_window_ms = 3000;
+    a.timeout = 300;
+    let rep = latency::run(&a).expect("vmm latency --configs thp,anon --quick");
+    let v = serde_json::to_value(&rep).unwrap();
+    if !traced(&v) {
+        return;
+    }
+    for config in ["thp", "anon"] {
+        let s = scenario(&v, config, "numa_hint/whole/populated");
+        let layers = checked_layers(s);
+        assert!(layers.contains(&"guest"), "{config}: no guest layer: {s}");
+        assert!(
+            s["kernel"]["ranges_total"].as_u64().unwrap() > 0,
+            "{config}: no NUMA-hinting range on guest RAM: {s}"
+        );
+        assert!(
+            s["mmu"]["zaps"].as_u64().unwrap() > 0,
+            "{config}: the ranges did not reach the MMU: {s}"
+        );
+        assert!(
+            s["guest"]["stalls_total"].as_u64().unwrap() > 0,
+            "{config}: no refault seen by the probe: {s}"
+        );
+        let off = scenario(&v, config, "numa_hint_mbind_local/whole/populated");
+        assert_eq!(
+            off["kernel"]["ranges_total"], 0,
+            "{config}: mbind(MPOL_LOCAL) RAM was scanned: {off}"
+        );
+        assert_eq!(off["mmu"]["zaps"], 0, "{config}: {off}");
+    }
+    // 2 MiB leaves on THP, 4 KiB on plain anonymous memory.
+    let leaves = |c: &str| {
+        scenario(&v, c, "protect/2M/populated")["mmu"]["leaves"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(leaves("anon") >= 512, "anon: {}", leaves("anon"));
+    assert!(leaves("thp") < 16, "thp maps 4K leaves: {}", leaves("thp"));
+}

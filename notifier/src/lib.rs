@@ -31,6 +31,7 @@ pub mod hostconf;
 pub mod hostmm;
 pub mod kmsg;
 pub mod lateness;
+pub mod mempolicy;
 pub mod mmap;
 pub mod ops;
 pub mod page_size;

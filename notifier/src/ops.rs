@@ -132,9 +132,11 @@ impl HostMm {
             Discard::Remove => {
                 let mut notes = Vec::new();
                 for v in self.vmas().iter().filter(|v| v.shape.range.overlaps(&r)) {
-                    let (Some(id), Some(off), Some(hps)) =
-                        (v.region, v.file_offset, v.shape.hugetlb)
-                    else {
+                    // shmem punches whole 4 KiB pages (`shmem_fallocate()`
+                    // rounds the hole in to PAGE_SIZE), hugetlbfs whole
+                    // huge pages (`hugetlbfs_punch_hole()`).
+                    let hps = v.shape.hugetlb.unwrap_or(4096);
+                    let (Some(id), Some(off)) = (v.region, v.file_offset) else {
                         return Err(Error::Unsupported { op: "discard(MADV_REMOVE)", why: "only shared memfd regions can be hole-punched (MAP_PRIVATE gives EACCES)" });
                     };
                     let s = r.start.max(v.shape.range.start);

@@ -116,7 +116,40 @@ impl Pagemap {
         Ok(!self.present(r)?.is_empty())
     }
 
+    /// Whether all of `r` is present and mapped by huge page-table entries
+    /// (`PAGE_IS_HUGE`: a PMD- or PUD-mapped THP or hugetlb page;
+    /// `pagemap_thp_category()` of fs/proc/task_mmu.c, 6.7+): what KVM's
+    /// `host_pfn_mapping_level()` reads from the host page tables before
+    /// it maps a huge SPTE. `Ok(None)`: this kernel has no PAGEMAP_SCAN
+    /// and `/proc/self/pagemap` does not say - the caller must assume
+    /// small pages.
+    pub fn huge_mapped(&mut self, r: HvaRange) -> Result<Option<bool>> {
+        if r.is_empty() || !self.scan_works {
+            return Ok(None);
+        }
+        let want = PAGE_IS_PRESENT | PAGE_IS_HUGE;
+        match self.scan(r, want) {
+            Ok(v) => Ok(Some(v.len() == 1 && v[0] == r)),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTTY)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                self.scan_works = false;
+                Ok(None)
+            }
+            Err(source) => Err(Error::Syscall {
+                op: "ioctl(PAGEMAP_SCAN)",
+                source,
+            }),
+        }
+    }
+
     fn scan_present(&self, r: HvaRange) -> std::io::Result<Vec<HvaRange>> {
+        self.scan(r, PAGE_IS_PRESENT)
+    }
+
+    /// The runs of `r` whose pages have every category of `mask`.
+    fn scan(&self, r: HvaRange, mask: u64) -> std::io::Result<Vec<HvaRange>> {
         let mut out: Vec<HvaRange> = Vec::new();
         let mut buf = [PageRegion::default(); VEC_LEN];
         let mut start = r.start;
@@ -128,8 +161,8 @@ impl Pagemap {
                 end: r.end,
                 vec: buf.as_mut_ptr() as u64,
                 vec_len: VEC_LEN as u64,
-                category_mask: PAGE_IS_PRESENT,
-                return_mask: PAGE_IS_PRESENT,
+                category_mask: mask,
+                return_mask: mask,
                 ..Default::default()
             };
             // SAFETY: `arg` is a correctly sized `struct pm_scan_arg` living

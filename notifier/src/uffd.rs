@@ -120,6 +120,8 @@ pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
 pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// MINOR faults on shmem (a memfd without hugetlb), Linux 5.14+.
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;

@@ -205,7 +205,6 @@ fn try_fault(
     }
     let gpa = hva - base;
     let gfn = gpa >> PAGE_SHIFT;
-    let level = ram.page_size();
     let already = std::cell::Cell::new(false);
     let woken = std::cell::Cell::new(false);
     let again = std::cell::Cell::new(false);
@@ -242,7 +241,7 @@ fn try_fault(
                 woken.set(woken.get() | (wake_early && mapped));
                 Ok(HostPage {
                     pfn: gfn,
-                    level,
+                    level: ram.host_level(gpa),
                     writable: true,
                 })
             }
@@ -309,13 +308,12 @@ fn fault_around(ram: &UffdGuestRam, mmu: &TdpMmu, hva: u64, n: u64, rep: &mut Fa
     let Some(gpa) = hva.checked_sub(ram.guest_hva()) else {
         return;
     };
-    let level = ram.page_size();
     let resolver = |_slot: &Memslot, gfn: u64, _hva: u64, _write: bool| {
         let gpa = gfn << PAGE_SHIFT;
         ram.populate(gpa)
             .map(|_| HostPage {
                 pfn: gfn,
-                level,
+                level: ram.host_level(gpa),
                 writable: true,
             })
             .map_err(|e| ResolveError::Host {

@@ -376,7 +376,7 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let name = "linux-shared-2M".to_string();
     let mem = args.mem;
     let ps = PageSize::Size2M;
-    let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true);
+    let (mut scs, skipped) = measure::scenarios(mem, ps.bytes(), true, true, false);
     for (what, why) in skipped {
         skip(&mut rep, format!("{name} {what}"), why);
     }

@@ -135,7 +135,7 @@ impl LatencyArgs {
 
     /// Progress steps of one scenario.
     fn steps(&self, sc: &Scenario) -> u64 {
-        if sc.op == Op::NumaHint {
+        if sc.op.is_numa() {
             self.numa_windows() as u64
         } else {
             self.iterations() as u64
@@ -183,16 +183,18 @@ pub enum LatencyError {
     Trace(#[from] notifier::Error),
     #[error(transparent)]
     Inval(#[from] crate::host::invalidator::InvalError),
-    #[error("unknown configuration {0:?}: shared-2M, private-2M, shared-1G, private-1G")]
+    #[error("unknown configuration {0:?}: shared-2M, private-2M, shared-1G, private-1G, anon, thp, shmem")]
     Config(String),
 }
 
-/// One RAM configuration: hugetlb, shared (a memfd) or private.
+/// One RAM configuration: hugetlb (shared memfd or private), shmem
+/// (`shared-4K`, also `shmem`), anonymous 4 KiB (`anon`) or THP (`thp`).
 fn parse_config(s: &str) -> Result<Backing, LatencyError> {
-    match s.parse::<Backing>() {
-        Ok(b @ (Backing::SharedMemfd(p) | Backing::PrivateHugetlb(p))) if p.is_huge() => Ok(b),
-        _ => Err(LatencyError::Config(s.trim().into())),
+    if s.trim().eq_ignore_ascii_case("shmem") {
+        return Ok(Backing::SharedMemfd(PageSize::Size4K));
     }
+    s.parse::<Backing>()
+        .map_err(|_| LatencyError::Config(s.trim().into()))
 }
 
 pub(super) fn skip(rep: &mut LatencyReport, what: impl Into<String>, why: impl Into<String>) {
@@ -227,66 +229,10 @@ pub(super) fn run_session(
             s.prepare(sc.state)?;
             state = Some(sc.state);
         }
-        if sc.op == Op::NumaHint {
-            if !notifier::error::is_root() {
-                skip(
-                    rep,
-                    format!("{label} numa_hint"),
-                    "needs root to set kernel.numa_balancing",
-                );
-                progress.inc(args.numa_windows() as u64);
-                continue;
+        if sc.op.is_numa() {
+            if let Some(m) = numa_scenario(s, tr, sc, args, rep, progress, label)? {
+                out.push(m);
             }
-            let guard = match SysctlGuard::set("kernel.numa_balancing", "1") {
-                Ok(g) => g,
-                Err(e) => {
-                    skip(rep, format!("{label} numa_hint"), e.to_string());
-                    progress.inc(args.numa_windows() as u64);
-                    continue;
-                }
-            };
-            let toucher = NumaToucher::start(32 << 20, 1).map_err(|e| LatencyError::Op {
-                op: "the NUMA-touching control workload",
-                source: e,
-            })?;
-            let control = toucher
-                .region()
-                .ok_or_else(|| LatencyError::Guest("the NUMA toucher has no region".into()))?;
-            let mut samples = Vec::new();
-            let mut on_control = 0;
-            for _ in 0..args.numa_windows() {
-                let (smp, c) = measure::numa_window(
-                    s,
-                    tr.as_mut(),
-                    control,
-                    Duration::from_millis(args.numa_window_ms),
-                )?;
-                samples.push(smp);
-                on_control += c;
-                progress.inc(1);
-            }
-            drop(toucher);
-            drop(guard);
-            let on_guest: u64 = samples.iter().map(|x| x.ranges).sum();
-            let zaps: u64 = samples.iter().filter_map(|x| x.mmu).map(|m| m.zaps).sum();
-            let note = format!(
-                "measured no-op: {} window(s) of {} ms with kernel.numa_balancing=1; \
-                 task_numa_work skips hugetlb VMAs: {on_guest} tracepoint range(s) on guest RAM, \
-                 {zaps} MMU zap(s); {on_control} range(s) on a 32 MiB anonymous control region \
-                 (the scanner ran{}); no syscall: user space cannot call change_prot_numa",
-                samples.len(),
-                args.numa_window_ms,
-                if on_control == 0 {
-                    " - or not yet: none seen"
-                } else {
-                    ""
-                },
-            );
-            out.push(Measured {
-                sc: sc.clone(),
-                samples,
-                note: Some(note),
-            });
             continue;
         }
         let mut samples = Vec::new();
@@ -303,6 +249,119 @@ pub(super) fn run_session(
     Ok(out)
 }
 
+/// One NUMA-hinting scenario: `kernel.numa_balancing=1` for its windows
+/// (restored after, also on errors: [`SysctlGuard`]), a 32 MiB anonymous
+/// control region touched meanwhile (so "no range" on guest RAM means
+/// the scanner skipped it, not that it did not run), and for
+/// [`Op::NumaHintOptOut`] guest RAM opted out by its memory policy
+/// ([`notifier::mempolicy`]; the default policy is given back after).
+/// `None`: skipped, with the reason in `rep`.
+fn numa_scenario(
+    s: &mut dyn Target,
+    tr: &mut Option<Tracer>,
+    sc: &Scenario,
+    args: &LatencyArgs,
+    rep: &mut LatencyReport,
+    progress: &indicatif::ProgressBar,
+    label: &str,
+) -> Result<Option<Measured>, LatencyError> {
+    let what = format!("{label} {}", sc.op.name());
+    if !notifier::error::is_root() {
+        skip(rep, what, "needs root to set kernel.numa_balancing");
+        progress.inc(args.numa_windows() as u64);
+        return Ok(None);
+    }
+    let guard = match SysctlGuard::set("kernel.numa_balancing", "1") {
+        Ok(g) => g,
+        Err(e) => {
+            skip(rep, what, e.to_string());
+            progress.inc(args.numa_windows() as u64);
+            return Ok(None);
+        }
+    };
+    let ram = s.ram().clone();
+    let opt_out = sc.op == Op::NumaHintOptOut;
+    if opt_out {
+        notifier::mempolicy::opt_out_of_numa_balancing(ram.guest_range()).map_err(|e| {
+            LatencyError::Op {
+                op: "opting guest RAM out of NUMA balancing",
+                source: e,
+            }
+        })?;
+    }
+    let toucher = NumaToucher::start(32 << 20, 1).map_err(|e| LatencyError::Op {
+        op: "the NUMA-touching control workload",
+        source: e,
+    })?;
+    let control = toucher
+        .region()
+        .ok_or_else(|| LatencyError::Guest("the NUMA toucher has no region".into()))?;
+    let mut samples = Vec::new();
+    let mut on_control = 0;
+    let windows = (|| {
+        for _ in 0..args.numa_windows() {
+            s.remap_mmu(0, s.mem())?;
+            let (smp, c) = measure::numa_window(
+                s,
+                tr.as_mut(),
+                control,
+                Duration::from_millis(args.numa_window_ms),
+            )?;
+            samples.push(smp);
+            on_control += c;
+            progress.inc(1);
+        }
+        Ok::<(), LatencyError>(())
+    })();
+    drop(toucher);
+    drop(guard);
+    if opt_out {
+        notifier::mempolicy::default_policy(ram.guest_range()).map_err(|e| LatencyError::Op {
+            op: "giving guest RAM its default memory policy back",
+            source: e,
+        })?;
+    }
+    windows?;
+    let on_guest: u64 = samples.iter().map(|x| x.ranges).sum();
+    let zaps: u64 = samples.iter().filter_map(|x| x.mmu).map(|m| m.zaps).sum();
+    let stalls: u64 = samples.iter().map(|x| x.guest_stalls).sum();
+    let scanner = if on_control == 0 {
+        " - or not yet: none seen"
+    } else {
+        ""
+    };
+    let head = format!(
+        "{} window(s) of {} ms with kernel.numa_balancing=1: {on_guest} tracepoint range(s) \
+         on guest RAM, {zaps} MMU zap(s), {stalls} guest stall(s); {on_control} range(s) on a \
+         32 MiB anonymous control region (the scanner ran{scanner})",
+        samples.len(),
+        args.numa_window_ms,
+    );
+    let note = if ram.backing().is_hugetlb() {
+        format!(
+            "measured no-op: {head}; task_numa_work skips hugetlb VMAs; no syscall: user \
+             space cannot call change_prot_numa"
+        )
+    } else if opt_out {
+        format!(
+            "guest RAM under mbind(MPOL_LOCAL): {head}; vma_policy_mof() is false, so \
+             task_numa_work skips it (the per-process prctl PR_SET_NUMA_BALANCING was never \
+             merged: no kernel has it)"
+        )
+    } else {
+        format!(
+            "{head}; the ranges reach the project's MMUs from the tracepoint, after the \
+             fact: change_prot_numa makes the PTEs PROT_NONE, KVM zaps, the guest's next \
+             touch is a NUMA-hinting fault"
+        )
+    };
+    Ok(Some(Measured {
+        sc: sc.clone(),
+        samples,
+        note: Some(note),
+    }))
+}
+
 /// Start a session once `pages` huge pages are free: the pool is shared
 /// with other users of the machine, so a shortfall (or ENOSPC while
 /// populating) is waited out a few times before giving up.
@@ -311,6 +370,10 @@ pub(super) fn start_retrying<S>(
     pages: u64,
     start: impl Fn() -> Result<S, LatencyError>,
 ) -> Result<(S, Option<HugepageReservation>), LatencyError> {
+    if !ps.is_huge() {
+        // Not hugetlb: no pool to wait for.
+        return Ok((start()?, None));
+    }
     let mut attempt = 0;
     loop {
         let pool = HugepageReservation::reserve(ps, pages).ok();
@@ -364,6 +427,10 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         } else {
             args.mem
         };
+        if !c.is_hugetlb() {
+            plan.push((c, mem, ps));
+            continue;
+        }
         let pages = mem.div_ceil(ps.bytes());
         let pool = match HugepageReservation::reserve(ps, pages) {
             Ok(p) if p.available >= pages => p,
@@ -394,7 +461,8 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let mut per_config = Vec::new();
     let mut total = 0u64;
     for (c, mem, ps) in &plan {
-        let (scs, skipped) = measure::scenarios(*mem, ps.bytes(), c.is_shared(), true);
+        let (scs, skipped) =
+            measure::scenarios(*mem, ps.bytes(), c.is_shared(), true, !c.is_hugetlb());
         for (what, why) in skipped {
             skip(&mut rep, format!("{c} {what}"), why);
         }

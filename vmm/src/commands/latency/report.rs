@@ -136,7 +136,7 @@ pub(super) fn summarize(
     plain: Option<&Measured>,
 ) -> ScenarioReport {
     let smp = &m.samples;
-    let numa = m.sc.op == Op::NumaHint;
+    let numa = m.sc.op.is_numa();
     let mut layers = Vec::new();
     let host = (!numa).then(|| {
         layers.push("host");

@@ -64,6 +64,8 @@ impl RunArgs {
 pub enum RunLinuxError {
     #[error("--guest linux does not run --invalidate {0:?} (between-pass invalidations are for the builtin guest); try --race-discard-us")]
     Invalidate(InvalKind),
+    #[error("--guest linux needs a shared memfd (--backing shared-2M, shared-1G or shmem), not {0}: the kernel and initramfs are loaded through the VMM's own mapping of the file")]
+    PrivateRam(Backing),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -165,20 +167,18 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
     let cfg = args.linux_boot();
     let inputs = BootInputs::prepare(&cfg)?;
     // Dropped after the RAM: the pool shrinks back once the pages are gone.
+    let backing = args.touch.backing();
+    if !backing.is_shared() {
+        return Err(RunLinuxError::PrivateRam(backing));
+    }
     let _pool = linux::reserve_pool(
-        args.touch.reserve_hugepages,
+        args.touch.reserve_hugepages && backing.is_hugetlb(),
         args.touch.mem,
-        args.touch.hugepages,
+        backing.page_size(),
     )?;
 
     let subs = Subscribers::new();
-    let ram = UffdGuestRam::new(
-        args.touch.mem,
-        Backing::SharedMemfd(args.touch.hugepages),
-        args.touch.uffd,
-        subs.clone(),
-        true,
-    )?;
+    let ram = UffdGuestRam::new(args.touch.mem, backing, args.touch.uffd, subs.clone(), true)?;
     let view = ram.vmm_view()?;
     if args.touch.prefault {
         ram.prefault()?;

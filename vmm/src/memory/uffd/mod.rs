@@ -54,7 +54,8 @@ use notifier::hostmm::{Backing, HostMm, Placement, RegionId};
 use notifier::uffd::{
     Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
     UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
-    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_HUGETLBFS,
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
 use notifier::Mmap;
 use notifier::PageSize;
@@ -155,6 +156,13 @@ pub struct UffdGuestRam {
     uffd: Uffd,
     mode: UffdMode,
     backing: Backing,
+    /// The unit faults are resolved in, and the largest leaf the MMU may
+    /// map: the hugetlb page size, 4 KiB for anonymous memory and shmem,
+    /// 2 MiB for THP (a leaf that large only where the host maps a huge
+    /// PMD: [`Self::host_level`]).
+    page: PageSize,
+    /// THP: where [`Self::host_level`] reads the host's mapping size.
+    pagemap: Mutex<Option<notifier::pagemap::Pagemap>>,
     size: u64,
     /// hva of gpa 0 (the guest-facing region's base).
     guest_hva: u64,
@@ -190,9 +198,13 @@ impl UffdGuestRam {
         events: bool,
     ) -> Result<Self, UffdRamError> {
         let (hp, shared) = match backing {
-            Backing::SharedMemfd(p) if p.is_huge() => (p, true),
+            Backing::SharedMemfd(p) => (p, true),
             Backing::PrivateHugetlb(p) if p.is_huge() => (p, false),
-            _ => return Err(UffdRamError::NotHugetlb),
+            Backing::PrivateHugetlb(_) => return Err(UffdRamError::NotHugetlb),
+            // THP: faults are resolved a 2 MiB block at a time, so the
+            // block can be collapsed into a huge PMD ([`Self::resolve`]).
+            Backing::Anon { thp: true } => (PageSize::Size2M, false),
+            Backing::Anon { thp: false } => (PageSize::Size4K, false),
         };
         if !shared && mode.prefilled() {
             return Err(UffdRamError::NoPageCache(mode));
@@ -203,7 +215,14 @@ impl UffdGuestRam {
             backing,
             size,
             Placement {
-                align: hp.bytes(),
+                // A PUD-aligned base for anonymous RAM too: THP blocks
+                // line up with guest 2 MiB frames, and the PUD-level
+                // mprotect rule sees whole PUDs.
+                align: if backing.is_hugetlb() {
+                    hp.bytes()
+                } else {
+                    PageSize::Size1G.bytes()
+                },
                 offset: 0,
             },
         )?;
@@ -240,10 +259,15 @@ impl UffdGuestRam {
         } else {
             None
         };
-        let (features, reg) = match mode {
-            UffdMode::Minor => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
-            UffdMode::Missing => (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING),
-            UffdMode::Kernel | UffdMode::KernelPrefilled => (0, 0),
+        let (features, reg) = match (mode, backing.is_hugetlb()) {
+            (UffdMode::Minor, true) => (UFFD_FEATURE_MINOR_HUGETLBFS, UFFDIO_REGISTER_MODE_MINOR),
+            (UffdMode::Minor, false) => (UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR),
+            (UffdMode::Missing, true) => {
+                (UFFD_FEATURE_MISSING_HUGETLBFS, UFFDIO_REGISTER_MODE_MISSING)
+            }
+            // Anonymous memory and shmem: MISSING needs no feature bit.
+            (UffdMode::Missing, false) => (0, UFFDIO_REGISTER_MODE_MISSING),
+            (UffdMode::Kernel | UffdMode::KernelPrefilled, _) => (0, 0),
         };
         // Write-protect mode too, for `notifier::ops` write_protect.
         let (features, reg) = (
@@ -266,6 +290,8 @@ impl UffdGuestRam {
             uffd,
             mode,
             backing,
+            page: hp,
+            pagemap: Mutex::new(None),
             size,
             guest_hva,
             alias,
@@ -301,9 +327,34 @@ impl UffdGuestRam {
     pub fn backing(&self) -> Backing {
         self.backing
     }
-    /// The huge page size backing the RAM.
+    /// The unit a fault is resolved in and the memslot's largest leaf: the
+    /// hugetlb page size, 4 KiB (anonymous memory, shmem) or 2 MiB (THP).
     pub fn page_size(&self) -> PageSize {
-        self.backing.page_size()
+        self.page
+    }
+
+    /// The size the host maps the page at `gpa` with - the largest leaf the
+    /// MMU may install for it (KVM: `host_pfn_mapping_level()`, which reads
+    /// the host page tables; here PAGEMAP_SCAN's `PAGE_IS_HUGE`). Hugetlb:
+    /// its page size; THP: 2 MiB where the whole block is a huge PMD, else
+    /// 4 KiB (also where this kernel cannot say: a smaller SPTE than the
+    /// host mapping is always correct, a larger one never).
+    pub fn host_level(&self, gpa: u64) -> PageSize {
+        if self.backing != (Backing::Anon { thp: true }) {
+            return self.page;
+        }
+        let mut pm = self.pagemap.lock();
+        if pm.is_none() {
+            *pm = notifier::pagemap::Pagemap::open().ok();
+        }
+        let huge = pm
+            .as_mut()
+            .and_then(|pm| pm.huge_mapped(self.page_range(gpa)).ok().flatten());
+        if huge == Some(true) {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        }
     }
     /// [`Self::page_size`] in bytes.
     pub fn page_bytes(&self) -> u64 {
@@ -506,21 +557,52 @@ impl UffdGuestRam {
                 // a non-resident source makes the kernel copy through a
                 // second, unreserved huge page (ENOMEM with a tight pool).
                 let base = r.start - self.guest_hva;
+                // THP: wake only after the collapse below.
+                let thp = self.backing == (Backing::Anon { thp: true });
+                let copy_wakes = wake && !thp;
                 let mut staged = self.staged.lock();
                 let mapped = match staged.get_mut(&base) {
                     Some(b) => {
                         make_resident(b);
-                        self.uffd.copy(r, b, wake)?
+                        self.uffd.copy(r, b, copy_wakes)?
                     }
                     None => {
                         let zeros = self.zeros.as_ref().map(ZeroSource::as_slice).unwrap_or(&[]);
-                        self.uffd.copy(r, zeros, wake)?
+                        self.uffd.copy(r, zeros, copy_wakes)?
                     }
                 };
                 staged.remove(&base);
+                drop(staged);
+                if thp && mapped {
+                    self.collapse(r);
+                    if wake {
+                        self.uffd.wake(r)?;
+                    }
+                }
                 mapped
             }
         })
+    }
+
+    /// THP: make the 2 MiB block `r` that UFFDIO_COPY just filled with 4 KiB
+    /// pages a huge PMD, as the kernel's own first touch of a
+    /// `MADV_HUGEPAGE` range would have (`do_huge_pmd_anonymous_page()`
+    /// answers a registered range with a MISSING fault instead):
+    /// `MADV_COLLAPSE` (6.1+; `madvise_collapse()` in mm/khugepaged.c). It
+    /// fails on a kernel without it, or without a free huge page, and the
+    /// block stays 4 KiB pages: [`Self::host_level`] reads which it is.
+    fn collapse(&self, r: HvaRange) {
+        const MADV_COLLAPSE: libc::c_int = 25;
+        // SAFETY: advice on a range of the guest-facing mapping, which this
+        // value owns; a collapse copies the pages into a huge page and
+        // keeps their contents.
+        let _ = unsafe {
+            libc::madvise(
+                r.start as *mut libc::c_void,
+                u64_to_usize(r.len()),
+                MADV_COLLAPSE,
+            )
+        };
     }
 
     /// Fault every huge page of the guest-facing mapping in from here (a

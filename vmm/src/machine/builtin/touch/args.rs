@@ -10,6 +10,15 @@ use crate::cli::parse_size;
 use crate::host::events::EventSources;
 use crate::host::invalidator::InvalKind;
 use crate::memory::uffd::UffdMode;
+use notifier::hostmm::Backing;
+
+/// `--backing`: a [`Backing`] name, or `shmem` for a plain memfd.
+pub fn parse_backing(s: &str) -> Result<Backing, String> {
+    if s.trim().eq_ignore_ascii_case("shmem") {
+        return Ok(Backing::SharedMemfd(PageSize::Size4K));
+    }
+    s.parse()
+}
 
 /// The built-in touch guest's run: its RAM, how faults are served, what
 /// invalidates it while it runs (`vmm run --guest builtin`; `vmm bench`
@@ -22,6 +31,14 @@ pub struct TouchArgs {
     /// hugetlb page size backing guest RAM (a shared memfd): 2M or 1G.
     #[arg(long, default_value = "2M", value_parser = crate::memory::parse_hugepages)]
     pub hugepages: PageSize,
+    /// Guest RAM's backing, instead of a hugetlb memfd of `--hugepages`:
+    /// shared-2M, shared-1G, private-2M, private-1G, shmem (a plain memfd,
+    /// 4 KiB pages; MINOR or MISSING), anon (private anonymous, 4 KiB:
+    /// MISSING) or thp (anonymous with MADV_HUGEPAGE: MISSING, each 2 MiB
+    /// block collapsed to a huge PMD; the MMU maps 2 MiB where the host
+    /// does).
+    #[arg(long, value_parser = parse_backing)]
+    pub backing: Option<Backing>,
     /// As root, grow the hugetlb pool so the guest RAM fits, for this run
     /// only (nr_hugepages is lowered again at exit).
     #[arg(long)]
@@ -107,6 +124,7 @@ impl TouchArgs {
         TouchArgs {
             mem,
             hugepages: PageSize::Size2M,
+            backing: None,
             reserve_hugepages: false,
             uffd,
             passes: 3,
@@ -128,6 +146,12 @@ impl TouchArgs {
             timeout: 300,
             kvm_dev: "/dev/kvm".into(),
         }
+    }
+
+    /// Guest RAM's backing: `--backing`, else a shared memfd of
+    /// `--hugepages`.
+    pub fn backing(&self) -> Backing {
+        self.backing.unwrap_or(Backing::SharedMemfd(self.hugepages))
     }
 
     /// The guest's params for these arguments.

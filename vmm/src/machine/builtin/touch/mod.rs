@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use guests::builtin::{self, GuestResult, Params, LAYOUT};
 use mmu::MmuStatsSnapshot;
-use notifier::hostmm::Backing;
 use notifier::Subscribers;
 
 mod args;
@@ -103,6 +102,8 @@ pub struct TouchReport {
     pub uffd: UffdMode,
     pub mem_mib: u64,
     pub hugepages: String,
+    /// Guest RAM's backing (`--backing`).
+    pub backing: String,
     pub params: Params,
     pub faults: u64,
     /// Huge pages mapped ahead by `--fault-around`.
@@ -214,17 +215,16 @@ pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
     let image = builtin::system_image(&params, args.mem)?;
     let kvm = kvm::open(&args.kvm_dev)?;
     // Dropped after the RAM: the pool shrinks back once the pages are gone.
-    let _pool = reserve_pool(args.reserve_hugepages, args.mem, args.hugepages)
-        .map_err(|e| TouchError::Reserve(e.to_string()))?;
+    let backing = args.backing();
+    let _pool = reserve_pool(
+        args.reserve_hugepages && backing.is_hugetlb(),
+        args.mem,
+        backing.page_size(),
+    )
+    .map_err(|e| TouchError::Reserve(e.to_string()))?;
 
     let subs = Subscribers::new();
-    let mut ram = UffdGuestRam::new(
-        args.mem,
-        Backing::SharedMemfd(args.hugepages),
-        args.uffd,
-        subs.clone(),
-        args.events.uffd,
-    )?;
+    let mut ram = UffdGuestRam::new(args.mem, backing, args.uffd, subs.clone(), args.events.uffd)?;
     ram.load(0, &image)?;
     if args.prefault {
         ram.prefault()?;
@@ -375,7 +375,8 @@ pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
         guest: Guest::Builtin,
         uffd: args.uffd,
         mem_mib: size >> 20,
-        hugepages: crate::memory::hugepages_name(args.hugepages),
+        hugepages: crate::memory::hugepages_name(args.backing().page_size()),
+        backing: args.backing().to_string(),
         params,
         faults: faults.faults,
         prefetched: faults.prefetched,
