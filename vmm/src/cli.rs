@@ -30,6 +30,19 @@ pub enum SizeError {
     Overflow(String),
 }
 
+/// `--backing` (and `vmm latency`'s configurations): a
+/// [`notifier::hostmm::Backing`] name - shared-2M, shared-1G, private-2M,
+/// private-1G, shared-4K, anon, thp - or `shmem`, a plain memfd
+/// (shared-4K).
+pub fn parse_backing(s: &str) -> Result<notifier::hostmm::Backing, String> {
+    if s.trim().eq_ignore_ascii_case("shmem") {
+        return Ok(notifier::hostmm::Backing::SharedMemfd(
+            notifier::PageSize::Size4K,
+        ));
+    }
+    s.parse()
+}
+
 /// A size in bytes from `256M`, `1G`, `4T`, `64K` (binary units, either
 /// case); a bare number is MiB (`512` = 512 MiB) in every argument of
 /// every subcommand.

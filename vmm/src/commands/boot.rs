@@ -27,6 +27,11 @@ pub struct BootArgs {
     /// Guest RAM backing: 2M, 1G (hugetlb memfd) or none (plain memfd).
     #[arg(long, default_value = "2M", value_parser = memory::parse_hugepages)]
     pub hugepages: PageSize,
+    /// Guest RAM's backing instead of a memfd of `--hugepages`: shared-2M,
+    /// shared-1G, shmem, anon or thp (private anonymous memory: the
+    /// kernel's own faults, no file).
+    #[arg(long, value_parser = crate::cli::parse_backing)]
+    pub backing: Option<Backing>,
     /// As root, grow the hugetlb pool so the guest RAM fits, for this run
     /// only (nr_hugepages is lowered again at exit). Without it a short pool
     /// is an error that says how to reserve the pages.
@@ -60,6 +65,7 @@ impl BootArgs {
             linux: boot.guest,
             mem: 256 << 20,
             hugepages: PageSize::Size2M,
+            backing: None,
             reserve_hugepages: false,
             json: false,
             timeout: boot.timeout.as_secs(),
@@ -93,8 +99,13 @@ pub fn run(args: &BootArgs) -> Result<BootReport, BootError> {
     let inputs = BootInputs::prepare(&cfg)?;
     // Declared before the RAM so it is dropped after it: the pool shrinks
     // back only once the guest's pages are gone.
-    let _pool = linux::reserve_pool(args.reserve_hugepages, args.mem, args.hugepages)?;
-    let ram = GuestRam::new(args.mem, Backing::SharedMemfd(args.hugepages))?;
+    let backing = args.backing.unwrap_or(Backing::SharedMemfd(args.hugepages));
+    let _pool = linux::reserve_pool(
+        args.reserve_hugepages && backing.is_hugetlb(),
+        args.mem,
+        backing.page_size(),
+    )?;
+    let ram = GuestRam::new(args.mem, backing)?;
     let memory = BootMemory {
         mem: ram.mem.clone(),
         slot: std::sync::Arc::new(GuestMemorySlot(ram.mem.clone())),

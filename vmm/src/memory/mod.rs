@@ -207,7 +207,7 @@ pub fn memfd_guest_memory(
 }
 
 /// Guest RAM of a plain boot: one shared memfd (hugetlb, or plain for
-/// 4 KiB pages) and the vm-memory view over it, which is also KVM's
+/// 4 KiB pages) or private anonymous memory (4 KiB or THP) and the vm-memory view over it, which is also KVM's
 /// memslot.
 pub struct GuestRam {
     /// The memory as vm-memory sees it (one region at gpa 0).
@@ -216,16 +216,19 @@ pub struct GuestRam {
     pub size: u64,
     /// Backing page size.
     pub hugepages: PageSize,
-    /// The shared memfd (kept for other mappings).
-    pub memfd: Arc<File>,
+    /// The shared memfd (kept for other mappings); `None` for anonymous
+    /// RAM.
+    pub memfd: Option<Arc<File>>,
 }
 
 impl GuestRam {
     /// `size` bytes of RAM (rounded up to the page size) backed as
     /// `backing`, which must be a shared memfd.
     pub fn new(size: u64, backing: Backing) -> Result<Self, MemoryError> {
-        let Backing::SharedMemfd(hp) = backing else {
-            return Err(MemoryError::Backing(backing));
+        let hp = match backing {
+            Backing::SharedMemfd(hp) => hp,
+            Backing::Anon { thp } => return Self::anonymous(size, thp),
+            Backing::PrivateHugetlb(_) => return Err(MemoryError::Backing(backing)),
         };
         let size = validate(size, hp)?;
         // SAFETY: the name is a NUL-terminated literal; flags are valid
@@ -242,7 +245,40 @@ impl GuestRam {
             mem,
             size,
             hugepages: hp,
-            memfd: Arc::new(file),
+            memfd: Some(Arc::new(file)),
+        })
+    }
+}
+
+impl GuestRam {
+    /// `size` bytes of private anonymous RAM (4 KiB pages, rounded up;
+    /// `thp`: `MADV_HUGEPAGE`, so the kernel's first touch of a 2 MiB
+    /// block maps a huge PMD - `do_huge_pmd_anonymous_page()`), no file.
+    fn anonymous(size: u64, thp: bool) -> Result<Self, MemoryError> {
+        let size = validate(size, PageSize::Size4K)?;
+        let len = usize::try_from(size).map_err(|_| MemoryError::Mmap("size".into()))?;
+        let region = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let advice = if thp {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advice on the region just mapped (owned by `region`,
+        // `len` bytes); it changes no contents.
+        unsafe { libc::madvise(region.as_ptr().cast(), len, advice) };
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Mmap("region overflows the guest address space".into()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        Ok(GuestRam {
+            mem,
+            size,
+            hugepages: PageSize::Size4K,
+            memfd: None,
         })
     }
 }
@@ -306,7 +342,10 @@ mod tests {
         let slot = GuestMemorySlot(ram.mem.clone());
         assert_eq!(slot.slot_size(), 8 << 20);
         assert_ne!(slot.slot_hva(), 0);
-        let e = GuestRam::new(8 << 20, Backing::Anon { thp: false })
+        let anon = GuestRam::new(8 << 20, Backing::Anon { thp: true }).unwrap();
+        assert!(anon.memfd.is_none());
+        assert_eq!(GuestMemorySlot(anon.mem.clone()).slot_size(), 8 << 20);
+        let e = GuestRam::new(8 << 20, Backing::PrivateHugetlb(PageSize::Size2M))
             .err()
             .unwrap();
         assert!(matches!(e, MemoryError::Backing(_)), "{e}");

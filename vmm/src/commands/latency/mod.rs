@@ -1,11 +1,15 @@
 //! `vmm latency`: how long host invalidations of guest RAM take, seen from
 //! four layers at once, on the built-in probe guest ([`guests::probe`]).
 //!
-//! For every RAM configuration (shared/private hugetlb x 2M/1G pages; what
-//! cannot run here is skipped with the reason) the probe boots, populates
+//! For every RAM configuration (shared/private hugetlb x 2M/1G pages,
+//! anonymous 4 KiB or THP, shmem; what cannot run here is skipped with the
+//! reason) the probe boots, populates
 //! its working set, and each scenario ([`measure::scenarios`]: protect over
 //! 2M/1G/whole RAM x populated/sparse/empty, discard, punch hole,
-//! write-protect, NUMA hinting) runs many times. Per iteration:
+//! write-protect, NUMA hinting - a measured no-op on hugetlb, real
+//! `task_numa_work` ranges on anonymous RAM, and beside it the same window
+//! with guest RAM opted out by `mbind(MPOL_LOCAL)`) runs many times. Per
+//! iteration:
 //!
 //! * **host**: the syscall's CLOCK_MONOTONIC duration (it includes real
 //!   KVM's zap and, unless plain KVM, the project's MMU zap: `notifier::ops`
@@ -81,7 +85,9 @@ pub struct LatencyArgs {
     #[arg(long)]
     pub compare: bool,
     /// Configurations to run (comma-separated): shared-2M, private-2M,
-    /// shared-1G, private-1G.
+    /// shared-1G, private-1G (hugetlb: NUMA hinting skips it), anon
+    /// (private anonymous, 4 KiB pages), thp (the same with MADV_HUGEPAGE,
+    /// huge PMDs), shmem (a plain memfd, 4 KiB pages).
     #[arg(long, default_value = "shared-2M,private-2M,shared-1G,private-1G")]
     pub configs: String,
     /// Length of one NUMA-hinting window, ms.
@@ -190,11 +196,7 @@ pub enum LatencyError {
 /// One RAM configuration: hugetlb (shared memfd or private), shmem
 /// (`shared-4K`, also `shmem`), anonymous 4 KiB (`anon`) or THP (`thp`).
 fn parse_config(s: &str) -> Result<Backing, LatencyError> {
-    if s.trim().eq_ignore_ascii_case("shmem") {
-        return Ok(Backing::SharedMemfd(PageSize::Size4K));
-    }
-    s.parse::<Backing>()
-        .map_err(|_| LatencyError::Config(s.trim().into()))
+    cli::parse_backing(s).map_err(|_| LatencyError::Config(s.trim().into()))
 }
 
 pub(super) fn skip(rep: &mut LatencyReport, what: impl Into<String>, why: impl Into<String>) {

@@ -10,15 +10,8 @@ use crate::cli::parse_size;
 use crate::host::events::EventSources;
 use crate::host::invalidator::InvalKind;
 use crate::memory::uffd::UffdMode;
+use crate::cli::parse_backing;
 use notifier::hostmm::Backing;
-
-/// `--backing`: a [`Backing`] name, or `shmem` for a plain memfd.
-pub fn parse_backing(s: &str) -> Result<Backing, String> {
-    if s.trim().eq_ignore_ascii_case("shmem") {
-        return Ok(Backing::SharedMemfd(PageSize::Size4K));
-    }
-    s.parse()
-}
 
 /// The built-in touch guest's run: its RAM, how faults are served, what
 /// invalidates it while it runs (`vmm run --guest builtin`; `vmm bench`
