@@ -162,7 +162,11 @@ impl Invalidator {
         }
         for _ in 0..n {
             let kind = match self.kind {
-                InvalKind::Mixed => ROTATION[u64_to_usize(self.count % 4)],
+                // Private RAM has no file to punch: its turn discards.
+                InvalKind::Mixed => match ROTATION[u64_to_usize(self.count % 4)] {
+                    InvalKind::PunchHole if !self.ram.is_shared() => InvalKind::Discard,
+                    k => k,
+                },
                 k => k,
             };
             let (gs, ge) = self.pick();
@@ -214,7 +218,11 @@ impl Invalidator {
                 Ok(false)
             }
             InvalKind::Discard => {
-                let how = if minor {
+                // A shared memfd keeps its page cache across DONTNEED
+                // (MINOR refaults find the data); MISSING needs the file
+                // emptied too (REMOVE). Private RAM: DONTNEED drops the
+                // pages themselves (REMOVE answers EACCES).
+                let how = if minor || !self.ram.is_shared() {
                     Discard::DontNeed
                 } else {
                     Discard::Remove

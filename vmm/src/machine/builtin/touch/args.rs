@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use guests::builtin::{Params, Pattern, LAYOUT};
 use notifier::PageSize;
 
+use crate::cli::parse_backing;
 use crate::cli::parse_size;
 use crate::host::events::EventSources;
 use crate::host::invalidator::InvalKind;
 use crate::memory::uffd::UffdMode;
-use crate::cli::parse_backing;
 use notifier::hostmm::Backing;
 
 /// The built-in touch guest's run: its RAM, how faults are served, what
