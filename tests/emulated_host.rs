@@ -129,6 +129,14 @@ fn vmm_host(args: &[&str]) -> HostOutput {
 /// Runs `vmm host <args>`, streaming its output to stderr; returns its
 /// exit code, stdout lines and stderr.
 fn vmm_host_once(args: &[&str]) -> HostOutput {
+    // One emulated host at a time: two TCG machines on a 2-core runner
+    // preempt each other for hundreds of milliseconds, which a timing test
+    // inside one reads as its own kernel holding the CPU (measured: a
+    // quiet-CPU floor of 473 ms beside the suite's QEMU).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
     let mut child = Command::new(integration_tests::vmm_binary())
         .arg("host")

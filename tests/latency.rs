@@ -261,7 +261,18 @@ fn numa_hint_on_anonymous_ram_reaches_the_mmu() {
     let mut a = LatencyArgs::new();
     a.quick = true;
     a.mem = 512 << 20;
-    a.configs = "thp,anon".into();
+    // Inside the emulated SVM host every 4 KiB fault is a nested exit
+    // under TCG (measured: the anon configuration's populate and refaults
+    // did not finish in 300 s there); its 4 KiB MISSING path is covered
+    // there by run_builtin's `anonymous_thp_and_shmem_ram`, and THP is the
+    // same anonymous memory for the scanner.
+    let configs: &[&str] =
+        if integration_tests::kvm_host() == integration_tests::KvmHost::EmulatedSvm {
+            &["thp"]
+        } else {
+            &["thp", "anon"]
+        };
+    a.configs = configs.join(",");
     a.numa_window_ms = 3000;
     a.timeout = 300;
     let rep = latency::run(&a).expect("vmm latency --configs thp,anon --quick");
@@ -269,7 +280,7 @@ fn numa_hint_on_anonymous_ram_reaches_the_mmu() {
     if !traced(&v) {
         return;
     }
-    for config in ["thp", "anon"] {
+    for &config in configs {
         let s = scenario(&v, config, "numa_hint/whole/populated");
         let layers = checked_layers(s);
         assert!(layers.contains(&"guest"), "{config}: no guest layer: {s}");
@@ -298,6 +309,111 @@ fn numa_hint_on_anonymous_ram_reaches_the_mmu() {
             .as_u64()
             .unwrap()
     };
-    assert!(leaves("anon") >= 512, "anon: {}", leaves("anon"));
+    if configs.contains(&"anon") {
+        assert!(leaves("anon") >= 512, "anon: {}", leaves("anon"));
+    }
     assert!(leaves("thp") < 16, "thp maps 4K leaves: {}", leaves("thp"));
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Start `vmm latency` with `args`, wait until `changed` says it changed
+/// the host (polling up to 3 min), send `sig`, and return the exit status.
+fn signal_when(
+    args: &[&str],
+    sig: libc::c_int,
+    changed: impl Fn() -> bool,
+) -> std::process::ExitStatus {
+    let mut child = std::process::Command::new(integration_tests::vmm_binary())
+        .arg("latency")
+        .args(args)
+        .env("VMM_PROGRESS", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm latency");
+    let t0 = std::time::Instant::now();
+    while !changed() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("vmm latency {args:?} ended ({st}) before changing the host");
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(180),
+            "vmm latency {args:?} never changed the host"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    child.wait().unwrap()
+}
+
+/// SIGINT or SIGTERM in the middle of a run: what `vmm latency` changed on
+/// the host is back - `kernel.numa_balancing` during a NUMA-hinting
+/// window, a hugetlb pool it grew for a configuration - and the process
+/// ends by the signal.
+#[test]
+fn a_signal_mid_run_restores_the_host() {
+    use std::os::unix::process::ExitStatusExt;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !ready() {
+        return;
+    }
+    const NUMA: &str = "/proc/sys/kernel/numa_balancing";
+    let numa0 = read_trimmed(NUMA);
+    if numa0 != "0" {
+        // Nothing to see restored where it is on already.
+        assert!(
+            !integration_tests::in_ci(),
+            "CI=true: numa_balancing is {numa0}"
+        );
+        return;
+    }
+    let st = signal_when(
+        &[
+            "--configs",
+            "thp",
+            "--mem",
+            "256M",
+            "--quick",
+            "--numa-window-ms",
+            "60000",
+        ],
+        libc::SIGINT,
+        || read_trimmed(NUMA) == "1",
+    );
+    assert_eq!(st.signal(), Some(libc::SIGINT), "{st}");
+    assert_eq!(read_trimmed(NUMA), numa0, "numa_balancing left changed");
+
+    const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+    let pool0 = read_trimmed(POOL);
+    let free: u64 = read_trimmed("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .parse()
+        .unwrap_or(0);
+    if free >= 128 {
+        // The run would not grow the pool (the emulated host's suite runs
+        // with 1280 reserved at boot): nothing to see restored here.
+        eprintln!(
+            "{free} free 2M pages: a 256M run does not grow the pool; its restore is not checked"
+        );
+        return;
+    }
+    let st = signal_when(
+        &["--configs", "shared-2M", "--mem", "256M", "--quick"],
+        libc::SIGTERM,
+        || read_trimmed(POOL) != pool0,
+    );
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st}");
+    // The guest's pages go back to the pool as the process exits.
+    let t0 = std::time::Instant::now();
+    while read_trimmed(POOL) != pool0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(read_trimmed(POOL), pool0, "nr_hugepages left changed");
 }

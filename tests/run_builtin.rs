@@ -124,10 +124,13 @@ fn bad_arguments_are_typed_errors() {
     let mut a = RunArgs::new(MEM, UffdMode::Minor);
     a.stride = 12;
     assert!(matches!(run::run(&a), Err(RunError::Guest(_))));
-    let mut a = RunArgs::new(MEM, UffdMode::Minor);
-    a.hugepages = PageSize::Size4K;
-    let e = run::run(&a).unwrap_err();
-    assert!(e.to_string().contains("hugetlb"), "{e}");
+    // MINOR faults need a page cache: private anonymous RAM has none.
+    for thp in [false, true] {
+        let mut a = RunArgs::new(MEM, UffdMode::Minor);
+        a.backing = Some(notifier::hostmm::Backing::Anon { thp });
+        let e = run::run(&a).unwrap_err();
+        assert!(e.to_string().contains("no page cache"), "{e}");
+    }
 }
 
 #[test]
@@ -351,6 +354,19 @@ fn anonymous_thp_and_shmem_ram() {
         return;
     }
     let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // None of these backings is hugetlb: they must run with the 2 MiB pool
+    // empty (every free page held here, given back on drop).
+    let free = notifier::hostconf::free_hugepages(PageSize::Size2M);
+    let _held = (free > 0).then(|| {
+        let len = usize::try_from(free * (2 << 20)).unwrap();
+        notifier::mmap::Mmap::anon(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE,
+        )
+        .expect("hold the free 2 MiB hugetlb pages")
+    });
+    assert_eq!(notifier::hostconf::free_hugepages(PageSize::Size2M), 0);
     for (backing, mode) in [
         ("anon", UffdMode::Missing),
         ("thp", UffdMode::Missing),

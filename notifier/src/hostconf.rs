@@ -1,5 +1,6 @@
 //! Host settings a check or test changes temporarily, restored on drop (also
-//! when unwinding from a panic): hugetlb pool sizes and sysctls such as
+//! when unwinding from a panic, and on SIGINT/SIGTERM/SIGHUP once
+//! [`crate::restore::install`]ed): hugetlb pool sizes and sysctls such as
 //! `kernel.numa_balancing`.
 
 use crate::error::{is_root, Error, Result};
@@ -48,6 +49,8 @@ pub struct HugepageReservation {
     added: u64,
     /// Free pages once the reservation was made.
     pub available: u64,
+    /// Writes the pool size found back if a signal ends the process first.
+    _on_signal: Option<crate::restore::Armed>,
 }
 
 impl HugepageReservation {
@@ -60,6 +63,7 @@ impl HugepageReservation {
                 size,
                 added: 0,
                 available: count,
+                _on_signal: None,
             });
         };
         let nr_path = dir.join("nr_hugepages");
@@ -69,6 +73,7 @@ impl HugepageReservation {
                 size,
                 added: 0,
                 available: free,
+                _on_signal: None,
             });
         }
         if !is_root() {
@@ -77,6 +82,7 @@ impl HugepageReservation {
             });
         }
         let nr = read_u64(&nr_path)?;
+        let on_signal = crate::restore::arm(&nr_path, &nr.to_string());
         let want = nr + (count - free);
         // A shortfall shows up as fewer pages, not as an error. Gigantic
         // pages need contiguous memory: compact once and retry.
@@ -92,6 +98,7 @@ impl HugepageReservation {
             size,
             added,
             available: free_hugepages(size),
+            _on_signal: on_signal,
         })
     }
 
@@ -129,6 +136,8 @@ impl Drop for HugepageReservation {
 pub struct SysctlGuard {
     path: PathBuf,
     old: String,
+    /// Writes `old` back if a signal ends the process first.
+    _on_signal: Option<crate::restore::Armed>,
 }
 
 impl SysctlGuard {
@@ -144,10 +153,13 @@ impl SysctlGuard {
                 what: "changing sysctls",
             });
         }
+        let old = old.trim().to_string();
+        let on_signal = crate::restore::arm(&path, &old);
         write_str(&path, value)?;
         Ok(Self {
             path,
-            old: old.trim().to_string(),
+            old,
+            _on_signal: on_signal,
         })
     }
 }

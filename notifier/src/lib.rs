@@ -37,6 +37,7 @@ pub mod ops;
 pub mod page_size;
 pub mod pagemap;
 pub mod predict;
+pub mod restore;
 pub mod sched;
 pub mod seq;
 pub mod subscriber;

@@ -63,6 +63,8 @@ pub enum Method {
 pub struct Pagemap {
     file: File,
     scan_works: bool,
+    /// `/proc/kpageflags`, opened on first need (root only).
+    kpageflags: Option<File>,
 }
 
 impl Pagemap {
@@ -74,6 +76,7 @@ impl Pagemap {
         Ok(Self {
             file,
             scan_works: true,
+            kpageflags: None,
         })
     }
 
@@ -120,28 +123,94 @@ impl Pagemap {
     /// (`PAGE_IS_HUGE`: a PMD- or PUD-mapped THP or hugetlb page;
     /// `pagemap_thp_category()` of fs/proc/task_mmu.c, 6.7+): what KVM's
     /// `host_pfn_mapping_level()` reads from the host page tables before
-    /// it maps a huge SPTE. `Ok(None)`: this kernel has no PAGEMAP_SCAN
-    /// and `/proc/self/pagemap` does not say - the caller must assume
-    /// small pages.
+    /// it maps a huge SPTE. Without PAGEMAP_SCAN (before 6.7) the answer
+    /// comes from [`Self::whole_folio_mapped`]. `Ok(None)`: neither can
+    /// tell (no PAGEMAP_SCAN and no root for the PFNs) - the caller must
+    /// assume small pages.
     pub fn huge_mapped(&mut self, r: HvaRange) -> Result<Option<bool>> {
-        if r.is_empty() || !self.scan_works {
+        if r.is_empty() {
             return Ok(None);
         }
-        let want = PAGE_IS_PRESENT | PAGE_IS_HUGE;
-        match self.scan(r, want) {
-            Ok(v) => Ok(Some(v.len() == 1 && v[0] == r)),
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENOTTY)
-                    || e.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                self.scan_works = false;
-                Ok(None)
+        if self.scan_works {
+            let want = PAGE_IS_PRESENT | PAGE_IS_HUGE;
+            match self.scan(r, want) {
+                Ok(v) => return Ok(Some(v.len() == 1 && v[0] == r)),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTTY)
+                        || e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    self.scan_works = false;
+                }
+                Err(source) => {
+                    return Err(Error::Syscall {
+                        op: "ioctl(PAGEMAP_SCAN)",
+                        source,
+                    })
+                }
             }
-            Err(source) => Err(Error::Syscall {
-                op: "ioctl(PAGEMAP_SCAN)",
-                source,
-            }),
         }
+        self.whole_folio_mapped(r)
+    }
+
+    /// The pre-6.7 answer, for a 2 MiB-aligned 2 MiB `r` (else `None`):
+    /// every page of `r` is present, the PFNs run in order from a PFN aligned to the
+    /// range's size, and the first is the head of a THP folio
+    /// (`/proc/kpageflags`: `KPF_THP` and `KPF_COMPOUND_HEAD`, set by
+    /// `stable_page_flags()` of fs/proc/page.c). That is one huge folio
+    /// mapped whole and in order: the translation a huge SPTE gives is the
+    /// host's, even if the host maps it with PTEs (a PMD split that left
+    /// the folio whole), and any later change to it is notified over its
+    /// range, which zaps the huge SPTE. `Ok(None)` when the PFNs are
+    /// hidden (not root: `pagemap_read()` zeroes them without
+    /// CAP_SYS_ADMIN) or `/proc/kpageflags` cannot be read.
+    fn whole_folio_mapped(&mut self, r: HvaRange) -> Result<Option<bool>> {
+        const PS: u64 = 4096;
+        const PRESENT: u64 = 1 << 63;
+        const PFN_MASK: u64 = (1 << 55) - 1;
+        const KPF_COMPOUND_HEAD: u64 = 1 << 15;
+        const KPF_THP: u64 = 1 << 22;
+        // Only a THP's own size: a PMD (the only THP order a PMD maps).
+        let pages = r.len() / PS;
+        if pages != 512 || !r.start.is_multiple_of(r.len()) {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; u64_to_usize(pages * 8)];
+        self.file
+            .read_exact_at(&mut bytes, r.start / PS * 8)
+            .map_err(|source| Error::Syscall {
+                op: "read /proc/self/pagemap",
+                source,
+            })?;
+        let entry = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let first = entry(0);
+        let pfn = first & PFN_MASK;
+        if first & PRESENT == 0 {
+            return Ok(Some(false));
+        }
+        if pfn == 0 {
+            return Ok(None);
+        }
+        let in_order = (0..u64_to_usize(pages))
+            .all(|i| entry(i) & PRESENT != 0 && entry(i) & PFN_MASK == pfn + i as u64);
+        if !pfn.is_multiple_of(pages) || !in_order {
+            return Ok(Some(false));
+        }
+        if self.kpageflags.is_none() {
+            self.kpageflags = File::open("/proc/kpageflags").ok();
+        }
+        let Some(k) = self.kpageflags.as_ref() else {
+            return Ok(None);
+        };
+        let mut b = [0u8; 8];
+        if k.read_exact_at(&mut b, pfn * 8).is_err() {
+            return Ok(None);
+        }
+        let flags = u64::from_ne_bytes(b);
+        Ok(Some(flags & KPF_THP != 0 && flags & KPF_COMPOUND_HEAD != 0))
     }
 
     fn scan_present(&self, r: HvaRange) -> std::io::Result<Vec<HvaRange>> {
@@ -263,5 +332,49 @@ mod tests {
                 HvaRange::new(base + 10 * 4096, base + 11 * 4096)
             ]
         );
+    }
+
+    /// PAGEMAP_SCAN's huge flag and the pre-6.7 answer (PFNs in order from
+    /// a THP head) agree: a collapsed 2 MiB block is huge, a block of
+    /// 4 KiB pages and a 4 KiB range inside a huge one are not.
+    #[test]
+    fn huge_scan_and_kpageflags_agree_on_thp() {
+        const M2: usize = 2 << 20;
+        let m = Mmap::anon(4 * M2, libc::PROT_READ | libc::PROT_WRITE, 0).unwrap();
+        let huge = HvaRange::new(m.addr().next_multiple_of(M2 as u64), 0);
+        let huge = HvaRange::new(huge.start, huge.start + M2 as u64);
+        let small = HvaRange::new(huge.end, huge.end + M2 as u64);
+        // SAFETY: `huge` and `small` lie inside the read-write mapping `m`
+        // (4 x 2 MiB long, so 3 aligned blocks fit); madvise only advises.
+        unsafe {
+            libc::madvise(huge.start as *mut libc::c_void, M2, libc::MADV_HUGEPAGE);
+            libc::madvise(small.start as *mut libc::c_void, M2, libc::MADV_NOHUGEPAGE);
+            for off in (0..M2).step_by(4096) {
+                (huge.start as *mut u8).add(off).write_volatile(1);
+                (small.start as *mut u8).add(off).write_volatile(1);
+            }
+            libc::madvise(
+                huge.start as *mut libc::c_void,
+                M2,
+                25, /* MADV_COLLAPSE */
+            );
+        }
+        let mut pm = Pagemap::open().unwrap();
+        let Some(by_scan) = pm.huge_mapped(huge).unwrap() else {
+            return; // no PAGEMAP_SCAN, or no root for the PFNs
+        };
+        if !by_scan {
+            eprintln!("THP off here: nothing to compare");
+            return;
+        }
+        let by_flags = pm.whole_folio_mapped(huge).unwrap();
+        if by_flags.is_none() {
+            return; // not root
+        }
+        assert_eq!(by_flags, Some(true));
+        assert_eq!(pm.whole_folio_mapped(small).unwrap(), Some(false));
+        assert_eq!(pm.huge_mapped(small).unwrap(), Some(false));
+        let inner = HvaRange::new(huge.start, huge.start + 4096);
+        assert_eq!(pm.whole_folio_mapped(inner).unwrap(), None);
     }
 }

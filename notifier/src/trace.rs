@@ -58,7 +58,46 @@ impl TraceEvent {
 pub enum TraceLine {
     Event(TraceEvent),
     Sentinel(u64),
+    /// `CPU:<cpu> [LOST <n> EVENTS]`: the per-CPU ring buffer overwrote
+    /// `n` events before they were read (`print_trace_line()` of
+    /// kernel/trace/trace.c prints it when `iter->lost_events` is set).
+    Lost {
+        cpu: u32,
+        events: u64,
+    },
     Other,
+}
+
+impl TraceEvent {
+    /// What a `[LOST n EVENTS]` line stands for: invalidations of unknown
+    /// ranges, so of every address - whoever mapped anything must drop it
+    /// (the SPTEs of a lost range would otherwise outlive the host's PTEs).
+    pub fn lost() -> Self {
+        TraceEvent {
+            range: HvaRange::new(0, u64::MAX),
+            timestamp_ns: 0,
+            tid: -1,
+        }
+    }
+
+    /// Whether this is [`TraceEvent::lost`].
+    pub fn is_lost(&self) -> bool {
+        self.tid == -1 && self.range == HvaRange::new(0, u64::MAX)
+    }
+}
+
+/// `CPU:<cpu> [LOST <n> EVENTS]`.
+fn parse_lost(line: &str) -> Option<TraceLine> {
+    let rest = line.trim().strip_prefix("CPU:")?;
+    let (cpu, rest) = rest.split_once(' ')?;
+    let n = rest
+        .trim()
+        .strip_prefix("[LOST ")?
+        .strip_suffix(" EVENTS]")?;
+    Some(TraceLine::Lost {
+        cpu: cpu.parse().ok()?,
+        events: n.parse().ok()?,
+    })
 }
 
 fn parse_ts(tok: &str) -> Option<u64> {
@@ -113,7 +152,7 @@ pub fn parse_line(line: &str) -> TraceLine {
     } else if let Some((h, r)) = line.split_once(": tracing_mark_write: ") {
         (h, r, false)
     } else {
-        return TraceLine::Other;
+        return parse_lost(line).unwrap_or(TraceLine::Other);
     };
     if !is_event {
         return match rest
@@ -163,6 +202,8 @@ pub struct TraceSource {
     marker: Option<File>,
     next_sentinel: u64,
     pending: String,
+    /// Events the ring buffer dropped (`[LOST n EVENTS]`), in all.
+    lost_events: u64,
     _vm: kvm_ioctls::VmFd,
     _kvm: kvm_ioctls::Kvm,
     /// Dropped after the instance is removed (field order).
@@ -297,6 +338,7 @@ impl TraceSource {
             marker: None,
             next_sentinel: 1,
             pending: String::new(),
+            lost_events: 0,
             _vm: vm,
             _kvm: kvm,
         };
@@ -322,6 +364,13 @@ impl TraceSource {
     /// The tracefs instance directory in use.
     pub fn instance(&self) -> &Path {
         &self.instance
+    }
+
+    /// Events the ring buffer dropped so far. Each `[LOST n EVENTS]` is
+    /// also returned by the drain as one [`TraceEvent::lost`] - an
+    /// invalidation of everything - so no subscriber keeps a stale mapping.
+    pub fn lost_events(&self) -> u64 {
+        self.lost_events
     }
 
     /// Write a sentinel into the ring buffer; returns its number.
@@ -351,6 +400,10 @@ impl TraceSource {
                 match parse_line(&line) {
                     TraceLine::Event(e) => out.push(e),
                     TraceLine::Sentinel(m) if m >= n => return Ok(out),
+                    TraceLine::Lost { events, .. } => {
+                        self.lost_events = self.lost_events.saturating_add(events);
+                        out.push(TraceEvent::lost());
+                    }
                     _ => {}
                 }
             }
@@ -471,5 +524,20 @@ mod tests {
         let m = "  <...>-77  [000] .....  5.000001: tracing_mark_write: notifier-sentinel 12\n";
         assert_eq!(parse_line(m), TraceLine::Sentinel(12));
         assert_eq!(parse_line("# tracer: nop"), TraceLine::Other);
+    }
+
+    #[test]
+    fn lost_events_are_not_other_lines() {
+        assert_eq!(
+            parse_line("CPU:3 [LOST 1234 EVENTS]\n"),
+            TraceLine::Lost {
+                cpu: 3,
+                events: 1234
+            }
+        );
+        assert_eq!(parse_line("CPU:3 [LOST x EVENTS]"), TraceLine::Other);
+        assert!(TraceEvent::lost().is_lost());
+        let guest_ram = HvaRange::new(0x7f00_0000_0000, 0x7f00_4000_0000);
+        assert!(TraceEvent::lost().range.overlaps(&guest_ram));
     }
 }

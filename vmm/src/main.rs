@@ -34,7 +34,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // Ctrl-C / SIGTERM / SIGHUP write back the host settings a command
+    // changed (sysctls, hugetlb pools) before the process ends.
+    if let Err(e) = notifier::restore::install() {
+        eprintln!("vmm: host settings will not be restored on a signal: {e}");
+    }
+    match cli.cmd {
         Cmd::Boot(a) => commands::boot::main(a),
         Cmd::Run(a) => commands::run::main(a),
         Cmd::NotifierCheck(a) => commands::notifier_check::main(&a),

@@ -209,7 +209,16 @@ impl UffdGuestRam {
         if !shared && mode.prefilled() {
             return Err(UffdRamError::NoPageCache(mode));
         }
-        let size = memory::validate(size, hp)?;
+        // Whole units (a THP block), but only hugetlb has a pool to check.
+        let size = size
+            .checked_next_multiple_of(hp.bytes())
+            .unwrap_or(size & !(hp.bytes() - 1));
+        let pool = if backing.is_hugetlb() {
+            hp
+        } else {
+            PageSize::Size4K
+        };
+        let size = memory::validate(size, pool)?;
         let mut hostmm = HostMm::new(subs.clone())?;
         let region = hostmm.map(
             backing,
