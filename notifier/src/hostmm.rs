@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::mmap::Mmap;
 use crate::page_size::PageSize;
 use crate::pagemap::Pagemap;
-use crate::predict::{align_down, align_up, FileVma, VmaShape, PUD_SIZE};
+use crate::predict::{align_down, align_up, FileVma, PmdState, VmaShape, PMD_SIZE, PUD_SIZE};
 use crate::subscriber::{HvaRange, Subscribers};
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -155,6 +155,11 @@ pub struct Vma {
     pub anon_vma: bool,
     /// `MADV_DONTFORK` (`VM_DONTCOPY`): fork skips it.
     pub dontfork: bool,
+    /// `MADV_WIPEONFORK` (`VM_WIPEONFORK`): fork copies no page of it.
+    pub wipeonfork: bool,
+    /// Registered with a userfaultfd (`VM_UFFD_*`): never merged with an
+    /// unregistered neighbour.
+    pub uffd: bool,
 }
 
 /// The guest RAM of this process and its notifier subscribers (the kernel's
@@ -346,6 +351,8 @@ impl HostMm {
             file_offset,
             anon_vma: false,
             dontfork: false,
+            wipeonfork: false,
+            uffd: false,
         });
         Ok(id)
     }
@@ -368,6 +375,8 @@ impl HostMm {
             file_offset: None,
             anon_vma: false,
             dontfork: false,
+            wipeonfork: false,
+            uffd: false,
         });
         Ok(shape.range)
     }
@@ -468,6 +477,8 @@ impl HostMm {
                 && a.region == b.region
                 && a.shape.prot == b.shape.prot
                 && a.dontfork == b.dontfork
+                && a.wipeonfork == b.wipeonfork
+                && a.uffd == b.uffd
                 && a.shape.range.end == b.shape.range.start
             {
                 self.vmas[i].shape.range.end = b.shape.range.end;
@@ -483,6 +494,102 @@ impl HostMm {
         for v in self.vmas.iter_mut().filter(|v| v.region == Some(id)) {
             v.dontfork = true;
         }
+    }
+
+    pub(crate) fn apply_wipeonfork(&mut self, id: RegionId) {
+        for v in self.vmas.iter_mut().filter(|v| v.region == Some(id)) {
+            v.wipeonfork = true;
+        }
+    }
+
+    pub(crate) fn apply_uffd_register(&mut self, r: HvaRange) {
+        self.split_at(r.start);
+        self.split_at(r.end);
+        for v in self.vmas.iter_mut().filter(|v| v.shape.range.overlaps(&r)) {
+            v.uffd = true;
+        }
+    }
+
+    pub(crate) fn apply_shrink(&mut self, old: HvaRange, new_len: u64) {
+        self.apply_munmap(HvaRange::new(old.start + new_len, old.end));
+    }
+
+    /// Map the memfd of shared region `id` a second time, whole, at a
+    /// kernel-chosen address (as a VMM maps guest RAM for its own
+    /// accesses): one more VMA of the file for every file operation to
+    /// notify.
+    pub fn map_alias(&mut self, id: RegionId) -> Result<HvaRange> {
+        let region = self.region(id).ok_or(Error::Unsupported {
+            op: "map_alias",
+            why: "no such region",
+        })?;
+        let (len, backing) = (region.len, region.backing);
+        let fd = region.memfd.as_ref().ok_or(Error::Unsupported {
+            op: "map_alias",
+            why: "only a shared memfd region has a file to map again",
+        })?;
+        let m = Mmap::shared(
+            fd.as_fd(),
+            u64_to_usize(len),
+            prot_rw(),
+            libc::MAP_NORESERVE,
+        )?;
+        // The VMA list owns the mapping from here.
+        let range = m.into_raw();
+        self.insert_vma(Vma {
+            shape: VmaShape {
+                range,
+                hugetlb: backing.is_hugetlb().then_some(backing.page_size().bytes()),
+                may_share: true,
+                prot: prot_rw(),
+            },
+            region: Some(id),
+            file_offset: Some(0),
+            anon_vma: false,
+            dontfork: false,
+            wipeonfork: false,
+            uffd: false,
+        });
+        Ok(range)
+    }
+
+    /// Which 2 MiB blocks around the ends of `r`'s pieces the host maps
+    /// with a huge PMD (the THP split rules need nothing else).
+    pub(crate) fn huge_blocks(&mut self, r: HvaRange) -> Result<BTreeSet<u64>> {
+        let mut out = BTreeSet::new();
+        for v in self.shapes(r) {
+            if v.hugetlb.is_some() {
+                continue;
+            }
+            let s = r.start.max(v.range.start);
+            let e = r.end.min(v.range.end);
+            for a in [s, e.saturating_sub(1)] {
+                let b = align_down(a, PMD_SIZE);
+                if self.pagemap.huge_mapped(HvaRange::new(b, b + PMD_SIZE))? == Some(true) {
+                    out.insert(b);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What each whole 2 MiB block inside `r` holds (for `MADV_COLLAPSE`).
+    pub(crate) fn pmd_states(&mut self, r: HvaRange) -> Result<Vec<(u64, PmdState)>> {
+        let mut out = Vec::new();
+        let mut b = align_up(r.start, PMD_SIZE);
+        while b + PMD_SIZE <= r.end {
+            let block = HvaRange::new(b, b + PMD_SIZE);
+            let st = if self.pagemap.huge_mapped(block)? == Some(true) {
+                PmdState::Huge
+            } else if self.pagemap.any_present(block)? {
+                PmdState::Ptes
+            } else {
+                PmdState::Empty
+            };
+            out.push((b, st));
+            b += PMD_SIZE;
+        }
+        Ok(out)
     }
 
     pub(crate) fn apply_mprotect(&mut self, r: HvaRange, prot: i32) {

@@ -127,8 +127,11 @@ impl HostMm {
         self.check_inside("discard", r)?;
         let shapes = self.shapes(r);
         let notes = match how {
-            Discard::DontNeed => predict::dontneed(&shapes, r)
-                .map_err(|e| Self::unaligned("discard(MADV_DONTNEED)", r, e))?,
+            Discard::DontNeed => {
+                let huge = self.huge_blocks(r)?;
+                predict::dontneed(&shapes, r, &|b| huge.contains(&b))
+                    .map_err(|e| Self::unaligned("discard(MADV_DONTNEED)", r, e))?
+            }
             Discard::Remove => {
                 let mut notes = Vec::new();
                 for v in self.vmas().iter().filter(|v| v.shape.range.overlaps(&r)) {
@@ -291,7 +294,19 @@ impl HostMm {
         self.check_inside("write_protect", r)?;
         self.refresh_puds(r)?;
         let shapes = self.shapes(r);
-        let notes = predict::uffd_writeprotect(&shapes, r, &self.pud_fn())
+        // With pte markers (`userfaultfd_wp_use_markers()`: file memory
+        // always, anonymous with WP_UNPOPULATED) `change_prepare()` of
+        // mm/mprotect.c allocates the page tables down to the PTEs before
+        // `change_pud_range()` looks for a non-none PUD: every PUD is
+        // present and the notifier opens at the range start.
+        let markers = wp
+            && shapes.iter().all(|v| v.hugetlb.is_none())
+            && (shapes.iter().all(|v| v.may_share)
+                || uffd.enabled() & crate::uffd::UFFD_FEATURE_WP_UNPOPULATED != 0);
+        let pud = self.pud_fn();
+        let all = |_: u64| true;
+        let pud_present: &dyn Fn(u64) -> bool = if markers { &all } else { &pud };
+        let notes = predict::uffd_writeprotect(&shapes, r, pud_present)
             .map_err(|e| Self::unaligned("write_protect", r, e))?;
         let pieces: Vec<HvaRange> = shapes
             .iter()
@@ -336,6 +351,132 @@ impl HostMm {
         Ok(())
     }
 
+    /// `madvise(MADV_WIPEONFORK)` over a whole region (anonymous private
+    /// memory only; no VMA split, no notifier).
+    pub fn set_wipeonfork(&mut self, id: RegionId) -> Result<()> {
+        for v in self.vmas().iter().filter(|v| v.region == Some(id)) {
+            let r = v.shape.range;
+            // SAFETY: advisory flag change on a VMA owned by this HostMm.
+            if unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    u64_to_usize(r.len()),
+                    libc::MADV_WIPEONFORK,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("madvise(MADV_WIPEONFORK)"));
+            }
+        }
+        self.apply_wipeonfork(id);
+        Ok(())
+    }
+
+    /// `madvise(r, MADV_FREE)` on anonymous memory. A huge PMD `r` covers
+    /// only in part is refused (its split goes through `split_folio()`'s
+    /// rmap walk: not predicted).
+    pub fn free(&mut self, r: HvaRange) -> Result<Vec<Notified>> {
+        self.check_inside("free", r)?;
+        let huge = self.huge_blocks(r)?;
+        let notes = predict::madv_free(&self.shapes(r), r, &|b| huge.contains(&b)).ok_or(
+            Error::Unsupported {
+                op: "madvise(MADV_FREE)",
+                why: "only anonymous memory, and no huge PMD covered in part",
+            },
+        )?;
+        self.announce(&notes, || {
+            // SAFETY: `r` lies in anonymous VMAs owned by this HostMm;
+            // lazily freeing their pages cannot touch memory Rust owns.
+            if unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    u64_to_usize(r.len()),
+                    libc::MADV_FREE,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("madvise(MADV_FREE)"));
+            }
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
+    /// `madvise(r, MADV_COLLAPSE)` (6.1+): collapse the 2 MiB blocks of `r`
+    /// mapped by PTEs into huge PMDs.
+    pub fn collapse(&mut self, r: HvaRange) -> Result<Vec<Notified>> {
+        /// `MADV_COLLAPSE` (include/uapi/asm-generic/mman-common.h).
+        const MADV_COLLAPSE: i32 = 25;
+        self.check_inside("collapse", r)?;
+        let states = self.pmd_states(r)?;
+        let state = |b: u64| {
+            states
+                .iter()
+                .find(|(a, _)| *a == b)
+                .map_or(predict::PmdState::Empty, |(_, s)| *s)
+        };
+        let notes = predict::collapse(&self.shapes(r), r, &state);
+        self.announce(&notes, || {
+            // SAFETY: `r` lies in VMAs owned by this HostMm; a collapse
+            // copies their pages into a huge page, contents unchanged.
+            if unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    u64_to_usize(r.len()),
+                    MADV_COLLAPSE,
+                )
+            } != 0
+            {
+                return Err(Error::last_os("madvise(MADV_COLLAPSE)"));
+            }
+            Ok(())
+        })?;
+        Ok(notes)
+    }
+
+    /// `mremap(old, old_len, new_len, 0)` shrinking one VMA in place.
+    pub fn shrink(&mut self, old: HvaRange, new_len: u64) -> Result<Vec<Notified>> {
+        self.check_inside("shrink", old)?;
+        if new_len == 0 || new_len >= old.len() {
+            return Err(Error::Unsupported {
+                op: "shrink",
+                why: "the new length must be shorter than the old and not 0",
+            });
+        }
+        let tail = HvaRange::new(old.start + new_len, old.end);
+        self.check_huge_aligned("shrink", tail)?;
+        self.refresh_puds(old)?;
+        let notes = predict::mremap_shrink(&self.shapes(old), old, new_len, &self.pud_fn());
+        self.announce(&notes, || {
+            // SAFETY: `old` lies in VMAs owned by this HostMm, which forgets
+            // the tail right after; no Rust reference points there.
+            let p = unsafe {
+                libc::mremap(
+                    old.start as *mut libc::c_void,
+                    u64_to_usize(old.len()),
+                    u64_to_usize(new_len),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Error::last_os("mremap(shrink)"));
+            }
+            Ok(())
+        })?;
+        self.apply_shrink(old, new_len);
+        Ok(notes)
+    }
+
+    /// `UFFDIO_REGISTER` of `r` on `uffd` with `mode`.
+    pub fn uffd_register(&mut self, uffd: &Uffd, r: HvaRange, mode: u64) -> Result<Vec<Notified>> {
+        self.check_inside("uffd_register", r)?;
+        self.refresh_puds(r)?;
+        let notes = predict::uffd_register(&self.shapes(r), r, &self.pud_fn());
+        self.announce(&notes, || uffd.register(r, mode).map(|_| ()))?;
+        self.apply_uffd_register(r);
+        Ok(notes)
+    }
+
     /// `fork()` a child that exits at once: what a VMM spawning a helper
     /// does to its guest RAM (COW write-protection of private memory). The
     /// child only calls `_exit`.
@@ -348,6 +489,7 @@ impl HostMm {
                 shape: v.shape,
                 anon_vma: v.anon_vma || present,
                 dontfork: v.dontfork,
+                wipeonfork: v.wipeonfork,
             });
         }
         let notes = predict::fork(&fv);

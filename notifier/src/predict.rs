@@ -216,8 +216,17 @@ pub fn numa_hint(vma: &VmaShape, w: HvaRange, pud_present: &dyn Fn(u64) -> bool)
 
 /// `madvise(r, MADV_DONTNEED)`: per VMA, `zap_page_range_single_batched()`.
 /// hugetlb: start must be huge-aligned, the end is rounded down (a sub-page
-/// length is a silent no-op), notified even when unpopulated.
-pub fn dontneed(vmas: &[VmaShape], r: HvaRange) -> Result<Vec<Notified>, PredictError> {
+/// length is a silent no-op), notified even when unpopulated. Ordinary
+/// memory: a huge PMD the zap covers only in part is split first -
+/// `zap_pmd_range()` calls `__split_huge_pmd()` when `next - addr !=
+/// HPAGE_PMD_SIZE`, which notifies `CLEAR` over that 2 MiB (`huge_pmd`
+/// says whether the host maps the 2 MiB block at an address with a huge
+/// PMD; a PMD the zap covers whole is zapped as one, `zap_huge_pmd()`).
+pub fn dontneed(
+    vmas: &[VmaShape],
+    r: HvaRange,
+    huge_pmd: &dyn Fn(u64) -> bool,
+) -> Result<Vec<Notified>, PredictError> {
     let mut out = Vec::new();
     for v in pieces(vmas, r) {
         let start = r.start.max(v.range.start);
@@ -238,8 +247,130 @@ pub fn dontneed(vmas: &[VmaShape], r: HvaRange) -> Result<Vec<Notified>, Predict
             range: w,
             event: MmuNotifyEvent::Clear,
         });
+        if v.hugetlb.is_none() {
+            out.extend(partial_huge_pmds(HvaRange::new(start, end), huge_pmd));
+        }
     }
     Ok(out)
+}
+
+/// `__split_huge_pmd()` of each huge PMD that `r` covers only in part
+/// (one at each unaligned end, or one when both ends share a block).
+fn partial_huge_pmds(r: HvaRange, huge_pmd: &dyn Fn(u64) -> bool) -> Vec<Notified> {
+    let mut blocks = vec![align_down(r.start, PMD_SIZE)];
+    let last = align_down(r.end - 1, PMD_SIZE);
+    if last != blocks[0] {
+        blocks.push(last);
+    }
+    blocks
+        .into_iter()
+        .filter(|&b| !(r.start <= b && b + PMD_SIZE <= r.end) && huge_pmd(b))
+        .map(|b| Notified::new(b, b + PMD_SIZE, MmuNotifyEvent::Clear))
+        .collect()
+}
+
+/// `madvise(r, MADV_FREE)` (anonymous VMAs only, else EINVAL):
+/// `madvise_free_single_vma()` opens one `CLEAR` notifier over the VMA's
+/// piece of `r` (the length rounded up to pages), populated or not. A
+/// huge PMD covered in part is split through `split_folio()`, whose rmap
+/// walk notifies too: those pieces are refused here (`None`), not guessed.
+pub fn madv_free(
+    vmas: &[VmaShape],
+    r: HvaRange,
+    huge_pmd: &dyn Fn(u64) -> bool,
+) -> Option<Vec<Notified>> {
+    let mut out = Vec::new();
+    for v in pieces(vmas, r) {
+        if v.hugetlb.is_some() || v.may_share {
+            return None;
+        }
+        let piece = HvaRange::new(
+            r.start.max(v.range.start),
+            align_up(r.end, PAGE_SIZE).min(v.range.end),
+        );
+        if !partial_huge_pmds(piece, huge_pmd).is_empty() {
+            return None;
+        }
+        out.push(Notified {
+            range: piece,
+            event: MmuNotifyEvent::Clear,
+        });
+    }
+    Some(out)
+}
+
+/// What one 2 MiB block holds, for `MADV_COLLAPSE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PmdState {
+    /// No page table, or one with no page present.
+    Empty,
+    /// Mapped by PTEs, some present (and written).
+    Ptes,
+    /// Mapped by a huge PMD already.
+    Huge,
+}
+
+/// `madvise(r, MADV_COLLAPSE)` on an anonymous VMA: `madvise_collapse()`
+/// walks the whole 2 MiB blocks inside `r` (`hstart = round_up(start)`,
+/// `hend = round_down(end)`); `hpage_collapse_scan_pmd()` stops at a block
+/// with no PTE table or none present (`find_pmd_or_thp_or_none()`,
+/// `SCAN_PAGE_RO` when nothing writable was found) and at one already huge
+/// (`SCAN_PMD_MAPPED`); the rest are collapsed by `collapse_huge_page()`,
+/// which notifies `CLEAR` over the block.
+pub fn collapse(vmas: &[VmaShape], r: HvaRange, state: &dyn Fn(u64) -> PmdState) -> Vec<Notified> {
+    let mut out = Vec::new();
+    for v in pieces(vmas, r) {
+        if v.hugetlb.is_some() || v.may_share {
+            continue;
+        }
+        let mut b = align_up(r.start.max(v.range.start), PMD_SIZE);
+        let end = align_down(r.end.min(v.range.end), PMD_SIZE);
+        while b < end {
+            if state(b) == PmdState::Ptes {
+                out.push(Notified::new(b, b + PMD_SIZE, MmuNotifyEvent::Clear));
+            }
+            b += PMD_SIZE;
+        }
+    }
+    out
+}
+
+/// `mremap(addr, old_len, new_len, 0)` with `new_len < old_len` (a VMA
+/// shrinks in place): `do_vmi_munmap()` of the tail `[addr + new_len, addr +
+/// old_len)` - the [`munmap`] rule.
+pub fn mremap_shrink(
+    vmas: &[VmaShape],
+    old: HvaRange,
+    new_len: u64,
+    pud_present: &dyn Fn(u64) -> bool,
+) -> Vec<Notified> {
+    munmap(
+        vmas,
+        HvaRange::new(old.start + new_len, old.end),
+        pud_present,
+    )
+}
+
+/// `UFFDIO_REGISTER` over `r`: `userfaultfd_register()` changes VMA flags
+/// only (`vma_modify_flags_uffd()`), so what it notifies are the splits at
+/// the ends of `r` inside the VMAs it touches ([`split_vma`]).
+pub fn uffd_register(
+    vmas: &[VmaShape],
+    r: HvaRange,
+    pud_present: &dyn Fn(u64) -> bool,
+) -> Vec<Notified> {
+    let mut out = Vec::new();
+    for v in pieces(vmas, r) {
+        let mut cur = *v;
+        if r.start > cur.range.start {
+            out.extend(split_vma(&cur, r.start, pud_present));
+            cur = cur.with_range(r.start, cur.range.end);
+        }
+        if r.end < cur.range.end {
+            out.extend(split_vma(&cur, r.end, pud_present));
+        }
+    }
+    out
 }
 
 /// A VMA mapping a file (memfd) at `pgoff` bytes.
@@ -365,16 +496,20 @@ pub struct ForkVma {
     pub anon_vma: bool,
     /// `VM_DONTCOPY` (`MADV_DONTFORK`).
     pub dontfork: bool,
+    /// `VM_WIPEONFORK` (`MADV_WIPEONFORK`): `dup_mmap()` gives the child an
+    /// empty VMA and skips `copy_page_range()`.
+    pub wipeonfork: bool,
 }
 
-/// `fork()`: `dup_mmap()` skips `VM_DONTCOPY` VMAs; `copy_page_range()`
+/// `fork()`: `dup_mmap()` skips `VM_DONTCOPY` VMAs and copies no page
+/// table of `VM_WIPEONFORK` ones; `copy_page_range()`
 /// skips VMAs `vma_needs_copy()` rejects (no `anon_vma`, not PFNMAP, not
 /// uffd-wp); a private hugetlb VMA gets `CLEAR` over the whole VMA
 /// (`copy_hugetlb_page_range()`), another COW VMA `PROTECTION_PAGE` over the
 /// whole VMA; shared VMAs are not COW: nothing.
 pub fn fork(vmas: &[ForkVma]) -> Vec<Notified> {
     vmas.iter()
-        .filter(|v| !v.dontfork && v.anon_vma && !v.shape.may_share)
+        .filter(|v| !v.dontfork && !v.wipeonfork && v.anon_vma && !v.shape.may_share)
         .map(|v| {
             let ev = if v.shape.hugetlb.is_some() {
                 MmuNotifyEvent::Clear
@@ -432,31 +567,87 @@ mod tests {
     fn shared_hugetlb_dontneed_widened_to_pud() {
         let v = shared2m(BASE, 2 * G);
         let r = HvaRange::new(BASE + G / 2, BASE + G / 2 + M2);
-        assert_eq!(dontneed(&[v], r).unwrap(), vec![n(BASE, BASE + G, Clear)]);
+        assert_eq!(
+            dontneed(&[v], r, &|_| false).unwrap(),
+            vec![n(BASE, BASE + G, Clear)]
+        );
     }
 
     #[test]
     fn private_hugetlb_dontneed_exact_and_rounded_down() {
         let v = private2m(BASE, G);
         assert_eq!(
-            dontneed(&[v], HvaRange::new(BASE, BASE + M2)).unwrap(),
+            dontneed(&[v], HvaRange::new(BASE, BASE + M2), &|_| false).unwrap(),
             vec![n(BASE, BASE + M2, Clear)]
         );
         assert_eq!(
-            dontneed(&[v], HvaRange::new(BASE, BASE + M2 + 4096)).unwrap(),
+            dontneed(&[v], HvaRange::new(BASE, BASE + M2 + 4096), &|_| false).unwrap(),
             vec![n(BASE, BASE + M2, Clear)]
         );
-        assert!(dontneed(&[v], HvaRange::new(BASE, BASE + 4096))
+        assert!(dontneed(&[v], HvaRange::new(BASE, BASE + 4096), &|_| false)
             .unwrap()
             .is_empty());
-        assert!(dontneed(&[v], HvaRange::new(BASE + 4096, BASE + M2)).is_err());
+        assert!(dontneed(&[v], HvaRange::new(BASE + 4096, BASE + M2), &|_| false).is_err());
     }
 
     #[test]
     fn shared_not_spanning_pud_not_widened() {
         let v = shared2m(BASE + M2, 16 * M2);
         let r = HvaRange::new(BASE + 4 * M2, BASE + 5 * M2);
-        assert_eq!(dontneed(&[v], r).unwrap(), vec![n(r.start, r.end, Clear)]);
+        assert_eq!(
+            dontneed(&[v], r, &|_| false).unwrap(),
+            vec![n(r.start, r.end, Clear)]
+        );
+    }
+
+    #[test]
+    fn thp_dontneed_splits_partly_covered_huge_pmds() {
+        let v = anon(BASE, 64 << 20);
+        let huge = |a: u64| a < BASE + 8 * M2;
+        // Inside one huge PMD: the zap and the split of that block.
+        let r = HvaRange::new(BASE + M2 + 4096, BASE + M2 + 8192);
+        assert_eq!(
+            dontneed(&[v], r, &huge).unwrap(),
+            vec![n(r.start, r.end, Clear), n(BASE + M2, BASE + 2 * M2, Clear)]
+        );
+        // Across two: both split; a whole block is zapped as one.
+        let r = HvaRange::new(BASE + M2 / 2, BASE + 2 * M2 + M2 / 2);
+        assert_eq!(
+            dontneed(&[v], r, &huge).unwrap(),
+            vec![
+                n(r.start, r.end, Clear),
+                n(BASE, BASE + M2, Clear),
+                n(BASE + 2 * M2, BASE + 3 * M2, Clear)
+            ]
+        );
+        let r = HvaRange::new(BASE + 2 * M2, BASE + 4 * M2);
+        assert_eq!(
+            dontneed(&[v], r, &huge).unwrap(),
+            vec![n(r.start, r.end, Clear)]
+        );
+        // Not huge there: no split.
+        let r = HvaRange::new(BASE + 20 * M2 + 4096, BASE + 20 * M2 + 8192);
+        assert_eq!(
+            dontneed(&[v], r, &huge).unwrap(),
+            vec![n(r.start, r.end, Clear)]
+        );
+    }
+
+    #[test]
+    fn collapse_notifies_blocks_mapped_by_ptes() {
+        let v = anon(BASE, 64 << 20);
+        let state = |a: u64| match (a - BASE) / M2 {
+            0 | 1 => PmdState::Ptes,
+            2 => PmdState::Huge,
+            _ => PmdState::Empty,
+        };
+        // [4K, 8M): blocks 1..4 whole inside; block 0 is not.
+        let r = HvaRange::new(BASE + 4096, BASE + 4 * M2);
+        assert_eq!(
+            collapse(&[v], r, &state),
+            vec![n(BASE + M2, BASE + 2 * M2, Clear)]
+        );
+        assert!(collapse(&[private2m(BASE, 8 * M2)], r, &state).is_empty());
     }
 
     #[test]
@@ -593,6 +784,7 @@ mod tests {
             shape,
             anon_vma,
             dontfork,
+            wipeonfork: false,
         };
         let p = private2m(BASE, 8 * M2);
         let a = anon(BASE + G, 64 << 20);

@@ -123,6 +123,8 @@ pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 /// MINOR faults on shmem (a memfd without hugetlb), Linux 5.14+.
 pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// Write-protect marks unpopulated anonymous pages too (6.5+).
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
@@ -199,6 +201,10 @@ impl UffdEvent {
 pub struct Uffd {
     fd: OwnedFd,
     features: u64,
+    /// The features asked for: what `UFFDIO_API` enabled on this context
+    /// (`userfaultfd_api()` stores the request in `ctx->features`; the
+    /// answer's `features` lists all the kernel offers).
+    enabled: u64,
 }
 
 impl Uffd {
@@ -253,11 +259,18 @@ impl Uffd {
         Ok(Self {
             fd,
             features: api.features,
+            enabled: features,
         })
     }
 
+    /// What the kernel offers.
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// What this context enabled (asked for at open).
+    pub fn enabled(&self) -> u64 {
+        self.enabled
     }
 
     /// `UFFDIO_REGISTER`; returns the ioctls allowed on the range.
