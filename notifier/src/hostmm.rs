@@ -553,21 +553,28 @@ impl HostMm {
         Ok(range)
     }
 
-    /// Which 2 MiB blocks around the ends of `r`'s pieces the host maps
-    /// with a huge PMD (the THP split rules need nothing else).
-    pub(crate) fn huge_blocks(&mut self, r: HvaRange) -> Result<BTreeSet<u64>> {
+    /// Which 2 MiB blocks of `r`'s non-hugetlb pieces the host maps with a
+    /// huge PMD: every block, or (`ends_only`) the two at each piece's
+    /// ends - all a partial zap can split.
+    pub(crate) fn huge_pmds(&mut self, r: HvaRange, ends_only: bool) -> Result<BTreeSet<u64>> {
         let mut out = BTreeSet::new();
         for v in self.shapes(r) {
             if v.hugetlb.is_some() {
                 continue;
             }
-            let s = r.start.max(v.range.start);
+            let s = align_down(r.start.max(v.range.start), PMD_SIZE);
             let e = r.end.min(v.range.end);
-            for a in [s, e.saturating_sub(1)] {
-                let b = align_down(a, PMD_SIZE);
+            let last = align_down(e.saturating_sub(1), PMD_SIZE);
+            let mut b = s;
+            while b <= last {
                 if self.pagemap.huge_mapped(HvaRange::new(b, b + PMD_SIZE))? == Some(true) {
                     out.insert(b);
                 }
+                b = if ends_only && b < last {
+                    last
+                } else {
+                    b + PMD_SIZE
+                };
             }
         }
         Ok(out)

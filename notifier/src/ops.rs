@@ -128,7 +128,7 @@ impl HostMm {
         let shapes = self.shapes(r);
         let notes = match how {
             Discard::DontNeed => {
-                let huge = self.huge_blocks(r)?;
+                let huge = self.huge_pmds(r, true)?;
                 predict::dontneed(&shapes, r, &|b| huge.contains(&b))
                     .map_err(|e| Self::unaligned("discard(MADV_DONTNEED)", r, e))?
             }
@@ -283,6 +283,67 @@ impl HostMm {
         Ok(notes)
     }
 
+    /// `mremap(old, len, MREMAP_MAYMOVE|MREMAP_FIXED, dst)` of part (or
+    /// all) of one ordinary VMA onto `dst` (typically a range from
+    /// [`HostMm::reserve`]): [`predict::mremap_move_part`], with the huge
+    /// PMDs of `old` and whether the 2 MiB below each start is free of
+    /// mappings (`/proc/self/maps`) read first.
+    pub fn remap_part(&mut self, old: HvaRange, dst: u64) -> Result<Vec<Notified>> {
+        self.check_inside("remap_part", old)?;
+        let shapes = self.shapes(old);
+        let [v] = shapes.as_slice() else {
+            return Err(Error::Unsupported {
+                op: "remap_part",
+                why: "the range must lie in one VMA",
+            });
+        };
+        let v = *v;
+        if v.hugetlb.is_some() || old.start < v.range.start || old.end > v.range.end {
+            return Err(Error::Unsupported {
+                op: "remap_part",
+                why: "the range must lie in one non-hugetlb VMA (hugetlb: use remap)",
+            });
+        }
+        self.refresh_puds(old)?;
+        let dst_r = HvaRange::new(dst, dst + old.len());
+        let dst_shapes = self.shapes(dst_r);
+        let huge = self.huge_pmds(old, false)?;
+        let free_below = |a: u64| -> Result<bool> {
+            let below = HvaRange::new(predict::align_down(a, predict::PMD_SIZE), a);
+            Ok(below.is_empty() || crate::hostmm::kernel_vmas(below)?.is_empty())
+        };
+        let (free_old, free_new) = (free_below(old.start)?, free_below(dst)?);
+        let notes = {
+            let pud = self.pud_fn();
+            let st = predict::MoveState {
+                pud_present: &pud,
+                huge_pmd: &|b| huge.contains(&b),
+                free_below_old: free_old,
+                free_below_new: free_new,
+            };
+            predict::mremap_move_part(&v, old, dst_r, &dst_shapes, &st)
+        };
+        self.announce(&notes, || {
+            // SAFETY: both ranges belong to VMAs owned by this HostMm (the
+            // destination is ours or unmapped); MREMAP_FIXED replaces only it.
+            let p = unsafe {
+                libc::mremap(
+                    old.start as *mut libc::c_void,
+                    u64_to_usize(old.len()),
+                    u64_to_usize(old.len()),
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    dst as *mut libc::c_void,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Error::last_os("mremap"));
+            }
+            Ok(())
+        })?;
+        self.apply_mremap(old, dst);
+        Ok(notes)
+    }
+
     /// `UFFDIO_WRITEPROTECT(r)` through `uffd` (which must have `r`
     /// registered in WP mode), one ioctl per VMA `r` covers: 6.1's
     /// `mwriteprotect_range()` (mm/userfaultfd.c) takes a range "fully
@@ -377,7 +438,7 @@ impl HostMm {
     /// rmap walk: not predicted).
     pub fn free(&mut self, r: HvaRange) -> Result<Vec<Notified>> {
         self.check_inside("free", r)?;
-        let huge = self.huge_blocks(r)?;
+        let huge = self.huge_pmds(r, true)?;
         let notes = predict::madv_free(&self.shapes(r), r, &|b| huge.contains(&b)).ok_or(
             Error::Unsupported {
                 op: "madvise(MADV_FREE)",
@@ -416,6 +477,11 @@ impl HostMm {
                 .map_or(predict::PmdState::Empty, |(_, s)| *s)
         };
         let notes = predict::collapse(&self.shapes(r), r, &state);
+        // `madvise_collapse()` collapses what it can and answers for the
+        // last block it could not: EINVAL (`madvise_collapse_errno()`'s
+        // default) for an empty one - the other blocks are collapsed all
+        // the same.
+        let some_empty = states.iter().any(|(_, s)| *s == predict::PmdState::Empty);
         self.announce(&notes, || {
             // SAFETY: `r` lies in VMAs owned by this HostMm; a collapse
             // copies their pages into a huge page, contents unchanged.
@@ -427,7 +493,12 @@ impl HostMm {
                 )
             } != 0
             {
-                return Err(Error::last_os("madvise(MADV_COLLAPSE)"));
+                let e = Error::last_os("madvise(MADV_COLLAPSE)");
+                match &e {
+                    Error::Syscall { source, .. }
+                        if some_empty && source.raw_os_error() == Some(libc::EINVAL) => {}
+                    _ => return Err(e),
+                }
             }
             Ok(())
         })?;

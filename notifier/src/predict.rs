@@ -465,6 +465,82 @@ pub fn mremap_move(
     out
 }
 
+/// `try_realign_addr()` with `PMD_MASK` (mm/mremap.c, called from
+/// `move_page_tables()` when the copy reaches a PMD boundary): both
+/// addresses are aligned down to 2 MiB when they are misaligned by the same
+/// amount, each starts its VMA (`old_starts_vma`; the new VMA starts at
+/// `new` unless it merged), and nothing is mapped in the 2 MiB below either
+/// (`can_align_down()`: `free_below_*`). Returns the start the page-table
+/// move - and its notifier - uses.
+pub fn realign_move_start(
+    old: u64,
+    new: u64,
+    len: u64,
+    old_starts_vma: bool,
+    free_below_old: bool,
+    free_below_new: bool,
+) -> u64 {
+    let off = old & (PMD_SIZE - 1);
+    if len < PMD_SIZE - off || off == 0 || off != new & (PMD_SIZE - 1) {
+        return old;
+    }
+    if !old_starts_vma || !free_below_old || !free_below_new {
+        return old;
+    }
+    align_down(old, PMD_SIZE)
+}
+
+/// What [`mremap_move_part`] needs to know about the address space.
+pub struct MoveState<'a> {
+    /// PUD entry non-none at an address (the split rule).
+    pub pud_present: &'a dyn Fn(u64) -> bool,
+    /// The 2 MiB block at an address is mapped by a huge PMD.
+    pub huge_pmd: &'a dyn Fn(u64) -> bool,
+    /// Nothing mapped in `[old & PMD_MASK, old)` / `[new & PMD_MASK, new)`.
+    pub free_below_old: bool,
+    pub free_below_new: bool,
+}
+
+/// `mremap(old, len, MREMAP_MAYMOVE|MREMAP_FIXED, dst)` of `old`, a part
+/// (or all) of the ordinary VMA `vma` (`move_vma()`, mm/mremap.c): the
+/// destination's munmap; `move_page_tables()`'s `UNMAP` from the realigned
+/// start ([`realign_move_start`]) to the old end, during which every huge
+/// PMD whose block the move's extent does not cover whole is split
+/// (`split_huge_pmd()`: `CLEAR` over the block; when old and new are not
+/// mutually 2 MiB-aligned no extent is a whole PMD); then
+/// `do_vmi_munmap()` of `old`: the [`munmap`] rule (splits at its ends,
+/// `UNMAP`).
+pub fn mremap_move_part(
+    vma: &VmaShape,
+    old: HvaRange,
+    dst: HvaRange,
+    dst_vmas: &[VmaShape],
+    st: &MoveState,
+) -> Vec<Notified> {
+    let mut out = munmap(dst_vmas, dst, st.pud_present);
+    let start = realign_move_start(
+        old.start,
+        dst.start,
+        old.len(),
+        vma.range.start == old.start,
+        st.free_below_old,
+        st.free_below_new,
+    );
+    out.push(Notified::new(start, old.end, MmuNotifyEvent::Unmap));
+    let mutual = old.start % PMD_SIZE == dst.start % PMD_SIZE;
+    let mut b = align_down(old.start, PMD_SIZE);
+    while b < old.end {
+        let whole = b >= old.start && b + PMD_SIZE <= old.end;
+        if (!mutual || !whole) && (st.huge_pmd)(b) {
+            out.push(Notified::new(b, b + PMD_SIZE, MmuNotifyEvent::Clear));
+        }
+        b += PMD_SIZE;
+    }
+    let old_vma = [*vma];
+    out.extend(munmap(&old_vma, old, st.pud_present));
+    out
+}
+
 /// `UFFDIO_WRITEPROTECT(r)` (set or clear): change_protection with
 /// `MM_CP_UFFD_WP`; hugetlb needs huge-aligned start and length.
 pub fn uffd_writeprotect(
