@@ -478,6 +478,33 @@ mod tests {
         }
     }
 
+    /// The ELF runs natively as a normal process: without the privilege
+    /// for `iopl(3)` it must exit with [`FAIL_IOPL`] before any port
+    /// access (as `nobody`, through `setpriv`; skipped without it or
+    /// without root to drop from).
+    #[test]
+    fn runs_natively_and_exits_without_iopl() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/bin/setpriv").exists() {
+            eprintln!("skipped: needs root and setpriv");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("hvmm-probe-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = dir.join("hvmm-probe");
+        std::fs::write(&exe, executable().unwrap()).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let st = std::process::Command::new("/usr/bin/setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .status()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(st.code(), Some(FAIL_IOPL.cast_signed()), "{st:?}");
+    }
+
     fn feed(d: &mut Decoder, words: &[u32]) -> Vec<ProbeMessage> {
         words.iter().filter_map(|&w| d.push(w).unwrap()).collect()
     }
