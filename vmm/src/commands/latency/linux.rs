@@ -114,6 +114,8 @@ pub struct LinuxSession {
     /// Whether the probe said hello by the end of the warm-up: the guest
     /// layer is measured.
     probe_live: bool,
+    /// Why a probe that said hello is not used (its first window failed).
+    pub probe_error: Option<String>,
 }
 
 /// How the warm-up went.
@@ -232,6 +234,7 @@ impl LinuxSession {
             started: Instant::now(),
             probe,
             probe_live: false,
+            probe_error: None,
         })
     }
 
@@ -285,8 +288,12 @@ impl LinuxSession {
         if self.probe.state().hello.is_some() && self.probe.state().fail.is_none() {
             hello_at.get_or_insert(self.started.elapsed().as_secs_f64());
             // A first window: the probe loops (its working set mapped).
-            self.probe_live = true;
-            self.close_window()?;
+            // If it never comes, the guest layer is skipped with why.
+            match self.probe_window() {
+                Ok(_) => self.probe_live = true,
+                Err(e) if self.running() => self.probe_error = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
         }
         let (mapped_mib, leaves) = self.mapped();
         Ok(WarmUp {
@@ -310,7 +317,7 @@ impl LinuxSession {
         loop {
             let st = self.probe.state();
             if let Some(w) = st.last.filter(|w| w.ack_epoch == epoch) {
-                return Ok(w);
+                return plausible(w);
             }
             self.check_running()?;
             if t0.elapsed() > ACK_TIMEOUT {
@@ -491,13 +498,16 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     progress.set_message(format!("{name}: the guest kernel faults its RAM in"));
     let w = s.warm_up(warm, enough)?;
     let pst = s.probe_state();
-    if w.probe_hello_s.is_none() || pst.fail.is_some() {
+    if w.probe_hello_s.is_none() || pst.fail.is_some() || s.probe_error.is_some() {
         let why = match pst.fail {
             Some((step, ret)) => format!(
                 "the latency probe in the Linux guest failed to start (step {step}, syscall returned {})",
                 i64::from(ret.cast_signed())
             ),
-            None => NO_GUEST_LAYER.to_string(),
+            None => match &s.probe_error {
+                Some(e) => format!("the latency probe said hello but its first window failed: {e}"),
+                None => NO_GUEST_LAYER.to_string(),
+            },
         };
         skip(&mut rep, GUEST_LAYER_SKIP, why);
     }
@@ -545,6 +555,20 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     Ok(rep)
 }
 
+/// Longer than any window: a figure above it is not a measurement.
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A window from the guest (untrusted) whose times fit in [`MAX_WINDOW`].
+fn plausible(w: ProbeWindow) -> Result<ProbeWindow, LatencyError> {
+    let max = mmu::clock::ticks(MAX_WINDOW);
+    if w.max_gap_tsc > max || w.stall_sum_tsc > max || w.stall_count > w.touches.max(1) * 2 {
+        return Err(LatencyError::Guest(format!(
+            "linux guest's probe sent an implausible window: {w:?}"
+        )));
+    }
+    Ok(w)
+}
+
 /// The last non-empty line of the guest's console log (empty if none).
 pub fn last_line(log: &std::path::Path) -> String {
     std::fs::read(log)
@@ -557,4 +581,38 @@ pub fn last_line(log: &std::path::Path) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implausible_windows_are_errors_not_figures() {
+        let ok = ProbeWindow {
+            ack_epoch: 1,
+            max_gap_tsc: 1000,
+            stall_sum_tsc: 5000,
+            stall_count: 3,
+            touches: 16384,
+            ..Default::default()
+        };
+        assert!(plausible(ok).is_ok());
+        for bad in [
+            ProbeWindow {
+                max_gap_tsc: u64::MAX,
+                ..ok
+            },
+            ProbeWindow {
+                stall_sum_tsc: u64::MAX,
+                ..ok
+            },
+            ProbeWindow {
+                stall_count: 1 << 40,
+                ..ok
+            },
+        ] {
+            assert!(matches!(plausible(bad), Err(LatencyError::Guest(_))));
+        }
+    }
 }
