@@ -332,6 +332,60 @@ fn inner_status_and_json_pass_through_with_the_host_report() {
     assert!(h["s_to_command_start"].as_f64().unwrap() > 0.0, "{last}");
 }
 
+/// `vmm latency --guest linux` on the emulated host: guest user space
+/// runs there, so the latency probe in the guest's initramfs says hello
+/// and every scenario has a guest layer (its longest stall and refaults),
+/// beside host, kernel and MMU. About 35 s of QEMU.
+#[test]
+fn linux_guest_latency_has_a_guest_layer() {
+    if !ready() {
+        return;
+    }
+    let HostOutput {
+        code,
+        stdout: lines,
+        stderr,
+    } = vmm_host(&[
+        "--kernel",
+        "debian-6.1",
+        "--cpus",
+        "1",
+        "--quiet",
+        "--",
+        "latency",
+        "--guest",
+        "linux",
+        "--quick",
+        "--mem",
+        "512M",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{lines:?} {stderr}");
+    let v: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(v["guest"], "linux", "{v}");
+    let skipped = v["skipped"].as_array().unwrap();
+    assert!(
+        !skipped
+            .iter()
+            .any(|k| k["what"].as_str().unwrap_or("").contains("guest layer")),
+        "{skipped:?}"
+    );
+    let scenarios = v["scenarios"].as_array().unwrap();
+    assert!(scenarios.len() >= 6, "{v}");
+    for s in scenarios {
+        let layers: Vec<&str> = s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.as_str())
+            .collect();
+        assert!(layers.contains(&"guest"), "{s}");
+        assert!(s["guest"]["max"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    let note = scenarios[0]["note"].as_str().unwrap_or("");
+    assert!(note.contains("probe hello"), "{note}");
+}
+
 #[test]
 fn bad_host_arguments_are_typed_errors() {
     let vmm = integration_tests::vmm_binary();

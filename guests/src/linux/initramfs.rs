@@ -18,8 +18,13 @@ pub const APPLETS: &[&str] = &["sh", "mount", "grep", "reboot", "sleep"];
 /// pass it to init as an argument.
 pub const STAY_PARAM: &str = "hvmm.stay";
 
+/// The initramfs layout's version: part of the recipe's stamp, so a cached
+/// image built before a change is rebuilt (2: the latency probe).
+pub const VERSION: u32 = 2;
+
 /// `/init`: mount /proc and /sys, print the marker, the memory lines the
-/// VMM reports, and reboot (the kernel command line carries `reboot=k`, so
+/// VMM reports, start the latency probe ([`super::probe`]) in the
+/// background with [`super::probe::PROBE_PARAM`] on the command line, and reboot (the kernel command line carries `reboot=k`, so
 /// the reboot is an i8042 reset the VMM sees as a clean exit) - or, with
 /// [`STAY_PARAM`] on the command line, idle until the VMM stops the guest.
 /// The sysrq write is a fallback should `reboot -f` return.
@@ -29,6 +34,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo HVMM-INIT-OK
 grep -E '^(MemTotal|HugePages_[A-Za-z]+):' /proc/meminfo
+if grep -qw hvmm.probe /proc/cmdline; then
+  echo HVMM-PROBE-START
+  /bin/hvmm-probe &
+fi
 if grep -qw hvmm.stay /proc/cmdline; then
   echo HVMM-STAY
   while :; do sleep 1; done
@@ -38,7 +47,8 @@ echo b > /proc/sysrq-trigger
 ";
 
 /// Builds the newc archive around `busybox` (the static binary's bytes).
-pub fn build(busybox: &[u8]) -> Result<Vec<u8>, CpioError> {
+/// `probe`: the latency probe's executable ([`super::probe::executable`]).
+pub fn build(busybox: &[u8], probe: &[u8]) -> Result<Vec<u8>, CpioError> {
     let mut w = CpioWriter::new(Vec::with_capacity(busybox.len() + 4096));
     w.dir("dev", 0o755)?;
     w.char_dev("dev/console", 0o600, 5, 1)?;
@@ -50,6 +60,7 @@ pub fn build(busybox: &[u8]) -> Result<Vec<u8>, CpioError> {
     for applet in APPLETS {
         w.symlink(&format!("bin/{applet}"), "busybox")?;
     }
+    w.file(super::probe::PROBE_PATH, 0o755, probe)?;
     w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
     w.finish()
 }
@@ -68,7 +79,9 @@ mod tests {
             let cmd = line.split_whitespace().next().unwrap_or("");
             // `export`, `echo`, `if`, `while` and `fi` are shell syntax or builtins.
             assert!(
-                ["export", "echo", "if", "while", "fi"].contains(&cmd) || APPLETS.contains(&cmd),
+                ["export", "echo", "if", "while", "fi"].contains(&cmd)
+                    || APPLETS.contains(&cmd)
+                    || cmd == format!("/{}", super::super::probe::PROBE_PATH),
                 "{cmd} is neither a builtin nor a linked applet"
             );
         }
@@ -77,17 +90,21 @@ mod tests {
     #[test]
     fn stay_word_is_the_one_init_looks_for() {
         assert!(INIT_SCRIPT.contains(&format!("grep -qw {STAY_PARAM} /proc/cmdline")));
+        let probe = crate::linux::probe::PROBE_PARAM;
+        assert!(INIT_SCRIPT.contains(&format!("grep -qw {probe} /proc/cmdline")));
     }
 
     #[test]
     fn image_has_init_busybox_links_and_devices() {
-        let img = build(b"\x7fELF static busybox").unwrap();
+        let img = build(b"\x7fELF static busybox", b"\x7fELF probe").unwrap();
         let entries = cpio::parse(&img).unwrap();
         let find = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
         let init = find("init");
         assert!(init.is_file() && init.mode & 0o111 != 0);
         assert_eq!(init.data, INIT_SCRIPT.as_bytes());
         assert_eq!(find("bin/busybox").data, b"\x7fELF static busybox");
+        let probe = find(crate::linux::probe::PROBE_PATH);
+        assert!(probe.is_file() && probe.mode & 0o111 != 0 && probe.data == b"\x7fELF probe");
         for a in APPLETS {
             let l = find(&format!("bin/{a}"));
             assert!(l.is_symlink() && l.data == b"busybox");

@@ -29,6 +29,7 @@ pub mod elf;
 pub mod initramfs;
 pub mod lz4_legacy;
 pub mod lzo;
+pub mod probe;
 pub mod recipe;
 
 use std::fs;
@@ -76,6 +77,8 @@ pub enum RecipeError {
     Busybox(elf::ElfError),
     #[error("initramfs: {0}")]
     Cpio(#[from] cpio::CpioError),
+    #[error("{0}")]
+    Probe(#[from] probe::ProbeElfError),
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -219,7 +222,11 @@ const STAMP: &str = "STAMP";
 const STAMPED: [&str; 2] = ["vmlinux", "initramfs.cpio"];
 
 fn stamp_text(dir: &Path, kernel: &recipe::KernelPin) -> Option<String> {
-    let mut s = format!("fingerprint {}\n", recipe::fingerprint(kernel));
+    let mut s = format!(
+        "fingerprint {}\ninitramfs {}\n",
+        recipe::fingerprint(kernel),
+        initramfs::VERSION
+    );
     for name in STAMPED {
         let len = fs::metadata(dir.join(name)).ok()?.len();
         s.push_str(&format!("{name} {len}\n"));
@@ -305,7 +312,7 @@ pub fn provision_kernel(
         .pop()
         .unwrap_or_default();
     elf::check_x86_64_exec(&busybox).map_err(RecipeError::Busybox)?;
-    let initrd = initramfs::build(&busybox)?;
+    let initrd = initramfs::build(&busybox, &probe::executable()?)?;
 
     write_atomic(&out.join("vmlinuz"), &vmlinuz)?;
     write_atomic(&out.join("config"), &config)?;

@@ -1,7 +1,8 @@
 //! The Linux guest's legacy port-I/O devices and their dispatch from the
 //! vCPU's `KVM_EXIT_IO`: COM1 ([`serial`]), the i8042 reset line, and the
-//! CMOS/RTC read as zeros.
+//! CMOS/RTC read as zeros, and the latency probe's channel ([`probe`]).
 
+pub mod probe;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ pub enum PioAction {
 pub struct PioBus {
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The latency probe's ports, when the VMM listens on them.
+    pub probe: Option<Arc<probe::ProbeChannel>>,
 }
 
 impl PioBus {
@@ -49,6 +52,11 @@ impl PioBus {
             I8042_CMD | I8042_DATA => data.fill(0),
             // CMOS/RTC: zeros (no update in progress, a valid-looking clock).
             CMOS_INDEX | CMOS_DATA => data.fill(0),
+            p if probe::ProbeChannel::claims(p) && self.probe.is_some() => {
+                if let Some(c) = &self.probe {
+                    c.io_in(p, data);
+                }
+            }
             _ => data.fill(0xff),
         }
     }
@@ -67,6 +75,12 @@ impl PioBus {
                 PioAction::None
             }
             I8042_CMD if data.first() == Some(&I8042_RESET) => PioAction::Reset,
+            p if probe::ProbeChannel::claims(p) => {
+                if let Some(c) = &self.probe {
+                    c.io_out(p, data);
+                }
+                PioAction::None
+            }
             _ => PioAction::None,
         }
     }

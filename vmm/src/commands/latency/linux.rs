@@ -11,10 +11,18 @@
 //! answer EFAULT: the vCPU re-enters (counted). Then the guest is stopped;
 //! it need not reach init.
 //!
-//! What this guest cannot give yet: a guest layer (this machine's KVM,
-//! PVM, runs no Linux user space, so the probe cannot run as a static
-//! binary in the initramfs; the emulated SVM host could, but the guest has
-//! no probe program yet - it idles in /init, `hvmm.stay`), and the shadow-MMU layer
+//! The guest layer: the kernel command line carries `hvmm.probe`, so the
+//! initramfs's `/init` starts the project's latency probe
+//! ([`guests::linux::probe`], a static ELF: 64 MiB populated and locked,
+//! the `rdtsc` gap loop) and the VMM listens on its ports
+//! ([`crate::devices::probe`]). When the probe says hello within the
+//! warm-up (the emulated SVM host, `vmm host`, where guest user space
+//! runs), every scenario's window is closed through the epoch port and the
+//! guest layer is filled in from the probe's windows; without a hello (this
+//! machine's KVM, PVM: guest user space cannot make a system call) the
+//! layer is skipped with the reason.
+//!
+//! What this guest cannot give yet: the shadow-MMU layer
 //! (the project's shadow MMU would need a walker over the booting kernel's
 //! changing page tables; the probe's identity tables are what it
 //! shadows). `memtest=1` would touch all of RAM early, but the Debian
@@ -33,6 +41,7 @@ use super::report::{summarize, LatencyReport};
 use super::{
     measure, new_report, open_tracer, run_session, skip, start_retrying, LatencyArgs, LatencyError,
 };
+use crate::devices::probe::{ProbeChannel, ProbeState};
 use crate::machine::linux::{self, BootError, BootHooks, BootInputs, BootMemory, LinuxBoot};
 use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
 use crate::memory::mmu::{recorded_tdp, Mapped, ZapRecorder};
@@ -52,12 +61,26 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Why the Linux guest has no guest layer (reported in `skipped`).
+/// Why the Linux guest has no guest layer (reported in `skipped`) when
+/// its probe never said hello.
 pub const NO_GUEST_LAYER: &str =
-    "no probe program runs in the Linux guest yet: under this machine's KVM (PVM) guest user space \
-cannot make a system call at all, so the probe cannot run as a static binary in the initramfs; on \
-the emulated SVM host (`vmm host`) it could, and the guest idles in its /init meanwhile. Host, \
-kernel and MMU layers are measured while the guest runs";
+    "the latency probe in the Linux guest's initramfs (`hvmm.probe`, port 0x7e0) did not say hello \
+within the warm-up: under this machine's KVM (PVM) guest user space cannot make a system call at \
+all, so /init never starts it; on the emulated SVM host (`vmm host`) it runs and fills this layer. \
+Host, kernel and MMU layers are measured while the guest runs";
+
+/// The `skipped` entry of the guest layer (see [`super::new_report`]).
+const GUEST_LAYER_SKIP: &str = "guest layer of a Linux guest";
+
+/// Gaps above this are the probe's stalls (as the built-in probe's).
+const STALL: Duration = Duration::from_micros(2);
+
+/// How long the probe may take to answer a new epoch (emulation time).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the guest runs after an operation before its window closes
+/// (a 64 MiB pass of the probe takes a few ms under TCG).
+const SETTLE_PROBE: Duration = Duration::from_millis(100);
 
 /// Why the Linux guest has no shadow-MMU layer.
 pub const NO_SHADOW_LAYER: &str =
@@ -86,6 +109,13 @@ pub struct LinuxSession {
     efaults: Arc<AtomicU64>,
     pub serial_log: PathBuf,
     started: Instant,
+    /// The latency probe's channel.
+    probe: Arc<ProbeChannel>,
+    /// Whether the probe said hello by the end of the warm-up: the guest
+    /// layer is measured.
+    probe_live: bool,
+    /// Why a probe that said hello is not used (its first window failed).
+    pub probe_error: Option<String>,
 }
 
 /// How the warm-up went.
@@ -95,6 +125,8 @@ pub struct WarmUp {
     /// What the TDP MMU mapped when the scenarios started.
     pub mapped_mib: u64,
     pub leaves: u64,
+    /// Seconds into the boot when the probe said hello (None: never).
+    pub probe_hello_s: Option<f64>,
 }
 
 impl LinuxSession {
@@ -109,12 +141,20 @@ impl LinuxSession {
         cfg.guest.quiet = true;
         // Where guest user space runs (the emulated SVM host), /init would
         // reboot within seconds: keep the guest up until it is stopped.
-        cfg.guest.append = Some(guests::linux::initramfs::STAY_PARAM.to_string());
+        // And start the latency probe there.
+        cfg.guest.append = Some(format!(
+            "{} {}",
+            guests::linux::initramfs::STAY_PARAM,
+            guests::linux::probe::PROBE_PARAM
+        ));
         cfg.guest.serial_log = Some(serial_log.clone());
         cfg.timeout = timeout.max(Duration::from_secs(1));
         cfg.kvm_dev = kvm_dev;
         let inputs = BootInputs::prepare(&cfg).map_err(boot_err)?;
 
+        mmu::clock::calibrate_once();
+        let probe = Arc::new(ProbeChannel::new(mmu::clock::ticks(STALL)));
+        let probe_hook = probe.clone();
         let subs = Subscribers::new();
         // No non-cooperative events: the VMM's own operations announce
         // their ranges (as the probe's session).
@@ -162,6 +202,7 @@ impl LinuxSession {
                         on_tick: Some(&mut |_| stop_tick.load(Ordering::Acquire)),
                         efault_retries: Some(ef),
                         stop_on: Some(fault_failed),
+                        probe: Some(probe_hook),
                     },
                 );
                 let secs = t0.elapsed().as_secs();
@@ -191,6 +232,9 @@ impl LinuxSession {
             efaults,
             serial_log,
             started: Instant::now(),
+            probe,
+            probe_live: false,
+            probe_error: None,
         })
     }
 
@@ -222,22 +266,72 @@ impl LinuxSession {
     }
 
     /// Let the guest kernel fault its RAM in for `secs` (or until
-    /// `enough_mib` is mapped), then report what is mapped.
+    /// `enough_mib` is mapped and the probe has said hello and closed a
+    /// first window), then report what is mapped.
     pub fn warm_up(&mut self, secs: Duration, enough_mib: u64) -> Result<WarmUp, LatencyError> {
+        let mut hello_at = None;
         while self.started.elapsed() < secs {
             self.check_running()?;
-            if self.mapped().0 >= enough_mib {
+            let st = self.probe.state();
+            if st.hello.is_some() && hello_at.is_none() {
+                hello_at = Some(self.started.elapsed().as_secs_f64());
+            }
+            if st.fail.is_some() {
+                break;
+            }
+            if self.mapped().0 >= enough_mib && hello_at.is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(250));
         }
         self.check_running()?;
+        if self.probe.state().hello.is_some() && self.probe.state().fail.is_none() {
+            hello_at.get_or_insert(self.started.elapsed().as_secs_f64());
+            // A first window: the probe loops (its working set mapped).
+            // If it never comes, the guest layer is skipped with why.
+            match self.probe_window() {
+                Ok(_) => self.probe_live = true,
+                Err(e) if self.running() => self.probe_error = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
         let (mapped_mib, leaves) = self.mapped();
         Ok(WarmUp {
             seconds: self.started.elapsed().as_secs_f64(),
             mapped_mib,
             leaves,
+            probe_hello_s: hello_at,
         })
+    }
+
+    /// What the probe reported.
+    pub fn probe_state(&self) -> ProbeState {
+        self.probe.state()
+    }
+
+    /// Close the probe's window: a new epoch, then wait for its window
+    /// message acknowledging it.
+    fn probe_window(&mut self) -> Result<ProbeWindow, LatencyError> {
+        let epoch = self.probe.bump_epoch();
+        let t0 = Instant::now();
+        loop {
+            let st = self.probe.state();
+            if let Some(w) = st.last.filter(|w| w.ack_epoch == epoch) {
+                return plausible(w);
+            }
+            self.check_running()?;
+            if t0.elapsed() > ACK_TIMEOUT {
+                return Err(LatencyError::Guest(format!(
+                    "linux guest's probe did not acknowledge epoch {epoch} within {ACK_TIMEOUT:?} \
+                     (last window {:?}, {} windows, {} bad words, {} KVM_RUN EFAULTs)",
+                    st.last,
+                    st.windows,
+                    st.bad,
+                    self.efaults()
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// KVM_RUN EFAULT re-entries so far.
@@ -304,11 +398,19 @@ impl Target for LinuxSession {
     }
     fn close_window(&mut self) -> Result<Option<ProbeWindow>, LatencyError> {
         self.check_running()?;
-        Ok(None)
+        if !self.probe_live {
+            return Ok(None);
+        }
+        self.probe_window().map(Some)
     }
     fn settle(&mut self) -> Result<(), LatencyError> {
-        // A few guest ticks' worth of running.
-        std::thread::sleep(Duration::from_millis(2));
+        // A few guest ticks' worth of running; with the probe, a few of
+        // its passes (it re-touches what the operation took away).
+        std::thread::sleep(if self.probe_live {
+            SETTLE_PROBE
+        } else {
+            Duration::from_millis(2)
+        });
         Ok(())
     }
     fn prepare(&mut self, state: State) -> Result<(), LatencyError> {
@@ -357,6 +459,7 @@ impl Target for LinuxSession {
 pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let t_start = Instant::now();
     let mut rep = new_report(args, NO_GUEST_LAYER);
+    rep.skipped.retain(|k| k.what != GUEST_LAYER_SKIP);
     skip(
         &mut rep,
         "mmu_shadow layer of a Linux guest",
@@ -394,8 +497,23 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     let progress = progress_bar(total);
     progress.set_message(format!("{name}: the guest kernel faults its RAM in"));
     let w = s.warm_up(warm, enough)?;
+    let pst = s.probe_state();
+    if w.probe_hello_s.is_none() || pst.fail.is_some() || s.probe_error.is_some() {
+        let why = match pst.fail {
+            Some((step, ret)) => format!(
+                "the latency probe in the Linux guest failed to start (step {step}, syscall returned {})",
+                i64::from(ret.cast_signed())
+            ),
+            None => match &s.probe_error {
+                Some(e) => format!("the latency probe said hello but its first window failed: {e}"),
+                None => NO_GUEST_LAYER.to_string(),
+            },
+        };
+        skip(&mut rep, GUEST_LAYER_SKIP, why);
+    }
     let measured = run_session(&mut s, &mut tracer, &scs, args, &mut rep, &progress, &name);
     let still_running = s.running();
+    let pst_end = s.probe_state();
     rep.efault_retries += s.efaults();
     let log = s.serial_log.clone();
     let exit = s.stop();
@@ -409,11 +527,18 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         if first {
             first = false;
             let note = format!(
-                "linux guest: measured from {:.0} s into its boot, {} MiB of {} MiB faulted in through the MMU ({} leaves); guest {} during the scenarios, then stopped ({exit}); last console line {:?}; serial log {}",
+                "linux guest: measured from {:.0} s into its boot, {} MiB of {} MiB faulted in through the MMU ({} leaves); {}; guest {} during the scenarios, then stopped ({exit}); last console line {:?}; serial log {}",
                 w.seconds,
                 w.mapped_mib,
                 mem >> 20,
                 w.leaves,
+                match w.probe_hello_s {
+                    Some(t) => format!(
+                        "probe hello {t:.1} s into the boot, {} windows, {} bad words",
+                        pst_end.windows, pst_end.bad
+                    ),
+                    None => "no probe hello".to_string(),
+                },
                 if still_running { "running" } else { "NOT running" },
                 last_line(&log),
                 log.display()
@@ -430,6 +555,20 @@ pub(super) fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
     Ok(rep)
 }
 
+/// Longer than any window: a figure above it is not a measurement.
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A window from the guest (untrusted) whose times fit in [`MAX_WINDOW`].
+fn plausible(w: ProbeWindow) -> Result<ProbeWindow, LatencyError> {
+    let max = mmu::clock::ticks(MAX_WINDOW);
+    if w.max_gap_tsc > max || w.stall_sum_tsc > max || w.stall_count > w.touches.max(1) * 2 {
+        return Err(LatencyError::Guest(format!(
+            "linux guest's probe sent an implausible window: {w:?}"
+        )));
+    }
+    Ok(w)
+}
+
 /// The last non-empty line of the guest's console log (empty if none).
 pub fn last_line(log: &std::path::Path) -> String {
     std::fs::read(log)
@@ -442,4 +581,38 @@ pub fn last_line(log: &std::path::Path) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implausible_windows_are_errors_not_figures() {
+        let ok = ProbeWindow {
+            ack_epoch: 1,
+            max_gap_tsc: 1000,
+            stall_sum_tsc: 5000,
+            stall_count: 3,
+            touches: 16384,
+            ..Default::default()
+        };
+        assert!(plausible(ok).is_ok());
+        for bad in [
+            ProbeWindow {
+                max_gap_tsc: u64::MAX,
+                ..ok
+            },
+            ProbeWindow {
+                stall_sum_tsc: u64::MAX,
+                ..ok
+            },
+            ProbeWindow {
+                stall_count: 1 << 40,
+                ..ok
+            },
+        ] {
+            assert!(matches!(plausible(bad), Err(LatencyError::Guest(_))));
+        }
+    }
 }

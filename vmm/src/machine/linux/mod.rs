@@ -313,6 +313,8 @@ pub struct BootHooks<'a> {
     pub efault_retries: Option<Arc<AtomicU64>>,
     /// Also stop the guest when this is set (a helper thread that failed).
     pub stop_on: Option<Arc<AtomicBool>>,
+    /// Listen on the latency probe's ports (`crate::devices::probe`).
+    pub probe: Option<Arc<crate::devices::probe::ProbeChannel>>,
 }
 
 /// Set by SIGINT/SIGTERM: stop the guest and still print the report.
@@ -383,6 +385,7 @@ pub fn boot(
         mut on_tick,
         efault_retries,
         stop_on,
+        probe,
     } = hooks;
     let BootInputs {
         start,
@@ -461,7 +464,7 @@ pub fn boot(
     ctl.reevaluate_irqs = Some(reevaluate.clone());
     let mut irq_watch = StuckIrqWatch::default();
     let mut exits = LinuxExits {
-        pio: PioBus { serial },
+        pio: PioBus { serial, probe },
         mem,
         timeline: timeline.clone(),
         assists: Default::default(),
