@@ -412,9 +412,9 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         .collect::<Result<_, _>>()?;
     let mut rep = new_report(
         args,
-        "a Linux guest's own view needs a probe program in its user space (none yet; under this machine's PVM KVM \
-         guest user space cannot run at all); the built-in CPL3 probe is the guest layer \
-         (`--guest linux` measures the host, kernel and MMU layers on a booting Linux guest)",
+        "this run's guest is the built-in CPL3 probe, which is its guest layer; `--guest linux` measures a \
+         booting Linux guest, with its own view from the initramfs probe where guest user space runs (the \
+         emulated SVM host; not under this machine's PVM KVM)",
     );
     let kvm = crate::vstate::kvm::open(&args.kvm_dev)?;
     let mut tracer = open_tracer(&mut rep);
