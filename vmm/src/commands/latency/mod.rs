@@ -643,7 +643,14 @@ mod tests {
         assert_eq!(c, Backing::PrivateHugetlb(PageSize::Size1G));
         assert_eq!(c.to_string(), "private-1G");
         assert_eq!(parse_config(" shared-2m").unwrap().to_string(), "shared-2M");
-        for bad in ["shared", "anon-2M", "shared-4K", "thp", ""] {
+        // Beside hugetlb: private anonymous, THP and shmem (a 4 KiB memfd).
+        assert_eq!(parse_config("thp").unwrap(), Backing::Anon { thp: true });
+        assert_eq!(parse_config("anon").unwrap(), Backing::Anon { thp: false });
+        assert_eq!(
+            parse_config("shmem").unwrap(),
+            Backing::SharedMemfd(PageSize::Size4K)
+        );
+        for bad in ["shared", "anon-2M", "shared-3M", "private-4K", ""] {
             assert!(parse_config(bad).is_err(), "{bad}");
         }
     }
