@@ -262,23 +262,7 @@ impl HostMm {
         let dst_r = HvaRange::new(dst, dst + old.len());
         let dst_shapes = self.shapes(dst_r);
         let notes = predict::mremap_move(v, dst_r, &dst_shapes, &self.pud_fn());
-        self.announce(&notes, || {
-            // SAFETY: both ranges belong to VMAs owned by this HostMm (the
-            // destination is ours or unmapped); MREMAP_FIXED replaces only it.
-            let p = unsafe {
-                libc::mremap(
-                    old.start as *mut libc::c_void,
-                    u64_to_usize(old.len()),
-                    u64_to_usize(old.len()),
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    dst as *mut libc::c_void,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(Error::last_os("mremap"));
-            }
-            Ok(())
-        })?;
+        self.announce(&notes, || mremap_fixed(old, dst))?;
         self.apply_mremap(old, dst);
         Ok(notes)
     }
@@ -323,23 +307,7 @@ impl HostMm {
             };
             predict::mremap_move_part(&v, old, dst_r, &dst_shapes, &st)
         };
-        self.announce(&notes, || {
-            // SAFETY: both ranges belong to VMAs owned by this HostMm (the
-            // destination is ours or unmapped); MREMAP_FIXED replaces only it.
-            let p = unsafe {
-                libc::mremap(
-                    old.start as *mut libc::c_void,
-                    u64_to_usize(old.len()),
-                    u64_to_usize(old.len()),
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    dst as *mut libc::c_void,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(Error::last_os("mremap"));
-            }
-            Ok(())
-        })?;
+        self.announce(&notes, || mremap_fixed(old, dst))?;
         self.apply_mremap(old, dst);
         Ok(notes)
     }
@@ -595,6 +563,26 @@ impl HostMm {
         }
         Ok(out)
     }
+}
+
+/// `mremap(old, len, MREMAP_MAYMOVE|MREMAP_FIXED, dst)`, `old` and `dst`
+/// being ranges of VMAs owned by the calling HostMm.
+fn mremap_fixed(old: HvaRange, dst: u64) -> Result<()> {
+    // SAFETY: both ranges belong to VMAs owned by the caller's HostMm (the
+    // destination is its own or unmapped); MREMAP_FIXED replaces only it.
+    let p = unsafe {
+        libc::mremap(
+            old.start as *mut libc::c_void,
+            u64_to_usize(old.len()),
+            u64_to_usize(old.len()),
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dst as *mut libc::c_void,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::last_os("mremap"));
+    }
+    Ok(())
 }
 
 /// `r` cut at the boundaries of this process's VMAs (`/proc/self/maps`).
