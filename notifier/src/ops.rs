@@ -159,16 +159,7 @@ impl HostMm {
             Discard::DontNeed => libc::MADV_DONTNEED,
             Discard::Remove => libc::MADV_REMOVE,
         };
-        self.announce(&notes, || {
-            // SAFETY: `r` lies in VMAs owned by this HostMm; discarding their
-            // contents cannot touch memory Rust owns.
-            if unsafe { libc::madvise(r.start as *mut libc::c_void, u64_to_usize(r.len()), advice) }
-                != 0
-            {
-                return Err(Error::last_os("madvise"));
-            }
-            Ok(())
-        })?;
+        self.announce(&notes, || madvise(r, advice, "madvise"))?;
         Ok(notes)
     }
 
@@ -363,18 +354,7 @@ impl HostMm {
     /// notifier): fork will skip it.
     pub fn set_dontfork(&mut self, id: RegionId) -> Result<()> {
         for v in self.vmas().iter().filter(|v| v.region == Some(id)) {
-            let r = v.shape.range;
-            // SAFETY: advisory flag change on a VMA owned by this HostMm.
-            if unsafe {
-                libc::madvise(
-                    r.start as *mut libc::c_void,
-                    u64_to_usize(r.len()),
-                    libc::MADV_DONTFORK,
-                )
-            } != 0
-            {
-                return Err(Error::last_os("madvise(MADV_DONTFORK)"));
-            }
+            madvise(v.shape.range, libc::MADV_DONTFORK, "madvise(MADV_DONTFORK)")?;
         }
         self.apply_dontfork(id);
         Ok(())
@@ -384,18 +364,11 @@ impl HostMm {
     /// memory only; no VMA split, no notifier).
     pub fn set_wipeonfork(&mut self, id: RegionId) -> Result<()> {
         for v in self.vmas().iter().filter(|v| v.region == Some(id)) {
-            let r = v.shape.range;
-            // SAFETY: advisory flag change on a VMA owned by this HostMm.
-            if unsafe {
-                libc::madvise(
-                    r.start as *mut libc::c_void,
-                    u64_to_usize(r.len()),
-                    libc::MADV_WIPEONFORK,
-                )
-            } != 0
-            {
-                return Err(Error::last_os("madvise(MADV_WIPEONFORK)"));
-            }
+            madvise(
+                v.shape.range,
+                libc::MADV_WIPEONFORK,
+                "madvise(MADV_WIPEONFORK)",
+            )?;
         }
         self.apply_wipeonfork(id);
         Ok(())
@@ -413,21 +386,7 @@ impl HostMm {
                 why: "only anonymous memory, and no huge PMD covered in part",
             },
         )?;
-        self.announce(&notes, || {
-            // SAFETY: `r` lies in anonymous VMAs owned by this HostMm;
-            // lazily freeing their pages cannot touch memory Rust owns.
-            if unsafe {
-                libc::madvise(
-                    r.start as *mut libc::c_void,
-                    u64_to_usize(r.len()),
-                    libc::MADV_FREE,
-                )
-            } != 0
-            {
-                return Err(Error::last_os("madvise(MADV_FREE)"));
-            }
-            Ok(())
-        })?;
+        self.announce(&notes, || madvise(r, libc::MADV_FREE, "madvise(MADV_FREE)"))?;
         Ok(notes)
     }
 
@@ -451,24 +410,14 @@ impl HostMm {
         // the same.
         let some_empty = states.iter().any(|(_, s)| *s == predict::PmdState::Empty);
         self.announce(&notes, || {
-            // SAFETY: `r` lies in VMAs owned by this HostMm; a collapse
-            // copies their pages into a huge page, contents unchanged.
-            if unsafe {
-                libc::madvise(
-                    r.start as *mut libc::c_void,
-                    u64_to_usize(r.len()),
-                    MADV_COLLAPSE,
-                )
-            } != 0
-            {
-                let e = Error::last_os("madvise(MADV_COLLAPSE)");
-                match &e {
-                    Error::Syscall { source, .. }
-                        if some_empty && source.raw_os_error() == Some(libc::EINVAL) => {}
-                    _ => return Err(e),
+            match madvise(r, MADV_COLLAPSE, "madvise(MADV_COLLAPSE)") {
+                Err(Error::Syscall { source, .. })
+                    if some_empty && source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    Ok(())
                 }
+                other => other,
             }
-            Ok(())
         })?;
         Ok(notes)
     }
@@ -563,6 +512,18 @@ impl HostMm {
         }
         Ok(out)
     }
+}
+
+/// `madvise(r, advice)`, `r` lying in VMAs owned by the calling HostMm;
+/// `op` names the call in the error.
+fn madvise(r: HvaRange, advice: i32, op: &'static str) -> Result<()> {
+    // SAFETY: `r` is guest RAM of the caller's HostMm, never memory Rust
+    // owns; the advices used (DONTNEED, REMOVE, FREE, COLLAPSE, DONTFORK,
+    // WIPEONFORK) drop, keep or copy its contents or change VMA flags only.
+    if unsafe { libc::madvise(r.start as *mut libc::c_void, u64_to_usize(r.len()), advice) } != 0 {
+        return Err(Error::last_os(op));
+    }
+    Ok(())
 }
 
 /// `mremap(old, len, MREMAP_MAYMOVE|MREMAP_FIXED, dst)`, `old` and `dst`

@@ -94,22 +94,8 @@ impl Pagemap {
         if r.is_empty() {
             return Ok(Vec::new());
         }
-        if self.scan_works {
-            match self.scan_present(r) {
-                Ok(v) => return Ok(v),
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ENOTTY)
-                        || e.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    self.scan_works = false;
-                }
-                Err(source) => {
-                    return Err(Error::Syscall {
-                        op: "ioctl(PAGEMAP_SCAN)",
-                        source,
-                    })
-                }
-            }
+        if let Some(v) = self.scan_if_it_works(r, PAGE_IS_PRESENT)? {
+            return Ok(v);
         }
         self.read_present(r)
     }
@@ -131,23 +117,8 @@ impl Pagemap {
         if r.is_empty() {
             return Ok(None);
         }
-        if self.scan_works {
-            let want = PAGE_IS_PRESENT | PAGE_IS_HUGE;
-            match self.scan(r, want) {
-                Ok(v) => return Ok(Some(v.len() == 1 && v[0] == r)),
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ENOTTY)
-                        || e.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    self.scan_works = false;
-                }
-                Err(source) => {
-                    return Err(Error::Syscall {
-                        op: "ioctl(PAGEMAP_SCAN)",
-                        source,
-                    })
-                }
-            }
+        if let Some(v) = self.scan_if_it_works(r, PAGE_IS_PRESENT | PAGE_IS_HUGE)? {
+            return Ok(Some(v.len() == 1 && v[0] == r));
         }
         self.whole_folio_mapped(r)
     }
@@ -213,8 +184,27 @@ impl Pagemap {
         Ok(Some(flags & KPF_THP != 0 && flags & KPF_COMPOUND_HEAD != 0))
     }
 
-    fn scan_present(&self, r: HvaRange) -> std::io::Result<Vec<HvaRange>> {
-        self.scan(r, PAGE_IS_PRESENT)
+    /// [`Self::scan`], or `None` once this kernel has said it has no
+    /// PAGEMAP_SCAN (ENOTTY, or EINVAL for an unknown `size`): the caller
+    /// falls back to `/proc/self/pagemap`.
+    fn scan_if_it_works(&mut self, r: HvaRange, mask: u64) -> Result<Option<Vec<HvaRange>>> {
+        if !self.scan_works {
+            return Ok(None);
+        }
+        match self.scan(r, mask) {
+            Ok(v) => Ok(Some(v)),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTTY)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                self.scan_works = false;
+                Ok(None)
+            }
+            Err(source) => Err(Error::Syscall {
+                op: "ioctl(PAGEMAP_SCAN)",
+                source,
+            }),
+        }
     }
 
     /// The runs of `r` whose pages have every category of `mask`.
