@@ -302,6 +302,31 @@ impl Uffd {
         self.range_ioctl(UFFDIO_UNREGISTER, r, "ioctl(UFFDIO_UNREGISTER)")
     }
 
+    /// Give the context up for good when its reader is gone: `/dev/null`
+    /// takes the fd's number (`dup2`, atomic), so the last reference to the
+    /// userfaultfd file drops and `userfaultfd_release()` runs. That wakes
+    /// every thread waiting on it - faulting threads (`fault_wqh`) and,
+    /// unlike `UFFDIO_UNREGISTER`, the callers of madvise/munmap/mremap
+    /// asleep in `userfaultfd_event_wait_completion()` until a reader takes
+    /// their event - and clears the registration of every VMA, so the
+    /// kernel serves later faults itself. The fd number stays valid (no
+    /// other file can take it); its ioctls fail from then on.
+    pub fn retire(&self) -> Result<()> {
+        let null = std::fs::File::open("/dev/null").map_err(|source| Error::Syscall {
+            op: "open(/dev/null)",
+            source,
+        })?;
+        // SAFETY: dup2 on two fds this process owns: `null`, open above,
+        // and `self.fd`, which `self` keeps open; dup2 atomically makes
+        // `self.fd`'s number refer to /dev/null, so `OwnedFd` still owns
+        // (and will close) a valid descriptor.
+        let rc = unsafe { libc::dup2(null.as_raw_fd(), self.fd.as_raw_fd()) };
+        if rc < 0 {
+            return Err(Error::last_os("dup2(/dev/null, userfaultfd)"));
+        }
+        Ok(())
+    }
+
     /// An ioctl whose argument is one `struct uffdio_range` (`UNREGISTER`,
     /// `WAKE`).
     fn range_ioctl(&self, req: u64, r: HvaRange, op: &'static str) -> Result<()> {

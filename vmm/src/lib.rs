@@ -22,6 +22,7 @@ pub mod arch;
 pub mod cli;
 pub mod commands;
 pub mod devices;
+pub mod failpoint;
 pub mod host;
 pub mod loader;
 pub mod machine;

@@ -35,6 +35,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A test's failure injection (vmm::failpoint): a spec that does not
+    // parse is an error, never silently ignored.
+    if let Err(e) = vmm::failpoint::check_env() {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(2);
+    }
     // Ctrl-C / SIGTERM / SIGHUP write back the host settings a command
     // changed (sysctls, hugetlb pools) before the process ends.
     if let Err(e) = notifier::restore::install() {

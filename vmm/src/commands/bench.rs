@@ -254,12 +254,9 @@ fn host_touch(mem: u64, var: &Variant, pin: bool) -> Result<Vec<u64>, BenchError
     }
     stop.store(true, Ordering::Release);
     if let Some(t) = thread {
-        match t.handle.join() {
-            Ok(r) => {
-                r.map_err(|e| err(&e))?;
-            }
-            Err(_) => return Err(err(&"fault thread panicked")),
-        }
+        crate::thread::join("uffd-fault", t.handle)
+            .map_err(|e| err(&e))?
+            .map_err(|e| err(&e))?;
     }
     Ok(ns)
 }

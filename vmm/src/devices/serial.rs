@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -30,31 +32,107 @@ impl Trigger for IrqTrigger {
 }
 
 /// Where serial output goes: stdout (unless quiet), the log file, the timeline.
+///
+/// The vCPU thread writes here with the serial lock held, so nothing here
+/// may block on a reader: stdout is written by a [`Console`] thread fed
+/// through a bounded queue. When stdout is not read (`vmm boot | sleep`),
+/// the queue fills and further echo is dropped and counted
+/// ([`SerialOut::echo_dropped`]); the log file still gets every byte.
 pub struct SerialOut {
-    echo: bool,
+    echo: Option<Console>,
     log: BufWriter<File>,
     timeline: Arc<Mutex<Timeline>>,
+}
+
+/// Chunks of console output queued for stdout at most (each a `write`
+/// from the UART: usually one byte, a line at most).
+const CONSOLE_QUEUE: usize = 4096;
+
+/// The stdout writer thread and its queue.
+struct Console {
+    /// `None` once dropping.
+    tx: Option<SyncSender<Vec<u8>>>,
+    dropped: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a [`Console`] that goes waits for stdout to take what is
+/// queued (a reader that keeps up drains in microseconds).
+const CONSOLE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Console {
+    /// `None` if the thread cannot be spawned (no echo then).
+    fn start() -> Option<Self> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(CONSOLE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || {
+                // Ends when the sender goes; waited for a bounded time
+                // only (a stalled stdout must not hold up the VMM's exit).
+                let mut out = io::stdout().lock();
+                for chunk in rx {
+                    if out.write_all(&chunk).is_err() {
+                        return; // stdout closed: nothing more to echo
+                    }
+                    if chunk.contains(&b'\n') {
+                        let _ = out.flush();
+                    }
+                }
+                let _ = out.flush();
+            })
+            .ok()?;
+        Some(Console {
+            tx: Some(tx),
+            dropped: Arc::new(AtomicU64::new(0)),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, buf: &[u8]) {
+        let sent = self.tx.as_ref().map(|tx| tx.try_send(buf.to_vec()));
+        if let Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None = sent {
+            self.dropped.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Console {
+    /// Let stdout take what is queued, for [`CONSOLE_DRAIN`] at most; a
+    /// reader that stalls longer loses the rest (the log has it).
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        let t0 = std::time::Instant::now();
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && t0.elapsed() < CONSOLE_DRAIN
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if let Some(t) = self.thread.take().filter(|t| t.is_finished()) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SerialOut {
     /// A sink writing to `log` and, if `echo`, to stdout.
     pub fn new(echo: bool, log: File, timeline: Arc<Mutex<Timeline>>) -> Self {
         SerialOut {
-            echo,
+            echo: if echo { Console::start() } else { None },
             log: BufWriter::new(log),
             timeline,
         }
+    }
+
+    /// The count of console bytes not echoed to stdout because it was not
+    /// read fast enough (or was closed); they are in the log file.
+    pub fn echo_dropped(&self) -> Option<Arc<AtomicU64>> {
+        self.echo.as_ref().map(|c| c.dropped.clone())
     }
 }
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.echo {
-            let mut out = io::stdout().lock();
-            out.write_all(buf)?;
-            if buf.contains(&b'\n') {
-                out.flush()?;
-            }
+        if let Some(c) = &self.echo {
+            c.send(buf);
         }
         self.log.write_all(buf)?;
         if buf.contains(&b'\n') {
@@ -66,8 +144,7 @@ impl Write for SerialOut {
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.log.flush()?;
-        io::stdout().flush()
+        self.log.flush()
     }
 }
 

@@ -11,12 +11,14 @@
 
 use super::events::EventsError;
 use super::invalidator::Invalidator;
+use crate::failpoint::{self, Point};
 use crate::memory::uffd::UffdGuestRam;
 use guests::builtin::Zeroed;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
 use notifier::convert::u64_to_usize;
 use notifier::HvaRange;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -56,6 +58,8 @@ enum Request {
 /// Dropping it stops the thread.
 pub struct Bystander {
     tx: mpsc::Sender<Request>,
+    /// Raised when the thread ends on an error or a panic.
+    failed: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<BystanderReport, EventsError>>>,
 }
 
@@ -182,43 +186,51 @@ impl Bystander {
         trace: bool,
     ) -> Result<Self, EventsError> {
         let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("bystander".into())
-            .spawn(move || {
-                let mut raw = Raw {
-                    ram,
-                    tdp,
-                    picker,
-                    trace,
-                    rep: BystanderReport::default(),
-                };
-                let mut n = 0u64;
-                loop {
-                    match rx.recv_timeout(every) {
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            raw.concurrent(n)?;
-                            n += 1;
-                        }
-                        Ok(Request::Boundary { next_pass, reply }) => {
-                            let _ = reply.send(raw.boundary(next_pass));
-                            // Paused until the vCPU thread is done with
-                            // the boundary (its checks must not race us).
-                            match rx.recv() {
-                                Ok(Request::Resume) => {}
-                                _ => break,
-                            }
-                        }
-                        Ok(Request::Resume) => {}
-                        Ok(Request::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        let failed = Arc::new(AtomicBool::new(false));
+        let f = failed.clone();
+        let on_fail = move || f.store(true, Ordering::Release);
+        let handle = crate::thread::spawn_helper("bystander", on_fail, move || {
+            let mut raw = Raw {
+                ram,
+                tdp,
+                picker,
+                trace,
+                rep: BystanderReport::default(),
+            };
+            let mut n = 0u64;
+            loop {
+                match rx.recv_timeout(every) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        failpoint::hit(Point::Bystander)?;
+                        raw.concurrent(n)?;
+                        n += 1;
                     }
+                    Ok(Request::Boundary { next_pass, reply }) => {
+                        let _ = reply.send(raw.boundary(next_pass));
+                        // Paused until the vCPU thread is done with
+                        // the boundary (its checks must not race us).
+                        match rx.recv() {
+                            Ok(Request::Resume) => {}
+                            _ => break,
+                        }
+                    }
+                    Ok(Request::Resume) => {}
+                    Ok(Request::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                Ok(raw.rep)
-            })
-            .map_err(|e| EventsError::Spawn("bystander", e))?;
+            }
+            Ok(raw.rep)
+        })
+        .map_err(|e| EventsError::Spawn("bystander", e))?;
         Ok(Bystander {
             tx,
+            failed,
             handle: Some(handle),
         })
+    }
+
+    /// Raised when the thread died (an error or a panic).
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
     }
 
     /// At a pass boundary (vCPU stopped): run the boundary operations and
@@ -240,8 +252,8 @@ impl Bystander {
     pub fn finish(mut self) -> Result<BystanderReport, EventsError> {
         let _ = self.tx.send(Request::Stop);
         match self.handle.take() {
-            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
-            None => Err(EventsError::Panic),
+            Some(h) => crate::thread::join("bystander", h)?,
+            None => Err(EventsError::Gone("bystander")),
         }
     }
 }

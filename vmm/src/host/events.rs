@@ -18,6 +18,7 @@
 //! such invalidations on purpose.
 
 use super::bystander::BystanderReport;
+use crate::failpoint::{self, Injected, Point};
 use mmu::tdp::TdpMmu;
 use notifier::pagemap::Pagemap;
 use notifier::trace::TraceSource;
@@ -179,14 +180,20 @@ pub enum EventsError {
     BystanderGone,
     #[error("spawning the {0} thread: {1}")]
     Spawn(&'static str, #[source] std::io::Error),
-    #[error("event thread panicked")]
-    Panic,
+    #[error(transparent)]
+    Panicked(#[from] crate::thread::ThreadPanicked),
+    #[error("the {0} thread is gone")]
+    Gone(&'static str),
+    #[error(transparent)]
+    Injected(#[from] Injected),
 }
 
 /// The tracepoint source pumped on its own thread while the guest runs.
 /// Dropping it stops the thread too (and so removes the tracefs instance).
 pub struct TracePump {
     stop: Arc<AtomicBool>,
+    /// Raised when the thread ends on an error or a panic.
+    failed: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<SourceCounts, EventsError>>>,
 }
 
@@ -201,36 +208,45 @@ impl TracePump {
         let mut src = TraceSource::open().map_err(EventsError::Trace)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("trace-pump".into())
-            .spawn(move || {
-                let mut counts = SourceCounts::default();
-                let mut pump = |src: &mut TraceSource| -> Result<(), EventsError> {
-                    for e in src.collect().map_err(EventsError::Trace)? {
-                        deliver(&subs, &tdp, &e.invalidation(), || {}, &mut counts);
-                    }
-                    Ok(())
-                };
-                while !st.load(Ordering::Acquire) {
-                    pump(&mut src)?;
-                    std::thread::sleep(every);
+        let failed = Arc::new(AtomicBool::new(false));
+        let f = failed.clone();
+        let on_fail = move || f.store(true, Ordering::Release);
+        let handle = crate::thread::spawn_helper("trace-pump", on_fail, move || {
+            let mut counts = SourceCounts::default();
+            let mut pump = |src: &mut TraceSource| -> Result<(), EventsError> {
+                failpoint::hit(Point::TracePump)?;
+                for e in src.collect().map_err(EventsError::Trace)? {
+                    deliver(&subs, &tdp, &e.invalidation(), || {}, &mut counts);
                 }
-                pump(&mut src)?; // what happened up to the stop
-                Ok(counts)
-            })
-            .map_err(|e| EventsError::Spawn("trace-pump", e))?;
+                Ok(())
+            };
+            while !st.load(Ordering::Acquire) {
+                pump(&mut src)?;
+                std::thread::sleep(every);
+            }
+            pump(&mut src)?; // what happened up to the stop
+            Ok(counts)
+        })
+        .map_err(|e| EventsError::Spawn("trace-pump", e))?;
         Ok(TracePump {
             stop,
+            failed,
             handle: Some(handle),
         })
+    }
+
+    /// Raised when the pump died (an error or a panic): invalidations of
+    /// guest RAM would go unheard from then on, so the run stops on it.
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
     }
 
     /// Stop after a last drain; what was delivered.
     pub fn finish(mut self) -> Result<SourceCounts, EventsError> {
         self.stop.store(true, Ordering::Release);
         match self.handle.take() {
-            Some(h) => h.join().map_err(|_| EventsError::Panic)?,
-            None => Err(EventsError::Panic),
+            Some(h) => crate::thread::join("trace-pump", h)?,
+            None => Err(EventsError::Gone("trace-pump")),
         }
     }
 }

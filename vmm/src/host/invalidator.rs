@@ -75,8 +75,8 @@ pub enum InvalError {
     RaceNeedsPrefill,
     #[error("spawning the racer thread: {0}")]
     Spawn(#[source] std::io::Error),
-    #[error("the racer thread panicked")]
-    RacerPanicked,
+    #[error(transparent)]
+    Panicked(#[from] crate::thread::ThreadPanicked),
 }
 
 /// Runs invalidations and agreement checks; remembers what reads as zero.
@@ -340,6 +340,8 @@ pub fn refill(ram: &UffdGuestRam, gs: u64, ge: u64) -> Result<(), InvalError> {
 /// Stopped and joined on [`Racer::finish`] or on drop (an early return).
 pub struct Racer {
     stop: Arc<AtomicBool>,
+    /// Raised when the thread ends on an error or a panic.
+    failed: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<u64, InvalError>>>,
 }
 
@@ -347,26 +349,36 @@ impl Racer {
     /// Start discarding through `inv` (none: a racer that does nothing).
     pub fn start(inv: Option<Invalidator>, every: Duration) -> Result<Self, InvalError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let handle = match inv {
             None => None,
             Some(mut inv) => {
                 let st = stop.clone();
-                let h = std::thread::Builder::new()
-                    .name("racer".into())
-                    .spawn(move || {
-                        while !st.load(Ordering::Acquire) {
-                            let (gs, ge) = inv.pick();
-                            inv.apply(InvalKind::Discard, gs, ge, 0)?;
-                            inv.count += 1;
-                            std::thread::sleep(every);
-                        }
-                        Ok(inv.count)
-                    })
-                    .map_err(InvalError::Spawn)?;
+                let f = failed.clone();
+                let on_fail = move || f.store(true, Ordering::Release);
+                let h = crate::thread::spawn_helper("racer", on_fail, move || {
+                    while !st.load(Ordering::Acquire) {
+                        let (gs, ge) = inv.pick();
+                        inv.apply(InvalKind::Discard, gs, ge, 0)?;
+                        inv.count += 1;
+                        std::thread::sleep(every);
+                    }
+                    Ok(inv.count)
+                })
+                .map_err(InvalError::Spawn)?;
                 Some(h)
             }
         };
-        Ok(Racer { stop, handle })
+        Ok(Racer {
+            stop,
+            failed,
+            handle,
+        })
+    }
+
+    /// Raised when the thread died (an error or a panic).
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
     }
 
     /// Stop it; how many discards it made.
@@ -374,7 +386,7 @@ impl Racer {
         self.stop.store(true, Ordering::Release);
         match self.handle.take() {
             None => Ok(0),
-            Some(h) => h.join().map_err(|_| InvalError::RacerPanicked)?,
+            Some(h) => crate::thread::join("racer", h)?,
         }
     }
 }

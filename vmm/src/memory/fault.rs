@@ -37,6 +37,7 @@
 //! kernel's delivery and wake-ups is what `vmm bench fault-cost` measures).
 
 use super::uffd::{UffdGuestRam, UffdRamError};
+use crate::failpoint::{self, Injected, Point};
 use crate::host::events::{self, UffdEventCounts};
 use mmu::memslot::{Memslot, PAGE_SHIFT};
 use mmu::tdp::TdpMmu;
@@ -70,6 +71,8 @@ pub enum FaultThreadError {
     },
     #[error("spawning the fault thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Injected(#[from] Injected),
     #[error("pinning the fault thread to CPU {cpu}: {source}")]
     Pin {
         cpu: usize,
@@ -381,21 +384,24 @@ pub fn spawn(
 ) -> Result<FaultThread, FaultThreadError> {
     let progress = Arc::new(FaultProgress::default());
     let prog = progress.clone();
-    let handle = std::thread::Builder::new()
-        .name("uffd-fault".into())
-        .spawn(move || {
-            let r = fault_loop(&ram, &mmu, &stop, opts, &prog);
-            if r.is_err() {
-                prog.failed.store(true, Ordering::Release);
-                // Nobody resolves faults any more: unregistering wakes the
-                // threads asleep in one (a vCPU inside KVM's guest
-                // page-table walk does not even see signals) and lets the
-                // kernel serve the rest itself, so the run can stop.
-                let _ = ram.uffd().unregister(ram.guest_range());
-            }
-            r
-        })
-        .map_err(FaultThreadError::Spawn)?;
+    let failed = progress.failed.clone();
+    let unreg = ram.clone();
+    // On an error or a panic: nobody reads the userfaultfd any more. Raise
+    // the flag the vCPU run stops on, and retire the context, which wakes
+    // every thread asleep on it - a vCPU in a fault (inside KVM's guest
+    // page-table walk it does not even see signals) and a madvise waiting
+    // for its REMOVE event to be read - and lets the kernel serve the rest
+    // itself, so the run can stop.
+    let on_fail = move || {
+        failed.store(true, Ordering::Release);
+        if unreg.uffd().retire().is_err() {
+            let _ = unreg.uffd().unregister(unreg.guest_range());
+        }
+    };
+    let handle = crate::thread::spawn_helper("uffd-fault", on_fail, move || {
+        fault_loop(&ram, &mmu, &stop, opts, &prog)
+    })
+    .map_err(FaultThreadError::Spawn)?;
     Ok(FaultThread { handle, progress })
 }
 
@@ -436,6 +442,7 @@ fn fault_loop(
                 }
             }
             Some(UffdEvent::Pagefault { address, flags }) => {
+                failpoint::hit(Point::UffdFault)?;
                 let read_at = Instant::now();
                 rep.faults += 1;
                 let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
@@ -470,6 +477,7 @@ fn fault_loop(
                 continue; // read whatever else is there first
             }
             Some(ev) => {
+                failpoint::hit(Point::UffdEvent)?;
                 events::deliver_uffd_event(
                     ram.subscribers(),
                     mmu,

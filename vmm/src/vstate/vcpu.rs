@@ -186,6 +186,9 @@ pub enum VcpuError {
     /// The kick signal's handler could not be installed.
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(String),
+    /// A test's failpoint ([`crate::failpoint`]).
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 /// A vCPU ioctl that failed while setting up the vCPU, or a boot structure
@@ -239,7 +242,8 @@ fn kicker(
     done: &AtomicBool,
 ) {
     const POLL: Duration = Duration::from_millis(20);
-    let mut next_sample = ctl.sample_every.map(|p| Instant::now() + p);
+    // A period too long for the clock never samples.
+    let mut next_sample = ctl.sample_every.and_then(|p| Instant::now().checked_add(p));
     while !done.load(Ordering::Acquire) {
         let now = Instant::now();
         if ctl.timed_out() {
@@ -254,7 +258,7 @@ fn kicker(
             // is alive; the signal's handler is a no-op.
             unsafe { libc::pthread_kill(target, sig) };
             if let Some(p) = ctl.sample_every {
-                next_sample = Some(now + p);
+                next_sample = now.checked_add(p);
             }
         }
         let mut nap = POLL;
@@ -422,6 +426,7 @@ impl Vcpu {
                 }
             }
             let exit = self.fd.run();
+            crate::failpoint::hit(crate::failpoint::Point::Vcpu)?;
             let step = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => h.io_out(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => h.io_in(port, data),

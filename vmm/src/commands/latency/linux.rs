@@ -47,6 +47,7 @@ use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
 use crate::memory::mmu::{recorded_tdp, Mapped, ZapRecorder};
 use crate::memory::uffd::{UffdGuestRam, UffdMode};
 use crate::report::progress_bar;
+use crate::thread;
 use guests::probe::ProbeWindow;
 use mmu::memslot::PAGE_SHIFT;
 use mmu::tdp::TdpMmu;
@@ -247,10 +248,10 @@ impl LinuxSession {
         if self.running() {
             return Ok(());
         }
-        let why = match self.boot_thread.take().map(|h| h.join()) {
+        let why = match self.boot_thread.take().map(|h| thread::join("boot", h)) {
             Some(Ok(Ok(exit))) => format!("boot ended early: {exit}"),
             Some(Ok(Err(e))) => format!("boot failed: {e}"),
-            Some(Err(_)) => "boot thread panicked".into(),
+            Some(Err(p)) => p.to_string(),
             None => "boot thread gone".into(),
         };
         Err(LatencyError::Guest(format!(
@@ -346,18 +347,18 @@ impl LinuxSession {
 
     fn shutdown(&mut self) -> Result<String, LatencyError> {
         self.boot_stop.store(true, Ordering::Release);
-        let boot = self.boot_thread.take().map(|h| h.join());
+        let boot = self.boot_thread.take().map(|h| thread::join("boot", h));
         self.fault_stop.store(true, Ordering::Release);
-        let faults = self.fault_thread.take().map(|t| t.handle.join());
+        let faults = (self.fault_thread.take()).map(|t| thread::join("uffd-fault", t.handle));
         match faults {
             Some(Ok(Err(e))) => return Err(LatencyError::Guest(format!("fault thread: {e}"))),
-            Some(Err(_)) => return Err(LatencyError::Guest("fault thread panicked".into())),
+            Some(Err(p)) => return Err(LatencyError::Guest(p.to_string())),
             _ => {}
         }
         match boot {
             Some(Ok(Ok(exit))) => Ok(exit),
             Some(Ok(Err(e))) => Err(LatencyError::Guest(format!("linux guest: {e}"))),
-            Some(Err(_)) => Err(LatencyError::Guest("boot thread panicked".into())),
+            Some(Err(p)) => Err(LatencyError::Guest(p.to_string())),
             None => Ok("stopped".into()),
         }
     }
@@ -372,6 +373,9 @@ impl Drop for LinuxSession {
 }
 
 impl Target for LinuxSession {
+    fn root_cause(&mut self, e: LatencyError) -> LatencyError {
+        measure::fault_thread_death(&mut self.fault_thread).unwrap_or(e)
+    }
     fn ram(&self) -> &Arc<UffdGuestRam> {
         &self.ram
     }

@@ -41,6 +41,31 @@ pub trait Target {
     /// After it: re-fill the page cache so the next touch is a MINOR
     /// fault again (untimed).
     fn after_drop(&mut self, gs: u64, ge: u64) -> Result<(), LatencyError>;
+    /// An operation failed with `e`: if one of the target's threads died
+    /// (and so caused it), that thread's own error instead.
+    fn root_cause(&mut self, e: LatencyError) -> LatencyError {
+        e
+    }
+}
+
+/// The fault thread's own error once it died (its flag raised), joined.
+pub(super) fn fault_thread_death(
+    t: &mut Option<crate::memory::fault::FaultThread>,
+) -> Option<LatencyError> {
+    if !t
+        .as_ref()?
+        .progress
+        .failed()
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return None;
+    }
+    let t = t.take()?;
+    Some(match crate::thread::join("uffd-fault", t.handle) {
+        Ok(Err(e)) => LatencyError::Guest(format!("fault thread: {e}")),
+        Ok(Ok(_)) => LatencyError::Guest("the fault thread stopped".into()),
+        Err(p) => LatencyError::Guest(p.to_string()),
+    })
 }
 
 /// The VMM's operation on guest RAM.

@@ -57,7 +57,7 @@ use notifier::hostconf::{HugepageReservation, SysctlGuard};
 use notifier::hostmm::Backing;
 use notifier::workload::NumaToucher;
 use notifier::PageSize;
-use report::{summarize, LatencyReport, Skipped};
+use report::{summarize, Failed, LatencyReport, Skipped};
 use session::Session;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -199,6 +199,14 @@ fn parse_config(s: &str) -> Result<Backing, LatencyError> {
     cli::parse_backing(s).map_err(|_| LatencyError::Config(s.trim().into()))
 }
 
+/// A configuration that started and failed: the run fails too.
+fn fail(rep: &mut LatencyReport, what: impl Into<String>, e: &LatencyError) {
+    rep.failed.push(Failed {
+        what: what.into(),
+        error: e.to_string(),
+    });
+}
+
 pub(super) fn skip(rep: &mut LatencyReport, what: impl Into<String>, why: impl Into<String>) {
     rep.skipped.push(Skipped {
         what: what.into(),
@@ -215,6 +223,18 @@ pub(super) struct Measured {
 
 /// Run every scenario on one session.
 pub(super) fn run_session(
+    s: &mut dyn Target,
+    tr: &mut Option<Tracer>,
+    scs: &[Scenario],
+    args: &LatencyArgs,
+    rep: &mut LatencyReport,
+    progress: &indicatif::ProgressBar,
+    label: &str,
+) -> Result<Vec<Measured>, LatencyError> {
+    run_scenarios(s, tr, scs, args, rep, progress, label).map_err(|e| s.root_cause(e))
+}
+
+fn run_scenarios(
     s: &mut dyn Target,
     tr: &mut Option<Tracer>,
     scs: &[Scenario],
@@ -490,7 +510,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
         let project = match project {
             Ok(m) => m,
             Err(e) => {
-                skip(&mut rep, name, format!("failed: {e}"));
+                fail(&mut rep, name, &e);
                 continue;
             }
         };
@@ -528,11 +548,7 @@ pub fn run(args: &LatencyArgs) -> Result<LatencyReport, LatencyError> {
                     m
                 }
                 Err(e) => {
-                    skip(
-                        &mut rep,
-                        format!("{name} plain KVM (--compare)"),
-                        format!("failed: {e}"),
-                    );
+                    fail(&mut rep, format!("{name} plain KVM (--compare)"), &e);
                     Vec::new()
                 }
             }
@@ -604,20 +620,30 @@ impl Report for LatencyOutcome {
     fn json(&self) -> serde_json::Value {
         serde_json::to_value(&self.report).unwrap_or_default()
     }
-    /// Success unless nothing could be measured.
+    /// Success unless a configuration failed or nothing could be
+    /// measured (skips alone are not failures).
     fn ok(&self) -> bool {
-        !self.report.scenarios.is_empty()
+        !self.report.scenarios.is_empty() && self.report.failed.is_empty()
     }
     fn error(&self) -> Option<String> {
-        self.report
-            .scenarios
+        let rep = &self.report;
+        if let Some(f) = rep.failed.first() {
+            return Some(format!(
+                "{} configuration(s) failed; first {}: {}",
+                rep.failed.len(),
+                f.what,
+                f.error
+            ));
+        }
+        rep.scenarios
             .is_empty()
             .then(|| "nothing could be measured".into())
     }
 }
 
 /// `vmm latency`: table on stdout (JSON as the last line with `--json`),
-/// files under `--out`; a failure only if nothing could be measured.
+/// files under `--out`; a failure if a configuration failed or nothing
+/// could be measured.
 pub fn main(args: LatencyArgs) -> ExitCode {
     let outcome = run(&args).map(|mut report| {
         if let Some(dir) = &args.out {

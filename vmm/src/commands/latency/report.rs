@@ -114,11 +114,20 @@ pub struct Skipped {
     pub why: String,
 }
 
+/// A configuration that started and then failed (an error, a dead
+/// thread): unlike a skip, it makes the run fail.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failed {
+    pub what: String,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LatencyReport {
     pub guest: Guest,
     pub scenarios: Vec<ScenarioReport>,
     pub skipped: Vec<Skipped>,
+    pub failed: Vec<Failed>,
     /// KVM_RUN EFAULT re-entries (guest stores while RAM was read-only).
     pub efault_retries: u64,
     pub trace_clock_mono: bool,
@@ -330,6 +339,9 @@ pub fn table(rep: &LatencyReport) -> String {
     }
     for k in &rep.skipped {
         t += &format!("skipped: {}: {}\n", k.what, k.why);
+    }
+    for f in &rep.failed {
+        t += &format!("FAILED: {}: {}\n", f.what, f.error);
     }
     t
 }

@@ -9,6 +9,7 @@ use crate::machine::builtin::BuiltinVm;
 use crate::memory::fault::{self, FaultOptions, FaultReport, FaultThread};
 use crate::memory::mmu::{context_for, recorded_tdp, ZapRecorder};
 use crate::memory::uffd::{UffdGuestRam, UffdMode};
+use crate::thread;
 use crate::vstate::{ExitHandler, Handled, RunControl, Vcpu, VcpuError};
 use guests::builtin::LAYOUT;
 use guests::probe::{self, ctl, res, ProbeMode, ProbeParams, ProbeWindow};
@@ -55,7 +56,6 @@ pub struct Session {
     fault_stop: Arc<AtomicBool>,
     fault_thread: Option<FaultThread>,
     vcpu_thread: Option<JoinHandle<Result<VcpuStats, String>>>,
-    vcpu_alive: Arc<AtomicBool>,
     efaults: Arc<AtomicU64>,
     /// Guest TSC minus host TSC, and the uncertainty (host ticks between
     /// the epoch write and the acknowledgement the guest stamped).
@@ -148,16 +148,11 @@ impl Session {
         };
         let bvm = BuiltinVm::new(kvm, ram.clone())?;
         let stop_on = fault_thread.as_ref().map(|t| t.progress.failed());
-        let vcpu_alive = Arc::new(AtomicBool::new(true));
         let efaults = Arc::new(AtomicU64::new(0));
-        let (alive, ef) = (vcpu_alive.clone(), efaults.clone());
+        let ef = efaults.clone();
         let vcpu_thread = std::thread::Builder::new()
             .name("probe-vcpu".into())
-            .spawn(move || {
-                let r = vcpu_loop(bvm, timeout, stop_on, &ef);
-                alive.store(false, Ordering::Release);
-                r
-            })
+            .spawn(move || vcpu_loop(bvm, timeout, stop_on, &ef))
             .map_err(|e| LatencyError::Guest(format!("spawning the vCPU thread: {e}")))?;
         let mut s = Session {
             ram,
@@ -168,7 +163,6 @@ impl Session {
             fault_stop,
             fault_thread,
             vcpu_thread: Some(vcpu_thread),
-            vcpu_alive,
             efaults,
             tsc_check: TscCheck::default(),
         };
@@ -213,12 +207,16 @@ impl Session {
     }
 
     fn check_alive(&mut self) -> Result<(), LatencyError> {
-        if self.vcpu_alive.load(Ordering::Acquire) {
+        // (Finished also when it panicked.)
+        if self.vcpu_thread.as_ref().is_some_and(|h| !h.is_finished()) {
             return Ok(());
         }
-        let why = match self.vcpu_thread.take().map(|h| h.join()) {
+        if let Some(e) = measure::fault_thread_death(&mut self.fault_thread) {
+            return Err(e);
+        }
+        let why = match self.vcpu_thread.take().map(|h| thread::join("vcpu", h)) {
             Some(Ok(Err(e))) => e,
-            Some(Err(_)) => "vCPU thread panicked".into(),
+            Some(Err(p)) => p.to_string(),
             _ => "vCPU stopped".into(),
         };
         Err(LatencyError::Guest(why))
@@ -365,24 +363,27 @@ impl Session {
 
     fn shutdown(&mut self) -> Result<VcpuStats, LatencyError> {
         let _ = self.ram.write_u64(LAYOUT.params + ctl::STOP, 1);
-        let vcpu = self.vcpu_thread.take().map(|h| h.join());
+        let vcpu = self.vcpu_thread.take().map(|h| thread::join("vcpu", h));
         self.fault_stop.store(true, Ordering::Release);
-        let faults = self.fault_thread.take().map(|t| t.handle.join());
+        let faults = (self.fault_thread.take()).map(|t| thread::join("uffd-fault", t.handle));
         let stats = match vcpu {
             Some(Ok(Ok(s))) => s,
             Some(Ok(Err(e))) => return Err(LatencyError::Guest(e)),
-            Some(Err(_)) => return Err(LatencyError::Guest("vCPU thread panicked".into())),
+            Some(Err(p)) => return Err(LatencyError::Guest(p.to_string())),
             None => VcpuStats::default(),
         };
         match faults {
             Some(Ok(Err(e))) => Err(LatencyError::Guest(format!("fault thread: {e}"))),
-            Some(Err(_)) => Err(LatencyError::Guest("fault thread panicked".into())),
+            Some(Err(p)) => Err(LatencyError::Guest(p.to_string())),
             _ => Ok(stats),
         }
     }
 }
 
 impl Target for Session {
+    fn root_cause(&mut self, e: LatencyError) -> LatencyError {
+        measure::fault_thread_death(&mut self.fault_thread).unwrap_or(e)
+    }
     fn ram(&self) -> &Arc<UffdGuestRam> {
         &self.ram
     }

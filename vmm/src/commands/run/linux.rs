@@ -76,8 +76,8 @@ pub enum RunLinuxError {
     View(String),
     #[error("fault thread: {0}")]
     Fault(#[from] FaultThreadError),
-    #[error("a helper thread panicked")]
-    Panic,
+    #[error(transparent)]
+    Panicked(#[from] crate::thread::ThreadPanicked),
     #[error("agreement check / racing discards: {0}")]
     Inval(#[from] InvalError),
 }
@@ -244,12 +244,10 @@ pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
 
     let raced = racer.finish();
     stop.store(true, Ordering::Release);
-    let faults = fault_thread
-        .handle
-        .join()
-        .map_err(|_| RunLinuxError::Panic)?;
-    let boot = booted?;
+    let faults = crate::thread::join("uffd-fault", fault_thread.handle)?;
+    // The fault thread's error first: it is why the boot was stopped.
     let faults: FaultReport = faults?;
+    let boot = booted?;
     let race_invalidations = raced?;
 
     // The MMU's mapped gfns against PAGEMAP_SCAN of the guest-facing mapping.

@@ -111,6 +111,9 @@ pub enum BootError {
     /// Thread/eventfd/event-manager plumbing.
     #[error("VMM plumbing: {0}")]
     Plumbing(String),
+    /// The vCPU thread panicked.
+    #[error(transparent)]
+    Panicked(#[from] crate::thread::ThreadPanicked),
 }
 
 impl From<LoadError> for BootError {
@@ -428,10 +431,9 @@ pub fn boot(
     let plumb = |e: std::io::Error| BootError::Plumbing(e.to_string());
     let irq = EventFd::new(EFD_NONBLOCK).map_err(plumb)?;
     vm.register_irqfd(&irq, COM1_GSI)?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        IrqTrigger(irq),
-        SerialOut::new(!cfg.guest.quiet, log, timeline.clone()),
-    )));
+    let out = SerialOut::new(!cfg.guest.quiet, log, timeline.clone());
+    let echo_dropped = out.echo_dropped();
+    let serial = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
 
     // Event loop: stdin -> serial, vCPU exit.
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(plumb)?;
@@ -511,9 +513,7 @@ pub fn boot(
             stop.store(true, Ordering::SeqCst);
         }
     }
-    let VcpuDone { result, exits } = handle
-        .join()
-        .map_err(|_| BootError::Plumbing("vCPU thread panicked".into()))?;
+    let VcpuDone { result, exits } = crate::thread::join("vcpu0", handle)?;
 
     let error = match result {
         Ok(LinuxStop::Reset) => None,
@@ -543,6 +543,12 @@ pub fn boot(
             STUCK_AFTER.as_millis()
         ));
     }
+    let not_echoed = echo_dropped.map_or(0, |d| d.load(Ordering::Relaxed));
+    if not_echoed > 0 {
+        text.push_str(&format!(
+            "\nconsole: {not_echoed} bytes not echoed to stdout (it was not read fast enough); the serial log has them all"
+        ));
+    }
     if let (Some(p), Some(profile)) = (exits.profiler, &cfg.profile) {
         let syms = Symbols::load(profile.system_map.as_deref());
         text = format!("{}\n{text}", syms.report(&p.samples, 30));
@@ -556,6 +562,7 @@ pub fn boot(
             "cmdline": line,
             "serial_log": log_path,
             "irq_reevaluations": irq_watch.fired,
+            "console_bytes_not_echoed": not_echoed,
         }),
     );
     drop(t);

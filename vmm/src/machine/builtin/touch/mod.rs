@@ -54,10 +54,12 @@ pub enum TouchError {
     Reserve(String),
     #[error("fault thread: {0}")]
     Fault(#[from] FaultThreadError),
-    #[error("a helper thread panicked")]
-    FaultPanic,
+    #[error(transparent)]
+    Panicked(#[from] crate::thread::ThreadPanicked),
     #[error("guest stopped unexpectedly: {exit} at rip {rip:#x}")]
     Exit { exit: String, rip: u64 },
+    #[error("the vCPU: {0}")]
+    Vcpu(VcpuError),
     #[error("guest did not finish within {0} s")]
     Timeout(u64),
     #[error("invalidation: {0}")]
@@ -66,8 +68,10 @@ pub enum TouchError {
     Setup(#[from] BuiltinVmError),
     #[error(transparent)]
     Events(#[from] EventsError),
-    #[error("the fault thread stopped")]
-    FaultStopped,
+    /// The run was stopped because a helper thread died; its own error
+    /// (reported first when it has one) says why.
+    #[error("a helper thread stopped")]
+    HelperStopped,
     #[error("the fault thread did not settle within 2 s")]
     Unsettled,
 }
@@ -87,10 +91,7 @@ impl TouchError {
                 exit: format!("KVM_RUN: {source}"),
                 rip,
             },
-            other => TouchError::Exit {
-                exit: other.to_string(),
-                rip: 0,
-            },
+            other => TouchError::Vcpu(other),
         }
     }
 }
@@ -322,43 +323,57 @@ pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
             zeroed: Vec::new(),
             progress_exits: 0,
         };
-        // A dead fault thread leaves the vCPU asleep in a fault: stop then.
-        let ctl = RunControl::timeout(Duration::from_secs(args.timeout)).stop_on(settle.failed());
+        // A dead helper thread stops the run: a dead fault thread leaves
+        // the vCPU asleep in a fault, a dead tracepoint pump leaves
+        // invalidations unheard.
+        let mut ctl = RunControl::timeout(Duration::from_secs(args.timeout))
+            .stop_on(settle.failed())
+            .stop_on(racer.failed());
+        for f in [
+            trace.as_ref().map(TracePump::failed),
+            bystander.as_ref().map(Bystander::failed),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ctl = ctl.stop_on(f);
+        }
         let t_run = Instant::now();
         let ran = bvm.vcpu.run(&mut exits, &ctl);
         let run_s = t_run.elapsed().as_secs_f64();
         let progress = exits.progress_exits;
         bystander_zeroed = std::mem::take(&mut exits.zeroed);
+        drop(exits);
+        // The helpers' own errors first: one of them is why a run stopped.
+        let raced = racer.finish()?;
+        if let Some(b) = bystander {
+            bystander_report = Some(b.finish()?);
+        }
         match ran {
             Ok(r) => r?,
             Err(e) => {
                 return Err(TouchError::from_vcpu(
                     e,
                     args.timeout,
-                    TouchError::FaultStopped,
+                    TouchError::HelperStopped,
                 ))
             }
         }
-        let raced = racer.finish()?;
-        if let Some(b) = bystander {
-            bystander_report = Some(b.finish()?);
-            if !settle.settle(Duration::from_secs(2)) {
-                return Err(TouchError::Unsettled);
-            }
+        if bystander_report.is_some() && !settle.settle(Duration::from_secs(2)) {
+            return Err(TouchError::Unsettled);
         }
         inval.final_check()?;
         Ok((progress, run_s, raced))
     })();
 
     stop.store(true, Ordering::Release);
-    let faults = fault_thread
-        .handle
-        .join()
-        .map_err(|_| TouchError::FaultPanic)?;
+    let faults = crate::thread::join("uffd-fault", fault_thread.handle)?;
     let trace = trace.map(TracePump::finish).transpose();
-    let faults = faults?; // the root cause when the run stopped for it
-    let (progress_exits, guest_run_s, race_invalidations) = result?;
+    // The helpers' errors first: the root cause when the run stopped for
+    // one of them.
+    let faults = faults?;
     events.trace = trace?;
+    let (progress_exits, guest_run_s, race_invalidations) = result?;
     events.uffd = ram.events().then_some(faults.events);
     events.uffd_eagain = faults.eagain;
     events.bystander = bystander_report;
