@@ -243,6 +243,15 @@ pub struct Zeroed {
 }
 
 /// What the guest computes, in Rust: checksum and touch count.
+/// The index of the first slot whose address (`ws_base + i * stride`) is
+/// at or after `addr`.
+fn slot_at_or_after(p: &Params, addr: u64) -> u64 {
+    match addr.checked_sub(p.ws_base) {
+        None | Some(0) => 0,
+        Some(off) => off.div_ceil(p.stride.max(1)),
+    }
+}
+
 pub fn expected(p: &Params, zeroed: &[Zeroed]) -> Result<(u64, u64), BuiltinError> {
     let n = p.nslots();
     if n == 0 || n > MAX_SLOTS {
@@ -254,11 +263,12 @@ pub fn expected(p: &Params, zeroed: &[Zeroed]) -> Result<(u64, u64), BuiltinErro
     let mut touches = 0u64;
     for pass in 0..p.passes {
         for z in zeroed.iter().filter(|z| z.before_pass == pass) {
-            for (i, s) in slots.iter_mut().enumerate() {
-                let a = p.ws_base + i as u64 * p.stride;
-                if a >= z.start && a < z.end {
-                    *s = 0;
-                }
+            // The slots whose address is in [start, end): indices, not a
+            // scan of every slot per range (the ranges come from the run).
+            let first = slot_at_or_after(p, z.start).min(n);
+            let end = slot_at_or_after(p, z.end).min(n);
+            if let Some(s) = slots.get_mut(u64_to_usize(first)..u64_to_usize(end.max(first))) {
+                s.fill(0);
             }
         }
         let mix = (pass + 1).wrapping_mul(PASS_K);
@@ -433,6 +443,45 @@ pub fn system_image_with(params: &[u64], code: &[u8], mem: u64) -> Result<Vec<u8
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+
+    /// The slots a zeroed range covers, by index, are the slots whose
+    /// address is inside it (the scan the model did before, once per slot
+    /// per range).
+    #[test]
+    fn zeroed_ranges_cover_the_slots_inside_them() {
+        let p = Params {
+            ws_base: 2 << 20,
+            ws_size: 1 << 20,
+            stride: 24,
+            passes: 1,
+            pattern: Pattern::Sequential,
+            seed: 1,
+        };
+        let n = p.ws_size / p.stride;
+        for (start, end) in [
+            (0, 1),
+            (p.ws_base, p.ws_base + 1),
+            (p.ws_base + 1, p.ws_base + 24),
+            (p.ws_base + 23, p.ws_base + 49),
+            (p.ws_base + 4096, p.ws_base + 8192),
+            (p.ws_base + p.ws_size - 5, u64::MAX),
+            (5, 3),
+        ] {
+            let first = slot_at_or_after(&p, start).min(n);
+            let last = slot_at_or_after(&p, end).min(n).max(first);
+            let want: Vec<u64> = (0..n)
+                .filter(|i| {
+                    let a = p.ws_base + i * p.stride;
+                    a >= start && a < end
+                })
+                .collect();
+            assert_eq!(
+                (first..last).collect::<Vec<_>>(),
+                want,
+                "[{start:#x}, {end:#x})"
+            );
+        }
+    }
 
     fn params() -> Params {
         Params {

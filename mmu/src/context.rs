@@ -11,6 +11,7 @@ use crate::stats::MmuStats;
 use crate::tlb::RemoteTlb;
 use notifier::InvalidationSeq;
 use parking_lot::{Condvar, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The MMU half of `struct kvm`: shared by every MMU of one address space.
@@ -25,6 +26,11 @@ pub struct MmuContext {
     /// `start` and `end` of one invalidation see the same memslots.
     active_invalidations: Mutex<u64>,
     no_invalidations: Condvar,
+    /// `kvm->vm_bugged`: set when an invalidation did not complete (a zap
+    /// panicked). What the MMUs map may then outlive the host pages, so
+    /// every later fault is refused ([`Self::is_bugged`]) instead of mapping
+    /// more, as KVM's `KVM_BUG_ON` makes a VM dead.
+    bugged: AtomicBool,
 }
 
 impl MmuContext {
@@ -52,6 +58,16 @@ impl MmuContext {
             self.no_invalidations.wait(&mut active);
         }
         *self.memslots.write() = Arc::new(memslots);
+    }
+
+    /// `kvm_vm_bugged`: no more faults on this context.
+    pub fn mark_bugged(&self) {
+        self.bugged.store(true, Ordering::Release);
+    }
+
+    /// Whether an invalidation failed to complete ([`Self::mark_bugged`]).
+    pub fn is_bugged(&self) -> bool {
+        self.bugged.load(Ordering::Acquire)
     }
 
     /// `mn_active_invalidate_count++` (`invalidate_range_start`, before

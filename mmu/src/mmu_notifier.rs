@@ -16,6 +16,7 @@ use crate::memslot::Memslot;
 use crate::yielder::{YieldPolicy, YieldReport, Yielder};
 use notifier::{Invalidation, InvalidationSubscriber};
 use parking_lot::{Mutex, RwLock};
+use std::cell::Cell;
 use std::sync::Arc;
 
 /// A secondary MMU that can drop its translations of a gfn range
@@ -75,9 +76,29 @@ impl KvmMmuNotifier {
     }
 
     /// The start half; returns the yield report if any memslot overlapped.
+    ///
+    /// If a zap panics, the unwind marks the context bugged (faults are
+    /// refused from then on: the MMUs may still map part of the range) and
+    /// ends the invalidation, so that nothing waits for an `end` that the
+    /// unwinding caller will never call: neither memslot updates
+    /// ([`MmuContext::set_memslots`]) nor faults retrying on an in-progress
+    /// range forever.
     pub fn start(&self, inv: &Invalidation) -> Option<YieldReport> {
         let ctx = &*self.ctx;
         ctx.active_invalidation_start();
+        let unwinding = BuggedOnUnwind {
+            ctx,
+            begun: Cell::new(false),
+        };
+        let report = self.zap_start(inv, &unwinding.begun);
+        unwinding.disarm();
+        report
+    }
+
+    /// [`Self::start`] after `mn_active_invalidate_count++`; `begun` is
+    /// set once the range is in the invalidation sequence.
+    fn zap_start(&self, inv: &Invalidation, begun: &Cell<bool>) -> Option<YieldReport> {
+        let ctx = &*self.ctx;
         let slots = ctx.memslots();
         let ranges: Vec<_> = slots.hva_range_to_gfn_ranges(inv.range).collect();
         if ranges.is_empty() {
@@ -87,6 +108,7 @@ impl KvmMmuNotifier {
         let mmus = Arc::clone(&self.mmus.read());
         let mut guard = ctx.mmu_lock.write();
         ctx.seq.begin();
+        begun.set(true);
         for r in &ranges {
             ctx.seq.range_add(r.start, r.end);
         }
@@ -123,6 +145,34 @@ impl KvmMmuNotifier {
             debug_assert!(balanced, "invalidate_range_end without start");
         }
         ctx.active_invalidation_end();
+    }
+}
+
+/// Armed across the zaps of [`KvmMmuNotifier::start`]; dropped armed only
+/// by a panic's unwind (see there).
+struct BuggedOnUnwind<'a> {
+    ctx: &'a MmuContext,
+    /// `mmu_invalidate_begin` ran (the sequence must be ended too).
+    begun: Cell<bool>,
+}
+
+impl BuggedOnUnwind<'_> {
+    /// The start half completed: the caller's `end` balances it.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for BuggedOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.ctx.mark_bugged();
+        if self.begun.get() {
+            // The lock guard of the zap is gone by now (declared later,
+            // dropped first in the unwind).
+            let _guard = self.ctx.mmu_lock.write();
+            self.ctx.seq.end();
+        }
+        self.ctx.active_invalidation_end();
     }
 }
 
@@ -240,6 +290,54 @@ mod tests {
         assert_eq!(r.yields, 0);
         assert_eq!(r.longest.units, r.units);
         assert!(tdp.leaves_in(0, 4096).is_empty());
+    }
+
+    /// An MMU whose zap panics.
+    struct PanickingZap;
+
+    impl SecondaryMmu for PanickingZap {
+        fn unmap_gfn_range(
+            &self,
+            _: &mut MmuWriteGuard<'_>,
+            _: &Memslot,
+            _: u64,
+            _: u64,
+            _: &mut Yielder<'_>,
+            _: bool,
+        ) -> bool {
+            panic!("zap failed");
+        }
+    }
+
+    /// A zap that panics must not leave the range in progress forever (the
+    /// fault path would retry without end, a memslot update would wait
+    /// forever): the unwind ends the invalidation and marks the context
+    /// bugged, and faults are refused instead of mapping what the
+    /// unfinished zap may have left.
+    #[test]
+    fn a_panicking_zap_leaves_the_context_bugged_not_in_progress() {
+        let (ctx, tdp, n) = setup(YieldPolicy::default());
+        map_all(&ctx, &tdp);
+        n.add_mmu(Arc::new(PanickingZap));
+        let i = inv(HVA0, HVA0 + 16 * 4096, true);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.start(&i)));
+        assert!(unwound.is_err());
+        assert!(ctx.is_bugged());
+        assert_eq!(ctx.seq.in_progress(), 0);
+        assert_eq!(ctx.seq.in_progress_range(), None);
+        // Would block forever if the active count stayed raised.
+        ctx.set_memslots(Memslots::new(Vec::new(), 0).unwrap());
+        let r = |s: &Memslot, gfn: u64, _: u64, _: bool| -> Result<HostPage, ResolveError> {
+            Ok(HostPage {
+                pfn: gfn,
+                level: s.backing,
+                writable: true,
+            })
+        };
+        assert_eq!(
+            tdp.page_fault(0, false, &r),
+            Err(crate::tdp::FaultError::VmBugged)
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum FaultError {
     /// The host page cannot be put in an SPTE (pfn too large).
     #[error(transparent)]
     Spte(#[from] SpteError),
+    /// The context is bugged (an invalidation did not complete).
+    #[error("the MMU is bugged (an invalidation did not complete): no more faults")]
+    VmBugged,
 }
 
 /// `make_spte` for a shadow leaf: the guest's `acc` bits, writable only if
@@ -86,6 +89,9 @@ impl<P: GuestPaging> ShadowMmu<P> {
     ) -> Result<FaultOutcome, FaultError> {
         let ctx = &*self.ctx;
         MmuStats::inc(&ctx.stats.pf_taken);
+        if ctx.is_bugged() {
+            return Err(FaultError::VmBugged);
+        }
         // fault->mmu_seq, taken before anything is resolved (the guest walk
         // included), re-checked under the lock (`is_page_fault_stale`).
         let snap = ctx.seq.snapshot();

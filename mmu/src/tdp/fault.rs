@@ -80,6 +80,10 @@ pub enum FaultError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Spte(#[from] SpteError),
+    /// The context is bugged ([`MmuContext::mark_bugged`]): an invalidation
+    /// did not complete, so nothing more is mapped.
+    #[error("the MMU is bugged (an invalidation did not complete): no more faults")]
+    VmBugged,
 }
 
 /// What to install: the gfn, the pfn behind it, the largest size allowed.
@@ -109,6 +113,9 @@ impl TdpMmu {
     ) -> Result<FaultOutcome, FaultError> {
         let ctx = &*self.ctx;
         MmuStats::inc(&ctx.stats.pf_taken);
+        if ctx.is_bugged() {
+            return Err(FaultError::VmBugged);
+        }
         if gfn >= GFN_LIMIT {
             return Err(FaultError::GfnOutOfRange { gfn });
         }

@@ -164,7 +164,13 @@ fn zap_clears_leaves_frees_tables_and_counts_flushes() {
     assert!(m.leaves_in(10, 20).is_empty());
     assert_eq!(m.leaves_in(0, 2048).len(), 2038);
     // Whole range: every 4K table is freed, the 2M leaf goes too (overlap).
-    m.zap_range(0, 4097, YieldPolicy::default());
+    // (A slice that never runs out: on a loaded machine the default one
+    // can expire mid-zap, and a yield flushes first - one flush more.)
+    m.zap_range(
+        0,
+        4097,
+        YieldPolicy::default().with_slice(std::time::Duration::from_secs(60)),
+    );
     assert!(m.mapped_leaves().is_empty());
     let s = m.stats().snapshot();
     assert_eq!((s.pages_4k, s.pages_2m), (0, 0));

@@ -58,6 +58,12 @@ pub enum TouchError {
     Panicked(#[from] crate::thread::ThreadPanicked),
     #[error("guest stopped unexpectedly: {exit} at rip {rip:#x}")]
     Exit { exit: String, rip: u64 },
+    #[error("the guest rang the progress doorbell with pass {got}, expected pass {expected} (of {passes})")]
+    Doorbell {
+        got: u64,
+        expected: u64,
+        passes: u64,
+    },
     #[error("the vCPU: {0}")]
     Vcpu(VcpuError),
     #[error("guest did not finish within {0} s")]
@@ -162,13 +168,33 @@ struct TouchExits<'a> {
     /// Ranges the bystander zeroed at pass boundaries.
     zeroed: Vec<Zeroed>,
     progress_exits: u64,
+    /// The last pass boundary handled.
+    last_boundary: u64,
+}
+
+/// The pass count a progress doorbell carries, checked: each boundary once,
+/// in order, within the run's passes. The guest controls the value; a
+/// guest ringing without limit would otherwise make the VMM invalidate
+/// (and the checksum model replay) without limit. `Ok(None)`: the last
+/// pass (nothing to do between passes).
+fn next_boundary(last: u64, passes_done: u64, passes: u64) -> Result<Option<u64>, TouchError> {
+    if passes_done != last + 1 || passes_done > passes {
+        return Err(TouchError::Doorbell {
+            got: passes_done,
+            expected: last + 1,
+            passes,
+        });
+    }
+    Ok((passes_done < passes).then_some(passes_done))
 }
 
 impl TouchExits<'_> {
     fn between_passes(&mut self, passes_done: u64) -> Result<(), TouchError> {
-        if passes_done >= self.passes {
+        let Some(passes_done) = next_boundary(self.last_boundary, passes_done, self.passes)? else {
+            self.last_boundary = passes_done;
             return Ok(());
-        }
+        };
+        self.last_boundary = passes_done;
         if let Some(b) = self.bystander {
             // Raw invalidations behind the VMM's back; the check runs once
             // their events landed.
@@ -322,6 +348,7 @@ pub fn run(args: &TouchArgs) -> Result<TouchReport, TouchError> {
             settle: &settle,
             zeroed: Vec::new(),
             progress_exits: 0,
+            last_boundary: 0,
         };
         // A dead helper thread stops the run: a dead fault thread leaves
         // the vCPU asleep in a fault, a dead tracepoint pump leaves
@@ -488,5 +515,28 @@ impl Report for TouchReport {
     }
     fn ok(&self) -> bool {
         TouchReport::ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_pass_boundary_is_taken_once_in_order() {
+        assert_eq!(next_boundary(0, 1, 3).ok(), Some(Some(1)));
+        assert_eq!(next_boundary(1, 2, 3).ok(), Some(Some(2)));
+        // The last pass: nothing between passes.
+        assert_eq!(next_boundary(2, 3, 3).ok(), Some(None));
+        // A guest ringing again, skipping, going back or past the end.
+        for (last, got) in [(1, 1), (1, 3), (2, 1), (3, 4), (0, u64::MAX)] {
+            assert!(
+                matches!(
+                    next_boundary(last, got, 3),
+                    Err(TouchError::Doorbell { .. })
+                ),
+                "{last} -> {got}"
+            );
+        }
     }
 }
