@@ -28,7 +28,6 @@ use vm_memory::GuestMemoryMmap;
 use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::register_signal_handler;
 
 use crate::arch::x86_64::emulate::EmulateError;
 use crate::cli::LinuxGuestArgs;
@@ -320,23 +319,66 @@ pub struct BootHooks<'a> {
     pub probe: Option<Arc<crate::devices::probe::ProbeChannel>>,
 }
 
-/// Set by SIGINT/SIGTERM: stop the guest and still print the report.
+/// Set by SIGINT/SIGTERM during a boot: stop the guest and still print
+/// the report.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn interrupt_handler(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// SIGINT and SIGTERM set [`INTERRUPTED`] (installed once).
-fn watch_interrupts() -> Result<(), BootError> {
-    static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        register_signal_handler(libc::SIGINT, interrupt_handler)
-            .and_then(|_| register_signal_handler(libc::SIGTERM, interrupt_handler))
-            .map_err(|e| e.to_string())
-    })
-    .clone()
-    .map_err(|e| BootError::Plumbing(format!("signal handler: {e}")))
+/// SIGINT and SIGTERM set [`INTERRUPTED`] for one boot: installed with
+/// [`InterruptWatch::install`] (the flag cleared first), and the previous
+/// handlers - `notifier::restore`'s, which writes host settings back and
+/// ends the process - are put back on drop. A second boot in the same
+/// process starts uninterrupted; a signal after the boot acts as it would
+/// have without one.
+struct InterruptWatch {
+    old: [(libc::c_int, libc::sigaction); 2],
+}
+
+impl InterruptWatch {
+    fn install() -> Result<Self, BootError> {
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        let mut old = [
+            (libc::SIGINT, empty_sigaction()),
+            (libc::SIGTERM, empty_sigaction()),
+        ];
+        for (sig, prev) in &mut old {
+            let mut act = empty_sigaction();
+            act.sa_sigaction = interrupt_handler as extern "C" fn(libc::c_int) as usize;
+            // SAFETY: `act` is a fully initialised sigaction whose handler
+            // only stores to an atomic (async-signal-safe); `prev` is
+            // valid for the old action to be written to.
+            let rc = unsafe {
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(*sig, &act, prev)
+            };
+            if rc != 0 {
+                return Err(BootError::Plumbing(format!(
+                    "signal handler: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(InterruptWatch { old })
+    }
+}
+
+impl Drop for InterruptWatch {
+    fn drop(&mut self) {
+        for (sig, prev) in &self.old {
+            // SAFETY: `prev` is the action sigaction returned for `sig`
+            // in `install`; putting it back has no other effect.
+            unsafe { libc::sigaction(*sig, prev, std::ptr::null_mut()) };
+        }
+    }
+}
+
+fn empty_sigaction() -> libc::sigaction {
+    // SAFETY: sigaction is a plain C struct for which all-zero bytes is a
+    // valid value (SIG_DFL, empty mask, no flags).
+    unsafe { std::mem::zeroed() }
 }
 
 /// Ends the event loop when the vCPU thread is done.
@@ -447,7 +489,7 @@ pub fn boot(
         evt: exit_evt.try_clone().map_err(plumb)?,
         done: done.clone(),
     }));
-    watch_interrupts()?;
+    let _interrupts = InterruptWatch::install()?;
 
     // The vCPU thread.
     let stop = Arc::new(AtomicBool::new(false));
