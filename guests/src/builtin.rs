@@ -106,7 +106,10 @@ pub fn gdt() -> [u64; 7] {
 /// Guest RAM the system image supports: a non-zero multiple of 2 MiB, at
 /// most [`MAX_MEM`].
 pub fn check_mem(mem: u64) -> Result<(), BuiltinError> {
-    if mem == 0 || mem > MAX_MEM || !mem.is_multiple_of(SYSTEM_SIZE) {
+    if mem == 0 || !mem.is_multiple_of(SYSTEM_SIZE) {
+        return Err(BuiltinError::MemNotWhole(mem));
+    }
+    if mem > MAX_MEM {
         return Err(BuiltinError::Mem(mem));
     }
     Ok(())
@@ -156,8 +159,10 @@ pub enum BuiltinError {
     },
     #[error("working set has {0} slots; 1..={MAX_SLOTS} supported")]
     Slots(u64),
-    #[error("guest RAM {0:#x} exceeds what the page tables cover ({MAX_MEM:#x}) or is not 2 MiB aligned")]
+    #[error("guest RAM of {0:#x} bytes is above the {MAX_MEM:#x} bytes the built-in guest's page tables cover")]
     Mem(u64),
+    #[error("guest RAM of {0:#x} bytes is not a non-zero multiple of 2 MiB (the built-in guest maps it in 2 MiB pages)")]
+    MemNotWhole(u64),
     #[error("passes must be at least 1")]
     Passes,
     #[error("assembler: {0}")]

@@ -22,7 +22,7 @@
 //! pass (never reset), so the VMM can wait for the guest to have re-touched
 //! its whole working set after an invalidation.
 
-use crate::builtin::{self, BuiltinError, LAYOUT, MAX_MEM, SYSTEM_SIZE};
+use crate::builtin::{self, BuiltinError, LAYOUT};
 use iced_x86::code_asm::*;
 
 pub const PROBE_MAGIC: u64 = 0x5052_4f42_4521_2121; // "PROBE!!!"
@@ -87,9 +87,7 @@ pub struct ProbeParams {
 impl ProbeParams {
     /// Check against guest RAM of `mem` bytes.
     pub fn validate(&self, mem: u64) -> Result<(), BuiltinError> {
-        if mem == 0 || mem > MAX_MEM || !mem.is_multiple_of(SYSTEM_SIZE) {
-            return Err(BuiltinError::Mem(mem));
-        }
+        builtin::check_mem(mem)?;
         for s in [self.stride, self.sparse_stride] {
             if s == 0 || !s.is_multiple_of(8) {
                 return Err(BuiltinError::Stride(s));

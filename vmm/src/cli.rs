@@ -28,6 +28,8 @@ pub enum SizeError {
     Bad(String),
     #[error("size {0:?} does not fit in 64 bits")]
     Overflow(String),
+    #[error("guest RAM of {0:?} is no RAM: give a size such as 256M")]
+    Zero(String),
 }
 
 /// `--backing` (and `vmm latency`'s configurations): a
@@ -63,6 +65,16 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         .map_err(|_| SizeError::Overflow(s.to_string()))?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| SizeError::Overflow(s.to_string()))
+}
+
+/// A guest RAM size (`--mem`): a [`parse_size`] that is not zero. Whether
+/// it is whole pages of the backing is checked where the backing is known
+/// ([`crate::memory::check_whole_pages`]): never rounded silently.
+pub fn parse_ram_size(s: &str) -> Result<u64, SizeError> {
+    match parse_size(s)? {
+        0 => Err(SizeError::Zero(s.to_string())),
+        n => Ok(n),
+    }
 }
 
 /// The Linux guest: kernel, initramfs, command line and console (`vmm
@@ -258,6 +270,17 @@ mod tests {
             parse_size("99999999999999999999999"),
             Err(SizeError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn guest_ram_is_never_zero() {
+        for zero in ["0", "0M", "0k", " 0G"] {
+            assert!(
+                matches!(parse_ram_size(zero), Err(SizeError::Zero(_))),
+                "{zero}"
+            );
+        }
+        assert_eq!(parse_ram_size("1"), Ok(1 << 20));
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //! nothing per fault, but the tracepoint pump thread would compete for the
 //! two CPUs.
 
-use crate::cli::{self, parse_size, Report};
+use crate::cli::{self, parse_ram_size, Report};
 use crate::host::events::EventSources;
 use crate::machine::builtin::touch::{self, TouchArgs, TouchError};
 use crate::memory::fault::{self, FaultOptions};
@@ -67,7 +67,7 @@ pub enum BenchCmd {
 #[derive(clap::Args, Debug, Clone)]
 pub struct FaultCostArgs {
     /// Guest RAM (2 MiB pages; every page above the first is touched once).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    #[arg(long, default_value = "512M", value_parser = parse_ram_size)]
     pub mem: u64,
     /// Runs per variant (medians are reported).
     #[arg(long, default_value_t = 7)]

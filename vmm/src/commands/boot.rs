@@ -9,7 +9,7 @@ use std::time::Duration;
 use notifier::hostmm::Backing;
 use notifier::PageSize;
 
-use crate::cli::{self, parse_size, LinuxGuestArgs, Report};
+use crate::cli::{self, parse_ram_size, LinuxGuestArgs, Report};
 use crate::machine::linux::{
     self, BootError, BootHooks, BootInputs, BootMemory, BootReport, LinuxBoot, Profile,
     DEFAULT_INIT_MARKER,
@@ -22,7 +22,7 @@ pub struct BootArgs {
     #[command(flatten)]
     pub linux: LinuxGuestArgs,
     /// Guest RAM size (e.g. 256M, 1G; a bare number is MiB).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = parse_ram_size)]
     pub mem: u64,
     /// Guest RAM backing: 2M, 1G (hugetlb memfd) or none (plain memfd).
     #[arg(long, default_value = "2M", value_parser = memory::parse_hugepages)]

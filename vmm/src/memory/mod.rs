@@ -88,6 +88,41 @@ pub enum MemoryError {
     /// mmap of the memfd failed.
     #[error("mapping guest RAM failed: {0}")]
     Mmap(String),
+    /// No RAM at all.
+    #[error("guest RAM of 0 bytes: give --mem a size, e.g. 256M")]
+    Empty,
+    /// Not a whole number of the backing's pages (never rounded silently).
+    #[error("guest RAM of {size} bytes is not a whole number of {page} pages: use {}", suggest(*.size, *.page))]
+    NotWholePages { size: u64, page: PageSize },
+}
+
+/// The whole-page sizes either side of `size` (`--mem` values).
+fn suggest(size: u64, page: PageSize) -> String {
+    let mib = |b: u64| {
+        if b % (1 << 20) == 0 {
+            format!("{}M", b >> 20)
+        } else {
+            format!("{}K", b >> 10)
+        }
+    };
+    let down = size - size % page.bytes();
+    let up = down.saturating_add(page.bytes());
+    if down == 0 {
+        mib(up)
+    } else {
+        format!("{} or {}", mib(down), mib(up))
+    }
+}
+
+/// Guest RAM must be a non-zero whole number of its backing's pages.
+pub fn check_whole_pages(size: u64, page: PageSize) -> Result<u64, MemoryError> {
+    if size == 0 {
+        return Err(MemoryError::Empty);
+    }
+    if size % page.bytes() != 0 {
+        return Err(MemoryError::NotWholePages { size, page });
+    }
+    Ok(size)
 }
 
 /// Round `size` up to the backing page size.
@@ -133,10 +168,10 @@ pub fn host_mem_total() -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-/// Validate a requested size against the host, the layout and the pool;
-/// returns it rounded up to the page size.
+/// Validate a requested size: whole pages of `hp`, then against the host,
+/// the layout and the pool.
 pub fn validate(size: u64, hp: PageSize) -> Result<u64, MemoryError> {
-    let size = rounded_size(size, hp);
+    let size = check_whole_pages(size, hp)?;
     if let Some(total) = host_mem_total() {
         if size > total {
             return Err(MemoryError::LargerThanHost {
@@ -222,8 +257,8 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// `size` bytes of RAM (rounded up to the page size) backed as
-    /// `backing`, which must be a shared memfd.
+    /// `size` bytes of RAM (whole pages) backed as `backing`, which must
+    /// be a shared memfd.
     pub fn new(size: u64, backing: Backing) -> Result<Self, MemoryError> {
         let hp = match backing {
             Backing::SharedMemfd(hp) => hp,
@@ -251,7 +286,7 @@ impl GuestRam {
 }
 
 impl GuestRam {
-    /// `size` bytes of private anonymous RAM (4 KiB pages, rounded up;
+    /// `size` bytes of private anonymous RAM (4 KiB pages, whole ones;
     /// `thp`: `MADV_HUGEPAGE`, so the kernel's first touch of a 2 MiB
     /// block maps a huge PMD - `do_huge_pmd_anonymous_page()`), no file.
     fn anonymous(size: u64, thp: bool) -> Result<Self, MemoryError> {
@@ -323,6 +358,29 @@ mod tests {
     fn larger_than_host_is_refused() {
         let e = validate(1 << 50, PageSize::Size4K).unwrap_err();
         assert!(matches!(e, MemoryError::LargerThanHost { .. }), "{e}");
+    }
+
+    #[test]
+    fn sizes_are_whole_pages_never_rounded() {
+        assert!(matches!(
+            validate(0, PageSize::Size4K),
+            Err(MemoryError::Empty)
+        ));
+        for (size, page, says) in [
+            (1 << 20, PageSize::Size2M, "use 2M"),
+            (3000 << 10, PageSize::Size2M, "use 2M or 4M"),
+            (1025 << 20, PageSize::Size2M, "use 1024M or 1026M"),
+            (256 << 20, PageSize::Size1G, "use 1024M"),
+            (4097, PageSize::Size4K, "use 4K or 8K"),
+        ] {
+            let e = validate(size, page).unwrap_err();
+            assert!(matches!(e, MemoryError::NotWholePages { .. }), "{e}");
+            assert!(e.to_string().ends_with(says), "{e}");
+        }
+        assert_eq!(
+            check_whole_pages(4 << 20, PageSize::Size2M).ok(),
+            Some(4 << 20)
+        );
     }
 
     #[test]

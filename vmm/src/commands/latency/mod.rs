@@ -49,7 +49,7 @@ mod plots;
 pub mod report;
 pub mod session;
 
-use crate::cli::{self, parse_size, Guest, Report};
+use crate::cli::{self, parse_ram_size, Guest, Report};
 use crate::memory::uffd::UffdRamError;
 use crate::report::progress_bar;
 use measure::{Op, Sample, Scenario, Target, Tracer};
@@ -72,7 +72,7 @@ pub struct LatencyArgs {
     #[arg(long, value_enum, default_value = "builtin")]
     pub guest: Guest,
     /// Guest RAM on 2 MiB pages (1 GiB-page configurations use 2 GiB).
-    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    #[arg(long, default_value = "2G", value_parser = parse_ram_size)]
     pub mem: u64,
     /// Iterations per scenario.
     #[arg(long, default_value_t = 20)]

@@ -71,7 +71,7 @@ use notifier::hostmm::Backing;
 use notifier::{HvaRange, PageSize, Subscribers};
 
 use crate::arch::x86_64::emulate::EmulateError;
-use crate::cli::{self, parse_size, OnOff, Report, ZapArgs};
+use crate::cli::{self, parse_ram_size, parse_size, OnOff, Report, ZapArgs};
 use crate::machine::builtin::{doorbell_u64, BuiltinVm, BuiltinVmError};
 use crate::memory::mmu::ZapRecorder;
 use crate::memory::uffd::{UffdGuestRam, UffdMode, UffdRamError};
@@ -82,7 +82,7 @@ use plane::{sample_gpas, store_word, NestedPlane};
 #[derive(clap::Args, Debug, Clone)]
 pub struct NestedRunArgs {
     /// L1 guest RAM (2 MiB hugetlb).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_ram_size)]
     pub mem: u64,
     /// As root, grow the 2 MiB hugetlb pool so L1's RAM fits, for this run
     /// only (lowered again at exit).

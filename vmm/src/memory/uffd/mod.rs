@@ -209,10 +209,9 @@ impl UffdGuestRam {
         if !shared && mode.prefilled() {
             return Err(UffdRamError::NoPageCache(mode));
         }
-        // Whole units (a THP block), but only hugetlb has a pool to check.
-        let size = size
-            .checked_next_multiple_of(hp.bytes())
-            .unwrap_or(size & !(hp.bytes() - 1));
+        // Whole units (a THP block too), but only hugetlb has a pool to
+        // check.
+        let size = memory::check_whole_pages(size, hp)?;
         let pool = if backing.is_hugetlb() {
             hp
         } else {

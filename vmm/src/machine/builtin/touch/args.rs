@@ -7,7 +7,7 @@ use guests::builtin::{Params, Pattern, LAYOUT};
 use notifier::PageSize;
 
 use crate::cli::parse_backing;
-use crate::cli::parse_size;
+use crate::cli::{parse_ram_size, parse_size};
 use crate::host::events::EventSources;
 use crate::host::invalidator::InvalKind;
 use crate::memory::uffd::UffdMode;
@@ -19,7 +19,7 @@ use notifier::hostmm::Backing;
 #[derive(clap::Args, Debug, Clone)]
 pub struct TouchArgs {
     /// Guest RAM size (e.g. 256M, 2G; a bare number is MiB).
-    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    #[arg(long, default_value = "2G", value_parser = parse_ram_size)]
     pub mem: u64,
     /// hugetlb page size backing guest RAM (a shared memfd): 2M or 1G.
     #[arg(long, default_value = "2M", value_parser = crate::memory::parse_hugepages)]
