@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use integration_tests::{linux_image, require, serial_then_reset, tiny_elf};
+use integration_tests::{empty_initrd, linux_image, require, serial_then_reset, tiny_elf};
 use notifier::hostconf::HugepageReservation;
 use notifier::PageSize;
 use vmm::arch::x86_64::layout::MAX_LOW_RAM;
@@ -83,7 +83,7 @@ fn bad_kernels_and_initrds_are_typed_errors() {
     if !require("/dev/kvm", kvm_ok()) {
         return;
     }
-    let initrd = write("initrd", b"070701");
+    let initrd = write("initrd", &empty_initrd());
     let good = write("k-good", &tiny_elf(&[0xf4], 0));
     type Case = (PathBuf, PathBuf, fn(&BootError) -> bool);
     let cases: Vec<Case> = vec![
@@ -101,6 +101,19 @@ fn bad_kernels_and_initrds_are_typed_errors() {
         (good.clone(), scratch("no-such-initrd"), |e| {
             matches!(e, BootError::Kernel(KernelError::InitrdMissing(_)))
         }),
+        // Truncated, or not an initramfs at all: refused at load time (the
+        // guest would otherwise boot for minutes, then find no /init).
+        (good.clone(), write("initrd-trunc", b"070701"), |e| {
+            matches!(e, BootError::Kernel(KernelError::BadInitrd { .. }))
+        }),
+        (
+            good.clone(),
+            write("initrd-cut", &empty_initrd()[..100]),
+            |e| matches!(e, BootError::Kernel(KernelError::BadInitrd { .. })),
+        ),
+        (good.clone(), write("initrd-text", b"hello world"), |e| {
+            matches!(e, BootError::Kernel(KernelError::BadInitrd { .. }))
+        }),
     ];
     for (k, i, ok) in cases {
         let e = boot::run(&args(&k, &i, PageSize::Size4K, 32 << 20)).unwrap_err();
@@ -113,7 +126,7 @@ fn memory_too_small_or_too_large_is_a_typed_error() {
     if !require("/dev/kvm", kvm_ok()) {
         return;
     }
-    let initrd = write("initrd-small", b"070701");
+    let initrd = write("initrd-small", &empty_initrd());
     // Kernel segment ends at 16 + 64 MiB; the guest has 32 MiB.
     let big = write("k-big", &tiny_elf(&[0xf4], 64 << 20));
     let e = boot::run(&args(&big, &initrd, PageSize::Size4K, 32 << 20)).unwrap_err();
@@ -169,7 +182,7 @@ fn not_enough_hugepages_says_free_needed_and_command() {
 /// IDT), int3 assist then triple fault, console + i8042 reset, and the
 /// init-killed classification from console lines.
 fn quick_paths(hp: PageSize, mem: u64) {
-    let initrd = write(&format!("initrd-{hp}"), b"070701");
+    let initrd = write(&format!("initrd-{hp}"), &empty_initrd());
     let ud2 = write(&format!("k-ud2-{hp}"), &tiny_elf(&[0x0f, 0x0b], 0));
     let r = boot::run(&args(&ud2, &initrd, hp, mem)).unwrap();
     assert!(
@@ -354,7 +367,7 @@ fn reserve_hugepages_grows_the_pool_for_the_run_and_restores_it() {
         return;
     }
     let before = nr();
-    let initrd = write("initrd-reserve", b"070701");
+    let initrd = write("initrd-reserve", &empty_initrd());
     let hello = write("k-reserve", &tiny_elf(&serial_then_reset("hello\n"), 0));
     let mut a = args(&hello, &initrd, PageSize::Size2M, mem);
     // Without the flag: the typed error that says how to reserve them.

@@ -43,7 +43,7 @@ fn an_interrupt_stops_one_boot_and_leaves_the_handler_as_it_was() {
     let dir = std::env::temp_dir().join(format!("vmm-boot-signals-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let initrd = dir.join("initrd");
-    std::fs::write(&initrd, b"070701").expect("initrd");
+    std::fs::write(&initrd, integration_tests::empty_initrd()).expect("initrd");
     let args = |name: &str, code: Vec<u8>| {
         let k = dir.join(name);
         std::fs::write(&k, tiny_elf(&code, 0)).expect("kernel");

@@ -218,7 +218,7 @@ fn crafted(msg: &str) -> (PathBuf, PathBuf) {
     let k = scratch(&format!("kernel-{}", msg.len()));
     std::fs::write(&k, tiny_elf(&serial_then_reset(msg), 0)).expect("kernel");
     let i = scratch("initrd");
-    std::fs::write(&i, b"070701").expect("initrd");
+    std::fs::write(&i, integration_tests::empty_initrd()).expect("initrd");
     (k, i)
 }
 

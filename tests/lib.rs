@@ -84,6 +84,14 @@ pub fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
     b
 }
 
+/// An initramfs with nothing in it (a trailer-only newc archive): what
+/// the crafted kernels get.
+pub fn empty_initrd() -> Vec<u8> {
+    guests::linux::cpio::CpioWriter::new(Vec::new())
+        .finish()
+        .expect("an empty cpio archive")
+}
+
 /// Prints `msg` on COM1 (`out dx, al` per byte), then resets via the i8042.
 pub fn serial_then_reset(msg: &str) -> Vec<u8> {
     let mut c = vec![0x48, 0x8d, 0x35, 17, 0, 0, 0]; // lea rsi, [rip+17] (msg)

@@ -81,7 +81,7 @@ fn crafted_kernel_runs_on_uffd_ram_through_the_mmu() {
     let k = scratch("k-hello");
     std::fs::write(&k, tiny_elf(&serial_then_reset("hello\n"), 0)).unwrap();
     let i = scratch("initrd-hello");
-    std::fs::write(&i, b"070701").unwrap();
+    std::fs::write(&i, integration_tests::empty_initrd()).unwrap();
     for mode in [
         UffdMode::Minor,
         UffdMode::Missing,

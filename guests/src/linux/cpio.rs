@@ -6,6 +6,7 @@
 //! fields), the NUL-terminated name padded to 4 bytes, then the data padded
 //! to 4 bytes. The archive ends with an entry named `TRAILER!!!`.
 
+use super::decompress::{decompress, Compression, DecompressError};
 use notifier::convert::{u64_to_usize, usize_to_u64};
 use std::io::{self, Write};
 
@@ -58,6 +59,71 @@ pub enum CpioError {
     BadStoredName { offset: usize },
     #[error("cpio archive has no {TRAILER} entry")]
     MissingTrailer,
+    #[error(
+        "initramfs: {magic:02x?} at offset {offset} is neither a cpio archive nor a compressed one"
+    )]
+    Junk { offset: usize, magic: Vec<u8> },
+    #[error("initramfs: the compressed archive at offset {offset}: {source}")]
+    Compressed {
+        offset: usize,
+        #[source]
+        source: DecompressError,
+    },
+}
+
+/// What an initramfs holds, as the kernel's unpacker would see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InitramfsSummary {
+    /// newc archives (each up to its trailer), compressed ones included.
+    pub archives: usize,
+    pub entries: usize,
+    /// Compressed archives among them.
+    pub compressed: usize,
+}
+
+/// Check an initramfs the way `unpack_to_rootfs()` (init/initramfs.c)
+/// reads it, so that a truncated or corrupt one is an error at load time
+/// rather than a guest that boots for minutes and then cannot mount its
+/// root: a sequence of NUL padding, uncompressed newc archives (each up to
+/// its `TRAILER!!!`) and compressed streams (`decompress_method()`: gzip,
+/// bzip2, lzma, xz, lzo, lz4, zstd) whose contents are such a sequence in
+/// turn. What follows a compressed stream is not checked (this decoder
+/// does not say where the stream ended; the kernel's does).
+pub fn check_initramfs(data: &[u8]) -> Result<InitramfsSummary, CpioError> {
+    let mut sum = InitramfsSummary::default();
+    check_segments(data, &mut sum, true)?;
+    Ok(sum)
+}
+
+fn check_segments(data: &[u8], sum: &mut InitramfsSummary, outer: bool) -> Result<(), CpioError> {
+    let mut pos = 0usize;
+    while let Some(rest) = data.get(pos..).filter(|r| !r.is_empty()) {
+        if rest[0] == 0 {
+            pos += 1; // padding between archives
+            continue;
+        }
+        if rest.starts_with(MAGIC) || rest.starts_with(b"070702") {
+            let (entries, end) = parse_archive(data, pos)?;
+            sum.archives += 1;
+            sum.entries += entries.len();
+            pos = end;
+            continue;
+        }
+        let c = Compression::detect(rest);
+        if !outer || matches!(c, Compression::Unknown(_) | Compression::None) {
+            return Err(CpioError::Junk {
+                offset: pos,
+                magic: rest.iter().take(6).copied().collect(),
+            });
+        }
+        let inner = decompress(c, rest).map_err(|source| CpioError::Compressed {
+            offset: pos,
+            source,
+        })?;
+        sum.compressed += 1;
+        return check_segments(&inner, sum, false);
+    }
+    Ok(())
 }
 
 fn pad4(n: usize) -> usize {
@@ -218,8 +284,14 @@ impl Entry<'_> {
 
 /// Parses a whole newc archive up to its trailer (which is not returned).
 pub fn parse(data: &[u8]) -> Result<Vec<Entry<'_>>, CpioError> {
+    parse_archive(data, 0).map(|(entries, _)| entries)
+}
+
+/// The newc archive that starts at `start`: its entries and the offset
+/// just past its trailer's record.
+fn parse_archive(data: &[u8], start: usize) -> Result<(Vec<Entry<'_>>, usize), CpioError> {
     let mut entries = Vec::new();
-    let mut pos = 0usize;
+    let mut pos = start;
     loop {
         let hdr = data
             .get(pos..pos + HEADER_LEN)
@@ -227,7 +299,8 @@ pub fn parse(data: &[u8]) -> Result<Vec<Entry<'_>>, CpioError> {
                 offset: pos,
                 what: "header",
             })?;
-        if &hdr[..6] != MAGIC {
+        // newc, or newc with checksums (`070702`, which the kernel reads too).
+        if &hdr[..6] != MAGIC && &hdr[..6] != b"070702" {
             return Err(CpioError::BadMagic {
                 offset: pos,
                 found: String::from_utf8_lossy(&hdr[..6]).into_owned(),
@@ -270,7 +343,7 @@ pub fn parse(data: &[u8]) -> Result<Vec<Entry<'_>>, CpioError> {
                 what: "file data",
             })?;
         if name == TRAILER {
-            return Ok(entries);
+            return Ok((entries, data_at + filesize + pad4(filesize)));
         }
         entries.push(Entry {
             name,
@@ -294,6 +367,69 @@ pub fn parse(data: &[u8]) -> Result<Vec<Entry<'_>>, CpioError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = CpioWriter::new(Vec::new());
+        for (name, data) in files {
+            w.file(name, 0o644, data).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// What `unpack_to_rootfs()` takes: archives, NUL padding between
+    /// them, a compressed archive after them (the early-microcode layout).
+    #[test]
+    fn initramfs_as_the_kernel_unpacks_it() {
+        let a = archive(&[("init", b"#!/bin/sh\n")]);
+        let b = archive(&[
+            ("kernel/x86/microcode/GenuineIntel.bin", &[7; 100]),
+            ("y", b""),
+        ]);
+        let one = check_initramfs(&a).unwrap();
+        assert_eq!((one.archives, one.entries, one.compressed), (1, 1, 0));
+        let mut cat = b.clone();
+        cat.extend_from_slice(&[0; 512]);
+        cat.extend_from_slice(&gzip(&a));
+        let s = check_initramfs(&cat).unwrap();
+        assert_eq!((s.archives, s.entries, s.compressed), (2, 3, 1));
+        assert_eq!(check_initramfs(&[]).unwrap(), InitramfsSummary::default());
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_initramfs_is_refused() {
+        let a = archive(&[("init", &[1; 300])]);
+        for cut in [6, 110, 200, a.len() - 4] {
+            assert!(check_initramfs(&a[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(
+            check_initramfs(b"hello"),
+            Err(CpioError::Junk { offset: 0, .. })
+        ));
+        let mut trailing = a.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(matches!(
+            check_initramfs(&trailing),
+            Err(CpioError::Junk { .. })
+        ));
+        let gz = gzip(&a);
+        assert!(matches!(
+            check_initramfs(&gz[..gz.len() / 2]),
+            Err(CpioError::Compressed { .. })
+        ));
+        // A compressed stream inside a compressed stream is junk to the
+        // kernel's cpio state machine.
+        assert!(matches!(
+            check_initramfs(&gzip(&gz)),
+            Err(CpioError::Junk { .. })
+        ));
+    }
 
     const SAMPLE_NAMES: [&str; 8] = [
         "dev",

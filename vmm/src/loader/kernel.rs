@@ -30,6 +30,14 @@ pub enum KernelError {
     /// The initrd file does not exist.
     #[error("initrd {0} does not exist")]
     InitrdMissing(PathBuf),
+    /// The initrd is not an initramfs the kernel could unpack (truncated,
+    /// corrupt, not cpio).
+    #[error("initrd {}: {source}", path.display())]
+    BadInitrd {
+        path: PathBuf,
+        #[source]
+        source: guests::linux::cpio::CpioError,
+    },
     /// Reading a file failed.
     #[error("reading {path}: {source}")]
     Read {
@@ -166,9 +174,15 @@ impl KernelImage {
     }
 }
 
-/// Read the initrd.
+/// Read the initrd and check it is an initramfs the kernel can unpack
+/// ([`guests::linux::cpio::check_initramfs`]).
 pub fn read_initrd(path: &Path) -> Result<Vec<u8>, KernelError> {
-    read_file(path, KernelError::InitrdMissing)
+    let bytes = read_file(path, KernelError::InitrdMissing)?;
+    guests::linux::cpio::check_initramfs(&bytes).map_err(|source| KernelError::BadInitrd {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes)
 }
 
 /// Where the initrd goes: page-aligned at the top of low memory, above the kernel.
