@@ -63,6 +63,32 @@ fn between_pass_invalidations_and_missing_races_are_typed_errors() {
     let e = run_linux::run(&a).unwrap_err();
     assert!(matches!(e, RunLinuxError::Invalidate(_)), "{e}");
     a.touch.invalidate = InvalKind::None;
+    // Options of the other guest are refused, not silently ignored.
+    a.touch.passes = 5;
+    a.touch.stride = 64;
+    let e = run_linux::run(&a).unwrap_err();
+    assert!(matches!(e, RunLinuxError::BuiltinOnly(_)), "{e}");
+    assert!(e.to_string().contains("--passes, --stride"), "{e}");
+    a.touch.passes = 3;
+    a.touch.stride = 4096;
+    let out = std::process::Command::new(integration_tests::vmm_binary())
+        .args([
+            "run",
+            "--guest",
+            "builtin",
+            "--kernel",
+            "/nonexistent",
+            "--mem",
+            "64M",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--guest builtin does not use --kernel"),
+        "{err}"
+    );
     a.touch.uffd = UffdMode::Missing;
     a.touch.race_discard_us = 100;
     let e = run_linux::run(&a).unwrap_err();

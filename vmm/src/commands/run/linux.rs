@@ -66,6 +66,8 @@ pub enum RunLinuxError {
     Invalidate(InvalKind),
     #[error("--guest linux needs a shared memfd (--backing shared-2M, shared-1G or shmem), not {0}: the kernel and initramfs are loaded through the VMM's own mapping of the file")]
     PrivateRam(Backing),
+    #[error("--guest linux does not use {0} (options of the built-in guest)")]
+    BuiltinOnly(String),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -158,6 +160,10 @@ pub fn staging_for(ram: &Arc<UffdGuestRam>) -> Result<Staging, RunLinuxError> {
 /// Setup problems are `Err`; a boot that ran returns a report.
 pub fn run(args: &RunArgs) -> Result<LinuxRunReport, RunLinuxError> {
     let t_start = Instant::now();
+    let foreign = args.foreign_options();
+    if !foreign.is_empty() {
+        return Err(RunLinuxError::BuiltinOnly(foreign.join(", ")));
+    }
     if args.touch.invalidate != InvalKind::None {
         return Err(RunLinuxError::Invalidate(args.touch.invalidate));
     }

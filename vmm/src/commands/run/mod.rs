@@ -31,6 +31,29 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Options given that the chosen guest does not use: refused, never
+    /// silently ignored.
+    pub fn foreign_options(&self) -> Vec<&'static str> {
+        match self.guest {
+            Guest::Linux => self.touch.builtin_only_set(),
+            Guest::Builtin => {
+                let l = &self.linux;
+                [
+                    ("--kernel", l.kernel.is_some()),
+                    ("--initrd", l.initrd.is_some()),
+                    ("--cmdline", l.cmdline.is_some()),
+                    ("--append", l.append.is_some()),
+                    ("--serial-log", l.serial_log.is_some()),
+                    ("--quiet", l.quiet),
+                    ("--boot-timeout", self.boot_timeout != 3600),
+                ]
+                .into_iter()
+                .filter_map(|(name, set)| set.then_some(name))
+                .collect()
+            }
+        }
+    }
+
     /// Defaults, for library callers.
     pub fn new(mem: u64, uffd: UffdMode) -> Self {
         RunArgs {
@@ -47,6 +70,14 @@ impl RunArgs {
 pub fn main(args: RunArgs) -> ExitCode {
     match args.guest {
         Guest::Builtin => {
+            let foreign = args.foreign_options();
+            if !foreign.is_empty() {
+                let e = format!(
+                    "--guest builtin does not use {} (options of --guest linux)",
+                    foreign.join(", ")
+                );
+                return cli::conclude::<touch::TouchReport, _>("vmm run", args.json, Err(e), None);
+            }
             let r = touch::run(&args.touch);
             cli::conclude("vmm run", args.json, r, None)
         }

@@ -141,6 +141,31 @@ impl TouchArgs {
         }
     }
 
+    /// The options set away from their defaults that only the built-in
+    /// guest uses (`vmm run --guest linux` refuses them rather than
+    /// ignoring them).
+    pub fn builtin_only_set(&self) -> Vec<&'static str> {
+        let d = Self::new(self.mem, self.uffd);
+        [
+            ("--passes", self.passes != d.passes),
+            ("--ws", self.ws != d.ws),
+            ("--stride", self.stride != d.stride),
+            ("--pattern", self.pattern != d.pattern),
+            ("--seed", self.seed != d.seed),
+            ("--inval-per-pass", self.inval_per_pass != d.inval_per_pass),
+            ("--verify", self.verify != d.verify),
+            ("--wake-early", self.wake_early != d.wake_early),
+            ("--fault-cpu", self.fault_cpu != d.fault_cpu),
+            ("--fault-around", self.fault_around != d.fault_around),
+            ("--events", self.events != d.events),
+            ("--bystander-us", self.bystander_us != d.bystander_us),
+            ("--timeout", self.timeout != d.timeout),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
     /// Guest RAM's backing: `--backing`, else a shared memfd of
     /// `--hugepages`.
     pub fn backing(&self) -> Backing {
