@@ -409,3 +409,39 @@ fn anonymous_thp_and_shmem_ram() {
         );
     }
 }
+
+/// MISSING-mode RAM takes its huge pages one fault at a time, long after
+/// the pool was checked: they are reserved at mmap (no `MAP_NORESERVE`),
+/// so another process draining the pool meanwhile cannot turn a fault into
+/// ENOMEM (or the VMM's own touch into SIGBUS).
+#[test]
+fn missing_mode_ram_reserves_its_huge_pages_at_mmap() {
+    let Some(_g) = ready() else { return };
+    const RESV: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages";
+    let resv = || -> u64 {
+        std::fs::read_to_string(RESV)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for backing in [
+        notifier::hostmm::Backing::PrivateHugetlb(PageSize::Size2M),
+        notifier::hostmm::Backing::SharedMemfd(PageSize::Size2M),
+    ] {
+        let before = resv();
+        let ram = vmm::memory::uffd::UffdGuestRam::new(
+            MEM,
+            backing,
+            UffdMode::Missing,
+            notifier::Subscribers::new(),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{backing}: {e}"));
+        assert_eq!(
+            resv() - before,
+            MEM / (2 << 20),
+            "{backing}: every page reserved, none taken yet"
+        );
+        drop(ram);
+    }
+}

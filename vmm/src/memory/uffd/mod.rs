@@ -219,7 +219,10 @@ impl UffdGuestRam {
         };
         let size = memory::validate(size, pool)?;
         let mut hostmm = HostMm::new(subs.clone())?;
-        let region = hostmm.map(
+        // Reserved: the pool is checked above, and the pages must still be
+        // there when a fault takes them (MISSING mode takes them one by
+        // one, after the check).
+        let region = hostmm.map_reserved(
             backing,
             size,
             Placement {
