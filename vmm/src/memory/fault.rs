@@ -245,7 +245,15 @@ fn try_fault(
                 Ok(HostPage {
                     pfn: gfn,
                     level: ram.host_level(gpa),
-                    writable: true,
+                    // Writable only for a write fault: the kernel hands a
+                    // fault to userfaultfd only after the VMA allowed the
+                    // access (`access_error()` on the CPU path, GUP's
+                    // `check_vma_flags()` on KVM's), so a write fault means
+                    // the host mapping is writable; a read fault says
+                    // nothing of it (the VMA may be read-only: mprotect,
+                    // write-protect), so it maps read-only, as KVM's
+                    // `hva_to_pfn()` does when it cannot get a writable page.
+                    writable: write,
                 })
             }
             Err(e) => {
@@ -317,7 +325,9 @@ fn fault_around(ram: &UffdGuestRam, mmu: &TdpMmu, hva: u64, n: u64, rep: &mut Fa
             .map(|_| HostPage {
                 pfn: gfn,
                 level: ram.host_level(gpa),
-                writable: true,
+                // No access to go by (nobody faulted): read-only, as for a
+                // read fault in [`try_fault`].
+                writable: false,
             })
             .map_err(|e| ResolveError::Host {
                 hva: ram.guest_hva() + gpa,
