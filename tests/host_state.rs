@@ -200,11 +200,27 @@ fn assert_restored(run: &Run, before: &Host) {
 /// Signal `sig` once `cond` holds, then check it ended by the signal (or,
 /// for a command with a graceful stop, on its own) with the host restored.
 fn signal_mid_run(args: &[&str], sig: libc::c_int, what: &str, cond: impl Fn(u32) -> bool) {
+    signal_mid_run_after(args, sig, what, cond, Duration::ZERO)
+}
+
+/// [`signal_mid_run`], `settle` after `cond` (the run under way: its guest
+/// running, a graceful handler installed).
+fn signal_mid_run_after(
+    args: &[&str],
+    sig: libc::c_int,
+    what: &str,
+    cond: impl Fn(u32) -> bool,
+    settle: Duration,
+) {
     let before = Host::now();
     let mut run = start(args);
     let t0 = Instant::now();
     run.wait_for(what, cond);
     let changed_after = t0.elapsed();
+    if !settle.is_zero() {
+        std::thread::sleep(settle);
+        run.wait_for("the settle", |_| true);
+    }
     let st = run.signal(sig);
     let graceful = args[0] == "boot";
     assert!(
@@ -215,7 +231,7 @@ fn signal_mid_run(args: &[&str], sig: libc::c_int, what: &str, cond: impl Fn(u32
     );
     assert_restored(&run, &before);
     eprintln!(
-        "vmm {}: {what} after {:.2} s, signal {sig}: restored in {:.2} s",
+        "vmm {}: {what} after {:.2} s, signal {sig} ({st}): restored in {:.2} s",
         run.what,
         changed_after.as_secs_f64(),
         t0.elapsed().as_secs_f64()
@@ -318,7 +334,14 @@ fn latency_signal_mid_run_restores_numa_balancing_the_pool_and_tracefs() {
     signal_mid_run(LATENCY_NUMA, libc::SIGTERM, "numa_balancing=1", both);
     let Some(_hog) = hog() else { return };
     let pool = read_u64(POOL_2M);
-    let args = ["latency", "--configs", "shared-2M", "--mem", "128M", "--quick"];
+    let args = [
+        "latency",
+        "--configs",
+        "shared-2M",
+        "--mem",
+        "128M",
+        "--quick",
+    ];
     signal_mid_run(&args, libc::SIGINT, "a grown 2M pool", pool_grew(pool));
     signal_mid_run(&args, libc::SIGTERM, "a grown 2M pool", pool_grew(pool));
 }
@@ -331,7 +354,14 @@ fn notifier_check_signal_mid_run_restores_the_pools_numa_balancing_and_tracefs()
     }
     let Some(_hog) = hog() else { return };
     // Its 2M and 1G reservations come first, then the tracefs instance.
-    let traced = |pid: u32| !instances_of(pid).is_empty();
+    let traced = |pid: u32| {
+        let grown = recorded("hugepages-2048kB")(pid);
+        if grown && !instances_of(pid).is_empty() {
+            eprintln!("1G pool {} at the signal", read(POOL_1G));
+            return true;
+        }
+        false
+    };
     signal_mid_run(
         &["notifier-check"],
         libc::SIGINT,
@@ -435,7 +465,14 @@ fn pool_growing_subcommands_signal_mid_run_restore_the_pool() {
     let pool = read_u64(POOL_2M);
     for args in runs {
         for sig in [libc::SIGINT, libc::SIGTERM] {
-            signal_mid_run(args, sig, "a grown 2M pool", pool_grew(pool));
+            let grown = |pid: u32| pool_grew(pool)(pid) && recorded("pool")(pid);
+            signal_mid_run_after(
+                args,
+                sig,
+                "a grown 2M pool",
+                grown,
+                Duration::from_millis(300),
+            );
         }
     }
 }

@@ -116,6 +116,10 @@ static OWNER: AtomicI32 = AtomicI32::new(0);
 static LOCK_FD: AtomicI32 = AtomicI32::new(-1);
 /// Threads of this process inside a [`crate::hoststate`] section.
 static BUSY: AtomicI32 = AtomicI32::new(0);
+/// Set by the handler before it restores: the process is ending, and no
+/// new section may begin (a thread whose tracefs read fails once the
+/// handler closed the instance's files would otherwise record again).
+static DYING: AtomicBool = AtomicBool::new(false);
 /// This process's state file, NUL-terminated, once [`STATE_SET`].
 struct StatePath(UnsafeCell<[u8; PATH_MAX]>);
 // SAFETY: written once by the thread that wins STATE_FILLING's
@@ -289,13 +293,21 @@ pub(crate) fn set_state_path(path: &Path) {
 }
 
 /// A section of [`crate::hoststate`] begins (signals blocked by the
-/// caller) / ends.
+/// caller) / ends. Once the handler runs, a thread that would begin one
+/// parks instead until the handler's signal ends the process.
 pub(crate) fn section_enter() {
-    BUSY.fetch_add(1, Ordering::AcqRel);
+    loop {
+        BUSY.fetch_add(1, Ordering::SeqCst);
+        if !DYING.load(Ordering::SeqCst) {
+            return;
+        }
+        BUSY.fetch_sub(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 pub(crate) fn section_leave() {
-    BUSY.fetch_sub(1, Ordering::AcqRel);
+    BUSY.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn sleep_ms(ms: u32) {
@@ -434,7 +446,7 @@ fn undo(s: &Slot) {
 /// remove this process's state file. Async-signal-safe.
 pub fn restore_all() {
     let mut waited = 0;
-    while BUSY.load(Ordering::Acquire) > 0 && waited < WAIT_SECTION_MS {
+    while BUSY.load(Ordering::SeqCst) > 0 && waited < WAIT_SECTION_MS {
         sleep_ms(1);
         waited += 1;
     }
@@ -483,6 +495,7 @@ extern "C" fn on_fatal_signal(sig: libc::c_int) {
     let me = unsafe { libc::getpid() };
     let owner = OWNER.load(Ordering::Acquire);
     if owner == 0 || owner == me {
+        DYING.store(true, Ordering::SeqCst);
         restore_all();
     }
     // SAFETY: signal and raise are async-signal-safe; with the default
