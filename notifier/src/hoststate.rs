@@ -319,6 +319,9 @@ fn display_name(path: &str) -> String {
 
 struct Local {
     lock: Option<File>,
+    /// The directory cannot be used (no writable /run): changes are still
+    /// undone on exit and on a signal, but not recorded nor shared.
+    unrecorded: bool,
     entries: Vec<(u64, Entry)>,
     next_id: u64,
     header: Option<(u32, u64, String)>,
@@ -326,6 +329,7 @@ struct Local {
 
 static LOCAL: Mutex<Local> = Mutex::new(Local {
     lock: None,
+    unrecorded: false,
     entries: Vec::new(),
     next_id: 1,
     header: None,
@@ -383,6 +387,19 @@ pub fn section() -> Result<Section> {
     Ok(s)
 }
 
+fn open_lock() -> Result<File> {
+    let d = dir();
+    std::fs::create_dir_all(&d).map_err(|e| host_err(&d, e))?;
+    let p = d.join("lock");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| host_err(&p, e))
+}
+
 fn enter() -> Result<Section> {
     let local = LOCAL.lock().unwrap_or_else(|e| e.into_inner());
     let old_mask = block_signals();
@@ -392,19 +409,20 @@ fn enter() -> Result<Section> {
         old_mask,
         locked: false,
     };
-    if s.local.lock.is_none() {
-        let d = dir();
-        std::fs::create_dir_all(&d).map_err(|e| host_err(&d, e))?;
-        let p = d.join("lock");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p)
-            .map_err(|e| host_err(&p, e))?;
-        crate::restore::set_lock_fd(f.as_raw_fd());
-        s.local.lock = Some(f);
+    if s.local.lock.is_none() && !s.local.unrecorded {
+        match open_lock() {
+            Ok(f) => {
+                crate::restore::set_lock_fd(f.as_raw_fd());
+                s.local.lock = Some(f);
+            }
+            Err(e) => {
+                eprintln!(
+                    "vmm: {e}: host changes are undone at exit and on SIGINT/SIGTERM/SIGHUP, \
+                     but neither recorded for after a SIGKILL nor shared with other vmm processes"
+                );
+                s.local.unrecorded = true;
+            }
+        }
     }
     if let Some(f) = s.local.lock.as_ref() {
         flock(f, libc::LOCK_EX).map_err(|e| host_err(&dir().join("lock"), e))?;
@@ -447,6 +465,11 @@ fn state_files() -> Vec<(u32, PathBuf)> {
 }
 
 impl Section {
+    /// Whether changes are recorded and shared (the directory is usable).
+    pub fn recorded(&self) -> bool {
+        !self.local.unrecorded
+    }
+
     /// Record a change before it is made; returns its id.
     pub fn add(&mut self, e: Entry) -> Result<u64> {
         let id = self.local.next_id;
@@ -476,6 +499,9 @@ impl Section {
     }
 
     fn write_state(&mut self) -> Result<()> {
+        if self.local.unrecorded {
+            return Ok(());
+        }
         let (pid, start, comm) = self
             .local
             .header
@@ -690,7 +716,8 @@ pub(crate) struct SysctlHold {
     pub path: PathBuf,
     pub original: String,
     hold: PathBuf,
-    file: File,
+    /// The hold file, locked shared; `None` when unrecorded (not shared).
+    file: Option<File>,
     id: u64,
     armed: Option<crate::restore::Armed>,
 }
@@ -700,6 +727,29 @@ impl SysctlHold {
     pub fn set(path: &Path, value: &str) -> Result<Self> {
         let mut sec = section()?;
         let hold = hold_path(path);
+        if !sec.recorded() {
+            let now = std::fs::read_to_string(path).map_err(|source| Error::Sysctl {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let original = now.trim().to_string();
+            let me = SysctlHold {
+                path: path.to_path_buf(),
+                armed: crate::restore::arm(path, &original),
+                original,
+                hold,
+                file: None,
+                id: 0,
+            };
+            if let Err(source) = std::fs::write(path, value) {
+                me.release_in(&mut sec);
+                return Err(Error::Sysctl {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+            return Ok(me);
+        }
         let mut file = loop {
             let f = std::fs::OpenOptions::new()
                 .read(true)
@@ -754,7 +804,7 @@ impl SysctlHold {
             path: path.to_path_buf(),
             original,
             hold,
-            file,
+            file: Some(file),
             id,
             armed,
         };
@@ -770,10 +820,13 @@ impl SysctlHold {
 
     fn release_in(mut self, sec: &mut Section) {
         drop(self.armed.take());
-        let _ = flock(&self.file, libc::LOCK_UN);
-        // SAFETY: flock on the descriptor `self.file` owns.
-        let last =
-            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let Some(file) = self.file.take() else {
+            let _ = std::fs::write(&self.path, &self.original);
+            return;
+        };
+        let _ = flock(&file, libc::LOCK_UN);
+        // SAFETY: flock on the descriptor `file` owns.
+        let last = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         if last {
             let _ = std::fs::write(&self.path, &self.original);
             let _ = std::fs::remove_file(&self.hold);
@@ -783,6 +836,7 @@ impl SysctlHold {
                 let _ = std::fs::write(&self.path, &v);
             }
         }
+        drop(file);
         let _ = sec.remove(self.id);
     }
 
