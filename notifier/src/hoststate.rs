@@ -750,7 +750,9 @@ impl SysctlHold {
             }
             return Ok(me);
         }
+        let mut tries = 0;
         let mut file = loop {
+            tries += 1;
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -769,6 +771,12 @@ impl SysctlHold {
             };
             if same {
                 break f;
+            }
+            if tries >= 8 {
+                return Err(host_err(
+                    &hold,
+                    std::io::Error::other("the hold file keeps being replaced"),
+                ));
             }
         };
         let mut text = String::new();
