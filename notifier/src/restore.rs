@@ -34,6 +34,9 @@
 //! that inherited the handler does nothing but die: only the process that
 //! installed it owns the slots.
 //!
+//! Two fatal signals at once (on two threads) restore once: the second
+//! handler waits for the first.
+//!
 //! A command that handles the signal itself (the Linux boot's graceful
 //! stop) replaces the handler for its run; its guards then restore on the
 //! normal path. What a SIGKILL leaves behind is undone by the next vmm's
@@ -120,6 +123,8 @@ static BUSY: AtomicI32 = AtomicI32::new(0);
 /// new section may begin (a thread whose tracefs read fails once the
 /// handler closed the instance's files would otherwise record again).
 static DYING: AtomicBool = AtomicBool::new(false);
+/// The handler that set [`DYING`] is done restoring.
+static RESTORED: AtomicBool = AtomicBool::new(false);
 /// This process's state file, NUL-terminated, once [`STATE_SET`].
 struct StatePath(UnsafeCell<[u8; PATH_MAX]>);
 // SAFETY: written once by the thread that wins STATE_FILLING's
@@ -495,8 +500,18 @@ extern "C" fn on_fatal_signal(sig: libc::c_int) {
     let me = unsafe { libc::getpid() };
     let owner = OWNER.load(Ordering::Acquire);
     if owner == 0 || owner == me {
-        DYING.store(true, Ordering::SeqCst);
-        restore_all();
+        if DYING.swap(true, Ordering::SeqCst) {
+            // Another thread's handler is restoring (two signals at once):
+            // undoing twice would lower a pool twice. Wait for it.
+            let mut waited = 0;
+            while !RESTORED.load(Ordering::SeqCst) && waited < 2 * WAIT_SECTION_MS {
+                sleep_ms(1);
+                waited += 1;
+            }
+        } else {
+            restore_all();
+            RESTORED.store(true, Ordering::SeqCst);
+        }
     }
     // SAFETY: signal and raise are async-signal-safe; with the default
     // action back, the raised signal (blocked while this handler runs)
@@ -520,7 +535,12 @@ fn install_one(sig: libc::c_int) -> std::io::Result<()> {
     let rc = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_fatal_signal as extern "C" fn(libc::c_int) as usize;
+        // The other two are blocked while it runs on this thread: one
+        // restore, not one nested in another.
         libc::sigemptyset(&mut sa.sa_mask);
+        for other in SIGNALS {
+            libc::sigaddset(&mut sa.sa_mask, other);
+        }
         sa.sa_flags = libc::SA_RESTART;
         libc::sigaction(sig, &sa, std::ptr::null_mut())
     };
