@@ -63,6 +63,9 @@ pub enum Error {
 
     #[error("sysctl {path}: {source}")]
     Sysctl { path: String, source: io::Error },
+
+    #[error("host state record {path}: {source}; vmm records what it changes on the host under /run/hvmm (HVMM_STATE_DIR overrides) so that it can be put back: run as root on a writable /run")]
+    HostState { path: String, source: io::Error },
 }
 
 impl Error {

@@ -23,12 +23,16 @@
 //!   reports (`/dev/kmsg`, or any console's lines).
 //! * [`lateness`]: a `SCHED_FIFO` watchdog pinned to a CPU: the longest
 //!   stretch in which that CPU did not reschedule.
+//! * [`hostconf`], [`restore`], [`hoststate`]: host settings changed for a
+//!   run (sysctls, hugetlb pools) and put back on drop, on a signal, and
+//!   after a SIGKILL by the next vmm; shared between concurrent processes.
 
 pub mod check;
 pub mod convert;
 pub mod error;
 pub mod hostconf;
 pub mod hostmm;
+pub mod hoststate;
 pub mod kmsg;
 pub mod lateness;
 pub mod mempolicy;

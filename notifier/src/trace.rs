@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
-const EVENT: &str = "events/kvm/kvm_unmap_hva_range";
+pub(crate) const EVENT: &str = "events/kvm/kvm_unmap_hva_range";
 const MARK: &str = "notifier-sentinel ";
 
 /// One `kvm_unmap_hva_range` record.
@@ -206,6 +206,11 @@ pub struct TraceSource {
     lost_events: u64,
     _vm: kvm_ioctls::VmFd,
     _kvm: kvm_ioctls::Kvm,
+    /// The instance in this process's [`crate::hoststate`] record (removed
+    /// by the next vmm after a SIGKILL).
+    record: Option<u64>,
+    /// Removes the instance if a fatal signal ends the process first.
+    on_signal: Option<crate::restore::Armed>,
     /// Dropped after the instance is removed (field order).
     _mount: MountRef,
 }
@@ -328,11 +333,26 @@ impl TraceSource {
             INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let instance = root.join("instances").join(name);
+        // Recorded and armed before it exists. Best effort: without the
+        // record (no writable /run) only a SIGKILL leaves it behind, and
+        // the reaping above removes it once this pid is gone.
+        let record = crate::hoststate::section().ok().and_then(|mut sec| {
+            sec.add(crate::hoststate::Entry::Tracefs {
+                dir: instance.to_string_lossy().into_owned(),
+            })
+            .ok()
+        });
+        let on_signal =
+            crate::restore::arm_tracefs(&instance, &instance.join(EVENT).join("enable"));
         if let Err(e) = std::fs::create_dir(&instance) {
+            drop(on_signal);
+            forget_record(record);
             return Err(tracefs_err(&instance, e));
         }
         let mut me = Self {
             instance: instance.clone(),
+            record,
+            on_signal,
             _mount: mount,
             pipe: None,
             marker: None,
@@ -358,6 +378,10 @@ impl TraceSource {
                 .open(&pipe_path)
                 .map_err(|e| tracefs_err(&pipe_path, e))?,
         );
+        if let Some(a) = &me.on_signal {
+            let fd = |f: &Option<File>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
+            a.set_fds(fd(&me.pipe), fd(&me.marker));
+        }
         Ok(me)
     }
 
@@ -461,12 +485,25 @@ impl TraceSource {
     }
 }
 
+/// The instance is gone: out of this process's record.
+fn forget_record(record: Option<u64>) {
+    if let Some(id) = record {
+        if let Ok(mut sec) = crate::hoststate::section() {
+            let _ = sec.remove(id);
+        }
+    }
+}
+
 /// How long dropping a [`TraceSource`] retries an instance removal that
 /// says EBUSY.
 const RMDIR_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for TraceSource {
     fn drop(&mut self) {
+        // The signal handler must not close descriptors about to be reused.
+        if let Some(a) = &self.on_signal {
+            a.set_fds(-1, -1);
+        }
         // Every open file of the instance must be closed or rmdir says EBUSY.
         self.pipe = None;
         self.marker = None;
@@ -483,6 +520,12 @@ impl Drop for TraceSource {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        self.on_signal = None;
+        if self.instance.exists() {
+            // Left for the reaping (this pid dead) and the next vmm.
+            return;
+        }
+        forget_record(self.record.take());
         // `_mount` unmounts after this, if it is the last user.
     }
 }

@@ -46,6 +46,11 @@ fn main() -> ExitCode {
     if let Err(e) = notifier::restore::install() {
         eprintln!("vmm: host settings will not be restored on a signal: {e}");
     }
+    // What a vmm killed by SIGKILL left changed (its /run/hvmm record):
+    // put back before anything else touches the host.
+    for line in notifier::hoststate::recover_dead() {
+        eprintln!("vmm: {line}");
+    }
     match cli.cmd {
         Cmd::Boot(a) => commands::boot::main(a),
         Cmd::Run(a) => commands::run::main(a),
