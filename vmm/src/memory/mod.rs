@@ -99,7 +99,7 @@ pub enum MemoryError {
 /// The whole-page sizes either side of `size` (`--mem` values).
 fn suggest(size: u64, page: PageSize) -> String {
     let mib = |b: u64| {
-        if b % (1 << 20) == 0 {
+        if b.is_multiple_of(1 << 20) {
             format!("{}M", b >> 20)
         } else {
             format!("{}K", b >> 10)
@@ -119,7 +119,7 @@ pub fn check_whole_pages(size: u64, page: PageSize) -> Result<u64, MemoryError> 
     if size == 0 {
         return Err(MemoryError::Empty);
     }
-    if size % page.bytes() != 0 {
+    if !size.is_multiple_of(page.bytes()) {
         return Err(MemoryError::NotWholePages { size, page });
     }
     Ok(size)
