@@ -9,6 +9,9 @@ pub enum Error {
     #[error("{what} needs root (CAP_SYS_ADMIN): run as root, e.g. `sudo vmm notifier-check`")]
     NotRoot { what: &'static str },
 
+    #[error("this kernel has no {size_kib} KiB hugetlb pool ({dir} is missing): the CPU or the kernel does not offer that page size (1 GiB pages need the CPU's pdpe1gb flag and CONFIG_HUGETLBFS)")]
+    NoPool { size_kib: u64, dir: String },
+
     #[error("tracefs is not available at {path} ({reason}): the kernel needs CONFIG_TRACING and tracefs must be mountable (`mount -t tracefs nodev /sys/kernel/tracing`)")]
     TracefsUnavailable { path: String, reason: String },
 

@@ -79,6 +79,7 @@ impl HugepageReservation {
             return Ok(Self::none(size, count));
         };
         let nr_path = dir.join("nr_hugepages");
+        pool_exists(size, &dir)?;
         let free = free_hugepages(size);
         if free >= count {
             return Ok(Self::none(size, free));
@@ -222,6 +223,46 @@ impl Drop for SysctlGuard {
     fn drop(&mut self) {
         if let Some(h) = self.hold.take() {
             h.release();
+        }
+    }
+}
+
+/// A pool the kernel does not have is its own error, not a sysfs read
+/// error on a path that does not exist.
+fn pool_exists(size: PageSize, dir: &std::path::Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Error::NoPool {
+        size_kib: size.kib(),
+        dir: dir.display().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_pool_says_so() {
+        let e = pool_exists(
+            PageSize::Size1G,
+            std::path::Path::new("/nonexistent/hugepages-1048576kB"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::NoPool {
+                    size_kib: 1048576,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("pdpe1gb"), "{e}");
+        if let Some(dir) = PageSize::Size2M.hugetlb_pool().filter(|d| d.is_dir()) {
+            assert!(pool_exists(PageSize::Size2M, &dir).is_ok());
         }
     }
 }
