@@ -369,3 +369,45 @@ fn periods_too_long_for_the_clock_mean_never() {
     let r = wait(builtin, Duration::from_secs(60));
     assert!(r.status.success(), "{}: {}", r.status, r.stderr);
 }
+
+/// `vmm soak` (a command, not a timed test: this runs it briefly): no
+/// lost guest writes, no MMU-vs-PAGEMAP_SCAN disagreement, fds and threads
+/// back to their start values, in runs of every rotation.
+#[test]
+fn a_short_soak_loses_nothing_and_leaks_nothing() {
+    let Some(_g) = ready() else { return };
+    let out = Command::new(vmm_binary())
+        .args([
+            "soak",
+            "--seconds",
+            "8",
+            "--mem",
+            "64M",
+            "--passes",
+            "10",
+            "--reserve-hugepages",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("vmm soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stdout}\n{stderr}", out.status);
+    let j: serde_json::Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a JSON report line");
+    assert!(
+        j["runs"].as_u64().unwrap_or(0) >= 3,
+        "every rotation ran: {j}"
+    );
+    assert_eq!(j["lost_write_runs"], 0, "{j}");
+    assert_eq!(j["disagreements"], 0, "{j}");
+    assert!(j["verify_checks"].as_u64().unwrap_or(0) > 0, "{j}");
+    assert!(j["race_invalidations"].as_u64().unwrap_or(0) > 0, "{j}");
+    assert!(j["bystander_ops"].as_u64().unwrap_or(0) > 0, "{j}");
+    assert_eq!(j["end"]["fds"], j["start"]["fds"], "{j}");
+    assert_eq!(j["end"]["threads"], j["start"]["threads"], "{j}");
+}

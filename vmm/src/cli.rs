@@ -220,7 +220,8 @@ pub fn conclude<R: Report, E: std::fmt::Display>(
     let code = match outcome {
         Ok(r) => {
             if let Some(e) = r.error() {
-                eprintln!("{cmd}: {e}");
+                // (A closed stderr is not a panic either.)
+                let _ = writeln!(std::io::stderr(), "{cmd}: {e}");
             }
             out += &r.text();
             if !out.ends_with('\n') {
@@ -237,7 +238,7 @@ pub fn conclude<R: Report, E: std::fmt::Display>(
         }
         Err(e) => {
             let e = e.to_string();
-            eprintln!("{cmd}: {e}");
+            let _ = writeln!(std::io::stderr(), "{cmd}: {e}");
             if let (true, Some(j)) = (json, error_json) {
                 out += &format!("{}\n", j(&e));
             }

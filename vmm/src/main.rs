@@ -29,6 +29,8 @@ enum Cmd {
     Bench(commands::bench::BenchArgs),
     /// Nested TDP, real plane: the built-in L1-hypervisor guest's EPT tables shadowed, host invalidations with a watchdog.
     NestedRun(commands::nested_run::NestedRunArgs),
+    /// Soak: the built-in guest on MMU-served RAM for a chosen time under every racing invalidation; lost writes, MMU disagreements, leaked fds/threads/RSS.
+    Soak(commands::soak::SoakArgs),
     /// Run a vmm subcommand inside an emulated AMD SVM host (QEMU TCG, the real kvm_amd, TDP MMU, nested SVM).
     Host(commands::host::HostArgs),
 }
@@ -60,5 +62,6 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => commands::bench::main(a),
         Cmd::NestedRun(a) => commands::nested_run::main(a),
         Cmd::Host(a) => commands::host::main(a),
+        Cmd::Soak(a) => commands::soak::main(&a),
     }
 }

@@ -9,4 +9,5 @@ pub mod latency;
 pub mod nested_run;
 pub mod notifier_check;
 pub mod run;
+pub mod soak;
 pub mod soft_lockup;
