@@ -445,3 +445,32 @@ fn missing_mode_ram_reserves_its_huge_pages_at_mmap() {
         drop(ram);
     }
 }
+
+/// The fault path's host page is writable only when the fault was a write:
+/// the kernel checked the VMA before handing the fault to userfaultfd, but
+/// a read fault says nothing of whether the host maps the page writable
+/// (an mprotect(PROT_READ) may be in force), so the MMU maps it read-only.
+/// (It used to report every page writable.)
+#[test]
+fn a_read_fault_maps_read_only_a_write_fault_writable() {
+    let Some(_g) = ready() else { return };
+    let subs = notifier::Subscribers::new();
+    let ram = vmm::memory::uffd::UffdGuestRam::new(
+        MEM,
+        notifier::hostmm::Backing::SharedMemfd(PageSize::Size2M),
+        UffdMode::Minor,
+        subs.clone(),
+        false,
+    )
+    .expect("guest RAM");
+    let (_ctx, tdp) = vmm::memory::mmu::tdp_mmu_for(&ram, &subs).expect("TDP MMU");
+    let mut rep = vmm::memory::fault::FaultReport::default();
+    let base = ram.guest_hva();
+    vmm::memory::fault::handle_fault(&ram, &tdp, base, false, &mut rep).expect("read fault");
+    let read = tdp.lookup(0).expect("mapped after the read fault");
+    assert!(!read.spte.is_writable(), "read fault: {:?}", read.spte);
+    let gpa = 4 << 20;
+    vmm::memory::fault::handle_fault(&ram, &tdp, base + gpa, true, &mut rep).expect("write fault");
+    let write = tdp.lookup(gpa >> 12).expect("mapped after the write fault");
+    assert!(write.spte.is_writable(), "write fault: {:?}", write.spte);
+}
