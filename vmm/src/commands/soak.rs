@@ -95,7 +95,7 @@ fn round_args(a: &SoakArgs, round: u64) -> TouchArgs {
     t.invalidate = InvalKind::Mixed;
     t.inval_per_pass = 2;
     t.verify = true;
-    t.pattern = if round % 2 == 0 {
+    t.pattern = if round.is_multiple_of(2) {
         Pattern::Lcg
     } else {
         Pattern::Sequential
