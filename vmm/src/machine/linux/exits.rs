@@ -3,6 +3,7 @@
 //! the host's emulator gives up on, EFAULT re-entry while the VMM holds
 //! guest RAM read-only, and profiling samples on kicks.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -91,7 +92,13 @@ impl ExitHandler for LinuxExits {
                         .lock()
                         .map(|t| t.now().as_secs_f64())
                         .unwrap_or(0.0);
-                    eprintln!("[vmm {t:8.3}] assist: first {} at {:#x}", a.mnemonic, a.rip);
+                    // On the vCPU thread: a closed stderr must not panic it.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "[vmm {t:8.3}] assist: first {} at {:#x}",
+                        a.mnemonic,
+                        a.rip
+                    );
                 }
                 Handled::Continue
             }
