@@ -476,7 +476,7 @@ fn pool_growing_subcommands_signal_mid_run_restore_the_pool() {
     let kernel = scratch("spin-kernel");
     std::fs::write(&kernel, tiny_elf(&[0xeb, 0xfe], 0)).unwrap(); // jmp $
     let initrd = scratch("initrd");
-    std::fs::write(&initrd, b"070701").unwrap();
+    std::fs::write(&initrd, integration_tests::empty_initrd()).unwrap();
     let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
     let runs: [&[&str]; 4] = [
         &[
