@@ -138,8 +138,19 @@ def walk(flags, maxpa, kind, gva, root, words):
     return bytes([flags, maxpa, kind]) + struct.pack("<QQ", gva, root) + bytes(ram)
 
 x86 = [(0x1000 + 256 * 8, 0x2003), (0x2000, 0x3003), (0x3000 + 8, 0x20_0083), (0x3000 + 16, 0x4007), (0x4000 + 8, 0x8000_0000_0000_9067)]
-put("guest_walk", "x86-2m", walk(0b1000_1011, 52, 0, 0xFFFF_8000_0020_1234, 0x1000, x86))
-put("guest_walk", "x86-4k-user", walk(0b1011_1011, 46, 0, 0xFFFF_8000_0040_1008, 0x1000, x86))
+# kind bits 3:1: the mode of guest_walk::modes (0 none, 1 32-bit, 2 PAE,
+# 3 5-level, 4+ 4-level); bit 4: CR4.PSE
+put("guest_walk", "x86-2m", walk(0b1000_1011, 52, 8, 0xFFFF_8000_0020_1234, 0x1000, x86))
+put("guest_walk", "x86-4k-user", walk(0b1011_1011, 46, 8, 0xFFFF_8000_0040_1008, 0x1000, x86))
+put("guest_walk", "nopaging", walk(0b0001_0000, 52, 0, 0x1234_5678, 0, []))
+bits32 = [(0x1000 + 4, 0x2007 | (0x0C00_0087 << 32)), (0x2000 + 8, 0x5007)]
+put("guest_walk", "bits32", walk(0b0010_0001, 52, 0x12, 0x0040_2123, 0x1000, bits32))
+put("guest_walk", "bits32-4m", walk(0b0000_0001, 52, 0x12, 0x00C1_2345, 0x1000, bits32))
+pae = [(0x1020, 0x3001), (0x1028, 0x4001), (0x3000, 0x2007), (0x2000 + 5 * 8, 0x8000_0000_0000_7007), (0x4000 + 8, 0x80_0087)]
+put("guest_walk", "pae", walk(0b0000_0011, 52, 4, 0x5ABC, 0x1020, pae))
+put("guest_walk", "pae-2m", walk(0b0100_0011, 52, 4, 0x4020_0010, 0x1020, pae))
+la57 = [(0x1000 + 8, 0x2007), (0x2000, 0x3007), (0x3000, 0x4007), (0x4000, 0x5007), (0x5000 - 0x1000 + 0x800, 0)]
+put("guest_walk", "la57", walk(0b0000_0011, 52, 6, 0x0001_0000_0000_1008, 0x1000, la57))
 ept = [(0x1000, 0x2007), (0x2000, 0x3007), (0x3000 + 8, 0x20_00B7), (0x3000 + 16, 0x4007), (0x4000 + 8, 0x9037)]
 put("guest_walk", "ept-2m", walk(0b1001_1001, 48, 1, 0x20_1234, 0x1000 | 6 | (3 << 3) | (1 << 6), ept))
 put("guest_walk", "ept-4k", walk(0b0000_1001, 52, 1, 0x40_1008, 0x1000 | 6 | (3 << 3), ept))

@@ -1,13 +1,16 @@
-//! The guest page-table walkers (`mmu::guest_walk`: x86-64 and EPT) over
-//! guest memory made of the fuzzer's bytes. Never panics; a translation
-//! keeps the page offset and allows the access; with A/D updates the walk
-//! translates the same, changes only A/D bits of the entries it read, and a
-//! second walk changes nothing more.
+//! The guest page-table walkers (`mmu::guest_walk`: x86-64 and EPT, and
+//! the VMM's walk in every x86 paging mode, `guest_walk::modes`) over guest
+//! memory made of the fuzzer's bytes. Never panics; a translation keeps the
+//! page offset and allows the access; with A/D updates the walk translates
+//! the same, changes only A/D bits of the entries it read, and a second
+//! walk changes nothing more; in 4-level mode the VMM's walk and the shadow
+//! MMU's agree.
 #![no_main]
 
 use std::cell::Cell;
 
 use libfuzzer_sys::fuzz_target;
+use mmu::guest_walk::modes::{self, ModePaging, X86Mode};
 use mmu::guest_walk::{
     ept, walk_ept, walk_x86, x86, AccessKind, EptPaging, GuestPhysMem, MemError, Translation,
     WalkError, X86Paging,
@@ -99,6 +102,51 @@ fuzz_target!(|data: &[u8]| {
             walk_x86(&mem, &p, gva, access, set_ad)
         }
     };
+    if !ept_paging {
+        // Bits 3:1 of `kind`: the mode of the VMM's walk.
+        let mode = match (kind >> 1) & 7 {
+            0 => X86Mode::NoPaging,
+            1 => X86Mode::Bits32,
+            2 => X86Mode::Pae,
+            3 => X86Mode::Level5,
+            _ => X86Mode::Level4,
+        };
+        let mp = ModePaging {
+            mode,
+            x86: X86Paging {
+                cr3: root,
+                cr0_wp: bit(0),
+                efer_nx: bit(1),
+                smep: bit(2),
+                gbpages: bit(3),
+                maxphyaddr: maxpa,
+            },
+            pse: kind & 0x10 != 0,
+        };
+        let r = modes::walk(&mem, &mp, gva, access);
+        assert_eq!(mem.snapshot(), before);
+        if let Ok(t) = &r {
+            let off = t.page_bytes - 1;
+            assert!(t.page_bytes.is_power_of_two());
+            assert_eq!(t.gpa & off, gva & off);
+            match mode {
+                X86Mode::NoPaging => assert!(t.gpa < 1 << 32),
+                // PSE-36: 36 address bits.
+                X86Mode::Bits32 => assert!(t.gpa < 1 << 36),
+                _ => {}
+            }
+            assert!(!access.user || t.access.user);
+            assert!(!access.fetch || t.access.exec);
+            assert!(!access.write || t.access.write || (!access.user && !bit(0)));
+        }
+        if mode == X86Mode::Level4 {
+            let shadow = walk_x86(&mem, &mp.x86, gva, access, false);
+            assert_eq!(
+                r.map(|t| (t.gpa, t.level, t.access)),
+                shadow.map(|t| (t.gpa, t.leaf_level(), t.access))
+            );
+        }
+    }
     let plain = walk(false);
     // Without A/D updates a walk only reads, and reads the same again.
     assert_eq!(mem.snapshot(), before);
