@@ -557,7 +557,10 @@ mod tests {
             format!("  vmm-1 [000] ..... {ts}: kvm_unmap_hva_range: mmu notifier unmap range: 0x0 -- 0x1000")
         };
         assert_eq!(parse_line(&line("18446744073.709551616")), TraceLine::Other);
-        assert_eq!(parse_line(&line("99999999999999999999.0")), TraceLine::Other);
+        assert_eq!(
+            parse_line(&line("99999999999999999999.0")),
+            TraceLine::Other
+        );
         assert_eq!(parse_line(&line("1.0000000001")), TraceLine::Other);
         assert_eq!(parse_line(&line("1.-5")), TraceLine::Other);
         match parse_line(&line("18446744073.709551615")) {
