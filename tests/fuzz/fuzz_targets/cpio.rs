@@ -7,7 +7,7 @@ use guests::linux::cpio::{self, CpioWriter, Entry, MAGIC, TRAILER};
 use libfuzzer_sys::fuzz_target;
 
 fn pad4(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
 }

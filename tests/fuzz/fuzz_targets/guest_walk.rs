@@ -21,7 +21,7 @@ struct Mem(Vec<Cell<u64>>);
 
 impl Mem {
     fn word(&self, gpa: u64) -> Result<&Cell<u64>, MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Misaligned { gpa });
         }
         usize::try_from(gpa / 8)
