@@ -63,7 +63,10 @@ fuzz_target!(|data: &[u8]| {
         covered += e.size;
     }
     assert_eq!(covered, mem_size);
-    // The command line as given, NUL-terminated.
+    // The command line as given (linux-loader trims surrounding
+    // whitespace), NUL-terminated, and the size the zero page says.
+    let line = line.trim();
+    assert_eq!(usize::try_from(p.hdr.cmdline_size).unwrap(), line.len() + 1);
     let mut stored = vec![0u8; line.len() + 1];
     mem.read_slice(&mut stored, GuestAddress(CMDLINE_ADDR))
         .unwrap();
