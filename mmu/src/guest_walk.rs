@@ -647,5 +647,7 @@ impl PageFormat for EptPaging {
     }
 }
 
+pub mod modes;
+
 #[cfg(test)]
 mod tests;

@@ -100,15 +100,22 @@ fn parse_lost(line: &str) -> Option<TraceLine> {
     })
 }
 
+/// `<secs>.<fraction>:` in nanoseconds: 1 to 9 fraction digits (the
+/// kernel prints 6, or 9 with a nanosecond clock); None for anything else
+/// and for a time past `u64::MAX` ns.
 fn parse_ts(tok: &str) -> Option<u64> {
     let tok = tok.strip_suffix(':')?;
     let (s, frac) = tok.split_once('.')?;
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    if !digits(s) || !digits(frac) || frac.len() > 9 {
+        return None;
+    }
     let secs: u64 = s.parse().ok()?;
     let mut ns: u64 = frac.parse().ok()?;
     for _ in frac.len()..9 {
         ns *= 10;
     }
-    Some(secs * 1_000_000_000 + ns)
+    secs.checked_mul(1_000_000_000)?.checked_add(ns)
 }
 
 /// Remove the `notifier-<pid>-<n>` instances whose process is gone: a
@@ -582,5 +589,30 @@ mod tests {
         assert!(TraceEvent::lost().is_lost());
         let guest_ram = HvaRange::new(0x7f00_0000_0000, 0x7f00_4000_0000);
         assert!(TraceEvent::lost().range.overlaps(&guest_ram));
+    }
+
+    /// Found by the `trace_line` fuzz target: a timestamp past u64
+    /// nanoseconds (`secs * 1e9 + ns` overflowed) panicked; a fraction of
+    /// more than 9 digits was read as that many nanoseconds.
+    #[test]
+    fn timestamps_out_of_range_are_not_events() {
+        let line = |ts: &str| {
+            format!("  vmm-1 [000] ..... {ts}: kvm_unmap_hva_range: mmu notifier unmap range: 0x0 -- 0x1000")
+        };
+        assert_eq!(parse_line(&line("18446744073.709551616")), TraceLine::Other);
+        assert_eq!(
+            parse_line(&line("99999999999999999999.0")),
+            TraceLine::Other
+        );
+        assert_eq!(parse_line(&line("1.0000000001")), TraceLine::Other);
+        assert_eq!(parse_line(&line("1.-5")), TraceLine::Other);
+        match parse_line(&line("18446744073.709551615")) {
+            TraceLine::Event(e) => assert_eq!(e.timestamp_ns, u64::MAX),
+            other => panic!("{other:?}"),
+        }
+        match parse_line(&line("2.5")) {
+            TraceLine::Event(e) => assert_eq!(e.timestamp_ns, 2_500_000_000),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -55,7 +55,7 @@ pub enum CpioError {
     BadMagic { offset: usize, found: String },
     #[error("cpio header at offset {offset}: field {field} is not 8 hex digits")]
     BadField { offset: usize, field: &'static str },
-    #[error("cpio entry at offset {offset}: name is not NUL-terminated UTF-8")]
+    #[error("cpio entry at offset {offset}: name is not NUL-terminated UTF-8 without other NULs")]
     BadStoredName { offset: usize },
     #[error("cpio archive has no {TRAILER} entry")]
     MissingTrailer,
@@ -328,8 +328,10 @@ fn parse_archive(data: &[u8], start: usize) -> Result<(Vec<Entry<'_>>, usize), C
                 offset: name_at,
                 what: "name",
             })?;
+        // One NUL, the last byte: the kernel reads the name as a C string,
+        // so a name with another NUL would not be the one it unpacks.
         let name = match raw_name.split_last() {
-            Some((0, n)) => std::str::from_utf8(n).ok(),
+            Some((0, n)) if !n.contains(&0) => std::str::from_utf8(n).ok(),
             _ => None,
         }
         .ok_or(CpioError::BadStoredName { offset: pos })?
@@ -545,5 +547,21 @@ mod tests {
         assert!(out.status.success());
         let listed = String::from_utf8(out.stdout).unwrap();
         assert_eq!(listed.lines().collect::<Vec<_>>(), SAMPLE_NAMES);
+    }
+
+    /// Found by the `cpio` fuzz target: a stored name with a NUL before
+    /// its terminating one was returned whole ("a\0c"), where the kernel's
+    /// initramfs unpacker reads the name as a C string ("a").
+    #[test]
+    fn a_name_with_an_inner_nul_is_refused() {
+        let mut w = CpioWriter::new(Vec::new());
+        w.file("abc", 0o644, b"x").unwrap();
+        let mut a = w.finish().unwrap();
+        assert_eq!(&a[HEADER_LEN..HEADER_LEN + 4], b"abc\0");
+        a[HEADER_LEN + 1] = 0;
+        assert!(matches!(
+            parse(&a),
+            Err(CpioError::BadStoredName { offset: 0 })
+        ));
     }
 }

@@ -1,15 +1,20 @@
 //! Guest-virtual access for the VMM: GVA -> GPA through the project's own
-//! walk of the guest's page tables (`mmu::guest_walk`, the walker the
-//! shadow MMU uses), and bounds-checked reads and writes of guest RAM
-//! through it. Guest page tables are untrusted: each entry is read once,
-//! the walk is bounded, and a pointer outside guest RAM is a typed error.
+//! walk of the guest's page tables in the vCPU's paging mode
+//! (`mmu::guest_walk::modes`: no paging, 32-bit, PAE, 4-level, 5-level -
+//! Intel SDM Vol. 3A, 4.1.1 and 4.3-4.6; KVM's `FNAME(walk_addr_generic)`
+//! in `arch/x86/kvm/mmu/paging_tmpl.h`), with the access rights of the
+//! vCPU's CPL (U/S and R/W at CPL 3, SDM 4.6), and bounds-checked reads and
+//! writes of guest RAM through it. Guest page tables are untrusted: each
+//! entry is read once, the walk is bounded, and a pointer outside guest RAM
+//! is a typed error.
 
 use kvm_bindings::kvm_sregs;
-use mmu::guest_walk::{walk_x86, AccessKind, GuestPhysMem, MemError, WalkError, X86Paging};
+use mmu::guest_walk::modes::{self, ModePaging};
+use mmu::guest_walk::{AccessKind, GuestPhysMem, MemError, WalkError};
 use notifier::convert::u64_to_usize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::regs::{CR0_WP, CR4_SMEP, EFER_NXE};
+use super::regs::CR0_PE;
 
 const PAGE: u64 = 4096;
 
@@ -48,23 +53,48 @@ impl GuestPhysMem for WalkMem<'_> {
     }
 }
 
-/// The paging mode the vCPU's control registers say.
-pub fn paging(sregs: &kvm_sregs) -> X86Paging {
-    let mut p = X86Paging::new(sregs.cr3);
-    p.cr0_wp = sregs.cr0 & CR0_WP != 0;
-    p.smep = sregs.cr4 & CR4_SMEP != 0;
-    p.efer_nx = sregs.efer & EFER_NXE != 0;
-    p
+/// How the vCPU translates its linear addresses: the paging mode and its
+/// flags, and whether its accesses are user-mode ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    pub mode: ModePaging,
+    /// CPL 3: accesses need U/S (and R/W for writes) at every level.
+    pub user: bool,
 }
 
-/// Translate a guest-virtual address for a supervisor access.
+/// The CPL: 0 in real mode (CR0.PE = 0), else the DPL of SS, which is how
+/// KVM reports the CPL in `kvm_sregs` (`svm_get_segment()` sets SS.DPL from
+/// the VMCB's CPL; `vmx_get_cpl()` reads it from SS's access rights).
+pub fn cpl(sregs: &kvm_sregs) -> u8 {
+    if sregs.cr0 & CR0_PE == 0 {
+        0
+    } else {
+        sregs.ss.dpl & 3
+    }
+}
+
+/// The paging mode and CPL the vCPU's control registers and segments say
+/// (SDM Vol. 3A, Table 4-1: CR0.PG, CR4.PAE, EFER.LMA, CR4.LA57).
+pub fn paging(sregs: &kvm_sregs) -> Paging {
+    Paging {
+        mode: ModePaging::from_regs(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer),
+        user: cpl(sregs) == 3,
+    }
+}
+
+/// Translate a guest-virtual address for `access` at the vCPU's CPL
+/// (`access.user` is set from [`Paging::user`]).
 pub fn translate(
     mem: &GuestMemoryMmap,
-    paging: &X86Paging,
+    paging: &Paging,
     gva: u64,
     access: AccessKind,
 ) -> Result<u64, GvaError> {
-    walk_x86(&WalkMem(mem), paging, gva, access, false)
+    let access = AccessKind {
+        user: paging.user,
+        ..access
+    };
+    modes::walk(&WalkMem(mem), &paging.mode, gva, access)
         .map(|t| t.gpa)
         .map_err(|source| GvaError::Walk { gva, source })
 }
@@ -87,7 +117,7 @@ fn chunks(gva: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> {
 /// Read `buf.len()` bytes at `gva`.
 pub fn read(
     mem: &GuestMemoryMmap,
-    paging: &X86Paging,
+    paging: &Paging,
     gva: u64,
     buf: &mut [u8],
 ) -> Result<(), GvaError> {
@@ -103,7 +133,7 @@ pub fn read(
 /// cannot be read; returns how many bytes were read (for instruction fetch).
 pub fn read_prefix(
     mem: &GuestMemoryMmap,
-    paging: &X86Paging,
+    paging: &Paging,
     gva: u64,
     buf: &mut [u8],
 ) -> Result<usize, GvaError> {
@@ -127,12 +157,7 @@ pub fn read_prefix(
 }
 
 /// Write `buf` at `gva`. All pages are translated before any byte is written.
-pub fn write(
-    mem: &GuestMemoryMmap,
-    paging: &X86Paging,
-    gva: u64,
-    buf: &[u8],
-) -> Result<(), GvaError> {
+pub fn write(mem: &GuestMemoryMmap, paging: &Paging, gva: u64, buf: &[u8]) -> Result<(), GvaError> {
     let mut plan = Vec::new();
     for (va, off, n) in chunks(gva, buf.len()) {
         plan.push((translate(mem, paging, va, AccessKind::WRITE)?, off, n));
@@ -146,19 +171,135 @@ pub fn write(
 
 #[cfg(test)]
 mod tests {
+    use super::super::regs::{CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE};
     use super::*;
+    use mmu::guest_walk::modes::CR4_LA57;
 
     /// 4 MiB of guest RAM with PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000
     /// mapping gva 0xffff_8000_0020_0000 (PML4 index 256) to gpa 0x20_0000
     /// with one 2 MiB page.
-    fn guest() -> (GuestMemoryMmap, X86Paging) {
+    fn guest() -> (GuestMemoryMmap, Paging) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         mem.write_obj(0x2003u64, GuestAddress(0x1000 + 256 * 8))
             .unwrap();
         mem.write_obj(0x3003u64, GuestAddress(0x2000)).unwrap();
         mem.write_obj(0x20_0083u64, GuestAddress(0x3000 + 8))
             .unwrap();
-        (mem, X86Paging::new(0x1000))
+        (mem, paging(&long_mode(0)))
+    }
+
+    /// A vCPU in 4-level long mode at `cpl`, CR3 0x1000.
+    fn long_mode(cpl: u8) -> kvm_sregs {
+        let mut s = kvm_sregs {
+            cr0: CR0_PE | CR0_PG | CR0_WP,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: EFER_LME | EFER_LMA | EFER_NXE,
+            ..Default::default()
+        };
+        s.ss.dpl = cpl;
+        s.cs.dpl = cpl;
+        s
+    }
+
+    /// The walk follows CR0.PG, CR4.PAE, EFER.LMA and CR4.LA57 instead
+    /// of assuming 4-level long mode: without paging a gva is its gpa; a
+    /// 32-bit and a PAE guest's tables are walked as such.
+    #[test]
+    fn the_walk_follows_the_guests_paging_mode() {
+        let (mem, _) = guest();
+        let mut s = long_mode(0);
+        // No paging: gva = gpa, whatever CR3 points at.
+        s.cr0 = CR0_PE;
+        let p = paging(&s);
+        assert_eq!(
+            translate(&mem, &p, 0x12_3456, AccessKind::READ).unwrap(),
+            0x12_3456
+        );
+        let mut b = [0u8; 8];
+        mem.write_obj(0x1122_3344u64, GuestAddress(0x30_0000))
+            .unwrap();
+        read(&mem, &p, 0x30_0000, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x1122_3344);
+        // 32-bit paging: PD 0x10_0000, PDE 0 -> PT 0x10_1000, PTE 3 -> 0x30_0000.
+        mem.write_obj(0x10_1007u32, GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_obj(0x30_0007u32, GuestAddress(0x10_1000 + 3 * 4))
+            .unwrap();
+        s.cr0 = CR0_PE | CR0_PG;
+        s.cr3 = 0x10_0000;
+        s.cr4 = 0;
+        s.efer = 0;
+        let p = paging(&s);
+        assert_eq!(
+            translate(&mem, &p, 0x3010, AccessKind::READ).unwrap(),
+            0x30_0010
+        );
+        // PAE: PDPT 0x10_2000, PDPTE 0 -> PD 0x10_3000 with a 2 MiB page at 0x20_0000.
+        mem.write_obj(0x10_3001u64, GuestAddress(0x10_2000))
+            .unwrap();
+        mem.write_obj(0x20_0087u64, GuestAddress(0x10_3000))
+            .unwrap();
+        s.cr3 = 0x10_2000;
+        s.cr4 = CR4_PAE;
+        let p = paging(&s);
+        assert_eq!(
+            translate(&mem, &p, 0x1234, AccessKind::READ).unwrap(),
+            0x20_1234
+        );
+        // 5-level (LA57): the 4-level tables at CR3 are now a PML5.
+        s = long_mode(0);
+        s.cr4 |= CR4_LA57;
+        let p = paging(&s);
+        let e = translate(&mem, &p, 0xffff_8000_0020_1234, AccessKind::READ).unwrap_err();
+        assert!(matches!(e, GvaError::Walk { .. }), "{e}");
+    }
+
+    /// At CPL 3 a supervisor page is out of reach and a read-only one
+    /// cannot be written (the assist used to walk every access as a
+    /// supervisor one).
+    #[test]
+    fn cpl3_accesses_need_user_and_write_rights() {
+        let (mem, _) = guest();
+        let user = paging(&long_mode(3));
+        assert!(user.user);
+        let e = translate(&mem, &user, 0xffff_8000_0020_1234, AccessKind::READ).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GvaError::Walk {
+                    source: WalkError::Protection { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // The same tables with U/S everywhere and a read-only leaf.
+        mem.write_obj(0x2007u64, GuestAddress(0x1000 + 256 * 8))
+            .unwrap();
+        mem.write_obj(0x3007u64, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x20_0085u64, GuestAddress(0x3000 + 8))
+            .unwrap();
+        let va = 0xffff_8000_0020_1234;
+        assert_eq!(
+            translate(&mem, &user, va, AccessKind::READ).unwrap(),
+            0x20_1234
+        );
+        assert!(translate(&mem, &user, va, AccessKind::WRITE).is_err());
+        assert!(write(&mem, &user, va, &[1]).is_err());
+        // CPL 0 with CR0.WP: refused too; without WP a supervisor write passes.
+        let sup = paging(&long_mode(0));
+        assert!(translate(&mem, &sup, va, AccessKind::WRITE).is_err());
+        let mut s = long_mode(0);
+        s.cr0 &= !CR0_WP;
+        assert_eq!(
+            translate(&mem, &paging(&s), va, AccessKind::WRITE).unwrap(),
+            0x20_1234
+        );
+        // Real mode is CPL 0 whatever SS says.
+        let mut s = long_mode(3);
+        s.cr0 = 0;
+        assert_eq!(cpl(&s), 0);
     }
 
     #[test]

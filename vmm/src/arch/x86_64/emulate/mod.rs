@@ -25,7 +25,7 @@ use iced_x86::{
     Decoder, DecoderOptions, Formatter, Instruction, Mnemonic, NasmFormatter, OpKind, Register,
 };
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use mmu::guest_walk::{AccessKind, X86Paging};
+use mmu::guest_walk::AccessKind;
 use vm_memory::GuestMemoryMmap;
 
 use super::gva::{self, GvaError};
@@ -244,7 +244,7 @@ pub struct Decoded {
     pub sregs: kvm_sregs,
     /// The instruction's bytes (for messages).
     pub bytes: Vec<u8>,
-    paging: X86Paging,
+    paging: gva::Paging,
 }
 
 impl Decoded {

@@ -4,8 +4,9 @@ use super::*;
 use std::cell::RefCell;
 use vm_memory::{Bytes, GuestAddress};
 
-/// A vCPU in 64-bit mode on identity page tables of the first 2 MiB
-/// (PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000, one 2 MiB page).
+/// A vCPU in 64-bit mode (CR0.PG, CR4.PAE, EFER.LMA) at CPL 0 on identity
+/// page tables of the first 2 MiB (PML4 0x1000 -> PDPT 0x2000 -> PD
+/// 0x3000, one 2 MiB page).
 struct MockCpu {
     regs: RefCell<kvm_regs>,
     sregs: kvm_sregs,
@@ -46,7 +47,10 @@ fn setup(code: &[u8]) -> (MockCpu, GuestMemoryMmap) {
     mem.write_obj(0x83u64, GuestAddress(0x3000)).unwrap();
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let sregs = kvm_sregs {
+        cr0: super::super::regs::CR0_PE | super::super::regs::CR0_PG,
         cr3: 0x1000,
+        cr4: super::super::regs::CR4_PAE,
+        efer: super::super::regs::EFER_LME | super::super::regs::EFER_LMA,
         cs: kvm_bindings::kvm_segment {
             l: 1,
             ..Default::default()
@@ -181,4 +185,37 @@ fn register_widths() {
     assert_eq!(r.rbx, 0xaaaa_bbbb_cccc_0001);
     assert_eq!(read_reg(&r, Register::EBX), Some(0xcccc_0001));
     assert_eq!(read_reg(&r, Register::AH), None);
+}
+
+/// The fetch follows the vCPU's CPL and paging mode: at CPL 3 the
+/// supervisor-only identity tables refuse it; with CR0.PG clear the same
+/// bytes are fetched at gpa = gva, whatever CR3 says.
+#[test]
+fn fetch_follows_cpl_and_paging_mode() {
+    let (mut cpu, mem) = setup(&[0x90]);
+    cpu.sregs.ss.dpl = 3;
+    let e = emulation_failure(&cpu, &mem, &mut AssistCounts::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EmulateError::Guest {
+                source: GvaError::Walk {
+                    source: mmu::guest_walk::WalkError::Protection { .. },
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let (mut cpu, mem) = setup(&[0x90]);
+    cpu.sregs.cr0 = super::super::regs::CR0_PE;
+    cpu.sregs.cr3 = 0xdead_0000;
+    cpu.sregs.cs.l = 0;
+    cpu.sregs.cs.db = 1;
+    let a = emulation_failure(&cpu, &mem, &mut AssistCounts::default()).unwrap();
+    assert_eq!(
+        (a.mnemonic.as_str(), cpu.regs.borrow().rip),
+        ("nop", CODE + 1)
+    );
 }
