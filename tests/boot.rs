@@ -163,7 +163,8 @@ fn not_enough_hugepages_says_free_needed_and_command() {
         return;
     }
     let k = write("k-hp", &tiny_elf(&[0xf4], 0));
-    let e = boot::run(&args(&k, &k, PageSize::Size1G, mem)).unwrap_err();
+    let initrd = write("initrd-hp", &empty_initrd());
+    let e = boot::run(&args(&k, &initrd, PageSize::Size1G, mem)).unwrap_err();
     let BootError::Memory(MemoryError::NotEnoughHugepages {
         free: f, needed, ..
     }) = &e
